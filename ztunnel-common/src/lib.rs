@@ -1,0 +1,113 @@
+//! Types and constants shared by the kernel programs (`ztunnel-ebpf`) and the
+//! userspace daemon (`ztunnel`).
+//!
+//! Everything that crosses the kernel/userspace boundary through a map is
+//! `#[repr(C)]` and made of plain integers: no enums, no `Option`, no padding
+//! the verifier or the other side could misread.
+#![no_std]
+
+/// Ports ztunnel listens on, the same as Istio's ztunnel so existing tooling fits.
+pub mod ports {
+    /// Transparent listener for connections captured leaving an enrolled pod.
+    pub const OUTBOUND_CAPTURE: u16 = 15001;
+    /// Transparent listener for plaintext connections captured entering an enrolled pod.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// Transparent listener for HBONE (mTLS HTTP/2 CONNECT) tunnels.
+    pub const INBOUND_HBONE: u16 = 15008;
+    /// Admin API, bound to localhost.
+    pub const ADMIN: u16 = 15000;
+    /// Prometheus metrics.
+    pub const METRICS: u16 = 15020;
+    /// Readiness probe.
+    pub const READINESS: u16 = 15021;
+}
+
+/// The `skb->mark` the TC programs set on packets they assign to a ztunnel
+/// socket. A policy-routing rule in ztunnel's netns sends marked packets to a
+/// table whose only route is `local 0.0.0.0/0 dev lo`, so the kernel delivers
+/// them locally, to the assigned socket, whatever their destination address.
+pub const CAPTURE_MARK: u32 = 0x0539_0000;
+/// Mask for [`CAPTURE_MARK`], so other users of the mark's low bits coexist.
+pub const CAPTURE_MARK_MASK: u32 = 0xffff_0000;
+/// Routing table holding the `local` route for marked packets.
+pub const CAPTURE_ROUTE_TABLE: u32 = 0x539;
+/// Priority of the `ip rule` selecting [`CAPTURE_ROUTE_TABLE`].
+pub const CAPTURE_RULE_PRIORITY: u32 = 1539;
+
+/// Names of the maps, as the eBPF object declares and pins them.
+pub mod maps {
+    /// Enrolled pods, keyed by IPv4 address: [`super::PodKey`] -> [`super::PodInfo`].
+    pub const ENROLLED_PODS: &str = "ZT_ENROLLED_PODS";
+    /// Per-pod counters: [`super::PodKey`] -> [`super::PodCounters`] (per CPU).
+    pub const POD_COUNTERS: &str = "ZT_POD_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// TC ingress on a pod's host-side veth: everything the pod sends.
+    pub const POD_INGRESS: &str = "zt_pod_ingress";
+    /// TC ingress on an uplink: everything other nodes send to this node.
+    pub const UPLINK_INGRESS: &str = "zt_uplink_ingress";
+}
+
+/// Capacity of the enrolled-pods map; one node rarely runs more than a few
+/// hundred pods.
+pub const MAX_PODS: u32 = 4096;
+
+/// Key of the per-pod maps: the pod's IPv4 address in network byte order, as
+/// it appears in the packet (so the kernel side never converts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    pub ipv4_be: u32,
+}
+
+impl PodKey {
+    /// Key for an address given as its four octets.
+    pub const fn from_octets(octets: [u8; 4]) -> Self {
+        PodKey {
+            ipv4_be: u32::from_ne_bytes(octets),
+        }
+    }
+
+    /// The four octets of the address.
+    pub const fn octets(&self) -> [u8; 4] {
+        self.ipv4_be.to_ne_bytes()
+    }
+}
+
+/// Bits of [`PodInfo::flags`].
+pub mod pod_flags {
+    /// The pod's traffic is captured (it is a local workload with `protocol: HBONE`).
+    pub const ENROLLED: u32 = 1;
+}
+
+/// What the kernel knows about a local pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// [`pod_flags`] bits.
+    pub flags: u32,
+    /// Host-side veth ifindex, for diagnostics.
+    pub ifindex: u32,
+}
+
+/// Counters the TC programs keep per pod (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// New outbound flows assigned to the outbound listener.
+    pub outbound_captured: u64,
+    /// New inbound flows assigned to the inbound plaintext or HBONE listener.
+    pub inbound_captured: u64,
+    /// New flows dropped because no ztunnel listener was there (fail closed).
+    pub dropped_no_listener: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] integers with no padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::PodKey {}
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::PodCounters {}
+}

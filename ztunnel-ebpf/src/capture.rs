@@ -1,0 +1,116 @@
+//! The capture rules: which packets go to which ztunnel socket.
+//!
+//! 1. A packet of a flow that a ztunnel socket already owns goes to that
+//!    socket. This carries accepted connections after their SYN and the
+//!    return path of connections ztunnel opens from a pod's address.
+//! 2. A SYN from an enrolled pod goes to the outbound listener (15001).
+//! 3. A SYN to an enrolled pod goes to the inbound HBONE listener (15008) when
+//!    addressed to port 15008, else to the inbound plaintext listener (15006).
+//! 4. Rules 2 and 3 fail closed: with no listener the SYN is dropped, so an
+//!    enrolled pod's traffic never bypasses the mesh.
+//! 5. Everything else is left to the next program or the kernel.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use ztunnel_common::{ports, CAPTURE_MARK, CAPTURE_MARK_MASK};
+
+use crate::{
+    maps::{count, is_enrolled, Counter},
+    packet::{parse_tcp_flow, TcpFlow},
+    socket::{listener, owner_of},
+};
+
+/// TCX's "not mine, run the next program" verdict (`TCX_NEXT`).
+const TC_NEXT: i32 = -1;
+
+/// Packets entering the node from a pod's veth.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext) -> i32 {
+    let Some(flow) = parse_tcp_flow(ctx) else {
+        return TC_NEXT;
+    };
+    let src_enrolled = is_enrolled(flow.saddr);
+    let dst_enrolled = is_enrolled(flow.daddr);
+    if !src_enrolled && !dst_enrolled {
+        return TC_NEXT;
+    }
+    if let Some(verdict) = to_owner(ctx, &flow) {
+        return verdict;
+    }
+    if !flow.is_syn {
+        return TC_NEXT;
+    }
+    if src_enrolled {
+        return to_listener(ctx, &flow, ports::OUTBOUND_CAPTURE, flow.saddr, Counter::OutboundCaptured);
+    }
+    inbound(ctx, &flow)
+}
+
+/// Packets entering the node from another node.
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext) -> i32 {
+    let Some(flow) = parse_tcp_flow(ctx) else {
+        return TC_NEXT;
+    };
+    if !is_enrolled(flow.daddr) {
+        return TC_NEXT;
+    }
+    if let Some(verdict) = to_owner(ctx, &flow) {
+        return verdict;
+    }
+    if !flow.is_syn {
+        return TC_NEXT;
+    }
+    inbound(ctx, &flow)
+}
+
+fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
+    let port = if u16::from_be(flow.dport) == ports::INBOUND_HBONE {
+        ports::INBOUND_HBONE
+    } else {
+        ports::INBOUND_PLAINTEXT
+    };
+    to_listener(ctx, flow, port, flow.daddr, Counter::InboundCaptured)
+}
+
+/// Rule 1: hands the packet to the socket that owns its flow, if there is one.
+#[inline(always)]
+fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
+    let sk = owner_of(ctx, flow)?;
+    Some(assign(ctx, sk))
+}
+
+/// Rules 2-4: hands a SYN to a listener, or drops it when none is listening.
+#[inline(always)]
+fn to_listener(ctx: &TcContext, flow: &TcpFlow, port: u16, pod_be: u32, counter: Counter) -> i32 {
+    match listener(ctx, flow, port.to_be()) {
+        Some(sk) => {
+            let verdict = assign(ctx, sk);
+            if verdict == TC_ACT_OK as i32 {
+                count(pod_be, counter);
+            } else {
+                count(pod_be, Counter::DroppedNoListener);
+            }
+            verdict
+        }
+        None => {
+            count(pod_be, Counter::DroppedNoListener);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn assign(ctx: &TcContext, sk: crate::socket::SocketRef) -> i32 {
+    if !sk.assign(ctx) {
+        // An assignment the kernel refused would otherwise be forwarded in
+        // clear past the mesh.
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: reading the mark of the skb this program was given.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark((mark & !CAPTURE_MARK_MASK) | CAPTURE_MARK);
+    TC_ACT_OK as i32
+}

@@ -1,0 +1,36 @@
+//! The `ztunnel` binary: flags in, exit code out.
+
+use clap::Parser;
+use tracing_subscriber::{fmt, EnvFilter};
+use ztunnel::config::{Args, LogFormat};
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let result = if args.uninstall {
+        ztunnel::app::uninstall(&args)
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ztunnel::app::run(args)))
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ztunnel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

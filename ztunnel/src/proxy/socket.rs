@@ -1,0 +1,57 @@
+//! Sockets that see and keep the original addresses.
+//!
+//! A transparent (`IP_TRANSPARENT`) listener accepts flows the TC programs
+//! assigned to it whatever their destination; the accepted socket's local
+//! address *is* the original destination. A transparent client socket may
+//! bind a pod's address, so the far end sees the real client.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Backlog of the capture listeners: a burst of new connections from many
+/// pods must not overflow it.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A transparent listener on `0.0.0.0:port`.
+///
+/// `SO_REUSEPORT` stays off: `bpf_sk_assign` refuses reuseport listeners.
+pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_ip_transparent(true)?;
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connects to `dst`, from `src_ip` when given (a pod's address, not this
+/// host's: needs `IP_TRANSPARENT`), else from an address of this host.
+pub async fn connect(src_ip: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    if let Some(ip) = src_ip {
+        socket.set_ip_transparent(true)?;
+        // Port 0: the kernel picks a free one; only the address is kept.
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    let socket = TcpSocket::from_std_stream(socket.into());
+    socket.connect(dst).await
+}
+
+/// Whether `ip` is an address of this network namespace (binding it without
+/// `IP_TRANSPARENT` succeeds only then).
+pub fn is_local_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}

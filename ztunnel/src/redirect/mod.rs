@@ -1,0 +1,296 @@
+//! Capture in the kernel: loading ztunnel's TC programs, attaching them to the
+//! pods' veths and the uplinks, and keeping the pinned maps in step with the
+//! workloads userspace knows.
+//!
+//! Userspace is the single source of truth; the kernel only reads the
+//! enrolled-pods map and bumps counters.
+
+mod attach;
+pub mod bpffs;
+pub mod routing;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    programs::SchedClassifier,
+    Ebpf, EbpfLoader,
+};
+use ztunnel_common::{maps, pod_flags, programs, PodCounters, PodInfo, PodKey};
+
+pub use attach::{Attached, Role};
+pub use routing::Interface;
+
+/// The eBPF object built by build.rs from `ztunnel-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("{0} is not on a bpffs; pass a --bpf-pin-dir beneath a mounted bpffs")]
+    NotBpffs(PathBuf),
+    #[error("mounting bpffs at {path}: {source}")]
+    MountBpffs { path: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF programs: {0}")]
+    Load(String),
+    #[error("attaching to {iface}: {message}")]
+    Attach { iface: String, message: String },
+    #[error("`ip {args}` failed: {message}")]
+    Ip { args: String, message: String },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("uplink {0} does not exist in this network namespace")]
+    NoSuchUplink(String),
+}
+
+/// A local workload as capture sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedPod {
+    pub ip: Ipv4Addr,
+    /// Captured (a local workload with `protocol: HBONE`).
+    pub enrolled: bool,
+}
+
+/// What should be captured on this node.
+#[derive(Debug, Clone, Default)]
+pub struct CapturePlan {
+    pub pods: Vec<PlannedPod>,
+    /// Uplinks named on the command line; empty means found automatically.
+    pub uplinks: Vec<String>,
+}
+
+/// The state of one local pod after a sync.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodCapture {
+    pub ip: Ipv4Addr,
+    pub enrolled: bool,
+    /// The host-side veth, if the pod's route was found.
+    pub interface: Option<String>,
+    pub ifindex: Option<u32>,
+    /// Whether the program is attached to the veth.
+    pub attached: bool,
+    /// Whether the kernel captures the pod's traffic now.
+    pub captured: bool,
+}
+
+/// What a sync left in place.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CaptureStatus {
+    pub pods: Vec<PodCapture>,
+    pub uplinks: Vec<String>,
+}
+
+/// The loaded programs and the pinned maps of one ztunnel instance.
+pub struct Capture {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    enrolled: BpfHashMap<MapData, PodKey, PodInfo>,
+    counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
+    /// Links this process attached or re-adopted; others are re-adopted on
+    /// first sight, then left alone.
+    owned_links: HashSet<String>,
+}
+
+impl Capture {
+    /// Loads the programs, creating the pinned maps or re-adopting the ones
+    /// an earlier ztunnel left in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, RedirectError> {
+        bpffs::ensure_pin_dir(pin_dir)?;
+        let maps_dir = bpffs::maps_dir(pin_dir);
+        let links_dir = bpffs::links_dir(pin_dir);
+        for dir in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| RedirectError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| RedirectError::Load(e.to_string()))?;
+        for name in [programs::POD_INGRESS, programs::UPLINK_INGRESS] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
+        }
+        let enrolled = take_map(&mut ebpf, maps::ENROLLED_PODS, |m| BpfHashMap::try_from(m))?;
+        let counters = take_map(&mut ebpf, maps::POD_COUNTERS, |m| PerCpuHashMap::try_from(m))?;
+        Ok(Capture {
+            ebpf,
+            links_dir,
+            enrolled,
+            counters,
+            owned_links: HashSet::new(),
+        })
+    }
+
+    /// Makes the kernel capture exactly what `plan` says: programs on every
+    /// local pod's veth and every uplink, the enrolled-pods map holding the
+    /// enrolled pods whose veth carries the program, and nothing else.
+    ///
+    /// Order matters for never leaking a flow in clear: a pod is attached
+    /// before it is enrolled, and un-enrolled before it is detached.
+    pub fn sync(&mut self, plan: &CapturePlan) -> Result<CaptureStatus, RedirectError> {
+        let mut status = CaptureStatus::default();
+        let mut wanted_links = BTreeSet::new();
+        let mut wanted_pods: BTreeMap<PodKey, PodInfo> = BTreeMap::new();
+        let mut pod_ifaces = Vec::new();
+
+        for pod in &plan.pods {
+            let iface = routing::pod_interface(pod.ip)?;
+            let mut attached = false;
+            if let Some(iface) = &iface {
+                pod_ifaces.push(iface.name.clone());
+                match self.ensure_link(Role::Pod, iface) {
+                    Ok(name) => {
+                        wanted_links.insert(name);
+                        attached = true;
+                    }
+                    // One pod's veth vanishing mid-sync must not stop the others.
+                    Err(e) => tracing::warn!(pod = %pod.ip, error = %e, "cannot attach to pod veth"),
+                }
+            }
+            let captured = pod.enrolled && attached;
+            if captured {
+                if let Some(iface) = &iface {
+                    wanted_pods.insert(
+                        PodKey::from_octets(pod.ip.octets()),
+                        PodInfo {
+                            flags: pod_flags::ENROLLED,
+                            ifindex: iface.index,
+                        },
+                    );
+                }
+            }
+            status.pods.push(PodCapture {
+                ip: pod.ip,
+                enrolled: pod.enrolled,
+                interface: iface.as_ref().map(|i| i.name.clone()),
+                ifindex: iface.as_ref().map(|i| i.index),
+                attached,
+                captured,
+            });
+        }
+
+        let uplinks = if plan.uplinks.is_empty() {
+            routing::detect_uplinks(&pod_ifaces)?
+        } else {
+            plan.uplinks
+                .iter()
+                .map(|name| {
+                    routing::ifindex(name)
+                        .map(|index| Interface { name: name.clone(), index })
+                        .ok_or_else(|| RedirectError::NoSuchUplink(name.clone()))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        for uplink in &uplinks {
+            wanted_links.insert(self.ensure_link(Role::Uplink, uplink)?);
+            status.uplinks.push(uplink.name.clone());
+        }
+
+        self.sync_maps(&wanted_pods)?;
+
+        for stale in attach::pinned_links(&self.links_dir)? {
+            if !wanted_links.contains(&stale) {
+                attach::detach(&self.links_dir, &stale)?;
+                self.owned_links.remove(&stale);
+                tracing::info!(link = %stale, "detached");
+            }
+        }
+        Ok(status)
+    }
+
+    fn ensure_link(&mut self, role: Role, iface: &Interface) -> Result<String, RedirectError> {
+        let name = attach::pin_name(role, iface);
+        let pinned = self.links_dir.join(&name).exists();
+        if self.owned_links.contains(&name) && pinned {
+            return Ok(name);
+        }
+        let program_name = match role {
+            Role::Pod => programs::POD_INGRESS,
+            Role::Uplink => programs::UPLINK_INGRESS,
+        };
+        let links_dir = self.links_dir.clone();
+        let outcome = attach::attach(program(&mut self.ebpf, program_name)?, &links_dir, role, iface)?;
+        tracing::info!(iface = %iface.name, ifindex = iface.index, ?role, ?outcome, "capture attached");
+        self.owned_links.insert(name.clone());
+        Ok(name)
+    }
+
+    fn sync_maps(&mut self, wanted: &BTreeMap<PodKey, PodInfo>) -> Result<(), RedirectError> {
+        let map_err = |map| move |source| RedirectError::Map { map, source };
+        // Counters first, so the first captured SYN is counted.
+        let present_counters: HashSet<PodKey> = self.counters.keys().filter_map(Result::ok).collect();
+        for key in wanted.keys() {
+            if !present_counters.contains(key) {
+                let cpus = aya::util::nr_cpus().map_err(|(_, e)| RedirectError::Load(format!("counting CPUs: {e}")))?;
+                let zeros = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
+                    .map_err(|e| RedirectError::Load(format!("per-CPU counters: {e}")))?;
+                self.counters.insert(key, zeros, 0).map_err(map_err(maps::POD_COUNTERS))?;
+            }
+        }
+        for (key, info) in wanted {
+            let current = self.enrolled.get(key, 0).ok();
+            if current != Some(*info) {
+                self.enrolled.insert(key, info, 0).map_err(map_err(maps::ENROLLED_PODS))?;
+                tracing::info!(pod = %Ipv4Addr::from(key.octets()), "enrolled");
+            }
+        }
+        let present: Vec<PodKey> = self.enrolled.keys().filter_map(Result::ok).collect();
+        for key in present.into_iter().filter(|k| !wanted.contains_key(k)) {
+            self.enrolled.remove(&key).map_err(map_err(maps::ENROLLED_PODS))?;
+            tracing::info!(pod = %Ipv4Addr::from(key.octets()), "un-enrolled");
+        }
+        for key in present_counters.into_iter().filter(|k| !wanted.contains_key(k)) {
+            self.counters.remove(&key).map_err(map_err(maps::POD_COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// A pod's kernel counters, summed over CPUs.
+    pub fn counters(&self, ip: Ipv4Addr) -> Option<PodCounters> {
+        let values = self.counters.get(&PodKey::from_octets(ip.octets()), 0).ok()?;
+        Some(values.iter().fold(PodCounters::default(), |acc, c| PodCounters {
+            outbound_captured: acc.outbound_captured + c.outbound_captured,
+            inbound_captured: acc.inbound_captured + c.inbound_captured,
+            dropped_no_listener: acc.dropped_no_listener + c.dropped_no_listener,
+        }))
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, RedirectError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| RedirectError::Load(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| RedirectError::Load(format!("program {name}: {e}")))
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, RedirectError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| RedirectError::Load(format!("map {name} missing from the object")))?;
+    convert(map).map_err(|source| RedirectError::Map { map: name, source })
+}
+
+/// Removes everything one ztunnel instance pinned: links (detaching the
+/// programs) and maps. For uninstalling; a restart must not do this.
+pub fn remove_pins(pin_dir: &Path) -> Result<(), RedirectError> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RedirectError::PinDir {
+            path: pin_dir.to_path_buf(),
+            source,
+        }),
+    }
+}
