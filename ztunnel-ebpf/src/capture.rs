@@ -109,8 +109,13 @@ fn assign(ctx: &TcContext, sk: crate::socket::SocketRef) -> i32 {
         // clear past the mesh.
         return TC_ACT_SHOT as i32;
     }
-    // SAFETY: reading the mark of the skb this program was given.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark((mark & !CAPTURE_MARK_MASK) | CAPTURE_MARK);
+    // Whole-word volatile accesses: the verifier only allows 4-byte access
+    // to `mark`, and the optimiser would otherwise store just the changed half.
+    // SAFETY: the skb pointer is the one this program was given.
+    unsafe {
+        let mark = core::ptr::addr_of_mut!((*ctx.skb.skb).mark);
+        let old = core::ptr::read_volatile(mark);
+        core::ptr::write_volatile(mark, (old & !CAPTURE_MARK_MASK) | CAPTURE_MARK);
+    }
     TC_ACT_OK as i32
 }

@@ -1,0 +1,257 @@
+//! The lab: nodes and pods as network namespaces, wired like a two-node
+//! cluster with routed (Calico-style) pod networking.
+//!
+//! ```text
+//!   pod ns ──veth── node1 ns ──underlay veth── node2 ns ──veth── pod ns
+//! ```
+//! - underlay 198.18.0.0/24 (node1 .1, node2 .2);
+//! - node N's pods in 198.18.N.0/24, each a /32 on its `eth0`, with a device
+//!   default route; the node answers ARP for it (proxy ARP on the host-side
+//!   veth) and routes the /32 to the veth, and the other node's pod CIDR via
+//!   the underlay.
+//!
+//! Every address is inside namespaces the lab made (198.18.0.0/15 is the
+//! benchmarking range, so none of them can be mistaken for a real network).
+//! Names carry a per-run prefix; everything, pins included, is removed on
+//! drop, also when a test fails.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+/// Root of every lab instance's pins.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/ztunnel";
+/// Every lab namespace name starts with this.
+pub const NAME_PREFIX: &str = "ztlab";
+
+/// One pod of the standard topology.
+#[derive(Debug, Clone, Copy)]
+pub struct PodSpec {
+    pub name: &'static str,
+    /// Index into [`NODES`].
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    /// Whether the shipped example configuration enrolls it.
+    pub enrolled: bool,
+    pub service_account: &'static str,
+}
+
+/// The nodes: logical names (what `NODE_NAME` and the config's `node` say).
+pub const NODES: [&str; 2] = ["node1", "node2"];
+
+/// The standard pods.
+pub const PODS: [PodSpec; 5] = [
+    PodSpec { name: "client", node: 0, ip: Ipv4Addr::new(198, 18, 1, 10), enrolled: true, service_account: "client" },
+    PodSpec { name: "bystander", node: 0, ip: Ipv4Addr::new(198, 18, 1, 11), enrolled: false, service_account: "bystander" },
+    PodSpec { name: "neighbor", node: 0, ip: Ipv4Addr::new(198, 18, 1, 12), enrolled: true, service_account: "neighbor" },
+    PodSpec { name: "server", node: 1, ip: Ipv4Addr::new(198, 18, 2, 10), enrolled: true, service_account: "server" },
+    PodSpec { name: "plain", node: 1, ip: Ipv4Addr::new(198, 18, 2, 11), enrolled: false, service_account: "plain" },
+];
+
+fn underlay_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, node as u8 + 1)
+}
+
+fn pod_cidr(node: usize) -> String {
+    format!("198.18.{}.0/24", node + 1)
+}
+
+/// A node namespace.
+pub struct Node {
+    pub name: &'static str,
+    pub ns: Netns,
+    pub underlay_ip: Ipv4Addr,
+    /// Where this node's ztunnel pins its objects.
+    pub pin_dir: PathBuf,
+}
+
+/// A pod namespace.
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ns: Netns,
+    /// Host-side veth name, in the node namespace.
+    pub veth: String,
+}
+
+impl Pod {
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.spec.ip, port))
+    }
+}
+
+/// A running lab. Dropping it removes everything it made.
+pub struct Lab {
+    pub prefix: String,
+    // Pods before nodes: drop order removes pods' namespaces first.
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    keep: bool,
+}
+
+static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix unique to this process and call.
+pub fn unique_prefix() -> String {
+    let n = RUN_COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{NAME_PREFIX}{:x}{n}{:x}", std::process::id(), nanos & 0xfff)
+}
+
+impl Lab {
+    /// Builds the standard topology under a fresh unique prefix.
+    pub fn up() -> Result<Self> {
+        Self::up_named(&unique_prefix())
+    }
+
+    /// Builds the standard topology with the given prefix.
+    pub fn up_named(prefix: &str) -> Result<Self> {
+        let mut lab = Lab {
+            prefix: prefix.to_string(),
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            keep: false,
+        };
+        for (i, name) in NODES.iter().enumerate() {
+            let ns = Netns::create(&format!("{prefix}-{name}"))?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            lab.nodes.push(Node {
+                name,
+                ns,
+                underlay_ip: underlay_ip(i),
+                pin_dir: Path::new(PIN_ROOT).join(format!("{prefix}-{name}")),
+            });
+        }
+        lab.wire_underlay().context("wiring the underlay")?;
+        for spec in PODS {
+            let pod = lab.add_pod(spec).with_context(|| format!("creating pod {}", spec.name))?;
+            lab.pods.push(pod);
+        }
+        Ok(lab)
+    }
+
+    fn wire_underlay(&self) -> Result<()> {
+        let (n1, n2) = (&self.nodes[0], &self.nodes[1]);
+        n1.ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", n2.ns.name()])?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.ns.ip(&["addr", "add", &format!("{}/24", node.underlay_ip), "dev", "eth0"])?;
+            node.ns.ip(&["link", "set", "eth0", "up"])?;
+            let other = 1 - i;
+            node.ns.ip(&["route", "add", &pod_cidr(other), "via", &underlay_ip(other).to_string(), "dev", "eth0"])?;
+        }
+        Ok(())
+    }
+
+    fn add_pod(&self, spec: PodSpec) -> Result<Pod> {
+        let node = &self.nodes[spec.node];
+        let ns = Netns::create(&format!("{}-{}", self.prefix, spec.name))?;
+        let veth = format!("vz{}", spec.name);
+        node.ns.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        node.ns.sysctl(&format!("net.ipv4.conf.{veth}.proxy_arp"), "1")?;
+        node.ns.sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
+        node.ns.ip(&["link", "set", &veth, "up"])?;
+        node.ns.ip(&["route", "add", &format!("{}/32", spec.ip), "dev", &veth])?;
+        ns.ip(&["addr", "add", &format!("{}/32", spec.ip), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "dev", "eth0"])?;
+        Ok(Pod { spec, ns, veth })
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("the lab has no pod {name}"))
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("the lab has no node {name}"))
+    }
+
+    /// Leaves the lab in place when dropped (`cargo xtask lab up`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+        for pod in &mut self.pods {
+            pod.ns.keep();
+        }
+        for node in &mut self.nodes {
+            node.ns.keep();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        // Namespaces are removed by their own drops (pods first); the pins
+        // live on the host's bpffs and outlive them.
+        self.pods.clear();
+        for node in &self.nodes {
+            let _ = std::fs::remove_dir_all(&node.pin_dir);
+        }
+    }
+}
+
+/// Removes every lab namespace and pin directory whose name starts with
+/// `prefix` (all labs when it is [`NAME_PREFIX`]).
+pub fn teardown(prefix: &str) -> Result<Vec<String>> {
+    let out = crate::netns::run(std::process::Command::new("ip").args(["netns", "list"]))?;
+    let mut removed = Vec::new();
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    // Pods (three dash-separated parts are not guaranteed), so just delete all.
+    for name in names {
+        drop(Netns::existing(&name));
+        removed.push(name);
+    }
+    if let Ok(entries) = std::fs::read_dir(PIN_ROOT) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The lab's workloads in the local-file schema, with `enrolled` deciding
+/// `protocol` for each pod by name (pods not listed keep their default).
+pub fn config_yaml(enrolled: &[(&str, bool)]) -> String {
+    let mut out = String::from("# Generated by the lab: the workloads of the two-node topology.\nworkloads:\n");
+    for spec in PODS {
+        let on = enrolled
+            .iter()
+            .find(|(n, _)| *n == spec.name)
+            .map(|(_, e)| *e)
+            .unwrap_or(spec.enrolled);
+        out.push_str(&format!(
+            "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: {proto}\n  node: {node}\n  services: {{}}\n",
+            name = spec.name,
+            sa = spec.service_account,
+            ip = spec.ip,
+            proto = if on { "HBONE" } else { "TCP" },
+            node = NODES[spec.node],
+        ));
+    }
+    out
+}

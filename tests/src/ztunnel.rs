@@ -1,0 +1,240 @@
+//! ztunnel processes inside the lab's node namespaces, and what tests read
+//! back from them: logs, the sockets they own, their pinned counters.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::Node;
+
+/// The ztunnel binary under test: `$ZTUNNEL_BIN`, else the one cargo built
+/// next to this test executable.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("ZTUNNEL_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1) {
+        let candidate = dir.join("ztunnel");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("no ztunnel binary found: run `cargo build -p ztunnel` or set ZTUNNEL_BIN")
+}
+
+/// One running ztunnel. Killed on drop; its log is printed if the test is
+/// failing, so CI output explains what the proxy saw.
+pub struct Ztunnel {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub node: String,
+}
+
+/// The command that runs ztunnel for `node` with `config`.
+pub fn command(node: &Node, config: &Path) -> Result<Command> {
+    let mut cmd = node.ns.command(binary()?);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--node-name")
+        .arg(node.name)
+        .arg("--bpf-pin-dir")
+        .arg(&node.pin_dir)
+        .env("RUST_LOG", "info");
+    Ok(cmd)
+}
+
+impl Ztunnel {
+    /// Starts ztunnel in `node`'s namespace and waits until it is ready.
+    pub fn start(node: &Node, config: &Path) -> Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}-ztunnel-{}.log", node.ns.name(), unique_suffix()));
+        let log_file = File::create(&log)?;
+        let child = command(node, config)?
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("spawning ztunnel")?;
+        let mut zt = Ztunnel {
+            child: Some(child),
+            log,
+            node: node.name.to_string(),
+        };
+        zt.wait_for_log("ready", Duration::from_secs(30))?;
+        Ok(zt)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`, failing early if ztunnel exits.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until the log contains `needle` at least `count` times.
+    pub fn wait_for_log_count(&mut self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().matches(needle).count() >= count {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("ztunnel on {} exited ({status}) before logging {needle:?}:\n{}", self.node, self.log_text());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("ztunnel on {} did not log {needle:?} within {timeout:?}:\n{}", self.node, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: the process ends without any cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("ztunnel already stopped")?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("ztunnel did not exit within 10s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- ztunnel log ({}) ----\n{}", self.node, self.log_text());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}", nanos)
+}
+
+/// Runs ztunnel to completion with extra arguments (for refusal tests).
+pub fn run_to_exit(node: &Node, config: &Path, extra: &[&str]) -> Result<Output> {
+    Ok(command(node, config)?.args(extra).stdin(Stdio::null()).output()?)
+}
+
+/// A TCP socket in a node namespace, as `ss` reports it.
+#[derive(Debug, Clone)]
+pub struct SocketEntry {
+    pub state: String,
+    pub local: SocketAddr,
+    pub peer: String,
+    pub process: String,
+}
+
+/// The TCP sockets of `node`'s namespace, with their owning processes.
+pub fn sockets(node: &Node) -> Result<Vec<SocketEntry>> {
+    let out = crate::netns::run(node.ns.command("ss").args(["-tanpH"]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut entries = Vec::new();
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 5 {
+            continue;
+        }
+        let Ok(local) = cols[3].parse() else { continue };
+        entries.push(SocketEntry {
+            state: cols[0].to_string(),
+            local,
+            peer: cols[4].to_string(),
+            process: cols.get(5).copied().unwrap_or("").to_string(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Whether a ztunnel process in `node` owns an established socket whose local
+/// address is `local` and whose peer has address `peer_ip`: the accepted side
+/// of a captured connection.
+pub fn ztunnel_owns(node: &Node, local: SocketAddr, peer_ip: Ipv4Addr) -> Result<bool> {
+    Ok(sockets(node)?.iter().any(|s| {
+        s.state == "ESTAB"
+            && s.local == local
+            && s.peer.starts_with(&format!("{peer_ip}:"))
+            && s.process.contains("\"ztunnel\"")
+    }))
+}
+
+/// A pod's kernel counters, read from the pinned map with bpftool (an
+/// independent reader: not ztunnel's own view).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub outbound_captured: u64,
+    pub inbound_captured: u64,
+    pub dropped_no_listener: u64,
+}
+
+/// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
+pub fn counters(node: &Node, pod_ip: Ipv4Addr) -> Result<Option<Counters>> {
+    let map = node.pin_dir.join("maps/ZT_POD_COUNTERS");
+    let out = crate::netns::run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map))?;
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool output")?;
+    let want: Vec<u8> = pod_ip.octets().to_vec();
+    for entry in entries.as_array().into_iter().flatten() {
+        let key = hex_bytes(&entry["key"]);
+        if key != want {
+            continue;
+        }
+        let mut total = Counters::default();
+        for cpu in entry["values"].as_array().into_iter().flatten() {
+            let v = hex_bytes(&cpu["value"]);
+            let word = |i: usize| -> u64 {
+                v.get(i * 8..i * 8 + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                    .unwrap_or(0)
+            };
+            total.outbound_captured += word(0);
+            total.inbound_captured += word(1);
+            total.dropped_no_listener += word(2);
+        }
+        return Ok(Some(total));
+    }
+    Ok(None)
+}
+
+fn hex_bytes(v: &serde_json::Value) -> Vec<u8> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b.as_str())
+        .filter_map(|s| u8::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .collect()
+}
