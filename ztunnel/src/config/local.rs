@@ -389,7 +389,13 @@ impl LocalConfig {
             Ok(c) => c,
             Err(e) => {
                 let field = e.path().to_string();
-                let message = e.into_inner().to_string();
+                let mut message = e.into_inner().to_string();
+                // serde_yaml prefixes its own (shorter) path; the field is named already.
+                if let Some((prefix, rest)) = message.split_once(": ") {
+                    if field.starts_with(prefix) {
+                        message = rest.to_string();
+                    }
+                }
                 return Err(if field.is_empty() || field == "." {
                     ConfigError::Invalid {
                         path: path.to_path_buf(),
