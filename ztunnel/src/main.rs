@@ -19,7 +19,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // Our errors carry their cause in their message already.
+            tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,11 +4,13 @@
 //! - [`outbound`] (15001): connections leaving an enrolled pod;
 //! - [`inbound`] (15006): plaintext connections entering an enrolled pod;
 //! - [`socket`]: transparent listeners and spoofed-source connects;
+//! - [`relay`]: one relayed connection, shared by the listeners;
 //! - [`copy`]: the bidirectional copy, half-close included.
 
 pub mod copy;
 pub mod inbound;
 pub mod outbound;
+pub mod relay;
 pub mod socket;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

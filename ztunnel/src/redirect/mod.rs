@@ -140,9 +140,10 @@ impl Capture {
         let mut wanted_links = BTreeSet::new();
         let mut wanted_pods: BTreeMap<PodKey, PodInfo> = BTreeMap::new();
         let mut pod_ifaces = Vec::new();
+        let routes = routing::RouteTable::read()?;
 
         for pod in &plan.pods {
-            let iface = routing::pod_interface(pod.ip)?;
+            let iface = routes.pod_interface(pod.ip);
             let mut attached = false;
             if let Some(iface) = &iface {
                 pod_ifaces.push(iface.name.clone());
@@ -178,7 +179,7 @@ impl Capture {
         }
 
         let uplinks = if plan.uplinks.is_empty() {
-            routing::detect_uplinks(&pod_ifaces)?
+            routes.uplinks(&pod_ifaces)
         } else {
             plan.uplinks
                 .iter()

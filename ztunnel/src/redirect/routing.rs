@@ -25,6 +25,8 @@ struct RouteEntry {
     kind: Option<String>,
     #[serde(default)]
     dev: Option<String>,
+    #[serde(default)]
+    dst: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,42 +71,54 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// The interface the node routes `pod_ip` through: for routed (Calico-style)
-/// wiring, the pod's host-side veth. `None` when the pod is not reachable
-/// through a device of its own yet (no route, or only a local or gateway
-/// route), e.g. before its sandbox exists.
-pub fn pod_interface(pod_ip: Ipv4Addr) -> Result<Option<Interface>, RedirectError> {
-    let ip_text = pod_ip.to_string();
-    let args = ["-j", "route", "show", "table", "main", "exact", &ip_text];
-    let routes: Vec<RouteEntry> = parse_json(&args, &ip(&args)?)?;
-    let Some(dev) = routes
-        .into_iter()
-        .filter(|r| r.kind.as_deref().unwrap_or("unicast") == "unicast")
-        .find_map(|r| r.dev)
-    else {
-        return Ok(None);
-    };
-    Ok(ifindex(&dev).map(|index| Interface { name: dev, index }))
+/// The main routing table, read once per sync.
+pub struct RouteTable {
+    routes: Vec<RouteEntry>,
 }
 
-/// Interfaces that carry traffic into the node from anything but a known
-/// local pod: every device the main table routes through, except loopback and
-/// the given pod veths. This includes the veths of local pods ztunnel has no
-/// workload for, which is what we want: to an enrolled pod they are just
-/// another outside client.
-pub fn detect_uplinks(pod_interfaces: &[String]) -> Result<Vec<Interface>, RedirectError> {
-    let args = ["-j", "route", "show", "table", "main"];
-    let routes: Vec<RouteEntry> = parse_json(&args, &ip(&args)?)?;
-    let mut uplinks: Vec<Interface> = routes
-        .into_iter()
-        .filter(|r| r.kind.as_deref().unwrap_or("unicast") == "unicast")
-        .filter_map(|r| r.dev)
-        .filter(|dev| dev != "lo" && !pod_interfaces.contains(dev))
-        .filter_map(|dev| ifindex(&dev).map(|index| Interface { name: dev, index }))
-        .collect();
-    uplinks.sort();
-    uplinks.dedup();
-    Ok(uplinks)
+impl RouteTable {
+    /// Reads the main table of ztunnel's netns.
+    pub fn read() -> Result<Self, RedirectError> {
+        let args = ["-j", "route", "show", "table", "main"];
+        let routes: Vec<RouteEntry> = parse_json(&args, &ip(&args)?)?;
+        Ok(RouteTable { routes })
+    }
+
+    fn unicast(&self) -> impl Iterator<Item = &RouteEntry> {
+        self.routes
+            .iter()
+            .filter(|r| r.kind.as_deref().unwrap_or("unicast") == "unicast")
+    }
+
+    /// The interface the node routes `pod_ip` through with a host route: for
+    /// routed (Calico-style) wiring, the pod's host-side veth. `None` when the
+    /// pod has no host route of its own yet (e.g. before its sandbox exists).
+    pub fn pod_interface(&self, pod_ip: Ipv4Addr) -> Option<Interface> {
+        let ip_text = pod_ip.to_string();
+        let host = format!("{ip_text}/32");
+        let dev = self
+            .unicast()
+            .find(|r| r.dst.as_deref().is_some_and(|d| d == ip_text || d == host))
+            .and_then(|r| r.dev.clone())?;
+        ifindex(&dev).map(|index| Interface { name: dev, index })
+    }
+
+    /// Interfaces that carry traffic into the node from anything but a known
+    /// local pod: every device the main table routes through, except loopback
+    /// and the given pod veths. This includes the veths of local pods ztunnel
+    /// has no workload for, which is what we want: to an enrolled pod they
+    /// are just another outside client.
+    pub fn uplinks(&self, pod_interfaces: &[String]) -> Vec<Interface> {
+        let mut uplinks: Vec<Interface> = self
+            .unicast()
+            .filter_map(|r| r.dev.clone())
+            .filter(|dev| dev != "lo" && !pod_interfaces.contains(dev))
+            .filter_map(|dev| ifindex(&dev).map(|index| Interface { name: dev, index }))
+            .collect();
+        uplinks.sort();
+        uplinks.dedup();
+        uplinks
+    }
 }
 
 fn mark_arg() -> String {
