@@ -105,9 +105,28 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Kills every process still inside the namespace (servers a developer
+    /// started by hand), so deleting it really frees it.
+    fn kill_processes(&self) {
+        let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() else {
+            return;
+        };
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2); the pid was just listed in our namespace.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if !self.keep {
+            self.kill_processes();
             let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
         }
     }

@@ -1,5 +1,6 @@
 //! `cargo xtask ...`: the developer entry points.
 
+mod background;
 mod demo;
 
 use std::{
@@ -47,10 +48,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum LabAction {
-    /// Create the lab and leave it running.
+    /// Create the lab, start a ztunnel per node with examples/lab.yaml, and
+    /// leave it all running.
     Up {
         #[arg(long, default_value = "ztlab-dev")]
         prefix: String,
+        /// Only the namespaces; no ztunnel.
+        #[arg(long)]
+        no_ztunnel: bool,
     },
     /// Remove labs (by default every lab: names starting with `ztlab`).
     Down {
@@ -68,8 +73,16 @@ fn main() -> Result<()> {
             let status = Command::new(bin).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Cmd::Lab { action: LabAction::Up { prefix } } => lab_up(&prefix),
+        Cmd::Lab { action: LabAction::Up { prefix, no_ztunnel } } => {
+            require_root()?;
+            let bin = if no_ztunnel { None } else { Some(build_release()?) };
+            lab_up(&prefix, bin.as_deref())
+        }
         Cmd::Lab { action: LabAction::Down { prefix } } => {
+            require_root()?;
+            for stopped in background::stop_all(&prefix)? {
+                println!("stopped {stopped}");
+            }
             for removed in lab::teardown(&prefix)? {
                 println!("removed {removed}");
             }
@@ -87,7 +100,7 @@ fn main() -> Result<()> {
             cargo(&["build", "--package", "ztunnel", "--bins"])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
-            cargo(&test_args)
+            cargo_test(&test_args)
         }
     }
 }
@@ -127,6 +140,44 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and ends with one line totalling
+/// every test binary's result (cargo prints one per binary, the last often
+/// a binary with no tests).
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else { continue };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntotal: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
 /// The same build ztunnel/build.rs runs, into the same target directory.
 fn build_ebpf() -> Result<PathBuf> {
     let target_dir = root().join("target/ebpf");
@@ -151,9 +202,16 @@ fn build_release() -> Result<PathBuf> {
     Ok(root().join("target/release/ztunnel"))
 }
 
-fn lab_up(prefix: &str) -> Result<()> {
+fn lab_up(prefix: &str, ztunnel: Option<&Path>) -> Result<()> {
     let mut lab = lab::Lab::up_named(prefix)?;
     lab.keep();
+    if let Some(bin) = ztunnel {
+        let config = root().join("examples/lab.yaml");
+        for node in &lab.nodes {
+            let log = background::start_ztunnel(prefix, node, bin, &config)?;
+            println!("ztunnel running on {} (log: {})", node.name, log.display());
+        }
+    }
     println!("lab {prefix} is up:");
     for node in &lab.nodes {
         println!("  node {:6} netns {:24} underlay {}", node.name, node.ns.name(), node.underlay_ip);
@@ -170,13 +228,25 @@ fn lab_up(prefix: &str) -> Result<()> {
         );
     }
     let node = &lab.nodes[0];
+    let client = lab.pods.iter().find(|p| p.spec.name == "client").context("lab has a client pod")?;
+    let server = lab.pods.iter().find(|p| p.spec.name == "server").context("lab has a server pod")?;
     println!(
-        "\nrun a ztunnel on {}:\n  nsenter --net=/run/netns/{} target/release/ztunnel --config examples/lab.yaml --node-name {} --bpf-pin-dir {}",
-        node.name,
-        node.ns.name(),
-        node.name,
-        node.pin_dir.display()
+        "\ntry it:\n  ip netns exec {server_ns} iperf3 -s -D          # a server in the enrolled server pod\n  ip netns exec {client_ns} iperf3 -c {server_ip} -t 3   # through both ztunnels\n  nsenter --net=/run/netns/{node_ns} ss -tnp           # ztunnel's sockets on {node}",
+        server_ns = server.ns.name(),
+        client_ns = client.ns.name(),
+        server_ip = server.spec.ip,
+        node_ns = node.ns.name(),
+        node = node.name,
     );
+    if ztunnel.is_none() {
+        println!(
+            "run a ztunnel on {}:\n  nsenter --net=/run/netns/{} target/release/ztunnel --config examples/lab.yaml --node-name {} --bpf-pin-dir {}",
+            node.name,
+            node.ns.name(),
+            node.name,
+            node.pin_dir.display()
+        );
+    }
     println!("remove it: cargo xtask lab down --prefix {prefix}");
     Ok(())
 }

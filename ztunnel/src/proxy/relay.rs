@@ -77,6 +77,11 @@ pub async fn relay(direction: Direction, mut downstream: TcpStream, src: SocketA
             return;
         }
     };
+    for stream in [&downstream, &upstream] {
+        if let Err(e) = socket::set_keepalive(stream) {
+            warn!(direction = dir, %src, %dst, error = %e, "cannot enable keepalive");
+        }
+    }
     let name = |ip: IpAddr| state.workload_by_ip(ip).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
     info!(direction = dir, %src, %dst, src_workload = %name(src.ip()), dst_workload = %name(dst.ip()), "connection captured");
     let result = copy::relay(&mut downstream, &mut upstream).await;

@@ -17,6 +17,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// pods must not overflow it.
 const LISTEN_BACKLOG: i32 = 4096;
 
+/// Keepalive probing for relayed connections: a peer that vanished without a
+/// FIN or RST (a deleted pod, a dead node) is noticed after about
+/// `time + interval * retries` instead of holding its sockets forever.
+pub fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+    use std::time::Duration;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
 /// A transparent listener on `0.0.0.0:port`.
 ///
 /// `SO_REUSEPORT` stays off: `bpf_sk_assign` refuses reuseport listeners.
