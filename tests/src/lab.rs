@@ -5,10 +5,12 @@
 //!   pod ns ──veth── node1 ns ──underlay veth── node2 ns ──veth── pod ns
 //! ```
 //! - underlay 198.18.0.0/24 (node1 .1, node2 .2);
-//! - node N's pods in 198.18.N.0/24, each a /32 on its `eth0`, with a device
-//!   default route; the node answers ARP for it (proxy ARP on the host-side
-//!   veth) and routes the /32 to the veth, and the other node's pod CIDR via
-//!   the underlay.
+//! - node N's pods in 198.18.N.0/24, each a /32 on its `eth0` with a default
+//!   route via a link-local gateway that resolves to the host-side veth; the
+//!   node answers ARP for the pod's neighbours (proxy ARP on the veth), routes
+//!   the /32 to the veth, and the other node's pod CIDR via the underlay;
+//! - service VIPs in 198.18.100.0/24 have no route anywhere: only capture
+//!   gives them meaning, as kube-proxy-less ambient meshes do.
 //!
 //! Every address is inside namespaces the lab made (198.18.0.0/15 is the
 //! benchmarking range, so none of them can be mistaken for a real network).
@@ -54,6 +56,18 @@ pub const PODS: [PodSpec; 5] = [
     PodSpec { name: "plain", node: 1, ip: Ipv4Addr::new(198, 18, 2, 11), enrolled: false, service_account: "plain" },
 ];
 
+/// The pods' default gateway (never assigned to anything).
+const GATEWAY: &str = "169.254.1.1";
+
+fn link_mac(ns: &Netns, link: &str) -> Result<String> {
+    let out = ns.ip(&["-j", "link", "show", link])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link output")?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no MAC address for {link}"))
+}
+
 fn underlay_ip(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, node as u8 + 1)
 }
@@ -91,6 +105,9 @@ pub struct Lab {
     // Pods before nodes: drop order removes pods' namespaces first.
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
+    /// The CA every node's ztunnel issues from (Istio's plug-in layout), so
+    /// nodes trust each other without a control plane.
+    pub ca_dir: PathBuf,
     keep: bool,
 }
 
@@ -114,10 +131,13 @@ impl Lab {
 
     /// Builds the standard topology with the given prefix.
     pub fn up_named(prefix: &str) -> Result<Self> {
+        let ca_dir = std::env::temp_dir().join(format!("{prefix}-ca"));
+        ztunnel::identity::ca::generate_dev_root(&ca_dir).context("generating the lab's CA")?;
         let mut lab = Lab {
             prefix: prefix.to_string(),
             pods: Vec::new(),
             nodes: Vec::new(),
+            ca_dir,
             keep: false,
         };
         for (i, name) in NODES.iter().enumerate() {
@@ -163,7 +183,14 @@ impl Lab {
         node.ns.ip(&["route", "add", &format!("{}/32", spec.ip), "dev", &veth])?;
         ns.ip(&["addr", "add", &format!("{}/32", spec.ip), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "dev", "eth0"])?;
+        // Calico's trick: a link-local gateway the pod reaches by a permanent
+        // neighbour entry pointing at the host-side veth, so every packet,
+        // even to an address the node has no route for (a service VIP), goes
+        // to the node.
+        let mac = link_mac(&node.ns, &veth)?;
+        ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["neigh", "add", GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+        ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
         Ok(Pod { spec, ns, veth })
     }
 
@@ -204,6 +231,7 @@ impl Drop for Lab {
         for node in &self.nodes {
             let _ = std::fs::remove_dir_all(&node.pin_dir);
         }
+        let _ = std::fs::remove_dir_all(&self.ca_dir);
     }
 }
 
@@ -223,6 +251,15 @@ pub fn teardown(prefix: &str) -> Result<Vec<String>> {
         drop(Netns::existing(&name));
         removed.push(name);
     }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && name.ends_with("-ca") {
+                let _ = std::fs::remove_dir_all(entry.path());
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(PIN_ROOT) {
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(prefix) {
@@ -237,6 +274,13 @@ pub fn teardown(prefix: &str) -> Result<Vec<String>> {
 /// The lab's workloads in the local-file schema, with `enrolled` deciding
 /// `protocol` for each pod by name (pods not listed keep their default).
 pub fn config_yaml(enrolled: &[(&str, bool)]) -> String {
+    config_yaml_with(enrolled, &[], "")
+}
+
+/// [`config_yaml`], with pods made endpoints of services (`(pod, yaml map
+/// of service key to port map)`, e.g. `("server", "\"default/echo\": {80: 8080}")`)
+/// and `tail` appended (a `services:` or `policies:` section).
+pub fn config_yaml_with(enrolled: &[(&str, bool)], endpoints: &[(&str, &str)], tail: &str) -> String {
     let mut out = String::from("# Generated by the lab: the workloads of the two-node topology.\nworkloads:\n");
     for spec in PODS {
         let on = enrolled
@@ -245,7 +289,13 @@ pub fn config_yaml(enrolled: &[(&str, bool)]) -> String {
             .map(|(_, e)| *e)
             .unwrap_or(spec.enrolled);
         out.push_str(&format!(
-            "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: {proto}\n  node: {node}\n  services: {{}}\n",
+            "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: {proto}\n  node: {node}\n  services: {{{services}}}\n",
+            services = endpoints
+                .iter()
+                .filter(|(pod, _)| *pod == spec.name)
+                .map(|(_, map)| *map)
+                .collect::<Vec<_>>()
+                .join(", "),
             name = spec.name,
             sa = spec.service_account,
             ip = spec.ip,
@@ -253,5 +303,6 @@ pub fn config_yaml(enrolled: &[(&str, bool)]) -> String {
             node = NODES[spec.node],
         ));
     }
+    out.push_str(tail);
     out
 }

@@ -3,5 +3,7 @@
 
 pub mod lab;
 pub mod netns;
+pub mod peer;
+pub mod sniff;
 pub mod traffic;
 pub mod ztunnel;

@@ -183,6 +183,27 @@ impl Connection {
     /// the server saw exactly what was sent.
     pub fn exchange(mut self, len: u64) -> Result<Report> {
         let sent_sha = payload(len, |b| self.stream.write_all(b)).context("sending payload")?;
+        self.finish(len, sent_sha)
+    }
+
+    /// Sends `data` in `chunks` pieces, pausing `pause` between them, then
+    /// half-closes and checks the server's report.
+    pub fn exchange_slowly(mut self, data: &[u8], chunks: usize, pause: Duration) -> Result<Report> {
+        let size = data.len().div_ceil(chunks.max(1)).max(1);
+        for chunk in data.chunks(size) {
+            self.stream.write_all(chunk).context("sending payload")?;
+            std::thread::sleep(pause);
+        }
+        let sha = hex(&Sha256::digest(data));
+        self.finish(data.len() as u64, sha)
+    }
+
+    /// Sends exactly `data`, half-closes and checks the server's report.
+    pub fn exchange_bytes(self, data: &[u8]) -> Result<Report> {
+        self.exchange_slowly(data, 1, Duration::ZERO)
+    }
+
+    fn finish(self, len: u64, sent_sha: String) -> Result<Report> {
         self.stream.shutdown(Shutdown::Write)?;
         let mut line = String::new();
         BufReader::new(&self.stream)

@@ -37,8 +37,9 @@ pub struct Ztunnel {
     pub node: String,
 }
 
-/// The command that runs ztunnel for `node` with `config`.
-pub fn command(node: &Node, config: &Path) -> Result<Command> {
+/// The command that runs ztunnel for `node` with `config`, issuing
+/// certificates from the lab's CA in `ca_dir`.
+pub fn command(node: &Node, config: &Path, ca_dir: &Path) -> Result<Command> {
     let mut cmd = node.ns.command(binary()?);
     cmd.arg("--config")
         .arg(config)
@@ -46,16 +47,24 @@ pub fn command(node: &Node, config: &Path) -> Result<Command> {
         .arg(node.name)
         .arg("--bpf-pin-dir")
         .arg(&node.pin_dir)
+        .arg("--ca-dir")
+        .arg(ca_dir)
         .env("RUST_LOG", "info");
     Ok(cmd)
 }
 
 impl Ztunnel {
     /// Starts ztunnel in `node`'s namespace and waits until it is ready.
-    pub fn start(node: &Node, config: &Path) -> Result<Self> {
+    pub fn start(node: &Node, config: &Path, ca_dir: &Path) -> Result<Self> {
+        Self::start_with(node, config, ca_dir, &[])
+    }
+
+    /// [`Ztunnel::start`] with extra arguments.
+    pub fn start_with(node: &Node, config: &Path, ca_dir: &Path, extra: &[&str]) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("{}-ztunnel-{}.log", node.ns.name(), unique_suffix()));
         let log_file = File::create(&log)?;
-        let child = command(node, config)?
+        let child = command(node, config, ca_dir)?
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -68,6 +77,24 @@ impl Ztunnel {
         };
         zt.wait_for_log("ready", Duration::from_secs(30))?;
         Ok(zt)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Resident memory, from /proc.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let pid = self.pid().context("ztunnel is not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kib * 1024)
     }
 
     /// The log so far.
@@ -147,8 +174,8 @@ fn unique_suffix() -> String {
 }
 
 /// Runs ztunnel to completion with extra arguments (for refusal tests).
-pub fn run_to_exit(node: &Node, config: &Path, extra: &[&str]) -> Result<Output> {
-    Ok(command(node, config)?.args(extra).stdin(Stdio::null()).output()?)
+pub fn run_to_exit(node: &Node, config: &Path, ca_dir: &Path, extra: &[&str]) -> Result<Output> {
+    Ok(command(node, config, ca_dir)?.args(extra).stdin(Stdio::null()).output()?)
 }
 
 /// A TCP socket in a node namespace, as `ss` reports it.

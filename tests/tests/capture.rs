@@ -29,7 +29,7 @@ impl Setup {
     }
 
     fn ztunnel(&self, node: &str) -> Result<Ztunnel> {
-        Ztunnel::start(self.lab.node(node), &self.config)
+        Ztunnel::start(self.lab.node(node), &self.config, &self.lab.ca_dir)
     }
 
     fn write_config(&self, enrolled: &[(&str, bool)]) -> Result<()> {
@@ -76,7 +76,7 @@ fn held_exchange(s: &Setup, from: &str, to: SocketAddr, node: &str) -> Result<(b
 }
 
 #[test]
-fn enrolled_pod_to_other_node_is_captured_and_keeps_client_ip() -> Result<()> {
+fn enrolled_pod_to_other_node_is_captured_and_tunnelled_keeping_client_ip() -> Result<()> {
     let s = Setup::new()?;
     let _zt1 = s.ztunnel("node1")?;
     let _zt2 = s.ztunnel("node2")?;
@@ -85,10 +85,14 @@ fn enrolled_pod_to_other_node_is_captured_and_keeps_client_ip() -> Result<()> {
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
 
     let conn = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
-    // While the connection is open, both ztunnels own it: each one's
-    // accepted socket has the server's address as its local address.
+    // While the connection is open, node1's ztunnel owns it (its accepted
+    // socket has the server's address as its local address), and node2's
+    // owns the tunnel it arrived in (on the server's 15008, from the client's IP).
     assert!(ztunnel_owns(s.lab.node("node1"), server.addr, client.spec.ip)?, "node1's ztunnel does not own the flow");
-    assert!(ztunnel_owns(s.lab.node("node2"), server.addr, client.spec.ip)?, "node2's ztunnel does not own the flow");
+    assert!(
+        ztunnel_owns(s.lab.node("node2"), server_pod.addr(15008), client.spec.ip)?,
+        "node2's ztunnel does not own the tunnel"
+    );
     let report = conn.exchange(1 << 20)?;
     assert_eq!(report.peer.ip(), ip(client), "server saw the wrong client");
 

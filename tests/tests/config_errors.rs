@@ -12,7 +12,7 @@ fn refused(yaml: &str, expect_field: &str) -> Result<()> {
     let node = lab.node("node1");
     let config = std::env::temp_dir().join(format!("{}-bad.yaml", lab.prefix));
     std::fs::write(&config, yaml)?;
-    let out = run_to_exit(node, &config, &[])?;
+    let out = run_to_exit(node, &config, &lab.ca_dir, &[])?;
     let _ = std::fs::remove_file(&config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "bad config accepted:\n{stderr}");

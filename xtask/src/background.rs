@@ -18,7 +18,7 @@ fn state_dir() -> PathBuf {
 
 /// Starts ztunnel in `node`'s namespace, detached, and waits until it is ready.
 /// Returns its log file.
-pub fn start_ztunnel(prefix: &str, node: &Node, bin: &Path, config: &Path) -> Result<PathBuf> {
+pub fn start_ztunnel(prefix: &str, node: &Node, bin: &Path, config: &Path, ca_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(state_dir())?;
     let base = state_dir().join(format!("{prefix}-{}", node.name));
     let log = base.with_extension("log");
@@ -32,6 +32,8 @@ pub fn start_ztunnel(prefix: &str, node: &Node, bin: &Path, config: &Path) -> Re
         .arg(node.name)
         .arg("--bpf-pin-dir")
         .arg(&node.pin_dir)
+        .arg("--ca-dir")
+        .arg(ca_dir)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)

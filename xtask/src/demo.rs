@@ -28,8 +28,8 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
         );
     }
     println!("== starting ztunnel on each node with {}", config.display());
-    let mut zt1 = Ztunnel::start(lab.node("node1"), config)?;
-    let zt2 = Ztunnel::start(lab.node("node2"), config)?;
+    let mut zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
+    let zt2 = Ztunnel::start(lab.node("node2"), config, &lab.ca_dir)?;
 
     let server = lab.pod("server");
     let plain = lab.pod("plain");
@@ -67,11 +67,15 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
     flow(&lab, "client -> server (ztunnel down)", FlowFrom::Pod("client"), server.addr(8080))?;
     flow(&lab, "bystander -> plain (ztunnel down)", FlowFrom::Pod("bystander"), plain.addr(8080))?;
     println!("== restarting it: pinned programs and maps are re-adopted");
-    let zt1 = Ztunnel::start(lab.node("node1"), config)?;
+    let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
     flow(&lab, "client -> server (ztunnel back)", FlowFrom::Pod("client"), server.addr(8080))?;
 
     println!("\n== node1's ztunnel said:");
-    for line in zt1.log_text().lines().filter(|l| l.contains("captured") || l.contains("Readopted")) {
+    for line in zt1
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("captured") || l.contains("Readopted") || l.contains("HBONE connection established"))
+    {
         println!("   {}", line.trim());
     }
     drop(zt2);
@@ -96,10 +100,15 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
             return Ok(());
         }
     };
+    // The capturing side owns the connection to the destination address; the
+    // receiving side of a tunnel owns the destination's 15008.
+    let tunnel_end = SocketAddr::new(to.ip(), 15008);
     let owners: Vec<&str> = lab
         .nodes
         .iter()
-        .filter(|n: &&Node| ztunnel_owns(n, to, src_ip).unwrap_or(false))
+        .filter(|n: &&Node| {
+            ztunnel_owns(n, to, src_ip).unwrap_or(false) || ztunnel_owns(n, tunnel_end, src_ip).unwrap_or(false)
+        })
         .map(|n| n.name)
         .collect();
     let started = Instant::now();

@@ -208,7 +208,7 @@ fn lab_up(prefix: &str, ztunnel: Option<&Path>) -> Result<()> {
     if let Some(bin) = ztunnel {
         let config = root().join("examples/lab.yaml");
         for node in &lab.nodes {
-            let log = background::start_ztunnel(prefix, node, bin, &config)?;
+            let log = background::start_ztunnel(prefix, node, bin, &config, &lab.ca_dir)?;
             println!("ztunnel running on {} (log: {})", node.name, log.display());
         }
     }

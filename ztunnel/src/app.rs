@@ -8,9 +8,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{local::LocalConfig, Args},
-    proxy::Listeners,
+    identity::{CertManager, LocalCa},
+    proxy::{
+        hbone::{pool::Pool, server::Limits},
+        Listeners, Proxy,
+    },
     redirect::{self, routing, Capture, CaptureStatus},
     state::Snapshot,
+    tls::TlsContext,
 };
 
 /// How often the local file is checked for changes.
@@ -24,8 +29,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be refused is checked before the kernel is touched.
     let config_text = read_config(&args.config)?;
     let config = LocalConfig::parse(&config_text, &args.config)?;
-    let snapshot = Arc::new(Snapshot::new(&args.node_name, &config));
+    let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
     let pin_dir = args.pin_dir();
+    let certs = Arc::new(CertManager::new(load_ca(&args)?, args.workload_cert_ttl));
+    certs.refresh(&snapshot.local_identities())?;
+    let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
 
     let mut capture = tokio::task::block_in_place(|| Capture::open(&pin_dir))?;
     tokio::task::block_in_place(routing::install_capture_route)?;
@@ -42,7 +50,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let (state_tx, state_rx) = watch::channel(snapshot);
-    let proxy = tokio::spawn(listeners.serve(state_rx));
+    let proxy = Arc::new(Proxy {
+        pool: Pool::new(tls.clone()),
+        tls,
+        limits: Limits {
+            handshake_timeout: args.handshake_timeout,
+            ..Limits::default()
+        },
+    });
+    let proxy = tokio::spawn(listeners.serve(state_rx, proxy));
 
     let mut last_text = config_text;
     let mut config_tick = tokio::time::interval(CONFIG_POLL);
@@ -51,11 +67,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = config_tick.tick() => {
+                // Certificates due for rotation are replaced here, ahead of use.
+                if let Err(e) = certs.refresh(&state_tx.borrow().local_identities()) {
+                    error!(error = %e, "certificate refresh failed; retrying");
+                }
                 let Some(text) = changed_config(&args.config, &last_text) else { continue };
                 last_text = text;
                 match LocalConfig::parse(&last_text, &args.config) {
                     Ok(config) => {
-                        let snapshot = Arc::new(Snapshot::new(&args.node_name, &config));
+                        let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
                         info!(workloads = snapshot.workloads.len(), local = snapshot.local_workloads().count(), "configuration reloaded");
                         // New connections see the new snapshot before capture changes,
                         // so a newly enrolled pod's first flow already finds its workload.
@@ -86,6 +106,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         warn!(error = %e, "removing the capture route");
     }
     Ok(())
+}
+
+/// The CA: the one in --ca-dir, or the development root in the state directory.
+fn load_ca(args: &Args) -> anyhow::Result<LocalCa> {
+    if let Some(dir) = &args.ca_dir {
+        return Ok(LocalCa::load(dir)?);
+    }
+    let (ca, dir) = LocalCa::load_or_generate_dev(&args.state_dir)?;
+    info!(ca_dir = %dir.display(), "using the development CA (pass --ca-dir for a real one; point other nodes at this directory to share its root)");
+    Ok(ca)
 }
 
 /// Removes everything this instance installed in the kernel.

@@ -10,6 +10,8 @@
 
 pub mod app;
 pub mod config;
+pub mod identity;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod tls;

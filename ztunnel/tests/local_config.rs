@@ -90,7 +90,7 @@ fn istio_schema_loads_with_every_section() {
 fn the_shipped_lab_example_matches_the_lab() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/lab.yaml");
     let c = LocalConfig::load(&path).expect("examples/lab.yaml parses");
-    let node1 = Snapshot::new("node1", &c);
+    let node1 = Snapshot::new("node1", "cluster.local", &c);
     let plan = node1.capture_plan(&[]);
     let enrolled: Vec<String> = plan.pods.iter().filter(|p| p.enrolled).map(|p| p.ip.to_string()).collect();
     assert_eq!(enrolled, ["198.18.1.10", "198.18.1.12"]);
@@ -100,7 +100,7 @@ fn the_shipped_lab_example_matches_the_lab() {
 #[test]
 fn snapshot_knows_which_workloads_are_local() {
     let c = parse(FULL).unwrap();
-    let s = Snapshot::new("worker-1", &c);
+    let s = Snapshot::new("worker-1", "cluster.local", &c);
     assert!(s.local_workload_by_ip("10.1.0.5".parse().unwrap()).is_some());
     assert!(s.local_workload_by_ip("10.1.1.7".parse().unwrap()).is_none(), "db-0 is on worker-2");
     assert!(s.workload_by_ip("10.1.1.7".parse().unwrap()).is_some());

@@ -3,7 +3,7 @@
 
 pub mod local;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -37,6 +37,30 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Trust domain of workloads that do not name one.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// A CA in Istio's plug-in layout (ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem) that issues workload certificates.
+    /// Without it, a development root is generated once in --state-dir.
+    #[arg(long, env = "ZTUNNEL_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Where ztunnel keeps what must survive restarts (the development CA).
+    #[arg(long, env = "ZTUNNEL_STATE_DIR", value_name = "DIR", default_value = "/var/lib/ztunnel")]
+    pub state_dir: PathBuf,
+
+    /// Lifetime of workload certificates (e.g. 24h, 30m, 90s); they are
+    /// replaced half way through.
+    #[arg(long, env = "SECRET_TTL", value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+
+    /// How long an inbound HBONE peer may take to finish its TLS and HTTP/2
+    /// handshakes.
+    #[arg(long, env = "ZTUNNEL_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Remove this instance's capture (links, maps, routing rule) and exit.
     /// A normal stop leaves capture attached, failing closed.
     #[arg(long)]
@@ -56,4 +80,27 @@ impl Args {
             .clone()
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ztunnel").join(&self.node_name))
     }
+}
+
+/// Parses `90s`, `30m`, `24h`, `2d`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 90s, 30m or 24h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    if seconds == 0 {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(Duration::from_secs(seconds))
 }

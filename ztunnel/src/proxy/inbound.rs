@@ -10,10 +10,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{
-    copy,
-    relay::{accept_loop, relay, Direction},
-};
+use super::relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels};
 use crate::state::Snapshot;
 
 /// Serves the inbound plaintext listener.
@@ -24,10 +21,23 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>)
 async fn handle(downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
     // Only local workloads are served: anything else reaching this port was
     // not captured for a pod (someone connected to the port directly).
-    if state.local_workload_by_ip(dst.ip()).is_none() {
+    let Some(workload) = state.local_workload_by_ip(dst.ip()) else {
         warn!(%src, %dst, "refused: inbound connection for an address that is not a local workload");
-        copy::reset(downstream);
+        refuse(downstream);
         return;
-    }
-    relay(Direction::Inbound, downstream, src, dst, Some(src.ip()), &state).await
+    };
+    let Some(upstream) = connect_direct(Direction::Inbound, src, dst, Some(src.ip())).await else {
+        refuse(downstream);
+        return;
+    };
+    let src_workload = state.workload_by_ip(src.ip()).map(|w| w.name.as_str()).unwrap_or("-");
+    let labels = Labels {
+        direction: Direction::Inbound,
+        src,
+        dst,
+        src_workload,
+        dst_workload: &workload.name,
+        path: "plaintext",
+    };
+    pipe(labels, downstream, upstream).await
 }

@@ -1,8 +1,17 @@
 //! Outbound capture (15001): connections an enrolled pod opens.
 //!
-//! For now every destination is reached directly, from the pod's own address,
-//! so the destination sees the real client. (HBONE tunnelling to mesh
-//! destinations builds on this.)
+//! Where the connection goes decides how:
+//! - a mesh workload (`protocol: HBONE`) on another node: an HBONE tunnel to
+//!   its 15008, presenting the source workload's certificate and checking
+//!   the destination's identity;
+//! - a mesh workload on this node: delivered directly (the network is
+//!   skipped), with the checks an inbound tunnel would get;
+//! - a service VIP: one of its endpoints, with the port mapping applied, then
+//!   as above;
+//! - anything else: relayed directly.
+//!
+//! Every connection leaves from the source pod's own address, so the
+//! destination sees the real client.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -10,28 +19,105 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::warn;
+use tracing::{info, warn};
+use ztunnel_common::ports;
 
 use super::{
-    copy, is_own_listener,
-    relay::{accept_loop, relay, Direction},
-    socket,
+    hbone::client::{self, Target},
+    is_capture_port, is_own_listener,
+    relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels},
+    socket, Proxy,
 };
 use crate::state::Snapshot;
 
 /// Serves the outbound listener.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>) {
-    accept_loop(Direction::Outbound, listener, state, handle).await
+pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
+    accept_loop(Direction::Outbound, listener, state, move |stream, src, dst, snapshot| {
+        handle(proxy.clone(), stream, src, dst, snapshot)
+    })
+    .await
 }
 
-async fn handle(downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
+async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
     if is_own_listener(dst) {
         warn!(%src, %dst, "refused: a pod connected to ztunnel's own port");
-        copy::reset(downstream);
+        refuse(downstream);
         return;
     }
-    // A destination on this host itself cannot be reached from a spoofed pod
-    // address (its reply would be routed to the pod, not to us).
-    let bind_ip = (!socket::is_local_address(dst.ip())).then_some(src.ip());
-    relay(Direction::Outbound, downstream, src, dst, bind_ip, &state).await
+    let src_name = state.workload_by_ip(src.ip()).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
+    let upstream = state.resolve(dst);
+    let Some(upstream) = upstream.filter(|u| u.workload.hbone) else {
+        // Outside the mesh (or a workload without HBONE): relay directly.
+        let addr = state.resolve(dst).map(|u| u.addr).unwrap_or(dst);
+        // A destination on this host itself cannot be reached from a spoofed
+        // pod address (its reply would be routed to the pod, not to us).
+        let bind_ip = (!socket::is_local_address(addr.ip())).then_some(src.ip());
+        let dst_name = state.workload_by_ip(addr.ip()).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
+        if let Some(stream) = connect_direct(Direction::Outbound, src, addr, bind_ip).await {
+            let labels = Labels {
+                direction: Direction::Outbound,
+                src,
+                dst: addr,
+                src_workload: &src_name,
+                dst_workload: &dst_name,
+                path: "direct",
+            };
+            pipe(labels, downstream, stream).await;
+        } else {
+            refuse(downstream);
+        }
+        return;
+    };
+
+    // A mesh destination: the source must be a local mesh workload, whose
+    // identity the destination will see.
+    let Some(src_workload) = state.local_workload_by_ip(src.ip()).filter(|w| w.hbone).cloned() else {
+        warn!(%src, %dst, "refused: source is not a local mesh workload, so it has no identity to present");
+        refuse(downstream);
+        return;
+    };
+    let src_id = state.identity_of(&src_workload);
+    let dst_id = state.identity_of(&upstream.workload);
+    let target = upstream.addr;
+    let labels = |path| Labels {
+        direction: Direction::Outbound,
+        src,
+        dst: target,
+        src_workload: &src_workload.name,
+        dst_workload: &upstream.workload.name,
+        path,
+    };
+
+    if upstream.workload.node == state.node {
+        // Same node: what the inbound side of a tunnel would check, without
+        // the tunnel. The source identity is ours to vouch for (we issued it).
+        if dst_id.trust_domain != src_id.trust_domain || is_capture_port(target.port()) {
+            warn!(%src, %target, %src_id, %dst_id, "refused same-node connection: identity or port check failed");
+            refuse(downstream);
+            return;
+        }
+        info!(%src, %target, src_identity = %src_id, dst_identity = %dst_id, "same-node mesh connection");
+        match connect_direct(Direction::Outbound, src, target, Some(src.ip())).await {
+            Some(stream) => pipe(labels("same-node"), downstream, stream).await,
+            None => refuse(downstream),
+        }
+        return;
+    }
+
+    let mut dst_ids = upstream.service_sans.clone();
+    dst_ids.push(dst_id);
+    let tunnel_target = Target {
+        src_id,
+        src,
+        dst_id: dst_ids,
+        authority: target,
+        hbone_port: ports::INBOUND_HBONE,
+    };
+    match client::open(&proxy.pool, &tunnel_target).await {
+        Ok(stream) => pipe(labels("hbone"), downstream, stream).await,
+        Err(e) => {
+            info!(%src, %target, error = %e, "HBONE tunnel failed");
+            refuse(downstream);
+        }
+    }
 }

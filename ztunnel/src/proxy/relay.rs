@@ -1,6 +1,5 @@
-//! One relayed connection: connect upstream, copy both ways, log the outcome.
-//! Shared by every listener; the listeners only decide where a connection
-//! goes and from which address.
+//! Connecting upstream and copying, shared by every listener; the listeners
+//! only decide where a connection goes and how.
 
 use std::{
     future::Future,
@@ -10,6 +9,7 @@ use std::{
 };
 
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -26,7 +26,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
@@ -58,36 +58,64 @@ where
     }
 }
 
-/// Connects to `dst` (from `bind_ip` when given) and copies bytes between it
-/// and `downstream` until both sides are done. A connection that cannot be
-/// made is reset, so the client sees a refusal.
-pub async fn relay(direction: Direction, mut downstream: TcpStream, src: SocketAddr, dst: SocketAddr, bind_ip: Option<IpAddr>, state: &Snapshot) {
+/// Connects to `dst` directly (from `bind_ip` when given). Logs and returns
+/// `None` on failure.
+pub async fn connect_direct(direction: Direction, src: SocketAddr, dst: SocketAddr, bind_ip: Option<IpAddr>) -> Option<TcpStream> {
     let dir = direction.as_str();
-    let started = Instant::now();
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect(bind_ip, dst)).await {
-        Ok(Ok(stream)) => stream,
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect(bind_ip, dst)).await {
+        Ok(Ok(stream)) => {
+            let _ = socket::set_keepalive(&stream);
+            Some(stream)
+        }
         Ok(Err(e)) => {
             info!(direction = dir, %src, %dst, error = %e, "upstream connect failed");
-            copy::reset(downstream);
-            return;
+            None
         }
         Err(_) => {
             info!(direction = dir, %src, %dst, timeout = ?CONNECT_TIMEOUT, "upstream connect timed out");
-            copy::reset(downstream);
-            return;
-        }
-    };
-    for stream in [&downstream, &upstream] {
-        if let Err(e) = socket::set_keepalive(stream) {
-            warn!(direction = dir, %src, %dst, error = %e, "cannot enable keepalive");
+            None
         }
     }
-    let name = |ip: IpAddr| state.workload_by_ip(ip).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
-    info!(direction = dir, %src, %dst, src_workload = %name(src.ip()), dst_workload = %name(dst.ip()), "connection captured");
+}
+
+/// What a relayed connection is, for its log lines.
+pub struct Labels<'a> {
+    pub direction: Direction,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_workload: &'a str,
+    pub dst_workload: &'a str,
+    /// `hbone`, `same-node`, `direct`, ...
+    pub path: &'static str,
+}
+
+/// Copies bytes between `downstream` and `upstream` until both sides are
+/// done, logging the start and the outcome.
+pub async fn pipe<U>(labels: Labels<'_>, mut downstream: TcpStream, mut upstream: U)
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let Labels {
+        direction,
+        src,
+        dst,
+        src_workload,
+        dst_workload,
+        path,
+    } = labels;
+    let dir = direction.as_str();
+    let _ = socket::set_keepalive(&downstream);
+    let started = Instant::now();
+    info!(direction = dir, %src, %dst, src_workload, dst_workload, path, "connection captured");
     let result = copy::relay(&mut downstream, &mut upstream).await;
     let duration_ms = started.elapsed().as_millis() as u64;
     match result {
-        Ok(t) => info!(direction = dir, %src, %dst, sent = t.sent, received = t.received, duration_ms, "connection closed"),
-        Err(e) => info!(direction = dir, %src, %dst, error = %e, duration_ms, "connection ended with error"),
+        Ok(t) => info!(direction = dir, %src, %dst, path, sent = t.sent, received = t.received, duration_ms, "connection closed"),
+        Err(e) => info!(direction = dir, %src, %dst, path, error = %e, duration_ms, "connection ended with error"),
     }
+}
+
+/// Refuses a connection with a reset.
+pub fn refuse(downstream: TcpStream) {
+    copy::reset(downstream);
 }

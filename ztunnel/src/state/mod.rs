@@ -2,13 +2,17 @@
 //! services and policies, replaced whole when the configuration changes.
 
 use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
-    sync::Arc,
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use crate::{
-    config::local::{Authorization, InboundProtocol, LocalConfig, LocalWorkload, Service},
+    config::local::{Authorization, HealthStatus, InboundProtocol, LocalConfig, LocalWorkload, NamespacedHostname, Service},
+    identity::Identity,
     redirect::{CapturePlan, PlannedPod},
 };
 
@@ -23,6 +27,12 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// Speaks HBONE: its traffic is captured (when local) and tunnelled.
     pub hbone: bool,
+    /// Empty means the mesh's trust domain.
+    pub trust_domain: String,
+    pub healthy: bool,
+    /// Services it is an endpoint of: service port -> target port.
+    #[serde(skip)]
+    pub services: BTreeMap<NamespacedHostname, BTreeMap<u16, u16>>,
 }
 
 impl From<&LocalWorkload> for Workload {
@@ -35,34 +45,137 @@ impl From<&LocalWorkload> for Workload {
             node: w.node.clone(),
             ips: w.workload_ips.clone(),
             hbone: w.protocol == InboundProtocol::HBONE,
+            trust_domain: w.trust_domain.clone(),
+            healthy: w.status == HealthStatus::Healthy,
+            services: w.services.clone(),
         }
     }
+}
+
+/// Where a connection to some address really goes.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub workload: Arc<Workload>,
+    /// The workload's address and the target port.
+    pub addr: SocketAddr,
+    /// Extra identities the destination may prove (a service's
+    /// `subjectAltNames`), besides the workload's own.
+    pub service_sans: Vec<Identity>,
 }
 
 /// One consistent view of the configuration, from this node's point of view.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub node: String,
+    /// The mesh's trust domain, for workloads that do not name one.
+    pub trust_domain: String,
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Service>,
     pub policies: Vec<Authorization>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Service index by VIP.
+    by_vip: HashMap<IpAddr, usize>,
+    /// Healthy endpoints per service.
+    endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>>,
+    /// Spreads connections across a service's endpoints.
+    next_endpoint: AtomicUsize,
 }
 
 impl Snapshot {
-    pub fn new(node: &str, config: &LocalConfig) -> Self {
+    pub fn new(node: &str, trust_domain: &str, config: &LocalConfig) -> Self {
         let workloads: Vec<Arc<Workload>> = config.workloads.iter().map(|w| Arc::new(Workload::from(w))).collect();
         let by_ip = workloads
             .iter()
             .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
             .collect();
+        let mut by_vip = HashMap::new();
+        for (i, service) in config.services.iter().enumerate() {
+            for vip in &service.vips {
+                by_vip.insert(vip.address, i);
+            }
+        }
+        let mut endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>> = HashMap::new();
+        for w in workloads.iter().filter(|w| w.healthy) {
+            for key in w.services.keys() {
+                endpoints.entry(key.clone()).or_default().push(w.clone());
+            }
+        }
         Snapshot {
             node: node.to_string(),
+            trust_domain: trust_domain.to_string(),
             workloads,
             services: config.services.clone(),
             policies: config.policies.clone(),
             by_ip,
+            by_vip,
+            endpoints,
+            next_endpoint: AtomicUsize::new(0),
         }
+    }
+
+    /// A workload's SPIFFE identity.
+    pub fn identity_of(&self, w: &Workload) -> Identity {
+        let td = if w.trust_domain.is_empty() { &self.trust_domain } else { &w.trust_domain };
+        let sa = if w.service_account.is_empty() { "default" } else { &w.service_account };
+        Identity::new(td, &w.namespace, sa)
+    }
+
+    /// Where a connection to `dst` goes: the workload at that address, or one
+    /// endpoint of the service with that VIP (spreading connections across
+    /// endpoints, with the service's port mapping applied). `None` for an
+    /// address outside the mesh.
+    pub fn resolve(&self, dst: SocketAddr) -> Option<Upstream> {
+        if let Some(w) = self.by_ip.get(&dst.ip()) {
+            return Some(Upstream {
+                workload: w.clone(),
+                addr: dst,
+                service_sans: Vec::new(),
+            });
+        }
+        let service = &self.services[*self.by_vip.get(&dst.ip())?];
+        let service_port = dst.port();
+        let default_target = *service.ports.get(&service_port)?;
+        let key = NamespacedHostname {
+            namespace: service.namespace.clone(),
+            hostname: service.hostname.clone(),
+        };
+        let candidates = self.endpoints.get(&key)?;
+        if candidates.is_empty() {
+            return None;
+        }
+        let pick = self.next_endpoint.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let workload = candidates[pick].clone();
+        // The endpoint's own mapping wins; 0 or absent means the service's.
+        let target = workload
+            .services
+            .get(&key)
+            .and_then(|ports| ports.get(&service_port))
+            .copied()
+            .filter(|p| *p != 0)
+            .unwrap_or(if default_target == 0 { service_port } else { default_target });
+        let ip = workload.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(workload.ips.first())?;
+        let service_sans = service
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| san.parse().ok())
+            .collect();
+        Some(Upstream {
+            addr: SocketAddr::new(*ip, target),
+            workload,
+            service_sans,
+        })
+    }
+
+    /// Identities of local workloads, whose certificates ztunnel keeps fresh.
+    pub fn local_identities(&self) -> Vec<Identity> {
+        let mut ids: Vec<Identity> = self
+            .local_workloads()
+            .filter(|w| w.hbone)
+            .map(|w| self.identity_of(w))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -110,13 +223,3 @@ impl Snapshot {
     }
 }
 
-/// The IPv4 addresses of local enrolled workloads.
-pub fn enrolled_ipv4(snapshot: &Snapshot) -> Vec<Ipv4Addr> {
-    snapshot
-        .capture_plan(&[])
-        .pods
-        .into_iter()
-        .filter(|p| p.enrolled)
-        .map(|p| p.ip)
-        .collect()
-}

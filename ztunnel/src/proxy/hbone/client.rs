@@ -1,0 +1,96 @@
+//! Opening HBONE streams: the outbound half of the tunnel.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::{Method, Request};
+
+use super::{
+    headers,
+    pool::{Pool, PoolKey},
+    status,
+    stream::H2Stream,
+};
+use crate::{identity::Identity, tls::TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS with {0}: {1}")]
+    Tls(SocketAddr, String),
+    #[error("HTTP/2 with {0}: {1}")]
+    Http2(SocketAddr, String),
+    #[error("{0} did not answer in time")]
+    Timeout(SocketAddr),
+    #[error("{peer} answered {status} to CONNECT {authority}")]
+    Status {
+        peer: SocketAddr,
+        authority: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error(transparent)]
+    TlsConfig(#[from] TlsError),
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
+
+/// Where a tunnel goes.
+pub struct Target {
+    /// The source workload's identity (its certificate is presented).
+    pub src_id: Identity,
+    /// The client's address as it connected (the `forwarded` header).
+    pub src: SocketAddr,
+    /// Identities the destination may prove.
+    pub dst_id: Vec<Identity>,
+    /// The destination pod and target port: the CONNECT authority.
+    pub authority: SocketAddr,
+    /// The HBONE port of the destination.
+    pub hbone_port: u16,
+}
+
+/// Opens a CONNECT stream to `target` over a pooled connection.
+pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneError> {
+    let key = PoolKey {
+        src_id: target.src_id.clone(),
+        src: target.src.ip(),
+        dst_id: target.dst_id.clone(),
+        dst: SocketAddr::new(target.authority.ip(), target.hbone_port),
+    };
+    let (send, slot) = pool.checkout(&key).await?;
+    let mut send = send
+        .ready()
+        .await
+        .map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.authority.to_string())
+        .header(headers::FORWARDED, format!("for=\"{}\"", target.src))
+        .header(headers::BAGGAGE, baggage(&target.src_id))
+        .header(headers::TRACEPARENT, traceparent())
+        .body(())
+        .map_err(|_| HboneError::Internal("building the CONNECT request"))?;
+    let (response, send_stream) = send
+        .send_request(request, false)
+        .map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
+    let response = response.await.map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
+    if response.status() != status::OK {
+        return Err(HboneError::Status {
+            peer: key.dst,
+            authority: target.authority,
+            status: response.status(),
+        });
+    }
+    Ok(H2Stream::new(send_stream, response.into_body()).with_guard(slot))
+}
+
+fn baggage(src: &Identity) -> String {
+    format!("k8s.namespace.name={}", src.namespace)
+}
+
+/// A W3C trace context header with fresh random ids, unsampled.
+fn traceparent() -> String {
+    let mut bytes = [0u8; 24];
+    let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+}

@@ -1,0 +1,209 @@
+//! Pooled HBONE connections. Keyed as Istio's ztunnel keys them: source
+//! identity and address, destination identities and address. A connection
+//! carries up to [`settings::CLIENT_MAX_STREAMS`] streams; a full one is
+//! left for a new one to the same key; an idle one is closed.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::{client::HboneError, settings};
+use crate::{identity::Identity, proxy::socket, tls::TlsContext};
+
+/// Connections unused for this long are closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on TCP connect + TLS + HTTP/2 handshakes of a new connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which connections may carry a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_id: Identity,
+    /// The pod's address the connection is opened from.
+    pub src: IpAddr,
+    /// Identities the destination may prove.
+    pub dst_id: Vec<Identity>,
+    /// `<destination pod ip>:15008`.
+    pub dst: SocketAddr,
+}
+
+struct PooledConn {
+    send: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+    last_used: Mutex<Instant>,
+}
+
+impl PooledConn {
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.active.load(Ordering::Acquire) < settings::CLIENT_MAX_STREAMS
+    }
+}
+
+/// Holds a stream's place on its connection; released on drop.
+pub struct StreamSlot {
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The pool.
+pub struct Pool {
+    tls: Arc<TlsContext>,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    /// Serialises connection creation per key, so a burst of streams to one
+    /// destination makes one connection, not one each.
+    creating: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    opened: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(tls: Arc<TlsContext>) -> Arc<Self> {
+        let pool = Arc::new(Pool {
+            tls,
+            conns: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashMap::new()),
+            opened: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(pool) => pool.evict_idle(),
+                    None => return,
+                }
+            }
+        });
+        pool
+    }
+
+    /// Connections opened so far.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// A connection with room for one more stream, and the slot reserved on it.
+    pub async fn checkout(&self, key: &PoolKey) -> Result<(SendRequest<Bytes>, StreamSlot), HboneError> {
+        if let Some(found) = self.take_slot(key) {
+            return Ok(found);
+        }
+        let gate = {
+            let mut creating = self.creating.lock().map_err(|_| HboneError::Internal("pool lock"))?;
+            creating.entry(key.clone()).or_default().clone()
+        };
+        let _creating = gate.lock().await;
+        // Someone else may have made one while we waited.
+        if let Some(found) = self.take_slot(key) {
+            return Ok(found);
+        }
+        let conn = self.connect(key).await?;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        let found = (conn.send.clone(), StreamSlot { active: conn.active.clone() });
+        self.conns
+            .lock()
+            .map_err(|_| HboneError::Internal("pool lock"))?
+            .entry(key.clone())
+            .or_default()
+            .push(conn);
+        Ok(found)
+    }
+
+    fn take_slot(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+        let mut conns = self.conns.lock().ok()?;
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        let conn = list.iter().find(|c| c.usable())?;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut t) = conn.last_used.lock() {
+            *t = Instant::now();
+        }
+        Some((conn.send.clone(), StreamSlot { active: conn.active.clone() }))
+    }
+
+    async fn connect(&self, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(key))
+            .await
+            .map_err(|_| HboneError::Timeout(key.dst))?
+    }
+
+    async fn connect_inner(&self, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {
+        let (config, cert) = self.tls.client_config(&key.src_id, key.dst_id.clone())?;
+        // From the source pod's address, so the destination sees the real client.
+        let tcp = socket::connect(Some(key.src), key.dst)
+            .await
+            .map_err(|e| HboneError::Connect(key.dst, e))?;
+        let _ = socket::set_keepalive(&tcp);
+        // No SNI, as Istio's ztunnel: identities, not names, are checked.
+        let mut config = (*config).clone();
+        config.enable_sni = false;
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(key.dst.ip().into()), tcp)
+            .await
+            .map_err(|e| HboneError::Tls(key.dst, e.to_string()))?;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(settings::STREAM_WINDOW)
+            .initial_connection_window_size(settings::CONNECTION_WINDOW)
+            .max_frame_size(settings::MAX_FRAME_SIZE)
+            .initial_max_send_streams(settings::CLIENT_MAX_STREAMS)
+            .max_header_list_size(settings::CLIENT_MAX_HEADER_LIST)
+            .max_send_buffer_size(settings::STREAM_WINDOW as usize)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(src = %key.src, src_identity = %key.src_id, dst = %key.dst, cert_serial = %cert.serial, connections_opened = n, "HBONE connection established");
+        {
+            let closed = closed.clone();
+            let dst = key.dst;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    debug!(%dst, error = %e, "HBONE connection ended");
+                }
+                closed.store(true, Ordering::Release);
+            });
+        }
+        Ok(Arc::new(PooledConn {
+            send,
+            active: Arc::new(AtomicUsize::new(0)),
+            closed,
+            last_used: Mutex::new(Instant::now()),
+        }))
+    }
+
+    /// Drops connections that carry no stream and have not for a while; the
+    /// HTTP/2 connection closes once its last handle is gone.
+    fn evict_idle(&self) {
+        let Ok(mut conns) = self.conns.lock() else { return };
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && c.last_used.lock().map(|t| t.elapsed() > IDLE_TIMEOUT).unwrap_or(true);
+                !idle && !c.closed.load(Ordering::Acquire)
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+        if let Ok(mut creating) = self.creating.lock() {
+            creating.retain(|k, _| conns.contains_key(k));
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The inbound half of HBONE: port 15008.
+//!
+//! Each accepted connection was captured for one local workload (the
+//! accepted socket's local address is that pod's IP): its certificate is
+//! served, a client certificate from our trust domain is required, and every
+//! CONNECT must name that same pod. What a hostile peer can cost is bounded:
+//! handshakes are limited in number and time, and HTTP/2 limits header sizes
+//! and streams per connection.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{oneshot, watch},
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use super::{settings, status, stream::H2Stream};
+use crate::{
+    identity::Identity,
+    proxy::{copy, socket, CONNECT_TIMEOUT},
+    state::Snapshot,
+    tls::{spiffe_ids, TlsContext},
+};
+
+/// Limits that bound what unauthenticated peers can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TLS and HTTP/2 handshakes must finish within this.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once. When a new one would exceed it, the
+    /// oldest still in progress is abandoned: a flood of stalled handshakes
+    /// evicts itself, while real clients finish in milliseconds.
+    pub max_handshakes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
+        }
+    }
+}
+
+/// Serves the HBONE listener.
+pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, tls: Arc<TlsContext>, limits: Limits) {
+    let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = handshakes.admit();
+        let snapshot = state.borrow().clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, snapshot, tls, limits, slot).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<Snapshot>,
+    tls: Arc<TlsContext>,
+    limits: Limits,
+    mut slot: HandshakeSlot,
+) {
+    let Ok(dst) = stream.local_addr() else { return };
+    let Some(workload) = state.local_workload_by_ip(dst.ip()).cloned() else {
+        warn!(%peer, %dst, "refused: HBONE connection for an address that is not a local workload");
+        copy::reset(stream);
+        return;
+    };
+    let identity = state.identity_of(&workload);
+    let config = match tls.server_config(&identity) {
+        Ok(config) => config,
+        Err(e) => {
+            warn!(%peer, %dst, %identity, error = %e, "refused: no certificate to serve");
+            copy::reset(stream);
+            return;
+        }
+    };
+    let _ = socket::set_keepalive(&stream);
+    let handshake = async {
+        let tls_stream = TlsAcceptor::from(config)
+            .accept(stream)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let peer_id = tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| spiffe_ids(leaf).into_iter().next())
+            .ok_or_else(|| "client certificate names no identity".to_string())?;
+        let h2 = h2::server::Builder::new()
+            .initial_window_size(settings::STREAM_WINDOW)
+            .initial_connection_window_size(settings::CONNECTION_WINDOW)
+            .max_frame_size(settings::MAX_FRAME_SIZE)
+            .max_concurrent_streams(settings::SERVER_MAX_STREAMS)
+            .max_header_list_size(settings::SERVER_MAX_HEADER_LIST)
+            .max_send_buffer_size(settings::MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+        Ok::<_, String>((peer_id, h2))
+    };
+    let bounded = tokio::time::timeout(limits.handshake_timeout, handshake);
+    let (peer_id, mut h2) = tokio::select! {
+        result = bounded => match result {
+            Ok(Ok(done)) => done,
+            Ok(Err(reason)) => {
+                warn!(%peer, %dst, "refused HBONE connection: {reason}");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, %dst, timeout = ?limits.handshake_timeout, "refused HBONE connection: handshake timed out");
+                return;
+            }
+        },
+        _ = &mut slot.evicted => {
+            warn!(%peer, %dst, limit = limits.max_handshakes, "refused HBONE connection: evicted, too many handshakes in progress");
+            return;
+        }
+    };
+    drop(slot);
+    info!(%peer, %dst, peer_identity = %peer_id, local_identity = %identity, "HBONE connection accepted");
+    while let Some(request) = h2.accept().await {
+        match request {
+            Ok((request, respond)) => {
+                let ctx = StreamContext {
+                    peer,
+                    dst,
+                    peer_id: peer_id.clone(),
+                    state: state.clone(),
+                };
+                tokio::spawn(ctx.handle(request, respond));
+            }
+            Err(e) => {
+                info!(%peer, %dst, error = %e, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+}
+
+struct StreamContext {
+    peer: SocketAddr,
+    /// The pod this connection was captured for (its IP, port 15008).
+    dst: SocketAddr,
+    peer_id: Identity,
+    state: Arc<Snapshot>,
+}
+
+impl StreamContext {
+    async fn handle(self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+        let target = match self.validate(&request) {
+            Ok(target) => target,
+            Err((code, reason)) => {
+                warn!(peer = %self.peer, peer_identity = %self.peer_id, uri = %request.uri(), status = code.as_u16(), "refused CONNECT: {reason}");
+                reply(&mut respond, code);
+                return;
+            }
+        };
+        let started = Instant::now();
+        // Delivered from the client pod's own address: the HBONE peer is
+        // that address, spoofed by the sending ztunnel.
+        let upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket::connect(Some(self.peer.ip()), target)).await;
+        let mut upstream = match upstream {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                info!(peer = %self.peer, %target, error = %e, "CONNECT target unreachable");
+                reply(&mut respond, status::UNREACHABLE);
+                return;
+            }
+            Err(_) => {
+                info!(peer = %self.peer, %target, "CONNECT target timed out");
+                reply(&mut respond, status::UNREACHABLE);
+                return;
+            }
+        };
+        let _ = socket::set_keepalive(&upstream);
+        let send = match respond.send_response(ok_response(), false) {
+            Ok(send) => send,
+            Err(e) => {
+                info!(peer = %self.peer, %target, error = %e, "client went away before the tunnel opened");
+                return;
+            }
+        };
+        let mut tunnel = H2Stream::new(send, request.into_body());
+        let dst_workload = self.state.workload_by_ip(target.ip()).map(|w| w.name.clone()).unwrap_or_default();
+        info!(direction = "inbound", src = %self.peer, dst = %target, src_identity = %self.peer_id, dst_workload, "HBONE stream opened");
+        let result = copy::relay(&mut tunnel, &mut upstream).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(t) => info!(direction = "inbound", src = %self.peer, dst = %target, src_identity = %self.peer_id, sent = t.sent, received = t.received, duration_ms, "connection closed"),
+            Err(e) => info!(direction = "inbound", src = %self.peer, dst = %target, error = %e, duration_ms, "connection ended with error"),
+        }
+    }
+
+    /// The target of a CONNECT, or the status to refuse it with.
+    fn validate(&self, request: &Request<h2::RecvStream>) -> Result<SocketAddr, (StatusCode, String)> {
+        if request.method() != Method::CONNECT {
+            return Err((status::BAD_REQUEST, format!("method {} is not CONNECT", request.method())));
+        }
+        let authority = request
+            .uri()
+            .authority()
+            .ok_or((status::BAD_REQUEST, "no authority".to_string()))?;
+        let target: SocketAddr = authority
+            .as_str()
+            .parse()
+            .map_err(|_| (status::BAD_REQUEST, format!("authority {authority} is not ip:port")))?;
+        // The tunnel may only reach the workload it was addressed to.
+        if target.ip() != self.dst.ip() {
+            return Err((
+                status::BAD_REQUEST,
+                format!("authority {target} is not the workload this connection was made to ({})", self.dst.ip()),
+            ));
+        }
+        if crate::proxy::is_capture_port(target.port()) {
+            return Err((status::UNREACHABLE, format!("authority {target} is one of ztunnel's own ports")));
+        }
+        Ok(target)
+    }
+}
+
+/// Handshakes in progress, oldest first, each with a way to abandon it.
+struct HandshakeSlots {
+    max: usize,
+    inner: std::sync::Mutex<(u64, std::collections::VecDeque<(u64, oneshot::Sender<()>)>)>,
+}
+
+/// One handshake's place; leaving it (drop) frees the place.
+struct HandshakeSlot {
+    id: u64,
+    slots: Arc<HandshakeSlots>,
+    /// Fires when a newer handshake pushed this one out.
+    evicted: oneshot::Receiver<()>,
+}
+
+impl HandshakeSlots {
+    fn new(max: usize) -> Self {
+        HandshakeSlots {
+            max: max.max(1),
+            inner: std::sync::Mutex::new((0, std::collections::VecDeque::new())),
+        }
+    }
+
+    fn admit(self: &Arc<Self>) -> HandshakeSlot {
+        let (tx, rx) = oneshot::channel();
+        let mut guard = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (next_id, queue) = &mut *guard;
+        while queue.len() >= self.max {
+            if let Some((_, oldest)) = queue.pop_front() {
+                let _ = oldest.send(());
+            }
+        }
+        *next_id += 1;
+        let id = *next_id;
+        queue.push_back((id, tx));
+        HandshakeSlot {
+            id,
+            slots: self.clone(),
+            evicted: rx,
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut guard = match self.slots.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let queue = &mut guard.1;
+        if let Some(pos) = queue.iter().position(|(id, _)| *id == self.id) {
+            queue.remove(pos);
+        }
+    }
+}
+
+fn ok_response() -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status::OK;
+    response
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, code: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = code;
+    let _ = respond.send_response(response, true);
+}
