@@ -40,6 +40,13 @@ pub mod maps {
     pub const ENROLLED_PODS: &str = "ZT_ENROLLED_PODS";
     /// Per-pod counters: [`super::PodKey`] -> [`super::PodCounters`] (per CPU).
     pub const POD_COUNTERS: &str = "ZT_POD_COUNTERS";
+    /// The two policy tables (LPM tries of [`super::PolicyTuple`] ->
+    /// [`super::PolicyVerdict`]); [`POLICY_ACTIVE`] says which one is live.
+    /// Userspace fills the idle one, then flips the switch, so the datapath
+    /// never sees a half-written policy.
+    pub const POLICY_TABLES: [&str; 2] = ["ZT_POLICY_A", "ZT_POLICY_B"];
+    /// One `u32`: the index of the live policy table.
+    pub const POLICY_ACTIVE: &str = "ZT_POLICY_ACTIVE";
 }
 
 /// Names of the programs in the eBPF object.
@@ -48,6 +55,46 @@ pub mod programs {
     pub const POD_INGRESS: &str = "zt_pod_ingress";
     /// TC ingress on an uplink: everything other nodes send to this node.
     pub const UPLINK_INGRESS: &str = "zt_uplink_ingress";
+}
+
+/// Capacity of each policy table (entries, not policies).
+pub const MAX_POLICY_ENTRIES: u32 = 65536;
+
+/// The part of a connection the kernel can judge without an identity: the
+/// key of the policy tables. LPM tries match from the first bit, so the
+/// exact part (destination, port) comes first and the source prefix last:
+/// a key's prefix length is `POLICY_FIXED_BITS + source prefix length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyTuple {
+    /// Destination pod address, network byte order.
+    pub dst_ipv4_be: u32,
+    /// Destination port, network byte order; 0 means "any port without
+    /// entries of its own".
+    pub dst_port_be: u16,
+    pub _pad: u16,
+    /// Source address, network byte order.
+    pub src_ipv4_be: u32,
+}
+
+/// Bits of [`PolicyTuple`] before the source address.
+pub const POLICY_FIXED_BITS: u32 = 64;
+
+/// A policy table's answer for a region of sources.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    /// [`verdict::DENY`] or [`verdict::PASS`].
+    pub verdict: u32,
+}
+
+/// Values of [`PolicyVerdict::verdict`].
+pub mod verdict {
+    /// Leave it to userspace (which may still deny).
+    pub const PASS: u32 = 0;
+    /// Userspace would deny this connection whatever else it learns: drop
+    /// the SYN in the kernel.
+    pub const DENY: u32 = 1;
 }
 
 /// Capacity of the enrolled-pods map; one node rarely runs more than a few
@@ -102,6 +149,8 @@ pub struct PodCounters {
     pub inbound_captured: u64,
     /// New flows dropped because no ztunnel listener was there (fail closed).
     pub dropped_no_listener: u64,
+    /// Plaintext SYNs dropped in the kernel by authorization policy.
+    pub policy_denied: u64,
 }
 
 #[cfg(feature = "user")]
@@ -110,4 +159,6 @@ mod user {
     unsafe impl aya::Pod for super::PodKey {}
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::PolicyTuple {}
+    unsafe impl aya::Pod for super::PolicyVerdict {}
 }

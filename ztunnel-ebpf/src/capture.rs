@@ -8,7 +8,10 @@
 //!    addressed to port 15008, else to the inbound plaintext listener (15006).
 //! 4. Rules 2 and 3 fail closed: with no listener the SYN is dropped, so an
 //!    enrolled pod's traffic never bypasses the mesh.
-//! 5. Everything else is left to the next program or the kernel.
+//! 5. Before rule 3 hands a plaintext SYN (not to 15008) to userspace, the
+//!    policy tables may drop it: they hold only what userspace would deny
+//!    without knowing an identity, which a plaintext connection never has.
+//! 6. Everything else is left to the next program or the kernel.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -17,7 +20,7 @@ use aya_ebpf::{
 use ztunnel_common::{ports, CAPTURE_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
-    maps::{count, is_enrolled, Counter},
+    maps::{count, is_enrolled, policy_denies, Counter},
     packet::{parse_tcp_flow, TcpFlow},
     socket::{listener, owner_of},
 };
@@ -70,6 +73,10 @@ fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
     let port = if u16::from_be(flow.dport) == ports::INBOUND_HBONE {
         ports::INBOUND_HBONE
     } else {
+        if policy_denies(flow.saddr, flow.daddr, flow.dport) {
+            count(flow.daddr, Counter::PolicyDenied);
+            return TC_ACT_SHOT as i32;
+        }
         ports::INBOUND_PLAINTEXT
     };
     to_listener(ctx, flow, port, flow.daddr, Counter::InboundCaptured)

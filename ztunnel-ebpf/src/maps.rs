@@ -4,15 +4,57 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, PerCpuHashMap,
+    },
 };
-use ztunnel_common::{pod_flags, PodCounters, PodInfo, PodKey, MAX_PODS};
+use ztunnel_common::{
+    pod_flags, verdict, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_PODS, MAX_POLICY_ENTRIES,
+    POLICY_FIXED_BITS,
+};
 
 #[map(name = "ZT_ENROLLED_PODS")]
 static ZT_ENROLLED_PODS: HashMap<PodKey, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 
 #[map(name = "ZT_POD_COUNTERS")]
 static ZT_POD_COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(MAX_PODS, 0);
+
+#[map(name = "ZT_POLICY_A")]
+static ZT_POLICY_A: LpmTrie<PolicyTuple, PolicyVerdict> = LpmTrie::pinned(MAX_POLICY_ENTRIES, 0);
+
+#[map(name = "ZT_POLICY_B")]
+static ZT_POLICY_B: LpmTrie<PolicyTuple, PolicyVerdict> = LpmTrie::pinned(MAX_POLICY_ENTRIES, 0);
+
+#[map(name = "ZT_POLICY_ACTIVE")]
+static ZT_POLICY_ACTIVE: Array<u32> = Array::pinned(1, 0);
+
+/// Whether authorization policy denies a plaintext connection from `src`
+/// to `dst:port` (all network byte order) whatever else userspace learns.
+/// A port with entries of its own is judged by them; any other port by the
+/// port-0 entries.
+#[inline(always)]
+pub fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
+    let table = match ZT_POLICY_ACTIVE.get(0) {
+        Some(1) => &ZT_POLICY_B,
+        _ => &ZT_POLICY_A,
+    };
+    for port in [port, 0] {
+        let key = Key::new(
+            POLICY_FIXED_BITS + 32,
+            PolicyTuple {
+                dst_ipv4_be: dst,
+                dst_port_be: port,
+                _pad: 0,
+                src_ipv4_be: src,
+            },
+        );
+        if let Some(v) = table.get(&key) {
+            return v.verdict == verdict::DENY;
+        }
+    }
+    false
+}
 
 /// Whether the address (network byte order) is an enrolled local pod.
 #[inline(always)]
@@ -31,6 +73,7 @@ pub enum Counter {
     OutboundCaptured,
     InboundCaptured,
     DroppedNoListener,
+    PolicyDenied,
 }
 
 /// Bumps a pod's counter. Userspace creates the entry when it enrolls the pod;
@@ -44,6 +87,7 @@ pub fn count(ipv4_be: u32, counter: Counter) {
                 Counter::OutboundCaptured => (*c).outbound_captured += 1,
                 Counter::InboundCaptured => (*c).inbound_captured += 1,
                 Counter::DroppedNoListener => (*c).dropped_no_listener += 1,
+                Counter::PolicyDenied => (*c).policy_denied += 1,
             }
         }
     }

@@ -7,10 +7,12 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
+    authz,
     config::{local::LocalConfig, Args},
     identity::{CertManager, LocalCa},
     proxy::{
         hbone::{pool::Pool, server::Limits},
+        tracker::Tracker,
         Listeners, Proxy,
     },
     redirect::{self, routing, Capture, CaptureStatus},
@@ -39,6 +41,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::task::block_in_place(routing::install_capture_route)?;
     // Listeners before attaching: the first captured SYN finds a socket.
     let listeners = Listeners::bind()?;
+    sync_policy(&mut capture, &snapshot);
     let status = sync(&mut capture, &snapshot, &args.uplinks)?;
     log_status(&status, &snapshot);
     info!(
@@ -57,7 +60,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             handshake_timeout: args.handshake_timeout,
             ..Limits::default()
         },
+        tracker: Arc::new(Tracker::default()),
     });
+    let tracker = proxy.tracker.clone();
     let proxy = tokio::spawn(listeners.serve(state_rx, proxy));
 
     let mut last_text = config_text;
@@ -80,6 +85,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         // New connections see the new snapshot before capture changes,
                         // so a newly enrolled pod's first flow already finds its workload.
                         state_tx.send_replace(snapshot.clone());
+                        // Then the kernel's share of policy: userspace already
+                        // denies what it newly denies, so nothing slips through.
+                        sync_policy(&mut capture, &snapshot);
+                        let closed = tracker.recheck(&snapshot);
+                        if closed > 0 {
+                            info!(closed, "live connections closed by the policy update");
+                        }
                         match sync(&mut capture, &snapshot, &args.uplinks) {
                             Ok(status) => log_status(&status, &snapshot),
                             Err(e) => error!(error = %e, "capture sync failed"),
@@ -153,6 +165,18 @@ fn changed_config(path: &PathBuf, last: &str) -> Option<String> {
 fn sync(capture: &mut Capture, snapshot: &Snapshot, uplinks: &[String]) -> anyhow::Result<CaptureStatus> {
     let plan = snapshot.capture_plan(uplinks);
     Ok(tokio::task::block_in_place(|| capture.sync(&plan))?)
+}
+
+/// Compiles the identity-free part of authorization into the kernel tables.
+/// On failure the kernel keeps its previous tables; userspace enforces the
+/// new policy regardless, so the only cost is work the kernel does not save.
+fn sync_policy(capture: &mut Capture, snapshot: &Snapshot) {
+    let started = std::time::Instant::now();
+    let entries = authz::kernel::compile(snapshot);
+    match tokio::task::block_in_place(|| capture.set_policy(&entries)) {
+        Ok(n) => info!(entries = n, policies = snapshot.policies.len(), took_ms = started.elapsed().as_millis() as u64, "kernel policy tables updated"),
+        Err(e) => error!(error = %e, "updating the kernel policy tables failed; userspace still enforces the policy"),
+    }
 }
 
 fn log_status(status: &CaptureStatus, snapshot: &Snapshot) {

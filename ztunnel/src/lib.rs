@@ -9,6 +9,7 @@
 //!   loaded by [`config`] from the local file and kept up to date.
 
 pub mod app;
+pub mod authz;
 pub mod config;
 pub mod identity;
 pub mod proxy;

@@ -446,6 +446,23 @@ impl LocalConfig {
         }
         let mut policy_keys = BTreeMap::new();
         for (i, p) in self.policies.iter().enumerate() {
+            for (r, rule) in p.rules.iter().enumerate() {
+                for (c, clause) in rule.iter().enumerate() {
+                    for (m, matcher) in clause.iter().enumerate() {
+                        for (name, ports) in [
+                            ("destinationPorts", &matcher.destination_ports),
+                            ("notDestinationPorts", &matcher.not_destination_ports),
+                        ] {
+                            if let Some(j) = ports.iter().position(|p| *p == 0) {
+                                return Err(field_err(
+                                    format!("policies[{i}].rules[{r}][{c}][{m}].{name}[{j}]"),
+                                    "port 0 is not a destination port".into(),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
             if let Some(other) = policy_keys.insert(format!("{}/{}", p.namespace, p.name), i) {
                 return Err(field_err(
                     format!("policies[{i}].name"),

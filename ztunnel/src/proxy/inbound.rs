@@ -10,15 +10,21 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels};
-use crate::state::Snapshot;
+use super::{
+    relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels},
+    Proxy,
+};
+use crate::{authz::Connection, state::Snapshot};
 
 /// Serves the inbound plaintext listener.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>) {
-    accept_loop(Direction::Inbound, listener, state, handle).await
+pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
+    accept_loop(Direction::Inbound, listener, state, move |stream, src, dst, snapshot| {
+        handle(proxy.clone(), stream, src, dst, snapshot)
+    })
+    .await
 }
 
-async fn handle(downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
+async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
     // Only local workloads are served: anything else reaching this port was
     // not captured for a pod (someone connected to the port directly).
     let Some(workload) = state.local_workload_by_ip(dst.ip()) else {
@@ -26,6 +32,21 @@ async fn handle(downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: 
         refuse(downstream);
         return;
     };
+    // Plaintext carries no identity: identity clauses fail for it.
+    let conn = Connection {
+        src,
+        dst,
+        src_identity: None,
+    };
+    let registration = match proxy.tracker.authorize(&state, workload, conn) {
+        Ok(registration) => registration,
+        Err(denial) => {
+            warn!(%src, %dst, policy = %denial.policy(), reason = %denial, "plaintext connection denied by policy");
+            refuse(downstream);
+            return;
+        }
+    };
+    let _ = super::socket::set_keepalive(&downstream);
     let Some(upstream) = connect_direct(Direction::Inbound, src, dst, Some(src.ip())).await else {
         refuse(downstream);
         return;
@@ -39,5 +60,5 @@ async fn handle(downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: 
         dst_workload: &workload.name,
         path: "plaintext",
     };
-    pipe(labels, downstream, upstream).await
+    pipe(labels, downstream, upstream, Some(registration)).await
 }

@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod relay;
 pub mod socket;
+pub mod tracker;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -30,6 +31,8 @@ pub struct Proxy {
     pub tls: Arc<TlsContext>,
     pub pool: Arc<hbone::pool::Pool>,
     pub limits: hbone::server::Limits,
+    /// Allowed inbound connections, re-checked when policies change.
+    pub tracker: Arc<tracker::Tracker>,
 }
 
 /// The listeners of one ztunnel, bound before capture is attached so the
@@ -54,8 +57,8 @@ impl Listeners {
     /// Serves every listener until the task is dropped.
     pub async fn serve(self, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
         let outbound = tokio::spawn(outbound::serve(self.outbound, state.clone(), proxy.clone()));
-        let inbound = tokio::spawn(inbound::serve(self.inbound_plaintext, state.clone()));
-        let hbone = tokio::spawn(hbone::server::serve(self.inbound_hbone, state, proxy.tls.clone(), proxy.limits));
+        let inbound = tokio::spawn(inbound::serve(self.inbound_plaintext, state.clone(), proxy.clone()));
+        let hbone = tokio::spawn(hbone::server::serve(self.inbound_hbone, state, proxy));
         let _ = tokio::join!(outbound, inbound, hbone);
     }
 }

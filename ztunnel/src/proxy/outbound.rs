@@ -28,7 +28,7 @@ use super::{
     relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels},
     socket, Proxy,
 };
-use crate::state::Snapshot;
+use crate::{authz::Connection, state::Snapshot};
 
 /// Serves the outbound listener.
 pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
@@ -62,7 +62,8 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
                 dst_workload: &dst_name,
                 path: "direct",
             };
-            pipe(labels, downstream, stream).await;
+            let _ = socket::set_keepalive(&downstream);
+            pipe(labels, downstream, stream, None).await;
         } else {
             refuse(downstream);
         }
@@ -96,9 +97,23 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
             refuse(downstream);
             return;
         }
+        let conn = Connection {
+            src,
+            dst: target,
+            src_identity: Some(src_id.clone()),
+        };
+        let registration = match proxy.tracker.authorize(&state, &upstream.workload, conn) {
+            Ok(registration) => registration,
+            Err(denial) => {
+                warn!(%src, %target, src_identity = %src_id, policy = %denial.policy(), reason = %denial, "same-node connection denied by policy");
+                refuse(downstream);
+                return;
+            }
+        };
         info!(%src, %target, src_identity = %src_id, dst_identity = %dst_id, "same-node mesh connection");
+        let _ = socket::set_keepalive(&downstream);
         match connect_direct(Direction::Outbound, src, target, Some(src.ip())).await {
-            Some(stream) => pipe(labels("same-node"), downstream, stream).await,
+            Some(stream) => pipe(labels("same-node"), downstream, stream, Some(registration)).await,
             None => refuse(downstream),
         }
         return;
@@ -114,7 +129,10 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         hbone_port: ports::INBOUND_HBONE,
     };
     match client::open(&proxy.pool, &tunnel_target).await {
-        Ok(stream) => pipe(labels("hbone"), downstream, stream).await,
+        Ok(stream) => {
+            let _ = socket::set_keepalive(&downstream);
+            pipe(labels("hbone"), downstream, stream, None).await
+        }
         Err(e) => {
             info!(%src, %target, error = %e, "HBONE tunnel failed");
             refuse(downstream);

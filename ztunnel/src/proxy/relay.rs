@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{copy, socket, CONNECT_TIMEOUT};
+use super::{copy, socket, tracker::Registration, CONNECT_TIMEOUT};
 use crate::state::Snapshot;
 
 /// Which way a relayed connection goes, for logs.
@@ -90,9 +90,11 @@ pub struct Labels<'a> {
 }
 
 /// Copies bytes between `downstream` and `upstream` until both sides are
-/// done, logging the start and the outcome.
-pub async fn pipe<U>(labels: Labels<'_>, mut downstream: TcpStream, mut upstream: U)
+/// done (or authorization revokes the connection), logging the start and
+/// the outcome.
+pub async fn pipe<D, U>(labels: Labels<'_>, mut downstream: D, mut upstream: U, registration: Option<Registration>)
 where
+    D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let Labels {
@@ -104,10 +106,19 @@ where
         path,
     } = labels;
     let dir = direction.as_str();
-    let _ = socket::set_keepalive(&downstream);
     let started = Instant::now();
     info!(direction = dir, %src, %dst, src_workload, dst_workload, path, "connection captured");
-    let result = copy::relay(&mut downstream, &mut upstream).await;
+    let result = match registration {
+        Some(mut registration) => tokio::select! {
+            result = copy::relay(&mut downstream, &mut upstream) => result,
+            Ok(denial) = &mut registration.closed => {
+                // Dropping both streams closes them.
+                info!(direction = dir, %src, %dst, path, policy = %denial.policy(), reason = %denial, duration_ms = started.elapsed().as_millis() as u64, "connection closed by policy");
+                return;
+            }
+        },
+        None => copy::relay(&mut downstream, &mut upstream).await,
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
     match result {
         Ok(t) => info!(direction = dir, %src, %dst, path, sent = t.sent, received = t.received, duration_ms, "connection closed"),

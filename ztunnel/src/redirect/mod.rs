@@ -16,11 +16,14 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
+    },
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
-use ztunnel_common::{maps, pod_flags, programs, PodCounters, PodInfo, PodKey};
+use ztunnel_common::{maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict};
 
 pub use attach::{Attached, Role};
 pub use routing::Interface;
@@ -46,6 +49,15 @@ pub enum RedirectError {
     Map { map: &'static str, source: MapError },
     #[error("uplink {0} does not exist in this network namespace")]
     NoSuchUplink(String),
+}
+
+/// One entry of a kernel policy table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub tuple: PolicyTuple,
+    /// `POLICY_FIXED_BITS` + source prefix length.
+    pub prefix_len: u32,
+    pub verdict: PolicyVerdict,
 }
 
 /// A local workload as capture sees it.
@@ -91,6 +103,8 @@ pub struct Capture {
     links_dir: PathBuf,
     enrolled: BpfHashMap<MapData, PodKey, PodInfo>,
     counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
+    policy_tables: [LpmTrie<MapData, PolicyTuple, PolicyVerdict>; 2],
+    policy_active: Array<MapData, u32>,
     /// Links this process attached or re-adopted; others are re-adopted on
     /// first sight, then left alone.
     owned_links: HashSet<String>,
@@ -120,11 +134,19 @@ impl Capture {
         }
         let enrolled = take_map(&mut ebpf, maps::ENROLLED_PODS, |m| BpfHashMap::try_from(m))?;
         let counters = take_map(&mut ebpf, maps::POD_COUNTERS, |m| PerCpuHashMap::try_from(m))?;
+        let [a, b] = maps::POLICY_TABLES;
+        let policy_tables = [
+            take_map(&mut ebpf, a, |m| LpmTrie::try_from(m))?,
+            take_map(&mut ebpf, b, |m| LpmTrie::try_from(m))?,
+        ];
+        let policy_active = take_map(&mut ebpf, maps::POLICY_ACTIVE, |m| Array::try_from(m))?;
         Ok(Capture {
             ebpf,
             links_dir,
             enrolled,
             counters,
+            policy_tables,
+            policy_active,
             owned_links: HashSet::new(),
         })
     }
@@ -254,6 +276,54 @@ impl Capture {
         Ok(())
     }
 
+    /// Replaces the kernel's policy entries with `entries`, atomically from
+    /// the datapath's point of view: the idle table is rewritten, then the
+    /// switch flips to it. Returns how many entries are live.
+    pub fn set_policy(&mut self, entries: &[PolicyEntry]) -> Result<usize, RedirectError> {
+        let map_err = |map| move |source| RedirectError::Map { map, source };
+        let active = self.policy_active.get(&0, 0).map_err(map_err(maps::POLICY_ACTIVE))?;
+        let idle = if active == 1 { 0 } else { 1 };
+        let name = maps::POLICY_TABLES[idle];
+        let table = &mut self.policy_tables[idle];
+        let stale: Vec<LpmKey<PolicyTuple>> = table.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            table.remove(key).map_err(map_err(name))?;
+        }
+        for entry in entries {
+            let key = LpmKey::new(entry.prefix_len, entry.tuple);
+            table.insert(&key, entry.verdict, 0).map_err(map_err(name))?;
+        }
+        self.policy_active
+            .set(0, idle as u32, 0)
+            .map_err(map_err(maps::POLICY_ACTIVE))?;
+        Ok(entries.len())
+    }
+
+    /// The live policy table's verdict for a plaintext connection, looked up
+    /// in the kernel's own map exactly as the datapath does (for checks).
+    pub fn policy_verdict(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Result<Option<PolicyVerdict>, RedirectError> {
+        let map_err = |map| move |source| RedirectError::Map { map, source };
+        let active = self.policy_active.get(&0, 0).map_err(map_err(maps::POLICY_ACTIVE))?;
+        let table = &self.policy_tables[if active == 1 { 1 } else { 0 }];
+        for port in [port, 0] {
+            let key = LpmKey::new(
+                ztunnel_common::POLICY_FIXED_BITS + 32,
+                PolicyTuple {
+                    dst_ipv4_be: u32::from_ne_bytes(dst.octets()),
+                    dst_port_be: port.to_be(),
+                    _pad: 0,
+                    src_ipv4_be: u32::from_ne_bytes(src.octets()),
+                },
+            );
+            match table.get(&key, 0) {
+                Ok(v) => return Ok(Some(v)),
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(RedirectError::Map { map: "policy table", source: e }),
+            }
+        }
+        Ok(None)
+    }
+
     /// A pod's kernel counters, summed over CPUs.
     pub fn counters(&self, ip: Ipv4Addr) -> Option<PodCounters> {
         let values = self.counters.get(&PodKey::from_octets(ip.octets()), 0).ok()?;
@@ -261,6 +331,7 @@ impl Capture {
             outbound_captured: acc.outbound_captured + c.outbound_captured,
             inbound_captured: acc.inbound_captured + c.inbound_captured,
             dropped_no_listener: acc.dropped_no_listener + c.dropped_no_listener,
+            policy_denied: acc.policy_denied + c.policy_denied,
         }))
     }
 }

@@ -11,6 +11,7 @@ use std::{
 };
 
 use crate::{
+    authz::PolicyStore,
     config::local::{Authorization, HealthStatus, InboundProtocol, LocalConfig, LocalWorkload, NamespacedHostname, Service},
     identity::Identity,
     redirect::{CapturePlan, PlannedPod},
@@ -33,6 +34,8 @@ pub struct Workload {
     /// Services it is an endpoint of: service port -> target port.
     #[serde(skip)]
     pub services: BTreeMap<NamespacedHostname, BTreeMap<u16, u16>>,
+    /// Keys (`namespace/name`) of the `WorkloadSelector` policies it selects.
+    pub authorization_policies: Vec<String>,
 }
 
 impl From<&LocalWorkload> for Workload {
@@ -48,6 +51,7 @@ impl From<&LocalWorkload> for Workload {
             trust_domain: w.trust_domain.clone(),
             healthy: w.status == HealthStatus::Healthy,
             services: w.services.clone(),
+            authorization_policies: w.authorization_policies.clone(),
         }
     }
 }
@@ -72,6 +76,7 @@ pub struct Snapshot {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Service>,
     pub policies: Vec<Authorization>,
+    pub policy_store: PolicyStore,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Service index by VIP.
     by_vip: HashMap<IpAddr, usize>,
@@ -106,6 +111,7 @@ impl Snapshot {
             workloads,
             services: config.services.clone(),
             policies: config.policies.clone(),
+            policy_store: PolicyStore::new(&config.policies),
             by_ip,
             by_vip,
             endpoints,

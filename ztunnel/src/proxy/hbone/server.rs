@@ -10,7 +10,7 @@
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -25,8 +25,13 @@ use tracing::{info, warn};
 
 use super::{settings, status, stream::H2Stream};
 use crate::{
+    authz::Connection,
     identity::Identity,
-    proxy::{copy, socket, CONNECT_TIMEOUT},
+    proxy::{
+        copy,
+        relay::{pipe, Direction, Labels},
+        socket, Proxy, CONNECT_TIMEOUT,
+    },
     state::Snapshot,
     tls::{spiffe_ids, TlsContext},
 };
@@ -52,7 +57,8 @@ impl Default for Limits {
 }
 
 /// Serves the HBONE listener.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, tls: Arc<TlsContext>, limits: Limits) {
+pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
+    let limits = proxy.limits;
     let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -65,9 +71,9 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>,
         };
         let slot = handshakes.admit();
         let snapshot = state.borrow().clone();
-        let tls = tls.clone();
+        let proxy = proxy.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, snapshot, tls, limits, slot).await;
+            serve_connection(stream, peer, snapshot, proxy, slot).await;
         });
     }
 }
@@ -76,10 +82,11 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<Snapshot>,
-    tls: Arc<TlsContext>,
-    limits: Limits,
+    proxy: Arc<Proxy>,
     mut slot: HandshakeSlot,
 ) {
+    let limits = proxy.limits;
+    let tls: &TlsContext = &proxy.tls;
     let Ok(dst) = stream.local_addr() else { return };
     let Some(workload) = state.local_workload_by_ip(dst.ip()).cloned() else {
         warn!(%peer, %dst, "refused: HBONE connection for an address that is not a local workload");
@@ -148,6 +155,7 @@ async fn serve_connection(
                     dst,
                     peer_id: peer_id.clone(),
                     state: state.clone(),
+                    proxy: proxy.clone(),
                 };
                 tokio::spawn(ctx.handle(request, respond));
             }
@@ -165,6 +173,7 @@ struct StreamContext {
     dst: SocketAddr,
     peer_id: Identity,
     state: Arc<Snapshot>,
+    proxy: Arc<Proxy>,
 }
 
 impl StreamContext {
@@ -177,11 +186,30 @@ impl StreamContext {
                 return;
             }
         };
-        let started = Instant::now();
+        let Some(workload) = self.state.local_workload_by_ip(target.ip()).cloned() else {
+            warn!(peer = %self.peer, %target, "refused CONNECT: the workload is gone");
+            reply(&mut respond, status::UNREACHABLE);
+            return;
+        };
+        // Authorization sees the peer's verified identity and the real
+        // target port, never 15008.
+        let conn = Connection {
+            src: self.peer,
+            dst: target,
+            src_identity: Some(self.peer_id.clone()),
+        };
+        let registration = match self.proxy.tracker.authorize(&self.state, &workload, conn) {
+            Ok(registration) => registration,
+            Err(denial) => {
+                warn!(peer = %self.peer, peer_identity = %self.peer_id, %target, policy = %denial.policy(), reason = %denial, "CONNECT denied by policy");
+                reply(&mut respond, status::DENIED);
+                return;
+            }
+        };
         // Delivered from the client pod's own address: the HBONE peer is
         // that address, spoofed by the sending ztunnel.
         let upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket::connect(Some(self.peer.ip()), target)).await;
-        let mut upstream = match upstream {
+        let upstream = match upstream {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 info!(peer = %self.peer, %target, error = %e, "CONNECT target unreachable");
@@ -202,15 +230,18 @@ impl StreamContext {
                 return;
             }
         };
-        let mut tunnel = H2Stream::new(send, request.into_body());
-        let dst_workload = self.state.workload_by_ip(target.ip()).map(|w| w.name.clone()).unwrap_or_default();
-        info!(direction = "inbound", src = %self.peer, dst = %target, src_identity = %self.peer_id, dst_workload, "HBONE stream opened");
-        let result = copy::relay(&mut tunnel, &mut upstream).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
-        match result {
-            Ok(t) => info!(direction = "inbound", src = %self.peer, dst = %target, src_identity = %self.peer_id, sent = t.sent, received = t.received, duration_ms, "connection closed"),
-            Err(e) => info!(direction = "inbound", src = %self.peer, dst = %target, error = %e, duration_ms, "connection ended with error"),
-        }
+        let tunnel = H2Stream::new(send, request.into_body());
+        info!(src = %self.peer, dst = %target, src_identity = %self.peer_id, "HBONE stream opened");
+        let src_name = self.state.workload_by_ip(self.peer.ip()).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
+        let labels = Labels {
+            direction: Direction::Inbound,
+            src: self.peer,
+            dst: target,
+            src_workload: &src_name,
+            dst_workload: &workload.name,
+            path: "hbone",
+        };
+        pipe(labels, tunnel, upstream, Some(registration)).await;
     }
 
     /// The target of a CONNECT, or the status to refuse it with.
