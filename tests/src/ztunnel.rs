@@ -227,6 +227,7 @@ pub struct Counters {
     pub outbound_captured: u64,
     pub inbound_captured: u64,
     pub dropped_no_listener: u64,
+    pub policy_denied: u64,
 }
 
 /// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
@@ -251,6 +252,7 @@ pub fn counters(node: &Node, pod_ip: Ipv4Addr) -> Result<Option<Counters>> {
             total.outbound_captured += word(0);
             total.inbound_captured += word(1);
             total.dropped_no_listener += word(2);
+            total.policy_denied += word(3);
         }
         return Ok(Some(total));
     }

@@ -21,8 +21,10 @@ const NAMESPACES: usize = 100;
 
 /// 10,000 policies: 100 namespaces of 100, each allowing one principal from
 /// one /24 to one port, plus a global deny; 20 local enrolled workloads
-/// spread over the namespaces. `hot` puts all 10,000 in one namespace.
-fn config(hot: bool) -> LocalConfig {
+/// spread over the namespaces. `hot` puts all 10,000 in one namespace;
+/// `identity_free` drops the principal clause, so every policy shapes the
+/// kernel tables.
+fn config(hot: bool, identity_free: bool) -> LocalConfig {
     let mut yaml = String::from("workloads:\n");
     for w in 0..20 {
         let ns = if hot { 0 } else { w * (NAMESPACES / 20) };
@@ -37,7 +39,8 @@ fn config(hot: bool) -> LocalConfig {
         let ns = if hot { 0 } else { p % NAMESPACES };
         let _ = write!(
             yaml,
-            "- name: p{p}\n  namespace: ns{ns}\n  scope: Namespace\n  action: Allow\n  dryRun: false\n  rules: [[[{{principals: [!Exact cluster.local/ns/client{p}/sa/app]}}], [{{sourceIps: [\"10.{a}.{b}.0/24\"]}}], [{{destinationPorts: [{port}]}}]]]\n",
+            "- name: p{p}\n  namespace: ns{ns}\n  scope: Namespace\n  action: Allow\n  dryRun: false\n  rules: [[{principal}[{{sourceIps: [\"10.{a}.{b}.0/24\"]}}], [{{destinationPorts: [{port}]}}]]]\n",
+            principal = if identity_free { String::new() } else { format!("[{{principals: [!Exact cluster.local/ns/client{p}/sa/app]}}], ") },
             a = p / 256,
             b = p % 256,
             port = 8000 + p % 10
@@ -47,8 +50,12 @@ fn config(hot: bool) -> LocalConfig {
 }
 
 fn bench(c: &mut Criterion) {
-    for (label, hot) in [("spread", false), ("one-namespace", true)] {
-        let config = config(hot);
+    for (label, hot, identity_free) in [
+        ("spread", false, false),
+        ("one-namespace", true, false),
+        ("spread-identity-free", false, true),
+    ] {
+        let config = config(hot, identity_free);
         let snapshot = Snapshot::new("bench", "cluster.local", &config);
         let workload = snapshot.workload_by_ip("10.200.0.1".parse().unwrap()).unwrap().clone();
         let last = POLICIES - 2 - (POLICIES - 2) % if hot { 1 } else { NAMESPACES };

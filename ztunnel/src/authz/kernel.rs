@@ -21,8 +21,32 @@ use std::{
 use ipnet::Ipv4Net;
 use ztunnel_common::{verdict, PolicyTuple, PolicyVerdict, POLICY_FIXED_BITS};
 
-use super::{evaluate, has_dry_run, Connection};
-use crate::{redirect::PolicyEntry, state::Snapshot};
+use super::{has_dry_run, rbac, Connection};
+use crate::{
+    config::local::{Authorization, RbacAction},
+    redirect::PolicyEntry,
+    state::Snapshot,
+};
+
+/// The policies that can decide a plaintext connection to one workload
+/// (dry-run ones excluded: such workloads are not compiled).
+struct PlaintextView<'a> {
+    deny: Vec<&'a Authorization>,
+    allow: Vec<&'a Authorization>,
+    /// Some allow policy is in scope, even one plaintext can never match.
+    allow_exists: bool,
+}
+
+impl PlaintextView<'_> {
+    /// `evaluate`'s verdict for a connection without identity.
+    fn denies(&self, conn: &Connection) -> bool {
+        let subject = rbac::Subject::new(conn);
+        if self.deny.iter().any(|p| rbac::policy_matches(p, &subject)) {
+            return true;
+        }
+        self.allow_exists && !self.allow.iter().any(|p| rbac::policy_matches(p, &subject))
+    }
+}
 
 /// The kernel policy entries for `snapshot`'s local enrolled workloads.
 pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
@@ -39,10 +63,19 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
         if policies.is_empty() {
             continue;
         }
+        // What decides plaintext: policies that can match without an
+        // identity, and whether any allow policy exists at all (then one
+        // must match). Evaluating only these is exact for plaintext and far
+        // cheaper than every policy in scope.
+        let view = PlaintextView {
+            deny: policies.iter().filter(|p| p.action == RbacAction::Deny && rbac::can_match_plaintext(p)).map(|p| &***p).collect(),
+            allow: policies.iter().filter(|p| p.action == RbacAction::Allow && rbac::can_match_plaintext(p)).map(|p| &***p).collect(),
+            allow_exists: policies.iter().any(|p| p.action == RbacAction::Allow),
+        };
         // Everything the policies can tell sources and ports apart by.
         let mut cidrs: BTreeSet<Ipv4Net> = BTreeSet::new();
         let mut ports: BTreeSet<u16> = BTreeSet::new();
-        for policy in &policies {
+        for policy in view.deny.iter().chain(&view.allow) {
             for m in policy.rules.iter().flatten().flatten() {
                 for net in m.source_ips.iter().chain(&m.not_source_ips) {
                     if let ipnet::IpNet::V4(net) = net {
@@ -73,7 +106,7 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
                             dst: SocketAddr::new(IpAddr::V4(ip), port),
                             src_identity: None,
                         };
-                        (*net, evaluate(store, workload, &conn).is_err())
+                        (*net, view.denies(&conn))
                     })
                     .collect()
             };

@@ -111,6 +111,7 @@ impl PolicyStore {
 /// The decision for `conn` to `workload`. Dry-run policies are evaluated and
 /// logged but never change it.
 pub fn evaluate(store: &PolicyStore, workload: &Workload, conn: &Connection) -> Result<(), Denial> {
+    let subject = rbac::Subject::new(conn);
     let mut deny = Vec::new();
     let mut allow = Vec::new();
     let mut dry_deny = Vec::new();
@@ -124,18 +125,18 @@ pub fn evaluate(store: &PolicyStore, workload: &Workload, conn: &Connection) -> 
         }
     }
     for policy in &dry_deny {
-        if rbac::policy_matches(policy, conn) {
+        if rbac::policy_matches(policy, &subject) {
             info!(policy = %key_of(policy), src = %conn.src, dst = %conn.dst, "dry-run: deny policy match");
         }
     }
     for policy in &deny {
-        if rbac::policy_matches(policy, conn) {
+        if rbac::policy_matches(policy, &subject) {
             return Err(Denial::ExplicitlyDenied(key_of(policy)));
         }
     }
     let mut dry_allow_matched = false;
     for policy in &dry_allow {
-        if rbac::policy_matches(policy, conn) {
+        if rbac::policy_matches(policy, &subject) {
             dry_allow_matched = true;
             info!(policy = %key_of(policy), src = %conn.src, dst = %conn.dst, "dry-run: allow policy match");
         }
@@ -146,7 +147,7 @@ pub fn evaluate(store: &PolicyStore, workload: &Workload, conn: &Connection) -> 
         }
         return Ok(());
     }
-    if allow.iter().any(|policy| rbac::policy_matches(policy, conn)) {
+    if allow.iter().any(|policy| rbac::policy_matches(policy, &subject)) {
         return Ok(());
     }
     Err(Denial::NotAllowed)

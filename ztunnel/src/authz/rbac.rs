@@ -8,21 +8,55 @@ use crate::config::local::{Authorization, RbacMatch, ServiceAccountMatch, String
 
 use super::Connection;
 
-/// Whether `policy` matches `conn`.
-pub fn policy_matches(policy: &Authorization, conn: &Connection) -> bool {
+/// The connection as policies see it, with the identity's parts worked out
+/// once per decision rather than once per match.
+pub struct Subject<'a> {
+    conn: &'a Connection,
+    /// The peer's namespace; "" without an identity.
+    namespace: &'a str,
+    /// The peer's principal (the SPIFFE id without `spiffe://`).
+    principal: Option<String>,
+}
+
+impl<'a> Subject<'a> {
+    pub fn new(conn: &'a Connection) -> Self {
+        Subject {
+            conn,
+            namespace: conn.src_identity.as_ref().map(|i| i.namespace.as_str()).unwrap_or(""),
+            principal: conn.src_identity.as_ref().map(|i| i.principal()),
+        }
+    }
+}
+
+/// Whether `policy` matches `subject`.
+pub fn policy_matches(policy: &Authorization, subject: &Subject<'_>) -> bool {
     // No rules: the policy never matches.
     policy.rules.iter().any(|rule| {
         // No clauses: the rule matches everything.
-        rule.iter().all(|clause| clause_matches(clause, conn))
+        rule.iter().all(|clause| clause_matches(clause, subject))
     })
 }
 
-fn clause_matches(clause: &[RbacMatch], conn: &Connection) -> bool {
+fn clause_matches(clause: &[RbacMatch], subject: &Subject<'_>) -> bool {
     if clause.is_empty() {
         return true;
     }
     // A match with no constraint at all is skipped, not a wildcard.
-    clause.iter().filter(|m| !is_empty(m)).any(|m| match_matches(m, conn))
+    clause.iter().filter(|m| !is_empty(m)).any(|m| match_matches(m, subject))
+}
+
+/// Whether `policy` can match any connection without an identity. A match
+/// with a positive identity constraint never matches plaintext, so a clause
+/// made only of those, and any rule holding such a clause, never does.
+pub fn can_match_plaintext(policy: &Authorization) -> bool {
+    policy.rules.iter().any(|rule| {
+        rule.iter().all(|clause| {
+            clause.is_empty()
+                || clause.iter().filter(|m| !is_empty(m)).any(|m| {
+                    m.namespaces.is_empty() && m.service_accounts.is_empty() && m.principals.is_empty()
+                })
+        })
+    })
 }
 
 fn is_empty(m: &RbacMatch) -> bool {
@@ -47,11 +81,12 @@ fn field<T>(positive: &[T], negative: &[T], mut predicate: impl FnMut(&T) -> boo
     pos && neg
 }
 
-fn match_matches(m: &RbacMatch, conn: &Connection) -> bool {
+fn match_matches(m: &RbacMatch, subject: &Subject<'_>) -> bool {
     // Without an identity (plaintext) the namespace is "" and the principal
     // is absent: every positive identity match fails, every `not` one holds.
-    let namespace = conn.src_identity.as_ref().map(|i| i.namespace.as_str()).unwrap_or("");
-    let principal = conn.src_identity.as_ref().map(|i| i.principal());
+    let conn = subject.conn;
+    let namespace = subject.namespace;
+    let principal = &subject.principal;
     field(&m.namespaces, &m.not_namespaces, |s| string_matches(s, namespace))
         && field(&m.service_accounts, &m.not_service_accounts, |sa| service_account_matches(sa, conn))
         && field(&m.principals, &m.not_principals, |s| {
