@@ -289,7 +289,7 @@ pub fn config_yaml_with(enrolled: &[(&str, bool)], endpoints: &[(&str, &str)], t
             .map(|(_, e)| *e)
             .unwrap_or(spec.enrolled);
         out.push_str(&format!(
-            "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: {proto}\n  node: {node}\n  services: {{{services}}}\n",
+            "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  workloadName: {name}\n  canonicalName: {name}\n  canonicalRevision: v1\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: {proto}\n  node: {node}\n  services: {{{services}}}\n",
             services = endpoints
                 .iter()
                 .filter(|(pod, _)| *pod == spec.name)

@@ -1,19 +1,32 @@
 //! Starting, running and stopping one ztunnel: the order of these steps is
 //! what keeps capture failing closed and never leaking a flow.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::{OwnedFd, RawFd},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
-use tokio::sync::watch;
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch, Notify},
+};
 use tracing::{error, info, warn};
+use ztunnel_common::ports;
 
 use crate::{
+    admin::{self, LogControl, Status},
     authz,
     config::{local::LocalConfig, Args},
+    handover,
     identity::{CertManager, LocalCa},
+    metrics::{kernel::KernelCounters, Metrics},
     proxy::{
         hbone::{pool::Pool, server::Limits},
         tracker::Tracker,
-        Listeners, Proxy,
+        Drain, Listeners, Proxy,
     },
     redirect::{self, routing, Capture, CaptureStatus},
     state::Snapshot,
@@ -26,33 +39,137 @@ const CONFIG_POLL: Duration = Duration::from_secs(1);
 /// may appear after its workload was configured, or be recreated.
 const RESYNC: Duration = Duration::from_secs(2);
 
-/// Runs ztunnel until SIGTERM or SIGINT.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// Every socket ztunnel listens on, as one unit: bound fresh, or taken over
+/// from a running ztunnel.
+struct Sockets {
+    proxy: Listeners,
+    admin: TcpListener,
+    metrics: TcpListener,
+    readiness: TcpListener,
+}
+
+impl Sockets {
+    fn bind() -> anyhow::Result<Self> {
+        let plain = |addr: SocketAddr| -> anyhow::Result<TcpListener> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_nonblocking(true)?;
+            socket
+                .bind(&addr.into())
+                .map_err(|e| anyhow::anyhow!("binding {addr}: {e} (is another ztunnel running here without a handover socket?)"))?;
+            socket.listen(1024)?;
+            Ok(TcpListener::from_std(socket.into())?)
+        };
+        Ok(Sockets {
+            proxy: Listeners::bind().map_err(|e| anyhow::anyhow!("{e} (is another ztunnel running here without a handover socket?)"))?,
+            admin: plain(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))?,
+            metrics: plain(SocketAddr::from(([0, 0, 0, 0], ports::METRICS)))?,
+            readiness: plain(SocketAddr::from(([0, 0, 0, 0], ports::READINESS)))?,
+        })
+    }
+
+    fn from_handover(fds: Vec<(String, OwnedFd)>) -> anyhow::Result<Self> {
+        let mut by_name: std::collections::HashMap<String, OwnedFd> = fds.into_iter().collect();
+        let mut take = |name: &str| -> anyhow::Result<TcpListener> {
+            let fd = by_name
+                .remove(name)
+                .ok_or_else(|| anyhow::anyhow!("the running ztunnel did not hand over `{name}`"))?;
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true)?;
+            Ok(TcpListener::from_std(std)?)
+        };
+        Ok(Sockets {
+            proxy: Listeners {
+                outbound: take("outbound")?,
+                inbound_plaintext: take("inbound_plaintext")?,
+                inbound_hbone: take("inbound_hbone")?,
+            },
+            admin: take("admin")?,
+            metrics: take("metrics")?,
+            readiness: take("readiness")?,
+        })
+    }
+
+    fn raw_fds(&self) -> Vec<(String, RawFd)> {
+        vec![
+            ("outbound".into(), handover::raw(&self.proxy.outbound)),
+            ("inbound_plaintext".into(), handover::raw(&self.proxy.inbound_plaintext)),
+            ("inbound_hbone".into(), handover::raw(&self.proxy.inbound_hbone)),
+            ("admin".into(), handover::raw(&self.admin)),
+            ("metrics".into(), handover::raw(&self.metrics)),
+            ("readiness".into(), handover::raw(&self.readiness)),
+        ]
+    }
+}
+
+/// Why the main loop ended.
+enum Stop {
+    Signal,
+    Quit,
+    HandedOver,
+}
+
+/// Runs ztunnel until SIGTERM, SIGINT, `/quitquitquit`, or a new ztunnel
+/// taking over; then drains.
+pub async fn run(args: Args, log_control: LogControl) -> anyhow::Result<()> {
     // Everything that can be refused is checked before the kernel is touched.
     let config_text = read_config(&args.config)?;
     let config = LocalConfig::parse(&config_text, &args.config)?;
     let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
     let pin_dir = args.pin_dir();
     let certs = Arc::new(CertManager::new(load_ca(&args)?, args.workload_cert_ttl));
-    certs.refresh(&snapshot.local_identities())?;
-    let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
+    let handover_path = args.handover_path();
+
+    // The listening sockets: the running ztunnel's if there is one (the
+    // kernel keeps assigning to them throughout), else fresh ones.
+    let sockets = match tokio::task::block_in_place(|| handover::take_over(&handover_path))? {
+        Some(fds) => {
+            info!(socket = %handover_path.display(), "took the listeners over from the running ztunnel");
+            Sockets::from_handover(fds)?
+        }
+        None => Sockets::bind()?,
+    };
+    let raw_fds = sockets.raw_fds();
+
+    let (state_tx, state_rx) = watch::channel(snapshot.clone());
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain = Drain {
+        signal: drain_rx,
+        tasks: tokio_util::task::TaskTracker::new(),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = Arc::new(Notify::new());
 
     let mut capture = tokio::task::block_in_place(|| Capture::open(&pin_dir))?;
-    tokio::task::block_in_place(routing::install_capture_route)?;
-    // Listeners before attaching: the first captured SYN finds a socket.
-    let listeners = Listeners::bind()?;
-    sync_policy(&mut capture, &snapshot);
-    let status = sync(&mut capture, &snapshot, &args.uplinks)?;
-    log_status(&status, &snapshot);
-    info!(
-        node = %args.node_name,
-        pin_dir = %pin_dir.display(),
-        workloads = snapshot.workloads.len(),
-        local = snapshot.local_workloads().count(),
-        "ready"
-    );
+    let status = Arc::new(Status {
+        state: state_rx.clone(),
+        certs: certs.clone(),
+        capture: RwLock::new(CaptureStatus::default()),
+        readiness: RwLock::new(Err("starting".into())),
+        metrics: metrics.clone(),
+        kernel: KernelCounters::open(&pin_dir)
+            .map_err(|e| warn!(error = %e, "kernel counters unavailable to metrics"))
+            .ok(),
+        log_control,
+        shutdown: shutdown.clone(),
+    });
+    // Readiness answers (503) from here on.
+    let http_tasks = [
+        tokio::spawn(admin::http::serve("readiness", sockets.readiness, admin::readiness_handler(status.clone()))),
+        tokio::spawn(admin::http::serve("metrics", sockets.metrics, admin::metrics_handler(status.clone()))),
+        tokio::spawn(admin::http::serve("admin", sockets.admin, admin::admin_handler(status.clone()))),
+    ];
 
-    let (state_tx, state_rx) = watch::channel(snapshot);
+    if let Err(e) = certs.refresh(&snapshot.local_identities()) {
+        error!(error = %e, "issuing certificates failed; retrying");
+    }
+    let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
+    tokio::task::block_in_place(routing::install_capture_route)?;
+    sync_policy(&mut capture, &snapshot);
+    let capture_status = sync(&mut capture, &snapshot, &args.uplinks)?;
+    log_status(&capture_status, &snapshot);
+    publish(&status, capture_status);
+
     let proxy = Arc::new(Proxy {
         pool: Pool::new(tls.clone()),
         tls,
@@ -61,15 +178,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ..Limits::default()
         },
         tracker: Arc::new(Tracker::default()),
+        metrics,
+        drain: drain.clone(),
     });
     let tracker = proxy.tracker.clone();
-    let proxy = tokio::spawn(listeners.serve(state_rx, proxy));
+    let proxy_task = tokio::spawn(sockets.proxy.serve(state_rx, proxy));
+
+    // The next ztunnel asks here for our listeners.
+    let (handed_over_tx, handed_over_rx) = oneshot::channel::<()>();
+    start_handover_server(&handover_path, raw_fds, handed_over_tx)?;
+
+    info!(
+        node = %args.node_name,
+        pin_dir = %pin_dir.display(),
+        workloads = snapshot.workloads.len(),
+        local = snapshot.local_workloads().count(),
+        ready = status.readiness.read().map(|r| r.is_ok()).unwrap_or(false),
+        "ready"
+    );
 
     let mut last_text = config_text;
     let mut config_tick = tokio::time::interval(CONFIG_POLL);
     let mut resync_tick = tokio::time::interval(RESYNC);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
+    let mut handed_over_rx = handed_over_rx;
+    let stop = loop {
         tokio::select! {
             _ = config_tick.tick() => {
                 // Certificates due for rotation are replaced here, ahead of use.
@@ -92,8 +225,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         if closed > 0 {
                             info!(closed, "live connections closed by the policy update");
                         }
+                        if let Err(e) = certs.refresh(&snapshot.local_identities()) {
+                            error!(error = %e, "issuing certificates failed; retrying");
+                        }
                         match sync(&mut capture, &snapshot, &args.uplinks) {
-                            Ok(status) => log_status(&status, &snapshot),
+                            Ok(capture_status) => {
+                                log_status(&capture_status, &snapshot);
+                                publish(&status, capture_status);
+                            }
                             Err(e) => error!(error = %e, "capture sync failed"),
                         }
                     }
@@ -103,21 +242,69 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = resync_tick.tick() => {
                 let snapshot = state_tx.borrow().clone();
-                if let Err(e) = sync(&mut capture, &snapshot, &args.uplinks) {
-                    warn!(error = %e, "capture resync failed");
+                match sync(&mut capture, &snapshot, &args.uplinks) {
+                    Ok(capture_status) => publish(&status, capture_status),
+                    Err(e) => warn!(error = %e, "capture resync failed"),
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break Stop::Signal,
+            _ = sigterm.recv() => break Stop::Signal,
+            _ = shutdown.notified() => break Stop::Quit,
+            Ok(()) = &mut handed_over_rx => break Stop::HandedOver,
         }
-    }
+    };
 
-    info!("shutting down; capture stays attached and fails closed until ztunnel returns");
-    proxy.abort();
-    if let Err(e) = tokio::task::block_in_place(routing::remove_capture_route) {
-        warn!(error = %e, "removing the capture route");
+    // Drain: stop accepting, GOAWAY on HBONE, let connections finish.
+    let why = match stop {
+        Stop::Signal => "signal",
+        Stop::Quit => "quitquitquit",
+        Stop::HandedOver => "handed over to a new ztunnel",
+    };
+    info!(reason = why, deadline = ?args.drain_deadline, "draining");
+    if let Ok(mut readiness) = status.readiness.write() {
+        *readiness = Err("draining".into());
+    }
+    drain_tx.send_replace(true);
+    for task in http_tasks {
+        task.abort();
+    }
+    drain.tasks.close();
+    match tokio::time::timeout(args.drain_deadline, drain.tasks.wait()).await {
+        Ok(()) => info!("drained: every connection finished"),
+        Err(_) => warn!(remaining = drain.tasks.len(), "drain deadline passed; closing the remaining connections"),
+    }
+    proxy_task.abort();
+    if matches!(stop, Stop::HandedOver) {
+        // The new ztunnel owns capture now, routing rule included.
+        info!("exiting; the new ztunnel serves capture");
+    } else {
+        info!("exiting; capture stays attached and fails closed until ztunnel returns");
+        if let Err(e) = tokio::task::block_in_place(routing::remove_capture_route) {
+            warn!(error = %e, "removing the capture route");
+        }
+        let _ = std::fs::remove_file(&handover_path);
     }
     Ok(())
+}
+
+fn start_handover_server(path: &PathBuf, fds: Vec<(String, RawFd)>, done: oneshot::Sender<()>) -> anyhow::Result<()> {
+    let listener = handover::bind(path)?;
+    std::thread::Builder::new().name("handover".into()).spawn(move || {
+        match handover::serve(listener, fds) {
+            Ok(()) => {
+                let _ = done.send(());
+            }
+            Err(e) => error!(error = %e, "handover server stopped"),
+        }
+    })?;
+    Ok(())
+}
+
+fn publish(status: &Status, capture: CaptureStatus) {
+    if let Ok(mut c) = status.capture.write() {
+        *c = capture;
+    }
+    status.update_readiness();
 }
 
 /// The CA: the one in --ca-dir, or the development root in the state directory.

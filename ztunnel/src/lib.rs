@@ -8,10 +8,13 @@
 //! - [`state`]: the workloads that decide what is captured and where flows go,
 //!   loaded by [`config`] from the local file and kept up to date.
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod handover;
 pub mod identity;
+pub mod metrics;
 pub mod proxy;
 pub mod redirect;
 pub mod state;

@@ -1,12 +1,14 @@
 //! The `ztunnel` binary: flags in, exit code out.
 
+use std::sync::Arc;
+
 use clap::Parser;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter};
 use ztunnel::config::{Args, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    let log_control = init_logging(args.log_format);
     let result = if args.uninstall {
         ztunnel::app::uninstall(&args)
     } else {
@@ -14,7 +16,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(ztunnel::app::run(args)))
+            .and_then(|rt| rt.block_on(ztunnel::app::run(args, log_control)))
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -26,12 +28,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr (text or JSON), with a filter from `RUST_LOG` (default
+/// `info`) that the admin port's `/logging` can change at run time.
+fn init_logging(format: LogFormat) -> ztunnel::admin::LogControl {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).init(),
+        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
+    Arc::new(move |directive: &str| {
+        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }

@@ -61,6 +61,17 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// On SIGTERM or /quitquitquit (or after handing over to a new
+    /// ztunnel), how long in-flight connections may run before they are
+    /// closed.
+    #[arg(long, env = "ZTUNNEL_DRAIN_DEADLINE", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+
+    /// Unix socket through which a new ztunnel takes the listeners over from
+    /// this one. Default: /run/ztunnel/<pin-dir name>.handover.sock.
+    #[arg(long, env = "ZTUNNEL_HANDOVER_SOCKET", value_name = "PATH")]
+    pub handover_socket: Option<PathBuf>,
+
     /// Remove this instance's capture (links, maps, routing rule) and exit.
     /// A normal stop leaves capture attached, failing closed.
     #[arg(long)]
@@ -74,6 +85,13 @@ pub enum LogFormat {
 }
 
 impl Args {
+    /// The handover socket in effect.
+    pub fn handover_path(&self) -> PathBuf {
+        self.handover_socket
+            .clone()
+            .unwrap_or_else(|| crate::handover::default_path(&self.pin_dir()))
+    }
+
     /// The pin directory in effect.
     pub fn pin_dir(&self) -> PathBuf {
         self.bpf_pin_dir

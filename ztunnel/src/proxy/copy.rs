@@ -1,7 +1,18 @@
-//! Copying bytes both ways between a captured connection and its upstream.
+//! Copying bytes both ways between a captured connection and its upstream,
+//! counting them into metrics as they move.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+};
 
 use tokio::{
-    io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite},
+    io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
@@ -18,15 +29,64 @@ pub struct Transferred {
     pub received: u64,
 }
 
+/// A stream that adds every byte read from it to some counters.
+struct Counted<'a, S: ?Sized> {
+    inner: &'a mut S,
+    sinks: &'a [Arc<crate::metrics::TcpCounters>],
+    field: fn(&crate::metrics::TcpCounters) -> &AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            for sink in this.sinks {
+                (this.field)(sink).fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Copies until both directions are finished. When one side half-closes
 /// (sends FIN), the other side's write half is shut down and the opposite
-/// direction keeps flowing until it ends too.
-pub async fn relay<A, B>(downstream: &mut A, upstream: &mut B) -> std::io::Result<Transferred>
+/// direction keeps flowing until it ends too. Bytes are added to `sinks`
+/// as they are read, so long transfers show up in metrics while they run.
+pub async fn relay<A, B>(
+    downstream: &mut A,
+    upstream: &mut B,
+    sinks: &[Arc<crate::metrics::TcpCounters>],
+) -> io::Result<Transferred>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (sent, received) = copy_bidirectional_with_sizes(downstream, upstream, COPY_BUFFER, COPY_BUFFER).await?;
+    let mut down = Counted {
+        inner: downstream,
+        sinks,
+        field: |c| &c.sent,
+    };
+    let mut up = Counted {
+        inner: upstream,
+        sinks,
+        field: |c| &c.received,
+    };
+    let (sent, received) = copy_bidirectional_with_sizes(&mut down, &mut up, COPY_BUFFER, COPY_BUFFER).await?;
     Ok(Transferred { sent, received })
 }
 

@@ -1,6 +1,6 @@
 //! Inbound plaintext capture (15006): connections to an enrolled pod that did
-//! not come through an HBONE tunnel. Delivered to the pod from the client's
-//! own address.
+//! not come through an HBONE tunnel. Authorized without an identity, then
+//! delivered to the pod from the client's own address.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -11,14 +11,15 @@ use tokio::{
 use tracing::warn;
 
 use super::{
-    relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels},
+    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction},
     Proxy,
 };
-use crate::{authz::Connection, state::Snapshot};
+use crate::{authz::Connection, metrics::ConnectionLabels, state::Snapshot};
 
 /// Serves the inbound plaintext listener.
 pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
-    accept_loop(Direction::Inbound, listener, state, move |stream, src, dst, snapshot| {
+    let drain = proxy.drain.clone();
+    accept_loop(Direction::Inbound, listener, state, drain, move |stream, src, dst, snapshot| {
         handle(proxy.clone(), stream, src, dst, snapshot)
     })
     .await
@@ -27,7 +28,7 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>,
 async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
     // Only local workloads are served: anything else reaching this port was
     // not captured for a pod (someone connected to the port directly).
-    let Some(workload) = state.local_workload_by_ip(dst.ip()) else {
+    let Some(workload) = state.local_workload_by_ip(dst.ip()).cloned() else {
         warn!(%src, %dst, "refused: inbound connection for an address that is not a local workload");
         refuse(downstream);
         return;
@@ -38,7 +39,7 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         dst,
         src_identity: None,
     };
-    let registration = match proxy.tracker.authorize(&state, workload, conn) {
+    let registration = match proxy.tracker.authorize(&state, &workload, conn) {
         Ok(registration) => registration,
         Err(denial) => {
             warn!(%src, %dst, policy = %denial.policy(), reason = %denial, "plaintext connection denied by policy");
@@ -51,14 +52,26 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         refuse(downstream);
         return;
     };
-    let src_workload = state.workload_by_ip(src.ip()).map(|w| w.name.as_str()).unwrap_or("-");
-    let labels = Labels {
+    let src_workload = state.workload_by_ip(src.ip()).cloned();
+    let dst_identity = state.identity_of(&workload);
+    let metrics = proxy.metrics.open(ConnectionLabels::new(
+        &state,
+        "destination",
+        src_workload.as_deref(),
+        None,
+        Some(&workload),
+        None,
+        false,
+    ));
+    let info = ConnInfo {
         direction: Direction::Inbound,
         src,
         dst,
-        src_workload,
+        src_workload: src_workload.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
         dst_workload: &workload.name,
+        src_identity: None,
+        dst_identity: Some(&dst_identity),
         path: "plaintext",
     };
-    pipe(labels, downstream, upstream, Some(registration)).await
+    pipe(info, downstream, upstream, Some(registration), vec![metrics]).await
 }

@@ -21,7 +21,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{state::Snapshot, tls::TlsContext};
+use crate::{metrics::Metrics, state::Snapshot, tls::TlsContext};
 
 /// How long a relay waits for its upstream to accept the connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +33,17 @@ pub struct Proxy {
     pub limits: hbone::server::Limits,
     /// Allowed inbound connections, re-checked when policies change.
     pub tracker: Arc<tracker::Tracker>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+}
+
+/// Graceful shutdown: once `signal` turns true, listeners stop accepting
+/// and HBONE connections send GOAWAY; `tasks` holds every connection so
+/// the shutdown can wait for them, up to a deadline.
+#[derive(Clone)]
+pub struct Drain {
+    pub signal: watch::Receiver<bool>,
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// The listeners of one ztunnel, bound before capture is attached so the

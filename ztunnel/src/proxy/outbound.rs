@@ -25,17 +25,28 @@ use ztunnel_common::ports;
 use super::{
     hbone::client::{self, Target},
     is_capture_port, is_own_listener,
-    relay::{accept_loop, connect_direct, pipe, refuse, Direction, Labels},
+    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction},
     socket, Proxy,
 };
-use crate::{authz::Connection, state::Snapshot};
+use crate::{
+    authz::Connection,
+    metrics::ConnectionLabels,
+    state::{Snapshot, Upstream},
+};
 
 /// Serves the outbound listener.
 pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
-    accept_loop(Direction::Outbound, listener, state, move |stream, src, dst, snapshot| {
+    let drain = proxy.drain.clone();
+    accept_loop(Direction::Outbound, listener, state, drain, move |stream, src, dst, snapshot| {
         handle(proxy.clone(), stream, src, dst, snapshot)
     })
     .await
+}
+
+/// The service a destination was reached through, for metrics labels.
+fn service_of<'a>(state: &'a Snapshot, dst: SocketAddr, upstream: Option<&Upstream>) -> Option<(&'a str, &'a str, &'a str)> {
+    upstream.filter(|u| u.addr != dst)?;
+    state.service_by_vip(dst.ip()).map(|s| (s.hostname.as_str(), s.namespace.as_str(), s.name.as_str()))
 }
 
 async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
@@ -44,29 +55,43 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         refuse(downstream);
         return;
     }
-    let src_name = state.workload_by_ip(src.ip()).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
-    let upstream = state.resolve(dst);
-    let Some(upstream) = upstream.filter(|u| u.workload.hbone) else {
+    let _ = socket::set_keepalive(&downstream);
+    let src_workload = state.workload_by_ip(src.ip()).cloned();
+    let src_name = src_workload.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
+    let resolved = state.resolve(dst);
+    let service = service_of(&state, dst, resolved.as_ref());
+    let Some(upstream) = resolved.clone().filter(|u| u.workload.hbone) else {
         // Outside the mesh (or a workload without HBONE): relay directly.
-        let addr = state.resolve(dst).map(|u| u.addr).unwrap_or(dst);
+        let addr = resolved.as_ref().map(|u| u.addr).unwrap_or(dst);
         // A destination on this host itself cannot be reached from a spoofed
         // pod address (its reply would be routed to the pod, not to us).
         let bind_ip = (!socket::is_local_address(addr.ip())).then_some(src.ip());
-        let dst_name = state.workload_by_ip(addr.ip()).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
-        if let Some(stream) = connect_direct(Direction::Outbound, src, addr, bind_ip).await {
-            let labels = Labels {
-                direction: Direction::Outbound,
-                src,
-                dst: addr,
-                src_workload: &src_name,
-                dst_workload: &dst_name,
-                path: "direct",
-            };
-            let _ = socket::set_keepalive(&downstream);
-            pipe(labels, downstream, stream, None).await;
-        } else {
+        let dst_workload = state.workload_by_ip(addr.ip()).cloned();
+        let Some(stream) = connect_direct(Direction::Outbound, src, addr, bind_ip).await else {
             refuse(downstream);
-        }
+            return;
+        };
+        let src_id = src_workload.as_ref().filter(|w| w.hbone).map(|w| state.identity_of(w));
+        let metrics = proxy.metrics.open(ConnectionLabels::new(
+            &state,
+            "source",
+            src_workload.as_deref(),
+            src_id.as_ref(),
+            dst_workload.as_deref(),
+            service,
+            false,
+        ));
+        let info = ConnInfo {
+            direction: Direction::Outbound,
+            src,
+            dst: addr,
+            src_workload: &src_name,
+            dst_workload: dst_workload.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
+            src_identity: src_id.as_ref(),
+            dst_identity: None,
+            path: "direct",
+        };
+        pipe(info, downstream, stream, None, vec![metrics]).await;
         return;
     };
 
@@ -80,13 +105,18 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
     let src_id = state.identity_of(&src_workload);
     let dst_id = state.identity_of(&upstream.workload);
     let target = upstream.addr;
-    let labels = |path| Labels {
+    let info = |path| ConnInfo {
         direction: Direction::Outbound,
         src,
         dst: target,
         src_workload: &src_workload.name,
         dst_workload: &upstream.workload.name,
+        src_identity: Some(&src_id),
+        dst_identity: Some(&dst_id),
         path,
+    };
+    let labels = |reporter| {
+        ConnectionLabels::new(&state, reporter, Some(&src_workload), Some(&src_id), Some(&upstream.workload), service, true)
     };
 
     if upstream.workload.node == state.node {
@@ -111,18 +141,21 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
             }
         };
         info!(%src, %target, src_identity = %src_id, dst_identity = %dst_id, "same-node mesh connection");
-        let _ = socket::set_keepalive(&downstream);
         match connect_direct(Direction::Outbound, src, target, Some(src.ip())).await {
-            Some(stream) => pipe(labels("same-node"), downstream, stream, Some(registration)).await,
+            Some(stream) => {
+                // Both ends are ours: report as source and as destination.
+                let metrics = vec![proxy.metrics.open(labels("source")), proxy.metrics.open(labels("destination"))];
+                pipe(info("same-node"), downstream, stream, Some(registration), metrics).await
+            }
             None => refuse(downstream),
         }
         return;
     }
 
     let mut dst_ids = upstream.service_sans.clone();
-    dst_ids.push(dst_id);
+    dst_ids.push(dst_id.clone());
     let tunnel_target = Target {
-        src_id,
+        src_id: src_id.clone(),
         src,
         dst_id: dst_ids,
         authority: target,
@@ -130,8 +163,8 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
     };
     match client::open(&proxy.pool, &tunnel_target).await {
         Ok(stream) => {
-            let _ = socket::set_keepalive(&downstream);
-            pipe(labels("hbone"), downstream, stream, None).await
+            let metrics = proxy.metrics.open(labels("source"));
+            pipe(info("hbone"), downstream, stream, None, vec![metrics]).await
         }
         Err(e) => {
             info!(%src, %target, error = %e, "HBONE tunnel failed");

@@ -4,7 +4,7 @@
 use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     time::Instant,
 };
 
@@ -15,8 +15,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{copy, socket, tracker::Registration, CONNECT_TIMEOUT};
-use crate::state::Snapshot;
+use super::{copy, socket, tracker::Registration, Drain, CONNECT_TIMEOUT};
+use crate::{identity::Identity, metrics::ConnectionMetrics, state::Snapshot};
 
 /// Which way a relayed connection goes, for logs.
 #[derive(Debug, Clone, Copy)]
@@ -34,20 +34,34 @@ impl Direction {
     }
 }
 
-/// Accepts connections until the listener fails, handing each to `handle`
-/// with the configuration snapshot current at accept time.
-pub async fn accept_loop<F, Fut>(direction: Direction, listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, handle: F)
-where
+/// Accepts connections until the proxy starts draining, handing each to
+/// `handle` (tracked, so a drain can wait for it) with the configuration
+/// snapshot current at accept time.
+pub async fn accept_loop<F, Fut>(
+    direction: Direction,
+    listener: TcpListener,
+    state: watch::Receiver<Arc<Snapshot>>,
+    drain: Drain,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr, SocketAddr, Arc<Snapshot>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut draining = drain.signal.clone();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = draining.wait_for(|d| *d) => {
+                info!(direction = direction.as_str(), "stopped accepting: draining");
+                return;
+            }
+        };
+        match accepted {
             Ok((stream, src)) => {
                 // For a transparent listener, the local address is the original destination.
                 let Ok(dst) = stream.local_addr() else { continue };
                 let snapshot = state.borrow().clone();
-                tokio::spawn(handle(stream, src, dst, snapshot));
+                drain.tasks.spawn(handle(stream, src, dst, snapshot));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -78,52 +92,76 @@ pub async fn connect_direct(direction: Direction, src: SocketAddr, dst: SocketAd
     }
 }
 
-/// What a relayed connection is, for its log lines.
-pub struct Labels<'a> {
+/// What a relayed connection is, for its access log line.
+pub struct ConnInfo<'a> {
     pub direction: Direction,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub src_workload: &'a str,
     pub dst_workload: &'a str,
-    /// `hbone`, `same-node`, `direct`, ...
+    pub src_identity: Option<&'a Identity>,
+    pub dst_identity: Option<&'a Identity>,
+    /// `hbone`, `same-node`, `plaintext`, `direct`.
     pub path: &'static str,
 }
 
 /// Copies bytes between `downstream` and `upstream` until both sides are
-/// done (or authorization revokes the connection), logging the start and
-/// the outcome.
-pub async fn pipe<D, U>(labels: Labels<'_>, mut downstream: D, mut upstream: U, registration: Option<Registration>)
-where
+/// done (or authorization revokes the connection), counting them into
+/// `metrics` as they move, then writes the access log line.
+pub async fn pipe<D, U>(
+    info: ConnInfo<'_>,
+    mut downstream: D,
+    mut upstream: U,
+    registration: Option<Registration>,
+    metrics: Vec<ConnectionMetrics>,
+) where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let Labels {
-        direction,
-        src,
-        dst,
-        src_workload,
-        dst_workload,
-        path,
-    } = labels;
-    let dir = direction.as_str();
     let started = Instant::now();
-    info!(direction = dir, %src, %dst, src_workload, dst_workload, path, "connection captured");
-    let result = match registration {
+    let sinks: Vec<_> = metrics.iter().map(|m| m.counters().clone()).collect();
+    let outcome = match registration {
         Some(mut registration) => tokio::select! {
-            result = copy::relay(&mut downstream, &mut upstream) => result,
-            Ok(denial) = &mut registration.closed => {
-                // Dropping both streams closes them.
-                info!(direction = dir, %src, %dst, path, policy = %denial.policy(), reason = %denial, duration_ms = started.elapsed().as_millis() as u64, "connection closed by policy");
-                return;
-            }
+            result = copy::relay(&mut downstream, &mut upstream, &sinks) => Outcome::Done(result),
+            Ok(denial) = &mut registration.closed => Outcome::Revoked(denial),
         },
-        None => copy::relay(&mut downstream, &mut upstream).await,
+        None => Outcome::Done(copy::relay(&mut downstream, &mut upstream, &sinks).await),
     };
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok(t) => info!(direction = dir, %src, %dst, path, sent = t.sent, received = t.received, duration_ms, "connection closed"),
-        Err(e) => info!(direction = dir, %src, %dst, path, error = %e, duration_ms, "connection ended with error"),
-    }
+    // Dropping both streams closes them; the sinks hold the byte counts
+    // even when the copy was cut short.
+    drop(downstream);
+    drop(upstream);
+    let (sent, received) = sinks
+        .first()
+        .map(|c| (c.sent.load(Ordering::Relaxed), c.received.load(Ordering::Relaxed)))
+        .unwrap_or_default();
+    let (sent, received, result) = match &outcome {
+        Outcome::Done(Ok(t)) => (t.sent, t.received, "ok".to_string()),
+        Outcome::Done(Err(e)) => (sent, received, format!("error: {e}")),
+        Outcome::Revoked(denial) => (sent, received, format!("closed by policy {}: {denial}", denial.policy())),
+    };
+    let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+    info!(
+        target: "access",
+        direction = info.direction.as_str(),
+        src = %info.src,
+        dst = %info.dst,
+        src_workload = info.src_workload,
+        dst_workload = info.dst_workload,
+        src_identity = %id(info.src_identity),
+        dst_identity = %id(info.dst_identity),
+        path = info.path,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        outcome = %result,
+        "connection complete"
+    );
+}
+
+enum Outcome {
+    Done(std::io::Result<super::copy::Transferred>),
+    Revoked(crate::authz::Denial),
 }
 
 /// Refuses a connection with a reset.

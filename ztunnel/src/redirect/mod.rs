@@ -77,7 +77,7 @@ pub struct CapturePlan {
 }
 
 /// The state of one local pod after a sync.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PodCapture {
     pub ip: Ipv4Addr,
     pub enrolled: bool,
@@ -91,7 +91,7 @@ pub struct PodCapture {
 }
 
 /// What a sync left in place.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CaptureStatus {
     pub pods: Vec<PodCapture>,
     pub uplinks: Vec<String>,

@@ -36,6 +36,11 @@ pub struct Workload {
     pub services: BTreeMap<NamespacedHostname, BTreeMap<u16, u16>>,
     /// Keys (`namespace/name`) of the `WorkloadSelector` policies it selects.
     pub authorization_policies: Vec<String>,
+    /// For metrics labels, as Istio reports them.
+    pub workload_name: String,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub cluster_id: String,
 }
 
 impl From<&LocalWorkload> for Workload {
@@ -52,6 +57,10 @@ impl From<&LocalWorkload> for Workload {
             healthy: w.status == HealthStatus::Healthy,
             services: w.services.clone(),
             authorization_policies: w.authorization_policies.clone(),
+            workload_name: w.workload_name.clone(),
+            canonical_name: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+            cluster_id: w.cluster_id.clone(),
         }
     }
 }
@@ -170,6 +179,11 @@ impl Snapshot {
             workload,
             service_sans,
         })
+    }
+
+    /// The service with VIP `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.by_vip.get(&ip).map(|i| &self.services[*i])
     }
 
     /// Identities of local workloads, whose certificates ztunnel keeps fresh.

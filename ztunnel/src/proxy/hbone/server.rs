@@ -27,9 +27,10 @@ use super::{settings, status, stream::H2Stream};
 use crate::{
     authz::Connection,
     identity::Identity,
+    metrics::ConnectionLabels,
     proxy::{
         copy,
-        relay::{pipe, Direction, Labels},
+        relay::{pipe, ConnInfo, Direction},
         socket, Proxy, CONNECT_TIMEOUT,
     },
     state::Snapshot,
@@ -60,8 +61,16 @@ impl Default for Limits {
 pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
     let limits = proxy.limits;
     let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
+    let mut draining = proxy.drain.signal.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = draining.wait_for(|d| *d) => {
+                info!("HBONE listener stopped accepting: draining");
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 warn!(error = %e, "HBONE accept failed");
@@ -71,8 +80,9 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>,
         };
         let slot = handshakes.admit();
         let snapshot = state.borrow().clone();
+        let tasks = proxy.drain.tasks.clone();
         let proxy = proxy.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             serve_connection(stream, peer, snapshot, proxy, slot).await;
         });
     }
@@ -147,7 +157,19 @@ async fn serve_connection(
     };
     drop(slot);
     info!(%peer, %dst, peer_identity = %peer_id, local_identity = %identity, "HBONE connection accepted");
-    while let Some(request) = h2.accept().await {
+    let mut draining = proxy.drain.signal.clone();
+    let mut goaway_sent = false;
+    loop {
+        let request = tokio::select! {
+            request = h2.accept() => request,
+            _ = draining.wait_for(|d| *d), if !goaway_sent => {
+                // GOAWAY: no new streams; those open run to completion.
+                h2.graceful_shutdown();
+                goaway_sent = true;
+                continue;
+            }
+        };
+        let Some(request) = request else { break };
         match request {
             Ok((request, respond)) => {
                 let ctx = StreamContext {
@@ -157,7 +179,7 @@ async fn serve_connection(
                     state: state.clone(),
                     proxy: proxy.clone(),
                 };
-                tokio::spawn(ctx.handle(request, respond));
+                proxy.drain.tasks.spawn(ctx.handle(request, respond));
             }
             Err(e) => {
                 info!(%peer, %dst, error = %e, "HBONE connection ended");
@@ -232,16 +254,28 @@ impl StreamContext {
         };
         let tunnel = H2Stream::new(send, request.into_body());
         info!(src = %self.peer, dst = %target, src_identity = %self.peer_id, "HBONE stream opened");
-        let src_name = self.state.workload_by_ip(self.peer.ip()).map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
-        let labels = Labels {
+        let src_workload = self.state.workload_by_ip(self.peer.ip()).cloned();
+        let dst_identity = self.state.identity_of(&workload);
+        let metrics = self.proxy.metrics.open(ConnectionLabels::new(
+            &self.state,
+            "destination",
+            src_workload.as_deref(),
+            Some(&self.peer_id),
+            Some(&workload),
+            None,
+            true,
+        ));
+        let info = ConnInfo {
             direction: Direction::Inbound,
             src: self.peer,
             dst: target,
-            src_workload: &src_name,
+            src_workload: src_workload.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
             dst_workload: &workload.name,
+            src_identity: Some(&self.peer_id),
+            dst_identity: Some(&dst_identity),
             path: "hbone",
         };
-        pipe(labels, tunnel, upstream, Some(registration)).await;
+        pipe(info, tunnel, upstream, Some(registration), vec![metrics]).await;
     }
 
     /// The target of a CONNECT, or the status to refuse it with.

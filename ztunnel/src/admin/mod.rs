@@ -1,0 +1,233 @@
+//! The operator's view: admin on 127.0.0.1:15000 (`/config_dump`,
+//! `/logging`, `/quitquitquit`), Prometheus metrics on :15020 (`/metrics`,
+//! `/stats/prometheus`), readiness on :15021 (`/healthz/ready`).
+
+pub mod http;
+
+use std::{
+    fmt::Write,
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use ::http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use self::http::{json, refuse, text, Handler, Reply};
+use crate::{
+    identity::CertManager,
+    metrics::{kernel::KernelCounters, process, Metrics},
+    redirect::CaptureStatus,
+    state::Snapshot,
+};
+
+/// Changes the log filter at run time (an `EnvFilter` directive).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Everything the operator endpoints read.
+pub struct Status {
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    pub certs: Arc<CertManager>,
+    pub capture: RwLock<CaptureStatus>,
+    /// `Ok` once ready; the reason otherwise.
+    pub readiness: RwLock<Result<(), String>>,
+    pub metrics: Arc<Metrics>,
+    pub kernel: Option<KernelCounters>,
+    pub log_control: LogControl,
+    /// Notified by `/quitquitquit`.
+    pub shutdown: Arc<Notify>,
+}
+
+impl Status {
+    /// Works out readiness: configuration loaded (we are running), a
+    /// certificate for every local identity, capture on for every local
+    /// enrolled workload.
+    pub fn update_readiness(&self) {
+        let snapshot = self.state.borrow().clone();
+        let mut reasons = Vec::new();
+        let issued: Vec<_> = self.certs.snapshot().iter().map(|c| c.identity.clone()).collect();
+        for id in snapshot.local_identities() {
+            if !issued.contains(&id) {
+                reasons.push(format!("no certificate for {id}"));
+            }
+        }
+        if let Ok(capture) = self.capture.read() {
+            for pod in capture.pods.iter().filter(|p| p.enrolled && !p.captured) {
+                reasons.push(format!("capture not attached for {}", pod.ip));
+            }
+        }
+        if let Ok(mut readiness) = self.readiness.write() {
+            *readiness = if reasons.is_empty() { Ok(()) } else { Err(reasons.join("; ")) };
+        }
+    }
+}
+
+fn path_and_query(req: &Request<Incoming>) -> (String, String) {
+    (req.uri().path().to_string(), req.uri().query().unwrap_or("").to_string())
+}
+
+/// The readiness endpoint.
+pub fn readiness_handler(status: Arc<Status>) -> Handler {
+    Arc::new(move |req| {
+        let status = status.clone();
+        Box::pin(async move {
+            let (path, _) = path_and_query(&req);
+            if path != "/healthz/ready" {
+                return refuse(req.method(), &path, &[]);
+            }
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return refuse(req.method(), &path, &[Method::GET, Method::HEAD]);
+            }
+            match status.readiness.read().map(|r| r.clone()) {
+                Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+                Ok(Err(reason)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: status unavailable\n"),
+            }
+        })
+    })
+}
+
+/// The metrics endpoint.
+pub fn metrics_handler(status: Arc<Status>) -> Handler {
+    Arc::new(move |req| {
+        let status = status.clone();
+        Box::pin(async move {
+            let (path, _) = path_and_query(&req);
+            if path != "/metrics" && path != "/stats/prometheus" {
+                return refuse(req.method(), &path, &[]);
+            }
+            if req.method() != Method::GET {
+                return refuse(req.method(), &path, &[Method::GET]);
+            }
+            let mut reply = text(StatusCode::OK, render_metrics(&status));
+            reply.headers_mut().insert(
+                ::http::header::CONTENT_TYPE,
+                ::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            reply
+        })
+    })
+}
+
+fn render_metrics(status: &Status) -> String {
+    let mut out = String::new();
+    status.metrics.render_tcp(&mut out);
+    let snapshot = status.state.borrow().clone();
+    if let Some(kernel) = &status.kernel {
+        kernel.render(&snapshot, &mut out);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ztunnel_certificate_expiry_seconds When each workload certificate expires (Unix time).\n# TYPE ztunnel_certificate_expiry_seconds gauge"
+    );
+    for cert in status.certs.snapshot() {
+        let expiry = cert.not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        out.push_str("ztunnel_certificate_expiry_seconds");
+        crate::metrics::render_labels(&mut out, &[("identity", &cert.identity.to_string())]);
+        let _ = writeln!(out, " {expiry}");
+    }
+    process::render(&mut out);
+    out
+}
+
+#[derive(Serialize)]
+struct CertDump {
+    identity: String,
+    serial: String,
+    not_before: u64,
+    not_after: u64,
+    expires_in_seconds: i64,
+}
+
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    node: &'a str,
+    trust_domain: &'a str,
+    workloads: Vec<&'a crate::state::Workload>,
+    services: &'a [crate::config::local::Service],
+    policies: &'a [crate::config::local::Authorization],
+    certificates: Vec<CertDump>,
+    capture: CaptureStatus,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The admin endpoint (bound to localhost only).
+pub fn admin_handler(status: Arc<Status>) -> Handler {
+    Arc::new(move |req| {
+        let status = status.clone();
+        Box::pin(async move { admin(&status, req) })
+    })
+}
+
+fn admin(status: &Status, req: Request<Incoming>) -> Reply {
+    let (path, query) = path_and_query(&req);
+    let method = req.method().clone();
+    match path.as_str() {
+        "/" => match method {
+            Method::GET => text(StatusCode::OK, "/config_dump\n/logging?level=<filter>\n/quitquitquit (POST)\n"),
+            _ => refuse(&method, &path, &[Method::GET]),
+        },
+        "/config_dump" => match method {
+            Method::GET => {
+                let snapshot = status.state.borrow().clone();
+                let now = SystemTime::now();
+                let certificates = status
+                    .certs
+                    .snapshot()
+                    .iter()
+                    .map(|c| CertDump {
+                        identity: c.identity.to_string(),
+                        serial: c.serial.clone(),
+                        not_before: unix(c.not_before),
+                        not_after: unix(c.not_after),
+                        expires_in_seconds: unix(c.not_after) as i64 - unix(now) as i64,
+                    })
+                    .collect();
+                let capture = status.capture.read().map(|c| c.clone()).unwrap_or_default();
+                let dump = ConfigDump {
+                    node: &snapshot.node,
+                    trust_domain: &snapshot.trust_domain,
+                    workloads: snapshot.workloads.iter().map(|w| w.as_ref()).collect(),
+                    services: &snapshot.services,
+                    policies: &snapshot.policies,
+                    certificates,
+                    capture,
+                };
+                match serde_json::to_string_pretty(&dump) {
+                    Ok(body) => json(body),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding config: {e}\n")),
+                }
+            }
+            _ => refuse(&method, &path, &[Method::GET]),
+        },
+        "/logging" => match method {
+            Method::GET | Method::POST => {
+                let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
+                    return text(StatusCode::BAD_REQUEST, "usage: /logging?level=<filter>, e.g. level=debug or level=ztunnel::proxy=trace\n");
+                };
+                let level = level.replace("%3D", "=").replace("%2C", ",").replace("%3A", ":");
+                match (status.log_control)(&level) {
+                    Ok(()) => {
+                        tracing::info!(filter = %level, "log filter changed");
+                        text(StatusCode::OK, format!("log filter set to {level}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("bad filter {level}: {e}\n")),
+                }
+            }
+            _ => refuse(&method, &path, &[Method::GET, Method::POST]),
+        },
+        "/quitquitquit" => match method {
+            Method::POST => {
+                status.shutdown.notify_one();
+                text(StatusCode::OK, "draining\n")
+            }
+            _ => refuse(&method, &path, &[Method::POST]),
+        },
+        _ => refuse(&method, &path, &[]),
+    }
+}
