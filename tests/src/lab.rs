@@ -172,6 +172,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Creates a pod beyond the standard ones (e.g. one that appears after
+    /// its workload was configured); it is removed with the lab.
+    pub fn add_extra_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let pod = self.add_pod(spec)?;
+        self.pods.push(pod);
+        Ok(())
+    }
+
     fn add_pod(&self, spec: PodSpec) -> Result<Pod> {
         let node = &self.nodes[spec.node];
         let ns = Netns::create(&format!("{}-{}", self.prefix, spec.name))?;

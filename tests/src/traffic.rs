@@ -198,6 +198,29 @@ impl Connection {
         self.finish(data.len() as u64, sha)
     }
 
+    /// Writes raw bytes without finishing the exchange.
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        self.stream.write_all(data)?;
+        Ok(())
+    }
+
+    /// After `already` was written with [`Connection::write_all`], sends `len`
+    /// more payload bytes, half-closes and checks the report covers both.
+    pub fn exchange_rest(mut self, len: u64, already: &[u8]) -> Result<Report> {
+        let mut hasher = Sha256::new();
+        hasher.update(already);
+        let stream = &mut self.stream;
+        let mut rest = Vec::new();
+        payload(len, |b| {
+            rest.extend_from_slice(b);
+            stream.write_all(b)
+        })
+        .context("sending payload")?;
+        hasher.update(&rest);
+        let sha = hex(&hasher.finalize());
+        self.finish(already.len() as u64 + len, sha)
+    }
+
     /// Sends exactly `data`, half-closes and checks the server's report.
     pub fn exchange_bytes(self, data: &[u8]) -> Result<Report> {
         self.exchange_slowly(data, 1, Duration::ZERO)

@@ -160,6 +160,8 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         dst_id: dst_ids,
         authority: target,
         hbone_port: ports::INBOUND_HBONE,
+        baggage: super::hbone::baggage(&src_workload),
+        service_host: service.map(|(host, _, _)| host.to_string()),
     };
     match client::open(&proxy.pool, &tunnel_target).await {
         Ok(stream) => {

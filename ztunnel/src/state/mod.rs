@@ -38,6 +38,7 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     /// For metrics labels, as Istio reports them.
     pub workload_name: String,
+    pub workload_type: String,
     pub canonical_name: String,
     pub canonical_revision: String,
     pub cluster_id: String,
@@ -58,6 +59,7 @@ impl From<&LocalWorkload> for Workload {
             services: w.services.clone(),
             authorization_policies: w.authorization_policies.clone(),
             workload_name: w.workload_name.clone(),
+            workload_type: w.workload_type.clone(),
             canonical_name: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
             cluster_id: w.cluster_id.clone(),

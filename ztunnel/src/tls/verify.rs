@@ -89,12 +89,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let ids = spiffe_ids(end_entity);
-        let Some(id) = ids.first() else {
+        let Some(first) = ids.first() else {
             return Err(reject(SpiffeError::NoIdentity));
         };
-        if id.trust_domain != self.trust_domain {
+        // Any SPIFFE SAN in our trust domain will do, as Istio's ztunnel.
+        if !ids.iter().any(|id| id.trust_domain == self.trust_domain) {
             return Err(reject(SpiffeError::WrongTrustDomain {
-                got: id.to_string(),
+                got: first.to_string(),
                 want: self.trust_domain.clone(),
             }));
         }

@@ -46,6 +46,10 @@ pub struct Target {
     pub authority: SocketAddr,
     /// The HBONE port of the destination.
     pub hbone_port: u16,
+    /// `baggage` describing the source workload.
+    pub baggage: String,
+    /// The service hostname the client addressed, if it used a VIP.
+    pub service_host: Option<String>,
 }
 
 /// Opens a CONNECT stream to `target` over a pooled connection.
@@ -64,8 +68,8 @@ pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneEr
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.authority.to_string())
-        .header(headers::FORWARDED, format!("for=\"{}\"", target.src))
-        .header(headers::BAGGAGE, baggage(&target.src_id))
+        .header(headers::FORWARDED, forwarded(target))
+        .header(headers::BAGGAGE, target.baggage.as_str())
         .header(headers::TRACEPARENT, traceparent())
         .body(())
         .map_err(|_| HboneError::Internal("building the CONNECT request"))?;
@@ -83,8 +87,12 @@ pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneEr
     Ok(H2Stream::new(send_stream, response.into_body()).with_guard(slot))
 }
 
-fn baggage(src: &Identity) -> String {
-    format!("k8s.namespace.name={}", src.namespace)
+/// `for="<client ip:port>"`, plus `;host=<service>` when a VIP was used.
+fn forwarded(target: &Target) -> String {
+    match &target.service_host {
+        Some(host) => format!("for=\"{}\";host={host}", target.src),
+        None => format!("for=\"{}\"", target.src),
+    }
 }
 
 /// A W3C trace context header with fresh random ids, unsampled.

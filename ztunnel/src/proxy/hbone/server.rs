@@ -79,11 +79,11 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>,
             }
         };
         let slot = handshakes.admit();
-        let snapshot = state.borrow().clone();
         let tasks = proxy.drain.tasks.clone();
         let proxy = proxy.clone();
+        let state = state.clone();
         tasks.spawn(async move {
-            serve_connection(stream, peer, snapshot, proxy, slot).await;
+            serve_connection(stream, peer, state, proxy, slot).await;
         });
     }
 }
@@ -91,10 +91,11 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>,
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    state: Arc<Snapshot>,
+    live_state: watch::Receiver<Arc<Snapshot>>,
     proxy: Arc<Proxy>,
     mut slot: HandshakeSlot,
 ) {
+    let state = live_state.borrow().clone();
     let limits = proxy.limits;
     let tls: &TlsContext = &proxy.tls;
     let Ok(dst) = stream.local_addr() else { return };
@@ -123,7 +124,10 @@ async fn serve_connection(
             .1
             .peer_certificates()
             .and_then(|certs| certs.first())
-            .and_then(|leaf| spiffe_ids(leaf).into_iter().next())
+            .and_then(|leaf| {
+                // The identity in our trust domain (the verifier made sure there is one).
+                spiffe_ids(leaf).into_iter().find(|id| id.trust_domain == tls.trust_domain())
+            })
             .ok_or_else(|| "client certificate names no identity".to_string())?;
         let h2 = h2::server::Builder::new()
             .initial_window_size(settings::STREAM_WINDOW)
@@ -172,11 +176,13 @@ async fn serve_connection(
         let Some(request) = request else { break };
         match request {
             Ok((request, respond)) => {
+                // Each stream is judged by the configuration current when it
+                // opens: pooled connections live long, policies change.
                 let ctx = StreamContext {
                     peer,
                     dst,
                     peer_id: peer_id.clone(),
-                    state: state.clone(),
+                    state: live_state.borrow().clone(),
                     proxy: proxy.clone(),
                 };
                 proxy.drain.tasks.spawn(ctx.handle(request, respond));
@@ -245,7 +251,7 @@ impl StreamContext {
             }
         };
         let _ = socket::set_keepalive(&upstream);
-        let send = match respond.send_response(ok_response(), false) {
+        let send = match respond.send_response(ok_response(&workload), false) {
             Ok(send) => send,
             Err(e) => {
                 info!(peer = %self.peer, %target, error = %e, "client went away before the tunnel opened");
@@ -363,9 +369,13 @@ impl Drop for HandshakeSlot {
     }
 }
 
-fn ok_response() -> Response<()> {
+/// 200, with `baggage` describing the destination for the client's telemetry.
+fn ok_response(workload: &crate::state::Workload) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = status::OK;
+    if let Ok(value) = http::HeaderValue::from_str(&super::baggage(workload)) {
+        response.headers_mut().insert(super::headers::BAGGAGE, value);
+    }
     response
 }
 
