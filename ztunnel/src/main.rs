@@ -9,6 +9,7 @@ use ztunnel::config::{Args, LogFormat};
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let log_control = init_logging(args.log_format);
+    raise_fd_limit();
     let result = if args.uninstall {
         ztunnel::app::uninstall(&args)
     } else {
@@ -43,4 +44,20 @@ fn init_logging(format: LogFormat) -> ztunnel::admin::LogControl {
         let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
+}
+
+/// Every proxied connection holds two or more descriptors; the usual soft
+/// limit of 1024 would cap a node at a few hundred connections. Raise it to
+/// the hard limit, as Istio's ztunnel does.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on our own process with a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-file limit; connections may be capped");
+            }
+        }
+    }
 }

@@ -12,13 +12,16 @@ use std::{
 };
 
 use tokio::{
-    io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 
-/// Buffer per direction. Larger than tokio's 8 KiB default: fewer syscalls
-/// per byte for bulk transfers.
-const COPY_BUFFER: usize = 64 * 1024;
+/// A direction's buffer starts this small, so the many connections that sit
+/// idle cost little memory...
+const INITIAL_BUFFER: usize = 1024;
+/// ...and grows to this when reads fill it, so bulk transfers take few
+/// syscalls per byte.
+const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved by one relay.
 #[derive(Debug, Default, Clone, Copy)]
@@ -76,18 +79,42 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut down = Counted {
+    let (down_read, down_write) = tokio::io::split(Counted {
         inner: downstream,
         sinks,
         field: |c| &c.sent,
-    };
-    let mut up = Counted {
+    });
+    let (up_read, up_write) = tokio::io::split(Counted {
         inner: upstream,
         sinks,
         field: |c| &c.received,
-    };
-    let (sent, received) = copy_bidirectional_with_sizes(&mut down, &mut up, COPY_BUFFER, COPY_BUFFER).await?;
+    });
+    let (sent, received) = tokio::try_join!(one_way(down_read, up_write), one_way(up_read, down_write))?;
     Ok(Transferred { sent, received })
+}
+
+/// Copies `from` into `to` until `from` ends, then shuts `to`'s write side
+/// (passing the half-close on). The buffer grows only while reads fill it.
+async fn one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf.resize((buf.len() * 4).min(MAX_BUFFER), 0);
+        }
+    }
 }
 
 /// Closes a connection with an RST rather than a FIN, so the client sees a
