@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod lab;
+pub mod load;
 pub mod netns;
 pub mod peer;
 pub mod sniff;

@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: the developer entry points.
 
 mod background;
+mod bench;
 mod demo;
 
 use std::{
@@ -38,6 +39,13 @@ enum Cmd {
     /// Bootstrap, build, bring up a lab, run both ztunnels, show traffic
     /// being captured, tear everything down.
     Demo,
+    /// Measure what the mesh costs (iperf3, latency, connection rate,
+    /// memory, CPU) against no mesh, side by side; under ten minutes.
+    Bench {
+        /// A quick run that proves the suite works (CI); numbers mean nothing.
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Bootstrap, build, and run every test (needs root).
     Test {
         /// Extra arguments for `cargo test`.
@@ -93,6 +101,13 @@ fn main() -> Result<()> {
             bootstrap()?;
             let bin = build_release()?;
             demo::run(&bin, &root().join("examples/lab.yaml"))
+        }
+        Cmd::Bench { smoke } => {
+            require_root()?;
+            bootstrap()?;
+            let bin = build_release()?;
+            let params = if smoke { bench::Params::smoke() } else { bench::Params::full() };
+            bench::run(&bin, &root().join("examples/lab.yaml"), params, &bench::out_dir(&root()))
         }
         Cmd::Test { args } => {
             require_root()?;

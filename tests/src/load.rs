@@ -1,0 +1,205 @@
+//! The in-repo load tool: request/response latency on one connection, new
+//! connections per second, and many idle connections held open. Clients and
+//! servers run as threads inside lab namespaces.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+/// What a server does with each connection.
+#[derive(Clone, Copy)]
+pub enum Mode {
+    /// Echo every byte back until the client closes.
+    Echo,
+    /// Accept and hold the connection, never reading.
+    Hold,
+}
+
+/// A load server inside a pod.
+pub struct LoadServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoadServer {
+    pub fn start(ns: &Netns, addr: SocketAddr, mode: Mode) -> Result<Self> {
+        let listener = ns.run(move || {
+            let l = TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            std::io::Result::Ok(l)
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, held) = (stop.clone(), held.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_nodelay(true);
+                            match mode {
+                                Mode::Echo => {
+                                    std::thread::spawn(move || echo(stream));
+                                }
+                                Mode::Hold => {
+                                    if let Ok(mut h) = held.lock() {
+                                        h.push(stream);
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            })
+        };
+        Ok(LoadServer {
+            addr,
+            stop,
+            held,
+            thread: Some(thread),
+        })
+    }
+
+    /// Connections held so far (`Mode::Hold`).
+    pub fn held(&self) -> usize {
+        self.held.lock().map(|h| h.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for LoadServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Round-trip latency percentiles, in microseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+}
+
+/// `count` round trips of `size` bytes on one connection (after a warm-up),
+/// against an echo server.
+pub fn latency(ns: &Netns, dst: SocketAddr, size: usize, count: usize) -> Result<Latency> {
+    ns.run(move || -> Result<Latency> {
+        let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let msg = vec![0x5au8; size];
+        let mut back = vec![0u8; size];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..count + count / 10 {
+            let start = Instant::now();
+            stream.write_all(&msg)?;
+            stream.read_exact(&mut back)?;
+            if i >= count / 10 {
+                samples.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        Ok(Latency {
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+        })
+    })?
+}
+
+/// New connections per second for `duration`, each: connect, send 64
+/// bytes, read them back, close; from `threads` client threads.
+pub fn connection_rate(ns: &Netns, dst: SocketAddr, duration: Duration, threads: usize) -> Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (done, failed) = (done.clone(), failed.clone());
+            ns.spawn(move || {
+                let msg = [0x33u8; 64];
+                let mut back = [0u8; 64];
+                while Instant::now() < deadline {
+                    let ok = (|| -> std::io::Result<()> {
+                        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                        s.set_nodelay(true)?;
+                        s.write_all(&msg)?;
+                        s.read_exact(&mut back)?;
+                        s.shutdown(Shutdown::Both)
+                    })();
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect::<Result<_>>()?;
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} connections failed during the rate test");
+    Ok(done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64())
+}
+
+/// Opens `count` connections from `ns` to a holding server and keeps them.
+pub fn open_idle(ns: &Netns, dst: SocketAddr, count: usize) -> Result<Vec<TcpStream>> {
+    ns.run(move || -> Result<Vec<TcpStream>> {
+        let mut conns = Vec::with_capacity(count);
+        for i in 0..count {
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(10)).with_context(|| format!("idle connection {i}"))?;
+            conns.push(s);
+        }
+        Ok(conns)
+    })?
+}
+
+/// Raises this process's open-file limit to `want` (or the hard limit).
+pub fn raise_fd_limit(want: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on our own process with a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            if limit.rlim_max < want {
+                limit.rlim_max = want;
+            }
+            limit.rlim_cur = want.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

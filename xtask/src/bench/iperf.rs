@@ -1,0 +1,55 @@
+//! iperf3 servers and clients inside lab namespaces.
+
+use std::{
+    net::IpAddr,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use ztunnel_tests::netns::Netns;
+
+/// An `iperf3 -s` in a pod, killed on drop.
+pub struct Server(Child);
+
+impl Server {
+    pub fn start(ns: &Netns) -> Result<Self> {
+        let child = ns
+            .command("iperf3")
+            .args(["-s", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s (is iperf3 installed? `cargo xtask bootstrap`)")?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Server(child))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One client run's result.
+pub struct Run {
+    pub gbits: f64,
+    pub bytes: f64,
+}
+
+/// `iperf3 -c dst -P streams -t secs` from `ns`.
+pub fn run(ns: &Netns, dst: IpAddr, streams: u32, secs: u32) -> Result<Run> {
+    let out = ns
+        .command("iperf3")
+        .args(["-c", &dst.to_string(), "-p", "5201", "-J", "-P", &streams.to_string(), "-t", &secs.to_string()])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    if let Some(e) = v["error"].as_str() {
+        anyhow::bail!("iperf3 to {dst}: {e}");
+    }
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("no sum_received")?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    Ok(Run { gbits: bps / 1e9, bytes })
+}

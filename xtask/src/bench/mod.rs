@@ -1,0 +1,331 @@
+//! `cargo xtask bench`: what the mesh costs, measured the way mesh engineers
+//! do, side by side in one run on this machine.
+//!
+//! Phases: no mesh (no ztunnel, no programs attached), mesh (a ztunnel per
+//! node), then no mesh again (ztunnels uninstalled), so slow drift of a
+//! shared machine lands on both sides. Each figure is the median of its
+//! repetitions. Results: a table on stdout, `target/bench/results.json`, and
+//! `target/bench/ratios.svg`.
+
+mod chart;
+mod iperf;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use ztunnel_tests::{
+    lab::Lab,
+    load::{self, LoadServer, Mode},
+    ztunnel::Ztunnel,
+};
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Params {
+    pub repetitions: usize,
+    pub iperf_seconds: u32,
+    pub latency_round_trips: usize,
+    pub rate_seconds: f64,
+    pub rate_threads: usize,
+    pub idle_connections: usize,
+}
+
+impl Params {
+    pub fn full() -> Self {
+        Params {
+            repetitions: 3,
+            iperf_seconds: 4,
+            latency_round_trips: 4000,
+            rate_seconds: 2.0,
+            rate_threads: 4,
+            idle_connections: 10_000,
+        }
+    }
+
+    /// Proves the suite runs; measures nothing worth reading.
+    pub fn smoke() -> Self {
+        Params {
+            repetitions: 1,
+            iperf_seconds: 1,
+            latency_round_trips: 300,
+            rate_seconds: 0.5,
+            rate_threads: 2,
+            idle_connections: 300,
+        }
+    }
+}
+
+/// One measured figure: no mesh, mesh, and their ratio.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub unit: String,
+    pub no_mesh: Option<f64>,
+    pub mesh: f64,
+    /// mesh / no mesh.
+    pub ratio: Option<f64>,
+    /// The target, as a ratio bound or an absolute bound, and whether it is met.
+    pub target: Option<String>,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    commit: String,
+    kernel: String,
+    cpu: String,
+    cores: usize,
+    params: Params,
+    rows: Vec<Row>,
+    command: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
+fn sh(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = stat.rsplit_once(") ") else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// Measurements of one phase.
+#[derive(Default)]
+struct Samples {
+    cross_1: Vec<f64>,
+    cross_4: Vec<f64>,
+    same_1: Vec<f64>,
+    same_4: Vec<f64>,
+    p50: Vec<f64>,
+    p90: Vec<f64>,
+    p99: Vec<f64>,
+    rate: Vec<f64>,
+}
+
+struct Bench<'a> {
+    lab: &'a Lab,
+    params: Params,
+    cross: SocketAddr,
+    same: SocketAddr,
+    echo: SocketAddr,
+}
+
+impl Bench<'_> {
+    fn phase(&self, out: &mut Samples, reps: usize, mut on_cross: impl FnMut(f64)) -> Result<()> {
+        let client = &self.lab.pod("client").ns;
+        let secs = self.params.iperf_seconds;
+        for _ in 0..reps {
+            for (streams, cross, same) in [(1, &mut out.cross_1, &mut out.same_1), (4, &mut out.cross_4, &mut out.same_4)] {
+                let r = iperf::run(client, self.cross.ip(), streams, secs)?;
+                on_cross(r.bytes);
+                cross.push(r.gbits);
+                same.push(iperf::run(client, self.same.ip(), streams, secs)?.gbits);
+            }
+            let l = load::latency(client, self.echo, 64, self.params.latency_round_trips)?;
+            out.p50.push(l.p50_us);
+            out.p90.push(l.p90_us);
+            out.p99.push(l.p99_us);
+            out.rate.push(load::connection_rate(
+                client,
+                self.echo,
+                Duration::from_secs_f64(self.params.rate_seconds),
+                self.params.rate_threads,
+            )?);
+        }
+        Ok(())
+    }
+}
+
+/// Runs the suite. `bin` is the ztunnel binary to measure.
+pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    load::raise_fd_limit(262_144);
+    std::env::set_var("ZTUNNEL_BIN", bin);
+    let lab = Lab::up()?;
+    let server = lab.pod("server");
+    let neighbor = lab.pod("neighbor");
+    let _iperf = [iperf::Server::start(&server.ns)?, iperf::Server::start(&neighbor.ns)?];
+    let _echo = LoadServer::start(&server.ns, server.addr(7000), Mode::Echo)?;
+    let hold = LoadServer::start(&server.ns, server.addr(7001), Mode::Hold)?;
+    let bench = Bench {
+        lab: &lab,
+        params,
+        cross: server.addr(5201),
+        same: neighbor.addr(5201),
+        echo: server.addr(7000),
+    };
+    // First repetitions without a mesh, the rest after it.
+    let before = params.repetitions.div_ceil(2);
+    let after = params.repetitions - before;
+    let mut base = Samples::default();
+    let mut mesh = Samples::default();
+    eprintln!("[bench] no mesh ({before} repetitions)");
+    bench.phase(&mut base, before, |_| {})?;
+
+    eprintln!("[bench] mesh ({} repetitions)", params.repetitions);
+    let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
+    let zt2 = Ztunnel::start(lab.node("node2"), config, &lab.ca_dir)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = [zt1.rss_bytes()?, zt2.rss_bytes()?];
+    let pids = [zt1.pid().context("zt1")?, zt2.pid().context("zt2")?];
+    let mut cpu = 0.0;
+    let mut bytes = 0.0;
+    for _ in 0..params.repetitions {
+        let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let mut moved = 0.0;
+        bench.phase(&mut mesh, 1, |b| moved += b)?;
+        // Only the cross-node iperf bytes go in, but all CPU of the phase
+        // does: an upper bound on CPU per byte.
+        cpu += pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+        bytes += moved;
+    }
+    // Idle connections held through both ztunnels.
+    let before_idle = [zt1.rss_bytes()?, zt2.rss_bytes()?];
+    let conns = load::open_idle(&lab.pod("client").ns, hold.addr, params.idle_connections)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hold.held() < params.idle_connections && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let with_idle = [zt1.rss_bytes()?, zt2.rss_bytes()?];
+    drop(conns);
+    let per_conn: Vec<f64> = (0..2)
+        .map(|i| with_idle[i].saturating_sub(before_idle[i]) as f64 / params.idle_connections as f64)
+        .collect();
+    drop((zt1, zt2));
+    for node in ["node1", "node2"] {
+        let status = ztunnel_tests::ztunnel::run_to_exit(lab.node(node), config, &lab.ca_dir, &["--uninstall"])?;
+        anyhow::ensure!(status.status.success(), "uninstall on {node} failed");
+    }
+    if after > 0 {
+        eprintln!("[bench] no mesh again ({after} repetitions)");
+        bench.phase(&mut base, after, |_| {})?;
+    }
+
+    let mut rows = Vec::new();
+    let mut ratio_row = |name: &str, unit: &str, b: &[f64], m: &[f64], target: Option<(f64, bool)>| {
+        let (nb, nm) = (median(b.to_vec()), median(m.to_vec()));
+        let ratio = nm / nb;
+        let (target, met) = match target {
+            Some((bound, higher_is_better)) => (
+                Some(format!("{} {bound}", if higher_is_better { ">=" } else { "<=" })),
+                Some(if higher_is_better { ratio >= bound } else { ratio <= bound }),
+            ),
+            None => (None, None),
+        };
+        rows.push(Row {
+            name: name.into(),
+            unit: unit.into(),
+            no_mesh: Some(nb),
+            mesh: nm,
+            ratio: Some(ratio),
+            target,
+            met,
+        });
+    };
+    ratio_row("throughput cross-node, 1 stream", "Gbit/s", &base.cross_1, &mesh.cross_1, Some((0.40, true)));
+    ratio_row("throughput cross-node, 4 streams", "Gbit/s", &base.cross_4, &mesh.cross_4, Some((0.40, true)));
+    ratio_row("throughput same-node, 1 stream", "Gbit/s", &base.same_1, &mesh.same_1, None);
+    ratio_row("throughput same-node, 4 streams", "Gbit/s", &base.same_4, &mesh.same_4, None);
+    ratio_row("latency p50", "us", &base.p50, &mesh.p50, Some((1.8, false)));
+    ratio_row("latency p90", "us", &base.p90, &mesh.p90, None);
+    ratio_row("latency p99", "us", &base.p99, &mesh.p99, Some((2.5, false)));
+    ratio_row("new connections", "conn/s", &base.rate, &mesh.rate, Some((0.5, true)));
+    let abs = |name: &str, unit: &str, value: f64, bound: Option<f64>| Row {
+        name: name.into(),
+        unit: unit.into(),
+        no_mesh: None,
+        mesh: value,
+        ratio: None,
+        target: bound.map(|b| format!("<= {b}")),
+        met: bound.map(|b| value <= b),
+    };
+    let idle_mib = idle.iter().copied().max().unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    rows.push(abs("ztunnel RSS idle (larger node)", "MiB", idle_mib, Some(16.0)));
+    let per_conn_kib = per_conn.iter().copied().fold(0.0, f64::max) / 1024.0;
+    rows.push(abs(
+        &format!("memory per idle proxied connection ({} held, larger node)", params.idle_connections),
+        "KiB",
+        per_conn_kib,
+        Some(4.0),
+    ));
+    rows.push(abs("ztunnel CPU per GB moved (both nodes)", "s/GB", cpu / (bytes / 1e9), None));
+
+    let report = Report {
+        commit: sh(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+        kernel: sh(Command::new("uname").arg("-r")),
+        cpu: cpu_model(),
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        params,
+        rows,
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+    };
+    print_table(&report);
+    std::fs::create_dir_all(out_dir)?;
+    let json = out_dir.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    let svg = out_dir.join("ratios.svg");
+    std::fs::write(&svg, chart::svg(&report.rows, &format!("ztunnel {} · kernel {} · {} cores", report.commit, report.kernel, report.cores)))?;
+    eprintln!("[bench] wrote {} and {} in {:.0?}", json.display(), svg.display(), started.elapsed());
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!("commit {} · kernel {} · {} · {} cores", r.commit, r.kernel, r.cpu, r.cores);
+    println!("| measure | unit | no mesh | mesh | mesh / no mesh | target |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for row in &r.rows {
+        let fmt = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            row.name,
+            row.unit,
+            row.no_mesh.map(fmt).unwrap_or_else(|| "-".into()),
+            fmt(row.mesh),
+            row.ratio.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+            match (&row.target, row.met) {
+                (Some(t), Some(true)) => format!("{t} met"),
+                (Some(t), Some(false)) => format!("{t} **missed**"),
+                _ => "-".into(),
+            }
+        );
+    }
+}
+
+/// Where results go.
+pub fn out_dir(root: &Path) -> PathBuf {
+    root.join("target/bench")
+}
