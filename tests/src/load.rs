@@ -189,17 +189,42 @@ pub fn open_idle(ns: &Netns, dst: SocketAddr, count: usize) -> Result<Vec<TcpStr
     })?
 }
 
-/// Raises this process's open-file limit to `want` (or the hard limit).
-pub fn raise_fd_limit(want: u64) {
+/// Raises this process's open-file limit towards `want`: the hard limit
+/// too when privileged, else the soft limit up to the hard one. Returns the
+/// soft limit in effect.
+pub fn raise_fd_limit(want: u64) -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on our own process with a struct we own.
+    // SAFETY: getrlimit/setrlimit on our own process with structs we own.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            if limit.rlim_max < want {
-                limit.rlim_max = want;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        let both = libc::rlimit { rlim_cur: want, rlim_max: want.max(limit.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) == 0 {
+            return want;
+        }
+        let soft = libc::rlimit { rlim_cur: want.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+            return soft.rlim_cur;
+        }
+        limit.rlim_cur
+    }
+}
+
+/// Accepts and holds connections on `addr` until killed: the body of the
+/// hold server the benchmark runs as its own process, so the connections'
+/// two ends do not share one process's descriptor limit.
+pub fn hold_forever(addr: SocketAddr) -> Result<()> {
+    raise_fd_limit(1 << 20);
+    let listener = TcpListener::bind(addr)?;
+    let mut held = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => held.push(stream),
+            Err(e) => {
+                eprintln!("hold server: {e}");
+                std::thread::sleep(Duration::from_millis(10));
             }
-            limit.rlim_cur = want.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

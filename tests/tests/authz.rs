@@ -128,8 +128,12 @@ fn live_connection_closed_when_a_policy_forbids_it() -> Result<()> {
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
     let held = Connection::open(&s.lab.pod("client").ns, server.addr, Duration::from_secs(5))?;
-    // Let the tunnel open before the policy arrives.
-    zt2.wait_for_log("HBONE stream opened", Duration::from_secs(5))?;
+    // Let the tunnel reach the server before the policy arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.accepted().is_empty() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the held connection never reached the server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     s.write(&format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT)))?;
     zt2.wait_for_log("connection closed: no longer allowed after a policy update", Duration::from_secs(10))?;

@@ -74,7 +74,7 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
     for line in zt1
         .log_text()
         .lines()
-        .filter(|l| l.contains("captured") || l.contains("Readopted") || l.contains("HBONE connection established"))
+        .filter(|l| l.contains("connection complete") || l.contains("Readopted") || l.contains("HBONE connection established"))
     {
         println!("   {}", line.trim());
     }

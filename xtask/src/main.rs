@@ -46,6 +46,10 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// (Internal) hold every connection accepted on ADDR; run by `bench`
+    /// inside a pod's namespace.
+    #[command(hide = true)]
+    HoldServer { addr: std::net::SocketAddr },
     /// Bootstrap, build, and run every test (needs root).
     Test {
         /// Extra arguments for `cargo test`.
@@ -109,6 +113,7 @@ fn main() -> Result<()> {
             let params = if smoke { bench::Params::smoke() } else { bench::Params::full() };
             bench::run(&bin, &root().join("examples/lab.yaml"), params, &bench::out_dir(&root()))
         }
+        Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
         Cmd::Test { args } => {
             require_root()?;
             bootstrap()?;

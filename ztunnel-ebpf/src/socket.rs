@@ -12,6 +12,8 @@ use crate::packet::TcpFlow;
 
 /// `sk->state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
+/// `sk->state` of a closed connection lingering in TIME_WAIT.
+const TCP_TIME_WAIT: u32 = 6;
 
 /// A socket reference from `bpf_skc_lookup_tcp`, released on drop.
 pub struct SocketRef(*mut bpf_sock);
@@ -72,7 +74,11 @@ pub fn owner_of(ctx: &TcContext, flow: &TcpFlow) -> Option<SocketRef> {
     let sk = lookup(ctx, flow.saddr, flow.daddr, flow.sport, flow.dport)?;
     // The lookup falls back to a listener bound to the destination port; a
     // listener does not own the flow (and may be an unrelated node service).
-    if sk.state() == TCP_LISTEN {
+    // A TIME_WAIT socket is a finished connection that happened to use the
+    // same ports: a new SYN on that 4-tuple is a new flow, and assigning it
+    // to the TIME_WAIT socket would have the kernel answer RST.
+    let state = sk.state();
+    if state == TCP_LISTEN || state == TCP_TIME_WAIT {
         return None;
     }
     Some(sk)

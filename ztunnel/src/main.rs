@@ -13,7 +13,11 @@ fn main() -> std::process::ExitCode {
     let result = if args.uninstall {
         ztunnel::app::uninstall(&args)
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if args.worker_threads > 0 {
+            builder.worker_threads(args.worker_threads);
+        }
+        builder
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)

@@ -1,7 +1,7 @@
 //! iperf3 servers and clients inside lab namespaces.
 
 use std::{
-    net::IpAddr,
+    net::SocketAddr,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -13,10 +13,10 @@ use ztunnel_tests::netns::Netns;
 pub struct Server(Child);
 
 impl Server {
-    pub fn start(ns: &Netns) -> Result<Self> {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
         let child = ns
             .command("iperf3")
-            .args(["-s", "-p", "5201"])
+            .args(["-s", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -40,10 +40,10 @@ pub struct Run {
 }
 
 /// `iperf3 -c dst -P streams -t secs` from `ns`.
-pub fn run(ns: &Netns, dst: IpAddr, streams: u32, secs: u32) -> Result<Run> {
+pub fn run(ns: &Netns, dst: SocketAddr, streams: u32, secs: u32) -> Result<Run> {
     let out = ns
         .command("iperf3")
-        .args(["-c", &dst.to_string(), "-p", "5201", "-J", "-P", &streams.to_string(), "-t", &secs.to_string()])
+        .args(["-c", &dst.ip().to_string(), "-p", &dst.port().to_string(), "-J", "-P", &streams.to_string(), "-t", &secs.to_string()])
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     if let Some(e) = v["error"].as_str() {

@@ -22,6 +22,7 @@ use serde::Serialize;
 use ztunnel_tests::{
     lab::Lab,
     load::{self, LoadServer, Mode},
+    netns::Netns,
     ztunnel::Ztunnel,
 };
 
@@ -51,7 +52,8 @@ impl Params {
     /// Proves the suite runs; measures nothing worth reading.
     pub fn smoke() -> Self {
         Params {
-            repetitions: 1,
+            // Two, so both no-mesh phases (before and after) run.
+            repetitions: 2,
             iperf_seconds: 1,
             latency_round_trips: 300,
             rate_seconds: 0.5,
@@ -144,17 +146,34 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// The same measurements against servers on other ports. After the mesh
+    /// phase the node namespaces hold ztunnel's TIME_WAIT sockets for a
+    /// minute; the kernel drops forwarded packets whose 4-tuple matches one
+    /// (early demux), so the second no-mesh phase must not reuse the tuples.
+    fn on_fresh_ports(&self, offset: u16) -> Self {
+        let bump = |a: SocketAddr| SocketAddr::new(a.ip(), a.port() + offset);
+        Bench {
+            lab: self.lab,
+            params: self.params,
+            cross: bump(self.cross),
+            same: bump(self.same),
+            echo: bump(self.echo),
+        }
+    }
+}
+
+impl Bench<'_> {
     fn phase(&self, out: &mut Samples, reps: usize, mut on_cross: impl FnMut(f64)) -> Result<()> {
         let client = &self.lab.pod("client").ns;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
             for (streams, cross, same) in [(1, &mut out.cross_1, &mut out.same_1), (4, &mut out.cross_4, &mut out.same_4)] {
-                let r = iperf::run(client, self.cross.ip(), streams, secs)?;
+                let r = iperf::run(client, self.cross, streams, secs).context("iperf3 cross-node")?;
                 on_cross(r.bytes);
                 cross.push(r.gbits);
-                same.push(iperf::run(client, self.same.ip(), streams, secs)?.gbits);
+                same.push(iperf::run(client, self.same, streams, secs).context("iperf3 same-node")?.gbits);
             }
-            let l = load::latency(client, self.echo, 64, self.params.latency_round_trips)?;
+            let l = load::latency(client, self.echo, 64, self.params.latency_round_trips).context("latency")?;
             out.p50.push(l.p50_us);
             out.p90.push(l.p90_us);
             out.p99.push(l.p99_us);
@@ -163,7 +182,8 @@ impl Bench<'_> {
                 self.echo,
                 Duration::from_secs_f64(self.params.rate_seconds),
                 self.params.rate_threads,
-            )?);
+            )
+            .context("connection rate")?);
         }
         Ok(())
     }
@@ -172,14 +192,31 @@ impl Bench<'_> {
 /// Runs the suite. `bin` is the ztunnel binary to measure.
 pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<()> {
     let started = Instant::now();
-    load::raise_fd_limit(262_144);
+    let fd_limit = load::raise_fd_limit(262_144);
+    // The client end of every idle connection lives in this process.
+    let mut params = params;
+    params.idle_connections = params.idle_connections.min((fd_limit as usize).saturating_sub(2000));
     std::env::set_var("ZTUNNEL_BIN", bin);
     let lab = Lab::up()?;
+    // A load generator's usual setting: thousands of short connections a
+    // second would otherwise exhaust the client's ports in TIME_WAIT.
+    for pod in &lab.pods {
+        pod.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
+    for node in &lab.nodes {
+        node.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
     let server = lab.pod("server");
     let neighbor = lab.pod("neighbor");
-    let _iperf = [iperf::Server::start(&server.ns)?, iperf::Server::start(&neighbor.ns)?];
+    let _iperf = [
+        iperf::Server::start(&server.ns, 5201)?,
+        iperf::Server::start(&neighbor.ns, 5201)?,
+        iperf::Server::start(&server.ns, 5301)?,
+        iperf::Server::start(&neighbor.ns, 5301)?,
+    ];
     let _echo = LoadServer::start(&server.ns, server.addr(7000), Mode::Echo)?;
-    let hold = LoadServer::start(&server.ns, server.addr(7001), Mode::Hold)?;
+    let _echo_after = LoadServer::start(&server.ns, server.addr(7100), Mode::Echo)?;
+    let hold = HoldServer::start(&server.ns, server.addr(7001))?;
     let bench = Bench {
         lab: &lab,
         params,
@@ -216,8 +253,8 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let before_idle = [zt1.rss_bytes()?, zt2.rss_bytes()?];
     let conns = load::open_idle(&lab.pod("client").ns, hold.addr, params.idle_connections)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while hold.held() < params.idle_connections && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+    while hold.held(&server.ns) < params.idle_connections && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(500));
     let with_idle = [zt1.rss_bytes()?, zt2.rss_bytes()?];
@@ -232,7 +269,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     }
     if after > 0 {
         eprintln!("[bench] no mesh again ({after} repetitions)");
-        bench.phase(&mut base, after, |_| {})?;
+        bench.on_fresh_ports(100).phase(&mut base, after, |_| {})?;
     }
 
     let mut rows = Vec::new();
@@ -322,6 +359,45 @@ fn print_table(r: &Report) {
                 _ => "-".into(),
             }
         );
+    }
+}
+
+/// The hold server: a child process (`cargo xtask hold-server`) inside a
+/// pod, so the held ends have their own descriptor limit.
+struct HoldServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl HoldServer {
+    fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let child = ns
+            .command(exe)
+            .arg("hold-server")
+            .arg(addr.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the hold server")?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(HoldServer { child, addr })
+    }
+
+    /// Established connections to the hold server, as the kernel counts them.
+    fn held(&self, ns: &Netns) -> usize {
+        let port = format!("( sport = :{} )", self.addr.port());
+        ns.command("ss")
+            .args(["-Htn", "state", "established", &port])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for HoldServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -72,6 +72,10 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_HANDOVER_SOCKET", value_name = "PATH")]
     pub handover_socket: Option<PathBuf>,
 
+    /// Worker threads of the async runtime (0: one per CPU core).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Remove this instance's capture (links, maps, routing rule) and exit.
     /// A normal stop leaves capture attached, failing closed.
     #[arg(long)]

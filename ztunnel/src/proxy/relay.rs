@@ -60,6 +60,7 @@ pub async fn accept_loop<F, Fut>(
             Ok((stream, src)) => {
                 // For a transparent listener, the local address is the original destination.
                 let Ok(dst) = stream.local_addr() else { continue };
+                let _ = stream.set_nodelay(true);
                 let snapshot = state.borrow().clone();
                 drain.tasks.spawn(handle(stream, src, dst, snapshot));
             }

@@ -21,7 +21,7 @@ use tokio::{
     sync::{oneshot, watch},
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{settings, status, stream::H2Stream};
 use crate::{
@@ -114,6 +114,9 @@ async fn serve_connection(
         }
     };
     let _ = socket::set_keepalive(&stream);
+    // Small HTTP/2 frames (window updates, a request's headers) must not
+    // wait for Nagle.
+    let _ = stream.set_nodelay(true);
     let handshake = async {
         let tls_stream = TlsAcceptor::from(config)
             .accept(stream)
@@ -259,7 +262,7 @@ impl StreamContext {
             }
         };
         let tunnel = H2Stream::new(send, request.into_body());
-        info!(src = %self.peer, dst = %target, src_identity = %self.peer_id, "HBONE stream opened");
+        debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, "HBONE stream opened");
         let src_workload = self.state.workload_by_ip(self.peer.ip()).cloned();
         let dst_identity = self.state.identity_of(&workload);
         let metrics = self.proxy.metrics.open(ConnectionLabels::new(
