@@ -117,6 +117,13 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             require_root()?;
             bootstrap()?;
+            // The benchmark suite must keep working: a short run proves it
+            // (its numbers are not checked). First, so the test totals end
+            // the output.
+            let bin = build_release()?;
+            let smoke_dir = root().join("target/bench-smoke");
+            bench::run(&bin, &root().join("examples/lab.yaml"), bench::Params::smoke(), &smoke_dir)
+                .map_err(|e| anyhow::anyhow!("benchmark smoke run failed: {e:#}"))?;
             cargo(&["build", "--package", "ztunnel", "--bins"])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));

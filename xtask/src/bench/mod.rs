@@ -312,13 +312,14 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     };
     let idle_mib = idle.iter().copied().max().unwrap_or(0) as f64 / (1024.0 * 1024.0);
     rows.push(abs("ztunnel RSS idle (larger node)", "MiB", idle_mib, Some(16.0)));
-    let per_conn_kib = per_conn.iter().copied().fold(0.0, f64::max) / 1024.0;
-    rows.push(abs(
-        &format!("memory per idle proxied connection ({} held, larger node)", params.idle_connections),
-        "KiB",
-        per_conn_kib,
-        Some(4.0),
-    ));
+    for (i, node) in ["node1 (client side)", "node2 (server side)"].iter().enumerate() {
+        rows.push(abs(
+            &format!("memory per idle proxied connection, {node}, {} held", params.idle_connections),
+            "KiB",
+            per_conn[i] / 1024.0,
+            Some(4.0),
+        ));
+    }
     rows.push(abs("ztunnel CPU per GB moved (both nodes)", "s/GB", cpu / (bytes / 1e9), None));
 
     let report = Report {

@@ -18,7 +18,7 @@ use tokio::{
 
 /// A direction's buffer starts this small, so the many connections that sit
 /// idle cost little memory...
-const INITIAL_BUFFER: usize = 1024;
+const INITIAL_BUFFER: usize = 256;
 /// ...and grows to this when reads fill it, so bulk transfers take few
 /// syscalls per byte.
 const MAX_BUFFER: usize = 256 * 1024;
