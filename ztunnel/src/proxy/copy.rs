@@ -11,10 +11,13 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
+
+use super::hbone::stream::H2Stream;
 
 /// A direction's buffer starts this small, so the many connections that sit
 /// idle cost little memory...
@@ -115,6 +118,95 @@ where
             buf.resize((buf.len() * 4).min(MAX_BUFFER), 0);
         }
     }
+}
+
+/// Copies between a TCP connection and an HBONE stream without an
+/// intermediate buffer on either side: bytes read from TCP go to HTTP/2 as
+/// they are (`Bytes`, no copy), and DATA frames are written to TCP straight
+/// from h2's buffers. `tcp_initiates` says which side opened the connection,
+/// for the sent/received counters.
+pub async fn relay_h2(
+    tcp: &mut TcpStream,
+    h2: &mut H2Stream,
+    sinks: &[Arc<crate::metrics::TcpCounters>],
+    tcp_initiates: bool,
+) -> io::Result<Transferred> {
+    use bytes::BytesMut;
+    use tokio::io::AsyncReadExt;
+
+    let count = |from_tcp: bool, n: usize| {
+        let sent = from_tcp == tcp_initiates;
+        for sink in sinks {
+            let field = if sent { &sink.sent } else { &sink.received };
+            field.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let (send, recv) = h2.halves();
+    let to_h2 = async {
+        let mut total = 0u64;
+        let mut size = INITIAL_BUFFER;
+        let mut buf = BytesMut::with_capacity(size);
+        loop {
+            if buf.capacity() == 0 {
+                buf.reserve(size);
+            }
+            let room = buf.capacity();
+            let n = tcp_read.read_buf(&mut buf).await?;
+            if n == 0 {
+                // END_STREAM is the tunnel's half-close.
+                return match send.send_data(Bytes::new(), true) {
+                    Ok(()) => Ok(total),
+                    Err(e) if e.is_reset() || e.is_go_away() => Ok(total),
+                    Err(e) => Err(super::hbone::stream::h2_to_io(e)),
+                };
+            }
+            count(true, n);
+            total += n as u64;
+            if n == room && size < MAX_BUFFER {
+                size = (size * 4).min(MAX_BUFFER);
+            }
+            let mut data = buf.split().freeze();
+            while !data.is_empty() {
+                send.reserve_capacity(data.len());
+                let granted = std::future::poll_fn(|cx| send.poll_capacity(cx)).await;
+                let granted = match granted {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Err(super::hbone::stream::h2_to_io(e)),
+                    None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")),
+                };
+                if granted == 0 {
+                    continue;
+                }
+                let chunk = data.split_to(granted.min(data.len()));
+                send.send_data(chunk, false).map_err(super::hbone::stream::h2_to_io)?;
+            }
+        }
+    };
+    let from_h2 = async {
+        let mut total = 0u64;
+        while let Some(data) = recv.data().await {
+            let data = data.map_err(super::hbone::stream::h2_to_io)?;
+            let _ = recv.flow_control().release_capacity(data.len());
+            count(false, data.len());
+            total += data.len() as u64;
+            tcp_write.write_all(&data).await?;
+        }
+        tcp_write.shutdown().await?;
+        Ok::<_, io::Error>(total)
+    };
+    let (from_tcp, to_tcp) = tokio::try_join!(to_h2, from_h2)?;
+    Ok(if tcp_initiates {
+        Transferred {
+            sent: from_tcp,
+            received: to_tcp,
+        }
+    } else {
+        Transferred {
+            sent: to_tcp,
+            received: from_tcp,
+        }
+    })
 }
 
 /// Closes a connection with an RST rather than a FIN, so the client sees a

@@ -11,7 +11,7 @@ use tokio::{
 use tracing::warn;
 
 use super::{
-    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction},
+    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction, Ends},
     Proxy,
 };
 use crate::{authz::Connection, metrics::ConnectionLabels, state::Snapshot};
@@ -73,5 +73,5 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         dst_identity: Some(&dst_identity),
         path: "plaintext",
     };
-    pipe(info, downstream, upstream, Some(registration), vec![metrics]).await
+    pipe(info, Ends::Tcp(downstream, upstream), Some(registration), vec![metrics]).await
 }

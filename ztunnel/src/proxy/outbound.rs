@@ -25,7 +25,7 @@ use ztunnel_common::ports;
 use super::{
     hbone::client::{self, Target},
     is_capture_port, is_own_listener,
-    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction},
+    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction, Ends},
     socket, Proxy,
 };
 use crate::{
@@ -91,7 +91,7 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
             dst_identity: None,
             path: "direct",
         };
-        pipe(info, downstream, stream, None, vec![metrics]).await;
+        pipe(info, Ends::Tcp(downstream, stream), None, vec![metrics]).await;
         return;
     };
 
@@ -145,7 +145,7 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
             Some(stream) => {
                 // Both ends are ours: report as source and as destination.
                 let metrics = vec![proxy.metrics.open(labels("source")), proxy.metrics.open(labels("destination"))];
-                pipe(info("same-node"), downstream, stream, Some(registration), metrics).await
+                pipe(info("same-node"), Ends::Tcp(downstream, stream), Some(registration), metrics).await
             }
             None => refuse(downstream),
         }
@@ -166,7 +166,7 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
     match client::open(&proxy.pool, &tunnel_target).await {
         Ok(stream) => {
             let metrics = proxy.metrics.open(labels("source"));
-            pipe(info("hbone"), downstream, stream, None, vec![metrics]).await
+            pipe(info("hbone"), Ends::Hbone(downstream, stream, true), None, vec![metrics]).await
         }
         Err(e) => {
             info!(%src, %target, error = %e, "HBONE tunnel failed");

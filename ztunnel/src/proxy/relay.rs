@@ -9,13 +9,12 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tracing::{info, warn};
 
-use super::{copy, socket, tracker::Registration, Drain, CONNECT_TIMEOUT};
+use super::{copy, hbone::stream::H2Stream, socket, tracker::Registration, Drain, CONNECT_TIMEOUT};
 use crate::{identity::Identity, metrics::ConnectionMetrics, state::Snapshot};
 
 /// Which way a relayed connection goes, for logs.
@@ -106,32 +105,38 @@ pub struct ConnInfo<'a> {
     pub path: &'static str,
 }
 
-/// Copies bytes between `downstream` and `upstream` until both sides are
-/// done (or authorization revokes the connection), counting them into
-/// `metrics` as they move, then writes the access log line.
-pub async fn pipe<D, U>(
-    info: ConnInfo<'_>,
-    mut downstream: D,
-    mut upstream: U,
-    registration: Option<Registration>,
-    metrics: Vec<ConnectionMetrics>,
-) where
-    D: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
+/// The two ends of a relayed connection.
+pub enum Ends {
+    /// TCP on both sides.
+    Tcp(TcpStream, TcpStream),
+    /// A TCP connection and an HBONE stream; `bool`: the TCP side opened
+    /// the connection.
+    Hbone(TcpStream, H2Stream, bool),
+}
+
+/// Copies bytes between the two ends until both sides are done (or
+/// authorization revokes the connection), counting them into `metrics` as
+/// they move, then writes the access log line.
+pub async fn pipe(info: ConnInfo<'_>, ends: Ends, registration: Option<Registration>, metrics: Vec<ConnectionMetrics>) {
     let started = Instant::now();
     let sinks: Vec<_> = metrics.iter().map(|m| m.counters().clone()).collect();
+    let mut ends = ends;
+    let copy = async {
+        match &mut ends {
+            Ends::Tcp(a, b) => copy::relay(a, b, &sinks).await,
+            Ends::Hbone(tcp, h2, tcp_initiates) => copy::relay_h2(tcp, h2, &sinks, *tcp_initiates).await,
+        }
+    };
     let outcome = match registration {
         Some(mut registration) => tokio::select! {
-            result = copy::relay(&mut downstream, &mut upstream, &sinks) => Outcome::Done(result),
+            result = copy => Outcome::Done(result),
             Ok(denial) = &mut registration.closed => Outcome::Revoked(denial),
         },
-        None => Outcome::Done(copy::relay(&mut downstream, &mut upstream, &sinks).await),
+        None => Outcome::Done(copy.await),
     };
-    // Dropping both streams closes them; the sinks hold the byte counts
-    // even when the copy was cut short.
-    drop(downstream);
-    drop(upstream);
+    // Dropping both ends closes them; the sinks hold the byte counts even
+    // when the copy was cut short.
+    drop(ends);
     let (sent, received) = sinks
         .first()
         .map(|c| (c.sent.load(Ordering::Relaxed), c.received.load(Ordering::Relaxed)))

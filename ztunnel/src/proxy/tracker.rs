@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -94,13 +93,5 @@ impl Tracker {
             }
         }
         closed
-    }
-
-    /// Tracked connections to `ip`.
-    pub fn count_to(&self, ip: IpAddr) -> usize {
-        self.conns
-            .lock()
-            .map(|c| c.values().filter(|e| e.conn.dst.ip() == ip).count())
-            .unwrap_or(0)
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     metrics::ConnectionLabels,
     proxy::{
         copy,
-        relay::{pipe, ConnInfo, Direction},
+        relay::{pipe, ConnInfo, Direction, Ends},
         socket, Proxy, CONNECT_TIMEOUT,
     },
     state::Snapshot,
@@ -284,7 +284,7 @@ impl StreamContext {
             dst_identity: Some(&dst_identity),
             path: "hbone",
         };
-        pipe(info, tunnel, upstream, Some(registration), vec![metrics]).await;
+        pipe(info, Ends::Hbone(upstream, tunnel, false), Some(registration), vec![metrics]).await;
     }
 
     /// The target of a CONNECT, or the status to refuse it with.

@@ -31,6 +31,13 @@ impl H2Stream {
         }
     }
 
+    /// The two halves, for copying without an intermediate buffer. Only for
+    /// a stream nothing has been read from yet.
+    pub fn halves(&mut self) -> (&mut SendStream<Bytes>, &mut RecvStream) {
+        debug_assert!(self.pending.is_empty());
+        (&mut self.send, &mut self.recv)
+    }
+
     /// Keeps `guard` alive until the stream is dropped.
     pub fn with_guard(mut self, guard: impl Send + Sync + 'static) -> Self {
         self._guard = Some(Box::new(guard));
@@ -38,7 +45,7 @@ impl H2Stream {
     }
 }
 
-fn h2_to_io(e: h2::Error) -> io::Error {
+pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         match e.into_io() {
             Some(io) => io,
