@@ -70,6 +70,9 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
     let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
     flow(&lab, "client -> server (ztunnel back)", FlowFrom::Pod("client"), server.addr(8080))?;
 
+    // The access log line is written when the connection has closed on
+    // ztunnel's side too; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     println!("\n== node1's ztunnel said:");
     for line in zt1
         .log_text()
