@@ -280,3 +280,48 @@ fn one_gib_arrives_intact_through_the_relay() -> Result<()> {
     assert_eq!(report.peer.ip(), ip(client));
     Ok(())
 }
+
+/// A server that speaks first and closes first, so ztunnel's side of the
+/// client's connection is the one left in TIME_WAIT.
+fn start_greeter(ns: &ztunnel_tests::netns::Netns, addr: SocketAddr) -> Result<std::thread::JoinHandle<()>> {
+    let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
+    Ok(std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            if let Ok(mut s) = stream {
+                use std::io::Write;
+                let _ = s.write_all(b"hello\n");
+            }
+        }
+    }))
+}
+
+#[test]
+fn a_port_reused_right_away_is_not_stalled_by_time_wait() -> Result<()> {
+    let s = Setup::new()?;
+    let _zt1 = s.ztunnel("node1")?;
+    let plain = s.lab.pod("plain");
+    let greeter = start_greeter(&plain.ns, plain.addr(8080))?;
+    let client = s.lab.pod("client");
+    let dst = plain.addr(8080);
+    // Twice from the same source port: the first connection leaves
+    // ztunnel's accepted socket (same 4-tuple) in TIME_WAIT on the node.
+    for round in 0..2 {
+        let started = Instant::now();
+        let greeting = client.ns.run(move || -> std::io::Result<Vec<u8>> {
+            use std::io::Read;
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from(([198, 18, 1, 10], 42424)).into())?;
+            socket.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+            let mut stream: std::net::TcpStream = socket.into();
+            let mut out = Vec::new();
+            stream.read_to_end(&mut out)?;
+            Ok(out)
+        })??;
+        assert_eq!(greeting, b"hello\n", "round {round}");
+        assert!(started.elapsed() < Duration::from_secs(2), "round {round} stalled for {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    greeter.join().map_err(|_| anyhow::anyhow!("greeter panicked"))?;
+    Ok(())
+}

@@ -47,6 +47,16 @@ pub mod maps {
     pub const POLICY_TABLES: [&str; 2] = ["ZT_POLICY_A", "ZT_POLICY_B"];
     /// One `u32`: the index of the live policy table.
     pub const POLICY_ACTIVE: &str = "ZT_POLICY_ACTIVE";
+    /// ztunnel's listening sockets, by [`super::listener_index`]. Not pinned:
+    /// each process fills its own with the sockets it serves.
+    pub const LISTENERS: &str = "ZT_LISTENERS";
+}
+
+/// Slots of the listener map.
+pub mod listener_index {
+    pub const OUTBOUND: u32 = 0;
+    pub const INBOUND_PLAINTEXT: u32 = 1;
+    pub const INBOUND_HBONE: u32 = 2;
 }
 
 /// Names of the programs in the eBPF object.
@@ -55,6 +65,10 @@ pub mod programs {
     pub const POD_INGRESS: &str = "zt_pod_ingress";
     /// TC ingress on an uplink: everything other nodes send to this node.
     pub const UPLINK_INGRESS: &str = "zt_uplink_ingress";
+    /// The netns's listener lookup (BPF sk_lookup): picks ztunnel's
+    /// listener for captured SYNs, also when a TIME_WAIT socket holds the
+    /// same 4-tuple (the kernel then retires it, as it does for TPROXY).
+    pub const LISTENER_LOOKUP: &str = "zt_listener_lookup";
 }
 
 /// Capacity of each policy table (entries, not policies).

@@ -6,6 +6,8 @@
 //! 2. A SYN from an enrolled pod goes to the outbound listener (15001).
 //! 3. A SYN to an enrolled pod goes to the inbound HBONE listener (15008) when
 //!    addressed to port 15008, else to the inbound plaintext listener (15006).
+//!    Rules 2 and 3 mark the SYN for local delivery; the sk_lookup program
+//!    (`lookup`) then picks the listener inside the kernel's own lookup.
 //! 4. Rules 2 and 3 fail closed: with no listener the SYN is dropped, so an
 //!    enrolled pod's traffic never bypasses the mesh.
 //! 5. Before rule 3 hands a plaintext SYN (not to 15008) to userspace, the
@@ -89,18 +91,18 @@ fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
     Some(assign(ctx, sk))
 }
 
-/// Rules 2-4: hands a SYN to a listener, or drops it when none is listening.
+/// Rules 2-4: sends a SYN to ztunnel's listener, or drops it when none is
+/// listening. The SYN is only marked for local delivery; the listener is
+/// picked by the netns's sk_lookup program (see `lookup`), so the kernel's
+/// TIME_WAIT handling sees the SYN.
 #[inline(always)]
 fn to_listener(ctx: &TcContext, flow: &TcpFlow, port: u16, pod_be: u32, counter: Counter) -> i32 {
     match listener(ctx, flow, port.to_be()) {
         Some(sk) => {
-            let verdict = assign(ctx, sk);
-            if verdict == TC_ACT_OK as i32 {
-                count(pod_be, counter);
-            } else {
-                count(pod_be, Counter::DroppedNoListener);
-            }
-            verdict
+            drop(sk);
+            count(pod_be, counter);
+            mark_local(ctx);
+            TC_ACT_OK as i32
         }
         None => {
             count(pod_be, Counter::DroppedNoListener);
@@ -116,6 +118,13 @@ fn assign(ctx: &TcContext, sk: crate::socket::SocketRef) -> i32 {
         // clear past the mesh.
         return TC_ACT_SHOT as i32;
     }
+    mark_local(ctx);
+    TC_ACT_OK as i32
+}
+
+/// Marks the packet for the policy route that delivers it locally.
+#[inline(always)]
+fn mark_local(ctx: &TcContext) {
     // Whole-word volatile accesses: the verifier only allows 4-byte access
     // to `mark`, and the optimiser would otherwise store just the changed half.
     // SAFETY: the skb pointer is the one this program was given.
@@ -124,5 +133,4 @@ fn assign(ctx: &TcContext, sk: crate::socket::SocketRef) -> i32 {
         let old = core::ptr::read_volatile(mark);
         core::ptr::write_volatile(mark, (old & !CAPTURE_MARK_MASK) | CAPTURE_MARK);
     }
-    TC_ACT_OK as i32
 }

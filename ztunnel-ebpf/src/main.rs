@@ -7,11 +7,15 @@
 #![no_main]
 
 mod capture;
+mod lookup;
 mod maps;
 mod packet;
 mod socket;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, sk_lookup},
+    programs::{SkLookupContext, TcContext},
+};
 
 /// Attached at the TC ingress of a pod's host-side veth: sees every packet the
 /// pod sends (outbound capture), and every packet a local pod sends to another
@@ -27,6 +31,14 @@ pub fn zt_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn zt_uplink_ingress(ctx: TcContext) -> i32 {
     capture::from_uplink(&ctx)
+}
+
+/// Attached to ztunnel's network namespace: when the kernel looks for a
+/// listener for a SYN the TC programs marked for local delivery, this
+/// picks ztunnel's.
+#[sk_lookup]
+pub fn zt_listener_lookup(ctx: SkLookupContext) -> u32 {
+    lookup::steer(&ctx)
 }
 
 #[cfg(not(test))]

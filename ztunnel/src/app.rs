@@ -164,6 +164,19 @@ pub async fn run(args: Args, log_control: LogControl) -> anyhow::Result<()> {
         error!(error = %e, "issuing certificates failed; retrying");
     }
     let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
+    {
+        use ztunnel_common::listener_index as slot;
+        let fd = |name: &str| raw_fds.iter().find(|(n, _)| n == name).map(|(_, fd)| *fd);
+        let listeners: Vec<(u32, RawFd)> = [
+            (slot::OUTBOUND, fd("outbound")),
+            (slot::INBOUND_PLAINTEXT, fd("inbound_plaintext")),
+            (slot::INBOUND_HBONE, fd("inbound_hbone")),
+        ]
+        .into_iter()
+        .filter_map(|(i, fd)| fd.map(|fd| (i, fd)))
+        .collect();
+        tokio::task::block_in_place(|| capture.serve_listeners(&listeners))?;
+    }
     tokio::task::block_in_place(routing::install_capture_route)?;
     sync_policy(&mut capture, &snapshot);
     let capture_status = sync(&mut capture, &snapshot, &args.uplinks)?;

@@ -18,9 +18,9 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues, SockMap,
     },
-    programs::SchedClassifier,
+    programs::{SchedClassifier, SkLookup},
     Ebpf, EbpfLoader,
 };
 use ztunnel_common::{maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict};
@@ -108,6 +108,8 @@ pub struct Capture {
     /// Links this process attached or re-adopted; others are re-adopted on
     /// first sight, then left alone.
     owned_links: HashSet<String>,
+    /// This process's listening sockets, for the sk_lookup program.
+    listeners: SockMap<MapData>,
 }
 
 impl Capture {
@@ -140,6 +142,7 @@ impl Capture {
             take_map(&mut ebpf, b, |m| LpmTrie::try_from(m))?,
         ];
         let policy_active = take_map(&mut ebpf, maps::POLICY_ACTIVE, |m| Array::try_from(m))?;
+        let listeners = take_map(&mut ebpf, maps::LISTENERS, |m| SockMap::try_from(m))?;
         Ok(Capture {
             ebpf,
             links_dir,
@@ -147,8 +150,42 @@ impl Capture {
             counters,
             policy_tables,
             policy_active,
+            listeners,
             owned_links: HashSet::new(),
         })
+    }
+
+    /// Hands the kernel this process's listening sockets and attaches the
+    /// listener-lookup program to the current network namespace, for as long
+    /// as this process lives: captured SYNs marked by the TC programs are
+    /// then delivered to these listeners by the kernel's own lookup.
+    pub fn serve_listeners(&mut self, listeners: &[(u32, std::os::fd::RawFd)]) -> Result<(), RedirectError> {
+        for (index, fd) in listeners {
+            // SAFETY: the caller's listeners outlive this call; the map takes
+            // its own reference to each socket.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+            self.listeners
+                .set(*index, &fd, 0)
+                .map_err(|source| RedirectError::Map { map: maps::LISTENERS, source })?;
+        }
+        let netns = std::fs::File::open("/proc/self/ns/net").map_err(|source| RedirectError::PinDir {
+            path: PathBuf::from("/proc/self/ns/net"),
+            source,
+        })?;
+        let program: &mut SkLookup = self
+            .ebpf
+            .program_mut(programs::LISTENER_LOOKUP)
+            .ok_or_else(|| RedirectError::Load(format!("program {} missing from the object", programs::LISTENER_LOOKUP)))?
+            .try_into()
+            .map_err(|e| RedirectError::Load(format!("program {}: {e}", programs::LISTENER_LOOKUP)))?;
+        program
+            .load()
+            .map_err(|e| RedirectError::Load(format!("{}: {e}", programs::LISTENER_LOOKUP)))?;
+        program.attach(netns).map_err(|e| RedirectError::Attach {
+            iface: "network namespace (sk_lookup)".into(),
+            message: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Makes the kernel capture exactly what `plan` says: programs on every
