@@ -6,6 +6,7 @@ pub mod lab;
 pub mod load;
 pub mod netns;
 pub mod peer;
+pub mod setup;
 pub mod sniff;
 pub mod traffic;
 pub mod ztunnel;

@@ -1,46 +1,16 @@
 //! Authorization in the lab: HBONE denials, plaintext dropped in the kernel,
 //! dry run, live revocation, and malformed policies.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::Result;
 use ztunnel_tests::{
-    lab::{self, Lab},
+    lab,
+    setup::Setup,
     traffic::{request, Connection, Server},
-    ztunnel::{counters, Ztunnel},
+    ztunnel::counters,
 };
 
-struct Setup {
-    lab: Lab,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new(policies: &str) -> Result<Self> {
-        let lab = Lab::up()?;
-        let config = std::env::temp_dir().join(format!("{}-config.yaml", lab.prefix));
-        let s = Setup { lab, config };
-        s.write(policies)?;
-        Ok(s)
-    }
-
-    fn write(&self, policies: &str) -> Result<()> {
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, lab::config_yaml_with(&[], &[], policies))?;
-        std::fs::rename(&tmp, &self.config)?;
-        Ok(())
-    }
-
-    fn ztunnel(&self, node: &str) -> Result<Ztunnel> {
-        Ztunnel::start(self.lab.node(node), &self.config, &self.lab.ca_dir)
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
 
 fn policy(name: &str, action: &str, dry_run: bool, rules: &str) -> String {
     format!("- name: {name}\n  namespace: default\n  scope: Namespace\n  action: {action}\n  dryRun: {dry_run}\n  rules: {rules}\n")
@@ -50,9 +20,9 @@ const DENY_CLIENT: &str = "[[[{principals: [!Exact cluster.local/ns/default/sa/c
 
 #[test]
 fn hbone_connection_denied_by_principal() -> Result<()> {
-    let s = Setup::new(&format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT)))?;
-    let _zt1 = s.ztunnel("node1")?;
-    let mut zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT))))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let mut zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
 
@@ -74,12 +44,12 @@ fn hbone_connection_denied_by_principal() -> Result<()> {
 #[test]
 fn plaintext_denied_in_the_kernel() -> Result<()> {
     // Every workload in `default` requires a mesh identity.
-    let s = Setup::new(&format!(
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], &format!(
         "policies:\n{}",
         policy("require-mtls", "Allow", false, "[[[{principals: [!Prefix cluster.local/]}]]]")
-    ))?;
-    let _zt1 = s.ztunnel("node1")?;
-    let mut zt2 = s.ztunnel("node2")?;
+    )))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let mut zt2 = s.ztunnel("node2", &[])?;
     zt2.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
@@ -106,9 +76,9 @@ fn plaintext_denied_in_the_kernel() -> Result<()> {
 
 #[test]
 fn dry_run_deny_only_logs() -> Result<()> {
-    let s = Setup::new(&format!("policies:\n{}", policy("audit", "Deny", true, "[[]]")))?;
-    let _zt1 = s.ztunnel("node1")?;
-    let mut zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("audit", "Deny", true, "[[]]"))))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let mut zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
     request(&s.lab.pod("client").ns, server.addr, 1024)?;
@@ -122,9 +92,9 @@ fn dry_run_deny_only_logs() -> Result<()> {
 
 #[test]
 fn live_connection_closed_when_a_policy_forbids_it() -> Result<()> {
-    let s = Setup::new("")?;
-    let _zt1 = s.ztunnel("node1")?;
-    let mut zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], ""))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let mut zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
     let held = Connection::open(&s.lab.pod("client").ns, server.addr, Duration::from_secs(5))?;
@@ -135,7 +105,7 @@ fn live_connection_closed_when_a_policy_forbids_it() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    s.write(&format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT)))?;
+    s.write(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT))))?;
     zt2.wait_for_log("connection closed: no longer allowed after a policy update", Duration::from_secs(10))?;
     let log = zt2.log_text();
     assert!(
@@ -150,9 +120,9 @@ fn live_connection_closed_when_a_policy_forbids_it() -> Result<()> {
 #[test]
 fn malformed_policy_is_refused_and_the_previous_set_stays() -> Result<()> {
     let good = format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT));
-    let s = Setup::new(&good)?;
-    let _zt1 = s.ztunnel("node1")?;
-    let mut zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], &good))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let mut zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
     let client = s.lab.pod("client");
@@ -165,7 +135,7 @@ fn malformed_policy_is_refused_and_the_previous_set_stays() -> Result<()> {
     ];
     for (n, (rules, field)) in bad.iter().enumerate() {
         // A bad policy that would allow everything if it were taken.
-        s.write(&format!("policies:\n{}", policy("broken", "Allow", false, rules)))?;
+        s.write(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("broken", "Allow", false, rules))))?;
         zt2.wait_for_log_count("configuration rejected", n + 1, Duration::from_secs(10))?;
         let log = zt2.log_text();
         let line = log.lines().filter(|l| l.contains("configuration rejected")).nth(n).unwrap_or_default();

@@ -3,49 +3,17 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Result};
 use ztunnel_tests::{
-    lab::{self, Lab},
+    lab,
+    setup::Setup,
     traffic::{request, Connection, Server},
-    ztunnel::{counters, ztunnel_owns, Ztunnel},
+    ztunnel::{counters, ztunnel_owns},
 };
 
-/// A lab with its config file written.
-struct Setup {
-    lab: Lab,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Result<Self> {
-        let lab = Lab::up()?;
-        let config = std::env::temp_dir().join(format!("{}-config.yaml", lab.prefix));
-        std::fs::write(&config, lab::config_yaml(&[]))?;
-        Ok(Setup { lab, config })
-    }
-
-    fn ztunnel(&self, node: &str) -> Result<Ztunnel> {
-        Ztunnel::start(self.lab.node(node), &self.config, &self.lab.ca_dir)
-    }
-
-    fn write_config(&self, enrolled: &[(&str, bool)]) -> Result<()> {
-        // Write-then-rename, as editors and ConfigMap updates do.
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, lab::config_yaml(enrolled))?;
-        std::fs::rename(&tmp, &self.config)?;
-        Ok(())
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
 
 fn ip(pod: &lab::Pod) -> IpAddr {
     IpAddr::V4(pod.spec.ip)
@@ -77,9 +45,9 @@ fn held_exchange(s: &Setup, from: &str, to: SocketAddr, node: &str) -> Result<(b
 
 #[test]
 fn enrolled_pod_to_other_node_is_captured_and_tunnelled_keeping_client_ip() -> Result<()> {
-    let s = Setup::new()?;
-    let _zt1 = s.ztunnel("node1")?;
-    let _zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
     let client = s.lab.pod("client");
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
@@ -105,9 +73,9 @@ fn enrolled_pod_to_other_node_is_captured_and_tunnelled_keeping_client_ip() -> R
 
 #[test]
 fn same_node_and_inbound_flows_are_captured() -> Result<()> {
-    let s = Setup::new()?;
-    let _zt1 = s.ztunnel("node1")?;
-    let _zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
     let neighbor = s.lab.pod("neighbor");
     let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
 
@@ -133,9 +101,9 @@ fn same_node_and_inbound_flows_are_captured() -> Result<()> {
 
 #[test]
 fn unenrolled_pods_and_node_probes_bypass_ztunnel() -> Result<()> {
-    let s = Setup::new()?;
-    let _zt1 = s.ztunnel("node1")?;
-    let _zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
 
     // Not enrolled -> not enrolled across nodes.
     let plain = s.lab.pod("plain");
@@ -167,9 +135,9 @@ fn node1_connect(s: &Setup, to: SocketAddr) -> Result<Connection> {
 
 #[test]
 fn editing_the_config_enrolls_and_releases_a_running_pod() -> Result<()> {
-    let s = Setup::new()?;
-    let mut zt1 = s.ztunnel("node1")?;
-    let _zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
     let bystander = s.lab.pod("bystander");
     let plain = s.lab.pod("plain");
     let server = Server::start(&plain.ns, plain.addr(8080))?;
@@ -180,7 +148,7 @@ fn editing_the_config_enrolls_and_releases_a_running_pod() -> Result<()> {
     // A connection opened before enrollment must survive it.
     let before = Connection::open(&bystander.ns, server.addr, Duration::from_secs(5))?;
 
-    s.write_config(&[("bystander", true)])?;
+    s.write(&lab::config_yaml(&[("bystander", true)]))?;
     zt1.wait_for_log("configuration reloaded", Duration::from_secs(10))?;
     eventually("bystander enrolled in the kernel", Duration::from_secs(10), || {
         Ok(counters(node1, bystander.spec.ip)?.is_some())
@@ -191,7 +159,7 @@ fn editing_the_config_enrolls_and_releases_a_running_pod() -> Result<()> {
     let report = before.exchange(256 * 1024)?;
     assert_eq!(report.peer.ip(), ip(bystander), "pre-enrollment connection broke");
 
-    s.write_config(&[("bystander", false)])?;
+    s.write(&lab::config_yaml(&[("bystander", false)]))?;
     eventually("bystander released in the kernel", Duration::from_secs(10), || {
         Ok(counters(node1, bystander.spec.ip)?.is_none())
     })?;
@@ -203,9 +171,9 @@ fn editing_the_config_enrolls_and_releases_a_running_pod() -> Result<()> {
 
 #[test]
 fn killed_ztunnel_fails_closed_and_restart_readopts_capture() -> Result<()> {
-    let s = Setup::new()?;
-    let mut zt1 = s.ztunnel("node1")?;
-    let _zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
     let client = s.lab.pod("client");
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
@@ -221,7 +189,7 @@ fn killed_ztunnel_fails_closed_and_restart_readopts_capture() -> Result<()> {
     let c = counters(s.lab.node("node1"), client.spec.ip)?.expect("counters survive the process");
     assert!(c.dropped_no_listener >= 1, "drop not counted: {c:?}");
 
-    let zt1 = s.ztunnel("node1")?;
+    let zt1 = s.ztunnel("node1", &[])?;
     assert!(zt1.log_text().contains("Readopted"), "restart did not re-adopt the pinned links");
     let report = request(&client.ns, server.addr, 1024)?;
     assert_eq!(report.peer.ip(), ip(client));
@@ -232,8 +200,8 @@ fn killed_ztunnel_fails_closed_and_restart_readopts_capture() -> Result<()> {
 
 #[test]
 fn stopped_ztunnel_leaves_enrolled_pods_unable_to_connect() -> Result<()> {
-    let s = Setup::new()?;
-    let mut zt1 = s.ztunnel("node1")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
     let client = s.lab.pod("client");
     let plain = s.lab.pod("plain");
     let server = Server::start(&plain.ns, plain.addr(8080))?;
@@ -256,8 +224,8 @@ fn stopped_ztunnel_leaves_enrolled_pods_unable_to_connect() -> Result<()> {
 
 #[test]
 fn pod_connecting_to_ztunnel_ports_is_refused() -> Result<()> {
-    let s = Setup::new()?;
-    let mut zt1 = s.ztunnel("node1")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
     let client = s.lab.pod("client");
     let own = SocketAddr::from((s.lab.node("node1").underlay_ip, 15001));
     let result = Connection::open(&client.ns, own, Duration::from_secs(2)).and_then(|c| c.exchange(16));
@@ -268,9 +236,9 @@ fn pod_connecting_to_ztunnel_ports_is_refused() -> Result<()> {
 
 #[test]
 fn one_gib_arrives_intact_through_the_relay() -> Result<()> {
-    let s = Setup::new()?;
-    let _zt1 = s.ztunnel("node1")?;
-    let _zt2 = s.ztunnel("node2")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
     let client = s.lab.pod("client");
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
@@ -297,8 +265,8 @@ fn start_greeter(ns: &ztunnel_tests::netns::Netns, addr: SocketAddr) -> Result<s
 
 #[test]
 fn a_port_reused_right_away_is_not_stalled_by_time_wait() -> Result<()> {
-    let s = Setup::new()?;
-    let _zt1 = s.ztunnel("node1")?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
     let plain = s.lab.pod("plain");
     let greeter = start_greeter(&plain.ns, plain.addr(8080))?;
     let client = s.lab.pod("client");

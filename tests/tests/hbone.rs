@@ -4,43 +4,20 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use ztunnel::identity::{ca, Identity, LocalCa};
 use ztunnel_tests::{
-    lab::{self, Lab},
+    lab,
     peer::{self, Outcome},
+    setup::Setup,
     sniff::Sniffer,
     traffic::{request, Connection, Server},
     ztunnel::{sockets, Ztunnel},
 };
 
-struct Setup {
-    lab: Lab,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new(yaml: String) -> Result<Self> {
-        let lab = Lab::up()?;
-        let config = std::env::temp_dir().join(format!("{}-config.yaml", lab.prefix));
-        std::fs::write(&config, yaml)?;
-        Ok(Setup { lab, config })
-    }
-
-    fn ztunnel(&self, node: &str, extra: &[&str]) -> Result<Ztunnel> {
-        Ztunnel::start_with(self.lab.node(node), &self.config, &self.lab.ca_dir, extra)
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
 
 fn ip_of(pod: &lab::Pod) -> IpAddr {
     IpAddr::V4(pod.spec.ip)
@@ -56,7 +33,7 @@ fn hbone_connections(node: &lab::Node) -> Result<usize> {
 
 #[test]
 fn cross_node_traffic_is_mutual_tls_on_the_underlay() -> Result<()> {
-    let s = Setup::new(lab::config_yaml(&[]))?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let mut zt2 = s.ztunnel("node2", &[])?;
     let client = s.lab.pod("client");
@@ -87,7 +64,7 @@ fn service_vip_reaches_its_endpoints_with_port_mapping() -> Result<()> {
         &[("server", "\"default/echo.default.svc.cluster.local\": {80: 8080}"), ("neighbor", "\"default/echo.default.svc.cluster.local\": {80: 9090}")],
         "services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/198.18.100.1\"]\n  ports: {80: 8080}\n",
     );
-    let s = Setup::new(yaml)?;
+    let s = Setup::new(&yaml)?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
@@ -109,7 +86,7 @@ fn service_vip_reaches_its_endpoints_with_port_mapping() -> Result<()> {
 
 #[test]
 fn concurrent_streams_share_pooled_connections() -> Result<()> {
-    let s = Setup::new(lab::config_yaml(&[]))?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
     let zt1 = s.ztunnel("node1", &[])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let client = s.lab.pod("client");
@@ -141,7 +118,7 @@ fn concurrent_streams_share_pooled_connections() -> Result<()> {
 
 #[test]
 fn certificates_rotate_during_a_long_transfer() -> Result<()> {
-    let s = Setup::new(lab::config_yaml(&[]))?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
     // Four-second certificates: replaced every two seconds.
     let mut zt1 = s.ztunnel("node1", &["--workload-cert-ttl", "4s"])?;
     let _zt2 = s.ztunnel("node2", &["--workload-cert-ttl", "4s"])?;
@@ -163,7 +140,7 @@ fn certificates_rotate_during_a_long_transfer() -> Result<()> {
 
 #[test]
 fn same_node_traffic_skips_the_network_with_identity_checks() -> Result<()> {
-    let s = Setup::new(lab::config_yaml(&[]))?;
+    let s = Setup::new(&lab::config_yaml(&[]))?;
     let mut zt1 = s.ztunnel("node1", &[])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");
@@ -191,7 +168,7 @@ struct Hostile {
 
 impl Hostile {
     fn new() -> Result<Self> {
-        let s = Setup::new(lab::config_yaml(&[]))?;
+        let s = Setup::new(&lab::config_yaml(&[]))?;
         let _zt1 = s.ztunnel("node1", &[])?;
         let zt2 = s.ztunnel("node2", &["--handshake-timeout", "2s"])?;
         let server_pod = s.lab.pod("server");

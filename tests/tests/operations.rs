@@ -3,7 +3,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -14,60 +13,27 @@ use std::{
 use anyhow::{Context, Result};
 use ztunnel_tests::{
     http::{self, sample},
-    lab::{self, Lab, PodSpec},
+    lab::{self, PodSpec},
+    setup::Setup,
     traffic::{request, Connection, Server},
-    ztunnel::Ztunnel,
 };
 
-struct Setup {
-    lab: Lab,
-    config: PathBuf,
+fn node_addr(s: &Setup, node: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((s.lab.node(node).underlay_ip, port))
 }
 
-impl Setup {
-    fn new(tail: &str) -> Result<Self> {
-        let lab = Lab::up()?;
-        let config = std::env::temp_dir().join(format!("{}-config.yaml", lab.prefix));
-        let s = Setup { lab, config };
-        s.write(tail)?;
-        Ok(s)
-    }
-
-    fn write(&self, tail: &str) -> Result<()> {
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, lab::config_yaml_with(&[], &[], tail))?;
-        std::fs::rename(&tmp, &self.config)?;
-        Ok(())
-    }
-
-    fn ztunnel(&self, node: &str, extra: &[&str]) -> Result<Ztunnel> {
-        Ztunnel::start_with(self.lab.node(node), &self.config, &self.lab.ca_dir, extra)
-    }
-
-    fn node_addr(&self, node: &str, port: u16) -> SocketAddr {
-        SocketAddr::from((self.lab.node(node).underlay_ip, port))
-    }
-
-    fn metrics(&self, node: &str) -> Result<String> {
-        let r = http::get(&self.lab.node(node).ns, self.node_addr(node, 15020), "/metrics")?;
-        anyhow::ensure!(r.status == 200, "metrics answered {}", r.status);
-        Ok(r.body)
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
+fn metrics(s: &Setup, node: &str) -> Result<String> {
+    let r = http::get(&s.lab.node(node).ns, node_addr(s, node, 15020), "/metrics")?;
+    anyhow::ensure!(r.status == 200, "metrics answered {}", r.status);
+    Ok(r.body)
 }
 
 const LOCALHOST_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 
 #[test]
 fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
-    let s = Setup::new(
-        "policies:\n- name: require-mtls\n  namespace: default\n  scope: Namespace\n  action: Allow\n  dryRun: false\n  rules: [[[{principals: [!Prefix cluster.local/]}]]]\n",
-    )?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], "policies:\n- name: require-mtls\n  namespace: default\n  scope: Namespace\n  action: Allow\n  dryRun: false\n  rules: [[[{principals: [!Prefix cluster.local/]}]]]\n",
+    ))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
@@ -84,7 +50,7 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let m = s.metrics("node2")?;
+        let m = metrics(&s, "node2")?;
         let sent = sample(&m, "istio_tcp_sent_bytes_total", &[("reporter", "destination"), ("source_workload", "client")]).unwrap_or(0.0);
         if sent >= partial.len() as f64 {
             break;
@@ -103,7 +69,7 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
     }
 
     for (node, reporter) in [("node1", "source"), ("node2", "destination")] {
-        let m = s.metrics(node)?;
+        let m = metrics(&s, node)?;
         let labels = [
             ("reporter", reporter),
             ("source_workload", "client"),
@@ -127,7 +93,7 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
         assert!(received > 0.0 && received < 1024.0, "{node}: received {received} (the server's one-line report)");
         assert!(m.contains("istio_tcp_received_bytes_total{reporter=\""), "{node}: families missing");
     }
-    let m = s.metrics("node2")?;
+    let m = metrics(&s, "node2")?;
     let dropped = sample(&m, "ztunnel_kernel_syn_dropped_total", &[("workload", "server"), ("reason", "policy")]);
     assert_eq!(dropped, Some(3.0), "kernel drops do not match the 3 denied SYNs:\n{m}");
     assert!(sample(&m, "ztunnel_kernel_flows_captured_total", &[("workload", "server"), ("direction", "inbound")]).unwrap_or(0.0) >= 1.0);
@@ -136,7 +102,7 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
         assert!(sample(&m, name, &[]).is_some(), "no {name}");
     }
     // Same text on Istio's other path.
-    let r = http::get(&s.lab.node("node2").ns, s.node_addr("node2", 15020), "/stats/prometheus")?;
+    let r = http::get(&s.lab.node("node2").ns, node_addr(&s, "node2", 15020), "/stats/prometheus")?;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("istio_tcp_connections_opened_total"));
     Ok(())
@@ -144,7 +110,7 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
 
 #[test]
 fn config_dump_shows_every_enrolled_attachment() -> Result<()> {
-    let s = Setup::new("")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], ""))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let r = http::get(&s.lab.node("node1").ns, LOCALHOST_ADMIN, "/config_dump")?;
     assert_eq!(r.status, 200);
@@ -177,17 +143,17 @@ fn readiness_waits_for_every_enrolled_pod() -> Result<()> {
         service_account: "late",
     };
     let tail = "- uid: lab//v1/Pod/default/late\n  name: late\n  namespace: default\n  serviceAccount: late\n  workloadIps: [\"198.18.1.50\"]\n  protocol: HBONE\n  node: node1\n  services: {}\n";
-    let mut s = Setup::new(tail)?;
+    let mut s = Setup::new(&lab::config_yaml_with(&[], &[], tail))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let node1 = s.lab.node("node1");
-    let ready = http::get(&node1.ns, s.node_addr("node1", 15021), "/healthz/ready")?;
+    let ready = http::get(&node1.ns, node_addr(&s, "node1", 15021), "/healthz/ready")?;
     assert_eq!(ready.status, 503, "ready while an enrolled pod has no capture");
     assert!(ready.body.contains("198.18.1.50"), "the reason does not name the pod: {}", ready.body);
     // The pod's sandbox appears; ztunnel finds its veth on the next resync.
     s.lab.add_extra_pod(late)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = http::get(&s.lab.node("node1").ns, s.node_addr("node1", 15021), "/healthz/ready")?;
+        let r = http::get(&s.lab.node("node1").ns, node_addr(&s, "node1", 15021), "/healthz/ready")?;
         if r.status == 200 {
             break;
         }
@@ -199,7 +165,7 @@ fn readiness_waits_for_every_enrolled_pod() -> Result<()> {
 
 #[test]
 fn sigterm_lets_a_transfer_finish_then_exits_zero() -> Result<()> {
-    let s = Setup::new("")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], ""))?;
     let mut zt1 = s.ztunnel("node1", &["--drain-deadline", "20s"])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
@@ -220,7 +186,7 @@ fn sigterm_lets_a_transfer_finish_then_exits_zero() -> Result<()> {
 
 #[test]
 fn restart_under_load_drops_nothing() -> Result<()> {
-    let s = Setup::new("")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], ""))?;
     let mut old1 = s.ztunnel("node1", &["--drain-deadline", "20s"])?;
     let mut old2 = s.ztunnel("node2", &["--drain-deadline", "20s"])?;
     let server_pod = s.lab.pod("server");
@@ -296,12 +262,12 @@ fn restart_under_load_drops_nothing() -> Result<()> {
 
 #[test]
 fn bad_http_requests_get_4xx_and_change_nothing() -> Result<()> {
-    let s = Setup::new("")?;
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], ""))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let ns = &s.lab.node("node1").ns;
-    let metrics = s.node_addr("node1", 15020);
-    let ready = s.node_addr("node1", 15021);
+    let metrics = node_addr(&s, "node1", 15020);
+    let ready = node_addr(&s, "node1", 15021);
     let cases: Vec<(SocketAddr, &str, &str, u16)> = vec![
         (LOCALHOST_ADMIN, "GET", "/nope", 404),
         (LOCALHOST_ADMIN, "DELETE", "/config_dump", 405),

@@ -23,17 +23,8 @@ pub fn start_ztunnel(prefix: &str, node: &Node, bin: &Path, config: &Path, ca_di
     let base = state_dir().join(format!("{prefix}-{}", node.name));
     let log = base.with_extension("log");
     let log_file = File::create(&log)?;
-    let child = node
-        .ns
-        .command(bin)
-        .arg("--config")
-        .arg(config)
-        .arg("--node-name")
-        .arg(node.name)
-        .arg("--bpf-pin-dir")
-        .arg(&node.pin_dir)
-        .arg("--ca-dir")
-        .arg(ca_dir)
+    std::env::set_var("ZTUNNEL_BIN", bin);
+    let child = ztunnel_tests::ztunnel::command(node, config, ca_dir)?
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)

@@ -52,7 +52,10 @@ pub struct Target {
     pub service_host: Option<String>,
 }
 
-/// Opens a CONNECT stream to `target` over a pooled connection.
+/// Opens a CONNECT stream to `target` over a pooled connection. A pooled
+/// connection that refuses the stream before any answer (its peer is
+/// draining and sent GOAWAY, or it just broke) is retired and the stream
+/// retried once on a fresh connection: the request never reached a server.
 pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneError> {
     let key = PoolKey {
         src_id: target.src_id.clone(),
@@ -60,11 +63,49 @@ pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneEr
         dst_id: target.dst_id.clone(),
         dst: SocketAddr::new(target.authority.ip(), target.hbone_port),
     };
-    let (send, slot) = pool.checkout(&key).await?;
-    let mut send = send
-        .ready()
-        .await
-        .map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
+    match try_open(pool, &key, target).await {
+        Err(Attempt::Refused(slot, e)) => {
+            slot.retire_connection();
+            drop(slot);
+            tracing::debug!(dst = %key.dst, error = %e, "pooled connection refused a stream; retrying on a new one");
+            try_open(pool, &key, target).await.map_err(Attempt::into_error)
+        }
+        other => other.map_err(Attempt::into_error),
+    }
+}
+
+/// Why one attempt failed.
+enum Attempt {
+    /// The connection refused the stream before the request was processed.
+    Refused(super::pool::StreamSlot, HboneError),
+    Failed(HboneError),
+}
+
+impl Attempt {
+    fn into_error(self) -> HboneError {
+        match self {
+            Attempt::Refused(_, e) | Attempt::Failed(e) => e,
+        }
+    }
+}
+
+impl From<HboneError> for Attempt {
+    fn from(e: HboneError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// Whether `e` means the stream was never processed by the peer.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io()
+}
+
+async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2Stream, Attempt> {
+    let (send, slot) = pool.checkout(key).await?;
+    let mut send = match send.ready().await {
+        Ok(send) => send,
+        Err(e) => return Err(Attempt::Refused(slot, HboneError::Http2(key.dst, e.to_string()))),
+    };
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.authority.to_string())
@@ -73,16 +114,21 @@ pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneEr
         .header(headers::TRACEPARENT, traceparent())
         .body(())
         .map_err(|_| HboneError::Internal("building the CONNECT request"))?;
-    let (response, send_stream) = send
-        .send_request(request, false)
-        .map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
-    let response = response.await.map_err(|e| HboneError::Http2(key.dst, e.to_string()))?;
+    let (response, send_stream) = match send.send_request(request, false) {
+        Ok(sent) => sent,
+        Err(e) => return Err(Attempt::Refused(slot, HboneError::Http2(key.dst, e.to_string()))),
+    };
+    let response = match response.await {
+        Ok(response) => response,
+        Err(e) if unprocessed(&e) => return Err(Attempt::Refused(slot, HboneError::Http2(key.dst, e.to_string()))),
+        Err(e) => return Err(Attempt::Failed(HboneError::Http2(key.dst, e.to_string()))),
+    };
     if response.status() != status::OK {
-        return Err(HboneError::Status {
+        return Err(Attempt::Failed(HboneError::Status {
             peer: key.dst,
             authority: target.authority,
             status: response.status(),
-        });
+        }));
     }
     Ok(H2Stream::new(send_stream, response.into_body()).with_guard(slot))
 }

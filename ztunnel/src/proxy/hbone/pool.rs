@@ -55,6 +55,15 @@ impl PooledConn {
 /// Holds a stream's place on its connection; released on drop.
 pub struct StreamSlot {
     active: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+impl StreamSlot {
+    /// Takes the connection out of the pool: it refused a new stream (the
+    /// peer is draining and sent GOAWAY, or it broke).
+    pub fn retire_connection(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for StreamSlot {
@@ -116,7 +125,13 @@ impl Pool {
         }
         let conn = self.connect(key).await?;
         conn.active.fetch_add(1, Ordering::AcqRel);
-        let found = (conn.send.clone(), StreamSlot { active: conn.active.clone() });
+        let found = (
+            conn.send.clone(),
+            StreamSlot {
+                active: conn.active.clone(),
+                closed: conn.closed.clone(),
+            },
+        );
         self.conns
             .lock()
             .map_err(|_| HboneError::Internal("pool lock"))?
@@ -135,7 +150,13 @@ impl Pool {
         if let Ok(mut t) = conn.last_used.lock() {
             *t = Instant::now();
         }
-        Some((conn.send.clone(), StreamSlot { active: conn.active.clone() }))
+        Some((
+            conn.send.clone(),
+            StreamSlot {
+                active: conn.active.clone(),
+                closed: conn.closed.clone(),
+            },
+        ))
     }
 
     async fn connect(&self, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {
