@@ -12,13 +12,25 @@ use std::{
 };
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("ztunnel/ lives in the workspace root");
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .parent()
+        .expect("ztunnel/ lives in the workspace root");
     let ebpf_dir = root.join("ztunnel-ebpf");
-    for path in ["src", "Cargo.toml", "Cargo.lock", ".cargo", "rust-toolchain.toml"] {
+    for path in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo",
+        "rust-toolchain.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(path).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("ztunnel-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("ztunnel-common/src").display()
+    );
 
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -26,24 +38,49 @@ fn main() {
         .join("ebpf");
     let object = build(&ebpf_dir, &target_dir);
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("ztunnel.bpf.o");
-    std::fs::copy(&object, &out).unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), out.display()));
+    std::fs::copy(&object, &out)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), out.display()));
 }
 
 fn build(ebpf_dir: &Path, target_dir: &Path) -> PathBuf {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(ebpf_dir)
-        // BTF lets bpftool and aya describe the maps; debuginfo feeds it.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .arg("--target-dir")
+    .arg(target_dir)
+    .current_dir(ebpf_dir)
+    // BTF lets bpftool and aya describe the maps; debuginfo feeds it.
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     // The outer cargo's settings name the stable toolchain; the nested build must pick nightly.
-    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "RUSTFLAGS", "CARGO_BUILD_TARGET"] {
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+    ] {
         cmd.env_remove(key);
     }
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if key.starts_with("CARGO_FEATURE_") || key.starts_with("CARGO_CFG_") || key.starts_with("CARGO_PKG_") {
+        if key.starts_with("CARGO_FEATURE_")
+            || key.starts_with("CARGO_CFG_")
+            || key.starts_with("CARGO_PKG_")
+        {
             cmd.env_remove(key);
         }
     }

@@ -21,7 +21,8 @@ pub struct Response {
 /// Sends `request` (raw bytes, e.g. a whole HTTP request) to `addr` from
 /// inside `ns` and reads the response until the server closes.
 pub fn raw(ns: &Netns, addr: SocketAddr, request: Vec<u8>) -> Result<Response> {
-    let mut stream = ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+    let mut stream =
+        ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(&request)?;
     let mut bytes = Vec::new();
@@ -34,7 +35,10 @@ pub fn raw(ns: &Netns, addr: SocketAddr, request: Vec<u8>) -> Result<Response> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("no HTTP status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok(Response { status, body })
 }
 
@@ -57,11 +61,16 @@ pub fn get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<Response> {
 pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
         if !rest.starts_with('{') && !rest.starts_with(' ') {
             continue;
         }
-        if !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+        if !labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
             continue;
         }
         let value: f64 = line.rsplit(' ').next()?.parse().ok()?;

@@ -49,11 +49,41 @@ pub const NODES: [&str; 2] = ["node1", "node2"];
 
 /// The standard pods.
 pub const PODS: [PodSpec; 5] = [
-    PodSpec { name: "client", node: 0, ip: Ipv4Addr::new(198, 18, 1, 10), enrolled: true, service_account: "client" },
-    PodSpec { name: "bystander", node: 0, ip: Ipv4Addr::new(198, 18, 1, 11), enrolled: false, service_account: "bystander" },
-    PodSpec { name: "neighbor", node: 0, ip: Ipv4Addr::new(198, 18, 1, 12), enrolled: true, service_account: "neighbor" },
-    PodSpec { name: "server", node: 1, ip: Ipv4Addr::new(198, 18, 2, 10), enrolled: true, service_account: "server" },
-    PodSpec { name: "plain", node: 1, ip: Ipv4Addr::new(198, 18, 2, 11), enrolled: false, service_account: "plain" },
+    PodSpec {
+        name: "client",
+        node: 0,
+        ip: Ipv4Addr::new(198, 18, 1, 10),
+        enrolled: true,
+        service_account: "client",
+    },
+    PodSpec {
+        name: "bystander",
+        node: 0,
+        ip: Ipv4Addr::new(198, 18, 1, 11),
+        enrolled: false,
+        service_account: "bystander",
+    },
+    PodSpec {
+        name: "neighbor",
+        node: 0,
+        ip: Ipv4Addr::new(198, 18, 1, 12),
+        enrolled: true,
+        service_account: "neighbor",
+    },
+    PodSpec {
+        name: "server",
+        node: 1,
+        ip: Ipv4Addr::new(198, 18, 2, 10),
+        enrolled: true,
+        service_account: "server",
+    },
+    PodSpec {
+        name: "plain",
+        node: 1,
+        ip: Ipv4Addr::new(198, 18, 2, 11),
+        enrolled: false,
+        service_account: "plain",
+    },
 ];
 
 /// The pods' default gateway (never assigned to anything).
@@ -120,7 +150,11 @@ pub fn unique_prefix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{NAME_PREFIX}{:x}{n}{:x}", std::process::id(), nanos & 0xfff)
+    format!(
+        "{NAME_PREFIX}{:x}{n}{:x}",
+        std::process::id(),
+        nanos & 0xfff
+    )
 }
 
 impl Lab {
@@ -154,7 +188,9 @@ impl Lab {
         }
         lab.wire_underlay().context("wiring the underlay")?;
         for spec in PODS {
-            let pod = lab.add_pod(spec).with_context(|| format!("creating pod {}", spec.name))?;
+            let pod = lab
+                .add_pod(spec)
+                .with_context(|| format!("creating pod {}", spec.name))?;
             lab.pods.push(pod);
         }
         Ok(lab)
@@ -162,12 +198,37 @@ impl Lab {
 
     fn wire_underlay(&self) -> Result<()> {
         let (n1, n2) = (&self.nodes[0], &self.nodes[1]);
-        n1.ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", n2.ns.name()])?;
+        n1.ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            n2.ns.name(),
+        ])?;
         for (i, node) in self.nodes.iter().enumerate() {
-            node.ns.ip(&["addr", "add", &format!("{}/24", node.underlay_ip), "dev", "eth0"])?;
+            node.ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", node.underlay_ip),
+                "dev",
+                "eth0",
+            ])?;
             node.ns.ip(&["link", "set", "eth0", "up"])?;
             let other = 1 - i;
-            node.ns.ip(&["route", "add", &pod_cidr(other), "via", &underlay_ip(other).to_string(), "dev", "eth0"])?;
+            node.ns.ip(&[
+                "route",
+                "add",
+                &pod_cidr(other),
+                "via",
+                &underlay_ip(other).to_string(),
+                "dev",
+                "eth0",
+            ])?;
         }
         Ok(())
     }
@@ -184,11 +245,25 @@ impl Lab {
         let node = &self.nodes[spec.node];
         let ns = Netns::create(&format!("{}-{}", self.prefix, spec.name))?;
         let veth = format!("vz{}", spec.name);
-        node.ns.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
-        node.ns.sysctl(&format!("net.ipv4.conf.{veth}.proxy_arp"), "1")?;
-        node.ns.sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
+        node.ns.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        node.ns
+            .sysctl(&format!("net.ipv4.conf.{veth}.proxy_arp"), "1")?;
+        node.ns
+            .sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
         node.ns.ip(&["link", "set", &veth, "up"])?;
-        node.ns.ip(&["route", "add", &format!("{}/32", spec.ip), "dev", &veth])?;
+        node.ns
+            .ip(&["route", "add", &format!("{}/32", spec.ip), "dev", &veth])?;
         ns.ip(&["addr", "add", &format!("{}/32", spec.ip), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         // Calico's trick: a link-local gateway the pod reaches by a permanent
@@ -197,7 +272,17 @@ impl Lab {
         // to the node.
         let mac = link_mac(&node.ns, &veth)?;
         ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["neigh", "add", GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "add",
+            GATEWAY,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
         ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
         Ok(Pod { spec, ns, veth })
     }
@@ -288,8 +373,14 @@ pub fn config_yaml(enrolled: &[(&str, bool)]) -> String {
 /// [`config_yaml`], with pods made endpoints of services (`(pod, yaml map
 /// of service key to port map)`, e.g. `("server", "\"default/echo\": {80: 8080}")`)
 /// and `tail` appended (a `services:` or `policies:` section).
-pub fn config_yaml_with(enrolled: &[(&str, bool)], endpoints: &[(&str, &str)], tail: &str) -> String {
-    let mut out = String::from("# Generated by the lab: the workloads of the two-node topology.\nworkloads:\n");
+pub fn config_yaml_with(
+    enrolled: &[(&str, bool)],
+    endpoints: &[(&str, &str)],
+    tail: &str,
+) -> String {
+    let mut out = String::from(
+        "# Generated by the lab: the workloads of the two-node topology.\nworkloads:\n",
+    );
     for spec in PODS {
         let on = enrolled
             .iter()

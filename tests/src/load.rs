@@ -62,7 +62,9 @@ impl LoadServer {
                                 }
                             }
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_micros(200))
+                        }
                         Err(_) => std::thread::sleep(Duration::from_millis(1)),
                     }
                 }
@@ -143,7 +145,12 @@ pub fn latency(ns: &Netns, dst: SocketAddr, size: usize, count: usize) -> Result
 
 /// New connections per second for `duration`, each: connect, send 64
 /// bytes, read them back, close; from `threads` client threads.
-pub fn connection_rate(ns: &Netns, dst: SocketAddr, duration: Duration, threads: usize) -> Result<f64> {
+pub fn connection_rate(
+    ns: &Netns,
+    dst: SocketAddr,
+    duration: Duration,
+    threads: usize,
+) -> Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
@@ -170,10 +177,14 @@ pub fn connection_rate(ns: &Netns, dst: SocketAddr, duration: Duration, threads:
         })
         .collect::<Result<_>>()?;
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     }
     let failed = failed.load(Ordering::Relaxed);
-    anyhow::ensure!(failed == 0, "{failed} connections failed during the rate test");
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} connections failed during the rate test"
+    );
     Ok(done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64())
 }
 
@@ -182,7 +193,8 @@ pub fn open_idle(ns: &Netns, dst: SocketAddr, count: usize) -> Result<Vec<TcpStr
     ns.run(move || -> Result<Vec<TcpStream>> {
         let mut conns = Vec::with_capacity(count);
         for i in 0..count {
-            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(10)).with_context(|| format!("idle connection {i}"))?;
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+                .with_context(|| format!("idle connection {i}"))?;
             conns.push(s);
         }
         Ok(conns)
@@ -193,17 +205,26 @@ pub fn open_idle(ns: &Netns, dst: SocketAddr, count: usize) -> Result<Vec<TcpStr
 /// too when privileged, else the soft limit up to the hard one. Returns the
 /// soft limit in effect.
 pub fn raise_fd_limit(want: u64) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit on our own process with structs we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 1024;
         }
-        let both = libc::rlimit { rlim_cur: want, rlim_max: want.max(limit.rlim_max) };
+        let both = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(limit.rlim_max),
+        };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &both) == 0 {
             return want;
         }
-        let soft = libc::rlimit { rlim_cur: want.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        let soft = libc::rlimit {
+            rlim_cur: want.min(limit.rlim_max),
+            rlim_max: limit.rlim_max,
+        };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
             return soft.rlim_cur;
         }

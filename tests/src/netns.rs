@@ -57,7 +57,9 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run(self.command("sysctl").args(["-qw", &format!("{key}={value}")]))?;
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("{key}={value}")]))?;
         Ok(())
     }
 
@@ -66,7 +68,9 @@ impl Netns {
     /// `/sys/fs/bpf` stay the host's), which pinned eBPF objects need.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -74,7 +78,8 @@ impl Netns {
     /// Sockets made by `f` belong to the namespace wherever they are used
     /// afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let file = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+        let file =
+            File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
         let handle = std::thread::spawn(move || {
             // SAFETY: setns on this thread only; the fd is a valid netns file.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -83,7 +88,9 @@ impl Netns {
             }
             Ok(f())
         });
-        let joined = handle.join().map_err(|_| anyhow::anyhow!("thread in netns panicked"))?;
+        let joined = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?;
         joined.with_context(|| format!("entering netns {}", self.name))
     }
 
@@ -92,13 +99,15 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<std::thread::JoinHandle<Result<T>>> {
-        let file = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+        let file =
+            File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
         let name = self.name.clone();
         Ok(std::thread::spawn(move || {
             // SAFETY: as in `run`.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             if rc != 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("entering netns {name}"));
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("entering netns {name}"));
             }
             Ok(f())
         }))
@@ -109,7 +118,10 @@ impl Netns {
     /// Kills every process still inside the namespace (servers a developer
     /// started by hand), so deleting it really frees it.
     fn kill_processes(&self) {
-        let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() else {
+        let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        else {
             return;
         };
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -127,7 +139,9 @@ impl Drop for Netns {
     fn drop(&mut self) {
         if !self.keep {
             self.kill_processes();
-            let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .output();
         }
     }
 }

@@ -58,7 +58,10 @@ pub fn client_config(cert: Option<&WorkloadCert>) -> Result<Arc<ClientConfig>> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
     let mut config = match cert {
-        Some(cert) => builder.with_client_auth_cert(cert.chain.clone(), PrivateKeyDer::Pkcs8(cert.key.clone_key()))?,
+        Some(cert) => builder.with_client_auth_cert(
+            cert.chain.clone(),
+            PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+        )?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -76,14 +79,21 @@ pub enum Outcome {
 
 /// From inside `ns`, opens TLS to `server` (its 15008) with `cert`, then
 /// sends CONNECT `authority`.
-pub fn connect(ns: &Netns, server: SocketAddr, cert: Option<&WorkloadCert>, authority: &str) -> Result<Outcome> {
+pub fn connect(
+    ns: &Netns,
+    server: SocketAddr,
+    cert: Option<&WorkloadCert>,
+    authority: &str,
+) -> Result<Outcome> {
     let config = client_config(cert)?;
     let tcp = ns
         .run(move || std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5)))?
         .context("TCP connect to 15008")?;
     tcp.set_nonblocking(true)?;
     let authority = authority.to_string();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let attempt = async {
             let tcp = tokio::net::TcpStream::from_std(tcp)?;
@@ -91,16 +101,25 @@ pub fn connect(ns: &Netns, server: SocketAddr, cert: Option<&WorkloadCert>, auth
                 .connect(ServerName::IpAddress(server.ip().into()), tcp)
                 .await
                 .map_err(|e| Refusal(format!("TLS: {e}")))?;
-            let (send, connection) = h2::client::handshake(tls).await.map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
+            let (send, connection) = h2::client::handshake(tls)
+                .await
+                .map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
             tokio::spawn(connection);
-            let mut send = send.ready().await.map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
+            let mut send = send
+                .ready()
+                .await
+                .map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
             let request = http::Request::builder()
                 .method(http::Method::CONNECT)
                 .uri(authority)
                 .body(())
                 .context("request")?;
-            let (response, _stream) = send.send_request(request, false).map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
-            let response = response.await.map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
+            let (response, _stream) = send
+                .send_request(request, false)
+                .map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
+            let response = response
+                .await
+                .map_err(|e| Refusal(format!("HTTP/2: {e}")))?;
             anyhow::Ok(Outcome::Status(response.status().as_u16()))
         };
         match tokio::time::timeout(Duration::from_secs(10), attempt).await {
@@ -124,4 +143,3 @@ impl std::fmt::Display for Refusal {
 }
 
 impl std::error::Error for Refusal {}
-

@@ -21,7 +21,8 @@ pub struct Sniffer {
 impl Sniffer {
     /// Starts capturing TCP on `iface` in `node`'s namespace.
     pub fn start(node: &Node, iface: &str) -> Result<Self> {
-        let base = std::env::temp_dir().join(format!("{}-{iface}-{}", node.ns.name(), std::process::id()));
+        let base =
+            std::env::temp_dir().join(format!("{}-{iface}-{}", node.ns.name(), std::process::id()));
         let file = base.with_extension("pcap");
         let log = base.with_extension("tcpdump.log");
         let child = node
@@ -40,9 +41,15 @@ impl Sniffer {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&sniffer.log).unwrap_or_default().contains("listening on") {
+        while !std::fs::read_to_string(&sniffer.log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
             if Instant::now() > deadline {
-                bail!("tcpdump did not start: {}", std::fs::read_to_string(&sniffer.log).unwrap_or_default());
+                bail!(
+                    "tcpdump did not start: {}",
+                    std::fs::read_to_string(&sniffer.log).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -90,7 +97,10 @@ impl Pcap {
 
     /// Packets matching a tcpdump filter.
     pub fn count(&self, filter: &str) -> Result<usize> {
-        let out = run(Command::new("tcpdump").args(["-nn", "-r"]).arg(&self.file).arg(filter))?;
+        let out = run(Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .arg(filter))?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().count())
     }
 
@@ -101,7 +111,13 @@ impl Pcap {
             .arg(&self.file)
             .arg(filter)
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().take(20).collect::<Vec<_>>().join("\n"))
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
             .unwrap_or_default()
     }
 }

@@ -92,7 +92,11 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: TcpListener, accepted: Arc<Mutex<Vec<SocketAddr>>>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    accepted: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -136,7 +140,10 @@ fn hex(bytes: &[u8]) -> String {
 /// A deterministic payload of `len` bytes, fed through `sink` in blocks.
 /// Each block starts with its index, so reordered or repeated blocks change
 /// the checksum.
-fn payload(len: u64, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<String> {
+fn payload(
+    len: u64,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<String> {
     const BLOCK: usize = 1 << 20;
     let mut block = vec![0u8; BLOCK];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -188,7 +195,12 @@ impl Connection {
 
     /// Sends `data` in `chunks` pieces, pausing `pause` between them, then
     /// half-closes and checks the server's report.
-    pub fn exchange_slowly(mut self, data: &[u8], chunks: usize, pause: Duration) -> Result<Report> {
+    pub fn exchange_slowly(
+        mut self,
+        data: &[u8],
+        chunks: usize,
+        pause: Duration,
+    ) -> Result<Report> {
         let size = data.len().div_ceil(chunks.max(1)).max(1);
         for chunk in data.chunks(size) {
             self.stream.write_all(chunk).context("sending payload")?;

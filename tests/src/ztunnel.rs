@@ -61,7 +61,11 @@ impl Ztunnel {
 
     /// [`Ztunnel::start`] with extra arguments.
     pub fn start_with(node: &Node, config: &Path, ca_dir: &Path, extra: &[&str]) -> Result<Self> {
-        let log = std::env::temp_dir().join(format!("{}-ztunnel-{}.log", node.ns.name(), unique_suffix()));
+        let log = std::env::temp_dir().join(format!(
+            "{}-ztunnel-{}.log",
+            node.ns.name(),
+            unique_suffix()
+        ));
         let log_file = File::create(&log)?;
         let child = command(node, config, ca_dir)?
             .args(extra)
@@ -108,7 +112,12 @@ impl Ztunnel {
     }
 
     /// Waits until the log contains `needle` at least `count` times.
-    pub fn wait_for_log_count(&mut self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+    pub fn wait_for_log_count(
+        &mut self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.log_text().matches(needle).count() >= count {
@@ -116,11 +125,19 @@ impl Ztunnel {
             }
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("ztunnel on {} exited ({status}) before logging {needle:?}:\n{}", self.node, self.log_text());
+                    bail!(
+                        "ztunnel on {} exited ({status}) before logging {needle:?}:\n{}",
+                        self.node,
+                        self.log_text()
+                    );
                 }
             }
             if Instant::now() > deadline {
-                bail!("ztunnel on {} did not log {needle:?} within {timeout:?}:\n{}", self.node, self.log_text());
+                bail!(
+                    "ztunnel on {} did not log {needle:?} within {timeout:?}:\n{}",
+                    self.node,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -146,7 +163,11 @@ impl Ztunnel {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("ztunnel on {} still running after {timeout:?}:\n{}", self.node, self.log_text());
+                bail!(
+                    "ztunnel on {} still running after {timeout:?}:\n{}",
+                    self.node,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -201,7 +222,10 @@ fn unique_suffix() -> String {
 
 /// Runs ztunnel to completion with extra arguments (for refusal tests).
 pub fn run_to_exit(node: &Node, config: &Path, ca_dir: &Path, extra: &[&str]) -> Result<Output> {
-    Ok(command(node, config, ca_dir)?.args(extra).stdin(Stdio::null()).output()?)
+    Ok(command(node, config, ca_dir)?
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()?)
 }
 
 /// A TCP socket in a node namespace, as `ss` reports it.
@@ -259,8 +283,13 @@ pub struct Counters {
 /// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
 pub fn counters(node: &Node, pod_ip: Ipv4Addr) -> Result<Option<Counters>> {
     let map = node.pin_dir.join("maps/ZT_POD_COUNTERS");
-    let out = crate::netns::run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map))?;
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool output")?;
+    let out = crate::netns::run(
+        Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&map),
+    )?;
+    let entries: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool output")?;
     let want: Vec<u8> = pod_ip.octets().to_vec();
     for entry in entries.as_array().into_iter().flatten() {
         let key = hex_bytes(&entry["key"]);

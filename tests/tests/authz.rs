@@ -11,7 +11,6 @@ use ztunnel_tests::{
     ztunnel::counters,
 };
 
-
 fn policy(name: &str, action: &str, dry_run: bool, rules: &str) -> String {
     format!("- name: {name}\n  namespace: default\n  scope: Namespace\n  action: {action}\n  dryRun: {dry_run}\n  rules: {rules}\n")
 }
@@ -20,7 +19,14 @@ const DENY_CLIENT: &str = "[[[{principals: [!Exact cluster.local/ns/default/sa/c
 
 #[test]
 fn hbone_connection_denied_by_principal() -> Result<()> {
-    let s = Setup::new(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT))))?;
+    let s = Setup::new(&lab::config_yaml_with(
+        &[],
+        &[],
+        &format!(
+            "policies:\n{}",
+            policy("deny-client", "Deny", false, DENY_CLIENT)
+        ),
+    ))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let mut zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
@@ -31,23 +37,40 @@ fn hbone_connection_denied_by_principal() -> Result<()> {
     zt2.wait_for_log("CONNECT denied by policy", Duration::from_secs(5))?;
     let log = zt2.log_text();
     assert!(
-        log.lines().any(|l| l.contains("CONNECT denied by policy") && l.contains("policy=default/deny-client")),
+        log.lines()
+            .any(|l| l.contains("CONNECT denied by policy")
+                && l.contains("policy=default/deny-client")),
         "the denial does not name the policy:\n{log}"
     );
-    assert!(server.accepted().is_empty(), "the denied connection reached the server");
+    assert!(
+        server.accepted().is_empty(),
+        "the denied connection reached the server"
+    );
     // The policy names a principal; a plaintext client has none, so it passes.
     let report = request(&s.lab.pod("plain").ns, server.addr, 1024)?;
-    assert_eq!(report.peer.ip(), std::net::IpAddr::V4(s.lab.pod("plain").spec.ip));
+    assert_eq!(
+        report.peer.ip(),
+        std::net::IpAddr::V4(s.lab.pod("plain").spec.ip)
+    );
     Ok(())
 }
 
 #[test]
 fn plaintext_denied_in_the_kernel() -> Result<()> {
     // Every workload in `default` requires a mesh identity.
-    let s = Setup::new(&lab::config_yaml_with(&[], &[], &format!(
-        "policies:\n{}",
-        policy("require-mtls", "Allow", false, "[[[{principals: [!Prefix cluster.local/]}]]]")
-    )))?;
+    let s = Setup::new(&lab::config_yaml_with(
+        &[],
+        &[],
+        &format!(
+            "policies:\n{}",
+            policy(
+                "require-mtls",
+                "Allow",
+                false,
+                "[[[{principals: [!Prefix cluster.local/]}]]]"
+            )
+        ),
+    ))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let mut zt2 = s.ztunnel("node2", &[])?;
     zt2.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
@@ -58,10 +81,19 @@ fn plaintext_denied_in_the_kernel() -> Result<()> {
     let before = counters(node2, server_pod.spec.ip)?.expect("server has counters");
 
     let attempt = Connection::open(&plain.ns, server.addr, Duration::from_secs(2));
-    assert!(attempt.is_err(), "a plaintext client reached a workload that requires identity");
+    assert!(
+        attempt.is_err(),
+        "a plaintext client reached a workload that requires identity"
+    );
     let after = counters(node2, server_pod.spec.ip)?.expect("server has counters");
-    assert!(after.policy_denied > before.policy_denied, "the kernel did not count the drop: {after:?}");
-    assert_eq!(after.inbound_captured, before.inbound_captured, "the SYN reached ztunnel's listener");
+    assert!(
+        after.policy_denied > before.policy_denied,
+        "the kernel did not count the drop: {after:?}"
+    );
+    assert_eq!(
+        after.inbound_captured, before.inbound_captured,
+        "the SYN reached ztunnel's listener"
+    );
     assert!(
         !zt2.log_text().contains(&plain.spec.ip.to_string()),
         "userspace saw the plaintext attempt:\n{}",
@@ -70,13 +102,20 @@ fn plaintext_denied_in_the_kernel() -> Result<()> {
     assert!(server.accepted().is_empty());
     // The enrolled client has an identity and is allowed.
     let report = request(&s.lab.pod("client").ns, server.addr, 1024)?;
-    assert_eq!(report.peer.ip(), std::net::IpAddr::V4(s.lab.pod("client").spec.ip));
+    assert_eq!(
+        report.peer.ip(),
+        std::net::IpAddr::V4(s.lab.pod("client").spec.ip)
+    );
     Ok(())
 }
 
 #[test]
 fn dry_run_deny_only_logs() -> Result<()> {
-    let s = Setup::new(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("audit", "Deny", true, "[[]]"))))?;
+    let s = Setup::new(&lab::config_yaml_with(
+        &[],
+        &[],
+        &format!("policies:\n{}", policy("audit", "Deny", true, "[[]]")),
+    ))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let mut zt2 = s.ztunnel("node2", &[])?;
     let server_pod = s.lab.pod("server");
@@ -101,25 +140,45 @@ fn live_connection_closed_when_a_policy_forbids_it() -> Result<()> {
     // Let the tunnel reach the server before the policy arrives.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while server.accepted().is_empty() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the held connection never reached the server");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the held connection never reached the server"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    s.write(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT))))?;
-    zt2.wait_for_log("connection closed: no longer allowed after a policy update", Duration::from_secs(10))?;
+    s.write(&lab::config_yaml_with(
+        &[],
+        &[],
+        &format!(
+            "policies:\n{}",
+            policy("deny-client", "Deny", false, DENY_CLIENT)
+        ),
+    ))?;
+    zt2.wait_for_log(
+        "connection closed: no longer allowed after a policy update",
+        Duration::from_secs(10),
+    )?;
     let log = zt2.log_text();
     assert!(
         log.lines()
-            .any(|l| l.contains("no longer allowed after a policy update") && l.contains("policy=default/deny-client")),
+            .any(|l| l.contains("no longer allowed after a policy update")
+                && l.contains("policy=default/deny-client")),
         "the close does not name the policy:\n{log}"
     );
-    assert!(held.exchange(1024).is_err(), "the revoked connection still works");
+    assert!(
+        held.exchange(1024).is_err(),
+        "the revoked connection still works"
+    );
     Ok(())
 }
 
 #[test]
 fn malformed_policy_is_refused_and_the_previous_set_stays() -> Result<()> {
-    let good = format!("policies:\n{}", policy("deny-client", "Deny", false, DENY_CLIENT));
+    let good = format!(
+        "policies:\n{}",
+        policy("deny-client", "Deny", false, DENY_CLIENT)
+    );
     let s = Setup::new(&lab::config_yaml_with(&[], &[], &good))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let mut zt2 = s.ztunnel("node2", &[])?;
@@ -129,18 +188,41 @@ fn malformed_policy_is_refused_and_the_previous_set_stays() -> Result<()> {
     assert!(request(&client.ns, server.addr, 1024).is_err());
 
     let bad = [
-        ("[[[{sourcIps: [\"10.0.0.0/8\"]}]]]", "policies[0].rules[0][0][0]"),
-        ("[[[{sourceIps: [\"10.0.0.0/33\"]}]]]", "policies[0].rules[0][0][0].sourceIps[0]"),
-        ("[[[{destinationPorts: [70000]}]]]", "policies[0].rules[0][0][0].destinationPorts[0]"),
+        (
+            "[[[{sourcIps: [\"10.0.0.0/8\"]}]]]",
+            "policies[0].rules[0][0][0]",
+        ),
+        (
+            "[[[{sourceIps: [\"10.0.0.0/33\"]}]]]",
+            "policies[0].rules[0][0][0].sourceIps[0]",
+        ),
+        (
+            "[[[{destinationPorts: [70000]}]]]",
+            "policies[0].rules[0][0][0].destinationPorts[0]",
+        ),
     ];
     for (n, (rules, field)) in bad.iter().enumerate() {
         // A bad policy that would allow everything if it were taken.
-        s.write(&lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policy("broken", "Allow", false, rules))))?;
+        s.write(&lab::config_yaml_with(
+            &[],
+            &[],
+            &format!("policies:\n{}", policy("broken", "Allow", false, rules)),
+        ))?;
         zt2.wait_for_log_count("configuration rejected", n + 1, Duration::from_secs(10))?;
         let log = zt2.log_text();
-        let line = log.lines().filter(|l| l.contains("configuration rejected")).nth(n).unwrap_or_default();
-        assert!(line.contains(field), "the rejection does not name {field}: {line}");
-        assert!(request(&client.ns, server.addr, 1024).is_err(), "the previous deny stopped applying after {rules}");
+        let line = log
+            .lines()
+            .filter(|l| l.contains("configuration rejected"))
+            .nth(n)
+            .unwrap_or_default();
+        assert!(
+            line.contains(field),
+            "the rejection does not name {field}: {line}"
+        );
+        assert!(
+            request(&client.ns, server.addr, 1024).is_err(),
+            "the previous deny stopped applying after {rules}"
+        );
     }
     assert!(server.accepted().is_empty());
     Ok(())

@@ -14,7 +14,6 @@ use ztunnel_tests::{
     ztunnel::{counters, ztunnel_owns},
 };
 
-
 fn ip(pod: &lab::Pod) -> IpAddr {
     IpAddr::V4(pod.spec.ip)
 }
@@ -56,7 +55,10 @@ fn enrolled_pod_to_other_node_is_captured_and_tunnelled_keeping_client_ip() -> R
     // While the connection is open, node1's ztunnel owns it (its accepted
     // socket has the server's address as its local address), and node2's
     // owns the tunnel it arrived in (on the server's 15008, from the client's IP).
-    assert!(ztunnel_owns(s.lab.node("node1"), server.addr, client.spec.ip)?, "node1's ztunnel does not own the flow");
+    assert!(
+        ztunnel_owns(s.lab.node("node1"), server.addr, client.spec.ip)?,
+        "node1's ztunnel does not own the flow"
+    );
     assert!(
         ztunnel_owns(s.lab.node("node2"), server_pod.addr(15008), client.spec.ip)?,
         "node2's ztunnel does not own the tunnel"
@@ -95,7 +97,10 @@ fn same_node_and_inbound_flows_are_captured() -> Result<()> {
     assert_eq!(peer, ip(s.lab.pod("plain")));
 
     let c = counters(s.lab.node("node1"), neighbor.spec.ip)?.expect("neighbor has counters");
-    assert_eq!(c.inbound_captured, 2, "bystander and plain flows counted at the destination");
+    assert_eq!(
+        c.inbound_captured, 2,
+        "bystander and plain flows counted at the destination"
+    );
     Ok(())
 }
 
@@ -110,9 +115,15 @@ fn unenrolled_pods_and_node_probes_bypass_ztunnel() -> Result<()> {
     let server = Server::start(&plain.ns, plain.addr(8080))?;
     let (owned1, peer) = held_exchange(&s, "bystander", server.addr, "node1")?;
     let (owned2, _) = held_exchange(&s, "bystander", server.addr, "node2")?;
-    assert!(!owned1 && !owned2, "a flow between unenrolled pods went through ztunnel");
+    assert!(
+        !owned1 && !owned2,
+        "a flow between unenrolled pods went through ztunnel"
+    );
     assert_eq!(peer, ip(s.lab.pod("bystander")));
-    assert_eq!(counters(s.lab.node("node1"), s.lab.pod("bystander").spec.ip)?, None);
+    assert_eq!(
+        counters(s.lab.node("node1"), s.lab.pod("bystander").spec.ip)?,
+        None
+    );
 
     // The node probing its own enrolled pod (a kubelet health check).
     let client = s.lab.pod("client");
@@ -120,7 +131,10 @@ fn unenrolled_pods_and_node_probes_bypass_ztunnel() -> Result<()> {
     let node1 = s.lab.node("node1");
     let node_ip = node1.underlay_ip;
     let conn = node1_connect(&s, probed.addr)?;
-    assert!(!ztunnel_owns(node1, probed.addr, node_ip)?, "node probe went through ztunnel");
+    assert!(
+        !ztunnel_owns(node1, probed.addr, node_ip)?,
+        "node probe went through ztunnel"
+    );
     let report = conn.exchange(1024)?;
     assert_eq!(report.peer.ip(), IpAddr::V4(node_ip));
     let c = counters(node1, client.spec.ip)?.expect("client has counters");
@@ -150,19 +164,27 @@ fn editing_the_config_enrolls_and_releases_a_running_pod() -> Result<()> {
 
     s.write(&lab::config_yaml(&[("bystander", true)]))?;
     zt1.wait_for_log("configuration reloaded", Duration::from_secs(10))?;
-    eventually("bystander enrolled in the kernel", Duration::from_secs(10), || {
-        Ok(counters(node1, bystander.spec.ip)?.is_some())
-    })?;
+    eventually(
+        "bystander enrolled in the kernel",
+        Duration::from_secs(10),
+        || Ok(counters(node1, bystander.spec.ip)?.is_some()),
+    )?;
     let (owned, peer) = held_exchange(&s, "bystander", server.addr, "node1")?;
     assert!(owned, "bystander not captured after enrollment");
     assert_eq!(peer, ip(bystander));
     let report = before.exchange(256 * 1024)?;
-    assert_eq!(report.peer.ip(), ip(bystander), "pre-enrollment connection broke");
+    assert_eq!(
+        report.peer.ip(),
+        ip(bystander),
+        "pre-enrollment connection broke"
+    );
 
     s.write(&lab::config_yaml(&[("bystander", false)]))?;
-    eventually("bystander released in the kernel", Duration::from_secs(10), || {
-        Ok(counters(node1, bystander.spec.ip)?.is_none())
-    })?;
+    eventually(
+        "bystander released in the kernel",
+        Duration::from_secs(10),
+        || Ok(counters(node1, bystander.spec.ip)?.is_none()),
+    )?;
     let (owned, peer) = held_exchange(&s, "bystander", server.addr, "node1")?;
     assert!(!owned, "bystander still captured after removal");
     assert_eq!(peer, ip(bystander));
@@ -185,16 +207,27 @@ fn killed_ztunnel_fails_closed_and_restart_readopts_capture() -> Result<()> {
     let attempt = Connection::open(&client.ns, server.addr, Duration::from_secs(2));
     assert!(attempt.is_err(), "connection succeeded with ztunnel dead");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(server.accepted().len(), accepted_before, "a connection reached the server in clear");
+    assert_eq!(
+        server.accepted().len(),
+        accepted_before,
+        "a connection reached the server in clear"
+    );
     let c = counters(s.lab.node("node1"), client.spec.ip)?.expect("counters survive the process");
     assert!(c.dropped_no_listener >= 1, "drop not counted: {c:?}");
 
     let zt1 = s.ztunnel("node1", &[])?;
-    assert!(zt1.log_text().contains("Readopted"), "restart did not re-adopt the pinned links");
+    assert!(
+        zt1.log_text().contains("Readopted"),
+        "restart did not re-adopt the pinned links"
+    );
     let report = request(&client.ns, server.addr, 1024)?;
     assert_eq!(report.peer.ip(), ip(client));
     let c2 = counters(s.lab.node("node1"), client.spec.ip)?.expect("counters");
-    assert_eq!(c2.outbound_captured, c.outbound_captured + 1, "counters were reset by the restart");
+    assert_eq!(
+        c2.outbound_captured,
+        c.outbound_captured + 1,
+        "counters were reset by the restart"
+    );
     Ok(())
 }
 
@@ -211,12 +244,22 @@ fn stopped_ztunnel_leaves_enrolled_pods_unable_to_connect() -> Result<()> {
     let status = zt1.stop()?;
     assert!(status.success(), "clean shutdown exited with {status}");
     let rules = s.lab.node("node1").ns.ip(&["rule", "show"])?;
-    assert!(!rules.contains("1539"), "capture rule left behind after clean shutdown:\n{rules}");
+    assert!(
+        !rules.contains("1539"),
+        "capture rule left behind after clean shutdown:\n{rules}"
+    );
 
     let attempt = Connection::open(&client.ns, server.addr, Duration::from_secs(2));
-    assert!(attempt.is_err(), "enrolled pod connected with ztunnel stopped");
+    assert!(
+        attempt.is_err(),
+        "enrolled pod connected with ztunnel stopped"
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(server.accepted().len(), accepted_before, "a connection bypassed the mesh");
+    assert_eq!(
+        server.accepted().len(),
+        accepted_before,
+        "a connection bypassed the mesh"
+    );
     // Unenrolled pods are untouched.
     request(&s.lab.pod("bystander").ns, server.addr, 1024)?;
     Ok(())
@@ -228,9 +271,16 @@ fn pod_connecting_to_ztunnel_ports_is_refused() -> Result<()> {
     let mut zt1 = s.ztunnel("node1", &[])?;
     let client = s.lab.pod("client");
     let own = SocketAddr::from((s.lab.node("node1").underlay_ip, 15001));
-    let result = Connection::open(&client.ns, own, Duration::from_secs(2)).and_then(|c| c.exchange(16));
-    assert!(result.is_err(), "connection to ztunnel's own port was served");
-    zt1.wait_for_log("refused: a pod connected to ztunnel's own port", Duration::from_secs(5))?;
+    let result =
+        Connection::open(&client.ns, own, Duration::from_secs(2)).and_then(|c| c.exchange(16));
+    assert!(
+        result.is_err(),
+        "connection to ztunnel's own port was served"
+    );
+    zt1.wait_for_log(
+        "refused: a pod connected to ztunnel's own port",
+        Duration::from_secs(5),
+    )?;
     Ok(())
 }
 
@@ -243,7 +293,8 @@ fn one_gib_arrives_intact_through_the_relay() -> Result<()> {
     let server_pod = s.lab.pod("server");
     let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
     // `exchange` compares the SHA-256 of what was sent with the server's.
-    let report = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?.exchange(1 << 30)?;
+    let report =
+        Connection::open(&client.ns, server.addr, Duration::from_secs(5))?.exchange(1 << 30)?;
     assert_eq!(report.bytes, 1 << 30);
     assert_eq!(report.peer.ip(), ip(client));
     Ok(())
@@ -251,7 +302,10 @@ fn one_gib_arrives_intact_through_the_relay() -> Result<()> {
 
 /// A server that speaks first and closes first, so ztunnel's side of the
 /// client's connection is the one left in TIME_WAIT.
-fn start_greeter(ns: &ztunnel_tests::netns::Netns, addr: SocketAddr) -> Result<std::thread::JoinHandle<()>> {
+fn start_greeter(
+    ns: &ztunnel_tests::netns::Netns,
+    addr: SocketAddr,
+) -> Result<std::thread::JoinHandle<()>> {
     let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
     Ok(std::thread::spawn(move || {
         for stream in listener.incoming().take(2) {
@@ -287,9 +341,15 @@ fn a_port_reused_right_away_is_not_stalled_by_time_wait() -> Result<()> {
             Ok(out)
         })??;
         assert_eq!(greeting, b"hello\n", "round {round}");
-        assert!(started.elapsed() < Duration::from_secs(2), "round {round} stalled for {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "round {round} stalled for {:?}",
+            started.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    greeter.join().map_err(|_| anyhow::anyhow!("greeter panicked"))?;
+    greeter
+        .join()
+        .map_err(|_| anyhow::anyhow!("greeter panicked"))?;
     Ok(())
 }

@@ -16,17 +16,33 @@ fn refused(yaml: &str, expect_field: &str) -> Result<()> {
     let _ = std::fs::remove_file(&config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "bad config accepted:\n{stderr}");
-    assert!(stderr.contains(&config.display().to_string()), "error does not name the file:\n{stderr}");
-    assert!(stderr.contains(expect_field), "error does not name {expect_field}:\n{stderr}");
-    assert!(!node.pin_dir.exists(), "kernel state created for a refused config");
+    assert!(
+        stderr.contains(&config.display().to_string()),
+        "error does not name the file:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(expect_field),
+        "error does not name {expect_field}:\n{stderr}"
+    );
+    assert!(
+        !node.pin_dir.exists(),
+        "kernel state created for a refused config"
+    );
     let rules = node.ns.ip(&["rule", "show"])?;
-    assert!(!rules.contains("1539"), "routing rule installed for a refused config");
+    assert!(
+        !rules.contains("1539"),
+        "routing rule installed for a refused config"
+    );
     Ok(())
 }
 
 #[test]
 fn unknown_field_is_refused() -> Result<()> {
-    let yaml = lab::config_yaml(&[]).replacen("  namespace: default\n", "  namespace: default\n  nodeName: oops\n", 1);
+    let yaml = lab::config_yaml(&[]).replacen(
+        "  namespace: default\n",
+        "  namespace: default\n  nodeName: oops\n",
+        1,
+    );
     refused(&yaml, "workloads[0]")?;
     Ok(())
 }

@@ -18,7 +18,6 @@ use ztunnel_tests::{
     ztunnel::{sockets, Ztunnel},
 };
 
-
 fn ip_of(pod: &lab::Pod) -> IpAddr {
     IpAddr::V4(pod.spec.ip)
 }
@@ -27,7 +26,9 @@ fn ip_of(pod: &lab::Pod) -> IpAddr {
 fn hbone_connections(node: &lab::Node) -> Result<usize> {
     Ok(sockets(node)?
         .iter()
-        .filter(|s| s.state == "ESTAB" && s.peer.ends_with(":15008") && s.process.contains("\"ztunnel\""))
+        .filter(|s| {
+            s.state == "ESTAB" && s.peer.ends_with(":15008") && s.process.contains("\"ztunnel\"")
+        })
         .count())
 }
 
@@ -43,17 +44,39 @@ fn cross_node_traffic_is_mutual_tls_on_the_underlay() -> Result<()> {
     let marker = b"ZTUNNEL-PLAINTEXT-MARKER-7f3a9c";
     let payload: Vec<u8> = marker.iter().copied().cycle().take(256 * 1024).collect();
     let sniffer = Sniffer::start(s.lab.node("node1"), "eth0")?;
-    let report = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?.exchange_bytes(&payload)?;
+    let report = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?
+        .exchange_bytes(&payload)?;
     let pcap = sniffer.stop()?;
 
-    assert_eq!(report.peer.ip(), ip_of(client), "server saw the wrong client");
-    assert!(!pcap.contains(marker), "the payload crossed the underlay in clear");
+    assert_eq!(
+        report.peer.ip(),
+        ip_of(client),
+        "server saw the wrong client"
+    );
+    assert!(
+        !pcap.contains(marker),
+        "the payload crossed the underlay in clear"
+    );
     let tunnel = pcap.count("tcp port 15008")?;
-    assert!(tunnel > 10, "no HBONE traffic on the underlay:\n{}", pcap.summary("tcp"));
-    assert_eq!(pcap.count("tcp port 8080")?, 0, "the application port was seen on the underlay");
+    assert!(
+        tunnel > 10,
+        "no HBONE traffic on the underlay:\n{}",
+        pcap.summary("tcp")
+    );
+    assert_eq!(
+        pcap.count("tcp port 8080")?,
+        0,
+        "the application port was seen on the underlay"
+    );
     // A TLS 1.3 handshake: the ClientHello's record header and version bytes.
-    assert!(pcap.contains(&[0x16, 0x03, 0x01]), "no TLS handshake on the underlay");
-    zt2.wait_for_log("peer_identity=spiffe://cluster.local/ns/default/sa/client", Duration::from_secs(5))?;
+    assert!(
+        pcap.contains(&[0x16, 0x03, 0x01]),
+        "no TLS handshake on the underlay"
+    );
+    zt2.wait_for_log(
+        "peer_identity=spiffe://cluster.local/ns/default/sa/client",
+        Duration::from_secs(5),
+    )?;
     Ok(())
 }
 
@@ -78,8 +101,14 @@ fn service_vip_reaches_its_endpoints_with_port_mapping() -> Result<()> {
         let report = request(&client.ns, vip, 4096)?;
         assert_eq!(report.peer.ip(), ip_of(client));
     }
-    assert!(!remote.accepted().is_empty(), "the remote endpoint got nothing");
-    assert!(!local.accepted().is_empty(), "the local endpoint got nothing");
+    assert!(
+        !remote.accepted().is_empty(),
+        "the remote endpoint got nothing"
+    );
+    assert!(
+        !local.accepted().is_empty(),
+        "the local endpoint got nothing"
+    );
     assert_eq!(remote.accepted().len() + local.accepted().len(), 6);
     Ok(())
 }
@@ -96,15 +125,27 @@ fn concurrent_streams_share_pooled_connections() -> Result<()> {
     // 150 streams at once: 100 fit on one connection, so exactly two.
     let mut open = Vec::new();
     for _ in 0..150 {
-        open.push(Connection::open(&client.ns, server.addr, Duration::from_secs(5))?);
+        open.push(Connection::open(
+            &client.ns,
+            server.addr,
+            Duration::from_secs(5),
+        )?);
     }
     let node1 = s.lab.node("node1");
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.accepted().len() < 150 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(server.accepted().len(), 150, "not every stream reached the server");
-    assert_eq!(hbone_connections(node1)?, 2, "150 streams should ride on 2 pooled connections");
+    assert_eq!(
+        server.accepted().len(),
+        150,
+        "not every stream reached the server"
+    );
+    assert_eq!(
+        hbone_connections(node1)?,
+        2,
+        "150 streams should ride on 2 pooled connections"
+    );
     for conn in open {
         conn.exchange(1024)?;
     }
@@ -112,7 +153,12 @@ fn concurrent_streams_share_pooled_connections() -> Result<()> {
     for _ in 0..20 {
         request(&client.ns, server.addr, 1024)?;
     }
-    assert_eq!(zt1.log_text().matches("HBONE connection established").count(), 2);
+    assert_eq!(
+        zt1.log_text()
+            .matches("HBONE connection established")
+            .count(),
+        2
+    );
     Ok(())
 }
 
@@ -151,8 +197,14 @@ fn same_node_traffic_skips_the_network_with_identity_checks() -> Result<()> {
         "same-node mesh connection src=198.18.1.10",
         Duration::from_secs(5),
     )?;
-    assert!(zt1.log_text().contains("src_identity=spiffe://cluster.local/ns/default/sa/client"));
-    assert_eq!(hbone_connections(s.lab.node("node1"))?, 0, "same-node traffic used a tunnel");
+    assert!(zt1
+        .log_text()
+        .contains("src_identity=spiffe://cluster.local/ns/default/sa/client"));
+    assert_eq!(
+        hbone_connections(s.lab.node("node1"))?,
+        0,
+        "same-node traffic used a tunnel"
+    );
     Ok(())
 }
 
@@ -173,7 +225,12 @@ impl Hostile {
         let zt2 = s.ztunnel("node2", &["--handshake-timeout", "2s"])?;
         let server_pod = s.lab.pod("server");
         let _server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
-        Ok(Hostile { s, zt2, _zt1, _server })
+        Ok(Hostile {
+            s,
+            zt2,
+            _zt1,
+            _server,
+        })
     }
 
     fn hbone_addr(&self) -> SocketAddr {
@@ -217,7 +274,10 @@ fn garbage_on_15008_is_refused() -> Result<()> {
     let mut buf = [0u8; 256];
     // The server closes; at most it sends a TLS alert, never an HTTP answer.
     let n = tcp.read(&mut buf).unwrap_or(0);
-    assert!(!buf[..n].starts_with(b"HTTP"), "plaintext got an HTTP answer");
+    assert!(
+        !buf[..n].starts_with(b"HTTP"),
+        "plaintext got an HTTP answer"
+    );
     h.assert_logged_and_healthy("TLS handshake failed")
 }
 
@@ -226,19 +286,41 @@ fn client_certificate_from_another_root_is_refused() -> Result<()> {
     let mut h = Hostile::new()?;
     let other = std::env::temp_dir().join(format!("{}-other-ca", h.s.lab.prefix));
     ca::generate_dev_root(&other)?;
-    let forged = LocalCa::load(&other)?.issue(&Identity::new("cluster.local", "default", "client"), Duration::from_secs(3600))?;
+    let forged = LocalCa::load(&other)?.issue(
+        &Identity::new("cluster.local", "default", "client"),
+        Duration::from_secs(3600),
+    )?;
     let _ = std::fs::remove_dir_all(&other);
-    let outcome = peer::connect(&h.attacker().ns, h.hbone_addr(), Some(&forged), "198.18.2.10:8080")?;
-    assert!(matches!(outcome, Outcome::Refused(_)), "a foreign root was accepted: {outcome:?}");
+    let outcome = peer::connect(
+        &h.attacker().ns,
+        h.hbone_addr(),
+        Some(&forged),
+        "198.18.2.10:8080",
+    )?;
+    assert!(
+        matches!(outcome, Outcome::Refused(_)),
+        "a foreign root was accepted: {outcome:?}"
+    );
     h.assert_logged_and_healthy("TLS handshake failed")
 }
 
 #[test]
 fn client_certificate_from_another_trust_domain_is_refused() -> Result<()> {
     let mut h = Hostile::new()?;
-    let cert = h.lab_ca()?.issue(&Identity::new("evil.example", "default", "client"), Duration::from_secs(3600))?;
-    let outcome = peer::connect(&h.attacker().ns, h.hbone_addr(), Some(&cert), "198.18.2.10:8080")?;
-    assert!(matches!(outcome, Outcome::Refused(_)), "another trust domain was accepted: {outcome:?}");
+    let cert = h.lab_ca()?.issue(
+        &Identity::new("evil.example", "default", "client"),
+        Duration::from_secs(3600),
+    )?;
+    let outcome = peer::connect(
+        &h.attacker().ns,
+        h.hbone_addr(),
+        Some(&cert),
+        "198.18.2.10:8080",
+    )?;
+    assert!(
+        matches!(outcome, Outcome::Refused(_)),
+        "another trust domain was accepted: {outcome:?}"
+    );
     h.assert_logged_and_healthy("outside trust domain")
 }
 
@@ -246,19 +328,35 @@ fn client_certificate_from_another_trust_domain_is_refused() -> Result<()> {
 fn missing_client_certificate_is_refused() -> Result<()> {
     let mut h = Hostile::new()?;
     let outcome = peer::connect(&h.attacker().ns, h.hbone_addr(), None, "198.18.2.10:8080")?;
-    assert!(matches!(outcome, Outcome::Refused(_)), "no client certificate was accepted: {outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::Refused(_)),
+        "no client certificate was accepted: {outcome:?}"
+    );
     h.assert_logged_and_healthy("TLS handshake failed")
 }
 
 #[test]
 fn connect_to_another_workload_gets_400() -> Result<()> {
     let mut h = Hostile::new()?;
-    let cert = h.lab_ca()?.issue(&Identity::new("cluster.local", "default", "bystander"), Duration::from_secs(3600))?;
+    let cert = h.lab_ca()?.issue(
+        &Identity::new("cluster.local", "default", "bystander"),
+        Duration::from_secs(3600),
+    )?;
     // A valid peer asking node2's tunnel for the client pod on node1.
-    let outcome = peer::connect(&h.attacker().ns, h.hbone_addr(), Some(&cert), "198.18.1.10:8080")?;
+    let outcome = peer::connect(
+        &h.attacker().ns,
+        h.hbone_addr(),
+        Some(&cert),
+        "198.18.1.10:8080",
+    )?;
     assert_eq!(outcome, Outcome::Status(400));
     // And a well-formed request for the right workload is served.
-    let outcome = peer::connect(&h.attacker().ns, h.hbone_addr(), Some(&cert), "198.18.2.10:8080")?;
+    let outcome = peer::connect(
+        &h.attacker().ns,
+        h.hbone_addr(),
+        Some(&cert),
+        "198.18.2.10:8080",
+    )?;
     assert_eq!(outcome, Outcome::Status(200));
     h.assert_logged_and_healthy("refused CONNECT")
 }
@@ -278,7 +376,10 @@ fn stalled_handshake_is_cut_off() -> Result<()> {
     let mut buf = [0u8; 64];
     let _ = tcp.read(&mut buf);
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(8), "a stalled peer was held for {waited:?}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "a stalled peer was held for {waited:?}"
+    );
     h.assert_logged_and_healthy("handshake timed out")
 }
 
@@ -294,7 +395,8 @@ fn half_open_handshake_flood_keeps_memory_bounded() -> Result<()> {
         .run(move || {
             (0..1500)
                 .filter_map(|_| {
-                    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+                    let mut s =
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
                     // Half a ClientHello: the server must hold state for it.
                     let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
                     Some(s)
@@ -302,16 +404,29 @@ fn half_open_handshake_flood_keeps_memory_bounded() -> Result<()> {
                 .collect()
         })
         .context("flooding")?;
-    assert!(flood.len() > 1000, "could only open {} connections", flood.len());
+    assert!(
+        flood.len() > 1000,
+        "could only open {} connections",
+        flood.len()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let during = h.zt2.rss_bytes()?;
     let growth = during.saturating_sub(before);
-    assert!(growth < 64 << 20, "{} half-open handshakes cost {} MiB", flood.len(), growth >> 20);
+    assert!(
+        growth < 64 << 20,
+        "{} half-open handshakes cost {} MiB",
+        flood.len(),
+        growth >> 20
+    );
     // Real traffic goes on during the flood.
     let client = h.s.lab.pod("client");
     let report = request(&client.ns, h.s.lab.pod("server").addr(8080), 64 * 1024)?;
     assert_eq!(report.peer.ip(), ip_of(client));
-    eprintln!("{} half-open handshakes grew ztunnel's RSS by {} KiB", flood.len(), growth >> 10);
+    eprintln!(
+        "{} half-open handshakes grew ztunnel's RSS by {} KiB",
+        flood.len(),
+        growth >> 10
+    );
     drop(flood);
     // Past the limit, the oldest pending handshakes were pushed out.
     h.assert_logged_and_healthy("evicted, too many handshakes in progress")
@@ -320,7 +435,10 @@ fn half_open_handshake_flood_keeps_memory_bounded() -> Result<()> {
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
     unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
             limit.rlim_cur = limit.rlim_max.min(65536);
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);

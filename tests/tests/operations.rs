@@ -28,7 +28,8 @@ fn metrics(s: &Setup, node: &str) -> Result<String> {
     Ok(r.body)
 }
 
-const LOCALHOST_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+const LOCALHOST_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 
 #[test]
 fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
@@ -51,11 +52,19 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let m = metrics(&s, "node2")?;
-        let sent = sample(&m, "istio_tcp_sent_bytes_total", &[("reporter", "destination"), ("source_workload", "client")]).unwrap_or(0.0);
+        let sent = sample(
+            &m,
+            "istio_tcp_sent_bytes_total",
+            &[("reporter", "destination"), ("source_workload", "client")],
+        )
+        .unwrap_or(0.0);
         if sent >= partial.len() as f64 {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "bytes of an open connection never showed: {sent}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bytes of an open connection never showed: {sent}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let report = held.exchange_rest(1 << 20, &partial)?;
@@ -74,35 +83,82 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
             ("reporter", reporter),
             ("source_workload", "client"),
             ("source_workload_namespace", "default"),
-            ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
             ("source_app", "client"),
             ("source_version", "v1"),
             ("destination_workload", "server"),
             ("destination_workload_namespace", "default"),
-            ("destination_principal", "spiffe://cluster.local/ns/default/sa/server"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/server",
+            ),
             ("request_protocol", "tcp"),
             ("response_flags", "-"),
             ("connection_security_policy", "mutual_tls"),
         ];
-        let get = |name| sample(&m, name, &labels).with_context(|| format!("{node}: no {name} with {labels:?}:\n{m}"));
+        let get = |name| {
+            sample(&m, name, &labels)
+                .with_context(|| format!("{node}: no {name} with {labels:?}:\n{m}"))
+        };
         assert_eq!(get("istio_tcp_connections_opened_total")?, 1.0, "{node}");
         assert_eq!(get("istio_tcp_connections_closed_total")?, 1.0, "{node}");
         let sent = get("istio_tcp_sent_bytes_total")?;
-        assert!((total..=total + 64.0 * 1024.0).contains(&sent), "{node}: sent {sent}, expected {total}");
+        assert!(
+            (total..=total + 64.0 * 1024.0).contains(&sent),
+            "{node}: sent {sent}, expected {total}"
+        );
         let received = get("istio_tcp_received_bytes_total")?;
-        assert!(received > 0.0 && received < 1024.0, "{node}: received {received} (the server's one-line report)");
-        assert!(m.contains("istio_tcp_received_bytes_total{reporter=\""), "{node}: families missing");
+        assert!(
+            received > 0.0 && received < 1024.0,
+            "{node}: received {received} (the server's one-line report)"
+        );
+        assert!(
+            m.contains("istio_tcp_received_bytes_total{reporter=\""),
+            "{node}: families missing"
+        );
     }
     let m = metrics(&s, "node2")?;
-    let dropped = sample(&m, "ztunnel_kernel_syn_dropped_total", &[("workload", "server"), ("reason", "policy")]);
-    assert_eq!(dropped, Some(3.0), "kernel drops do not match the 3 denied SYNs:\n{m}");
-    assert!(sample(&m, "ztunnel_kernel_flows_captured_total", &[("workload", "server"), ("direction", "inbound")]).unwrap_or(0.0) >= 1.0);
-    assert!(sample(&m, "ztunnel_certificate_expiry_seconds", &[("identity", "spiffe://cluster.local/ns/default/sa/server")]).is_some());
-    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+    let dropped = sample(
+        &m,
+        "ztunnel_kernel_syn_dropped_total",
+        &[("workload", "server"), ("reason", "policy")],
+    );
+    assert_eq!(
+        dropped,
+        Some(3.0),
+        "kernel drops do not match the 3 denied SYNs:\n{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "ztunnel_kernel_flows_captured_total",
+            &[("workload", "server"), ("direction", "inbound")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(sample(
+        &m,
+        "ztunnel_certificate_expiry_seconds",
+        &[("identity", "spiffe://cluster.local/ns/default/sa/server")]
+    )
+    .is_some());
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
         assert!(sample(&m, name, &[]).is_some(), "no {name}");
     }
     // Same text on Istio's other path.
-    let r = http::get(&s.lab.node("node2").ns, node_addr(&s, "node2", 15020), "/stats/prometheus")?;
+    let r = http::get(
+        &s.lab.node("node2").ns,
+        node_addr(&s, "node2", 15020),
+        "/stats/prometheus",
+    )?;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("istio_tcp_connections_opened_total"));
     Ok(())
@@ -114,10 +170,18 @@ fn config_dump_shows_every_enrolled_attachment() -> Result<()> {
     let _zt1 = s.ztunnel("node1", &[])?;
     let r = http::get(&s.lab.node("node1").ns, LOCALHOST_ADMIN, "/config_dump")?;
     assert_eq!(r.status, 200);
-    let dump: serde_json::Value = serde_json::from_str(&r.body).context("config_dump is not JSON")?;
-    assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(lab::PODS.len()));
-    assert!(dump["certificates"].as_array().is_some_and(|c| !c.is_empty()));
-    let pods = dump["capture"]["pods"].as_array().context("no capture.pods")?;
+    let dump: serde_json::Value =
+        serde_json::from_str(&r.body).context("config_dump is not JSON")?;
+    assert_eq!(
+        dump["workloads"].as_array().map(Vec::len),
+        Some(lab::PODS.len())
+    );
+    assert!(dump["certificates"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
+    let pods = dump["capture"]["pods"]
+        .as_array()
+        .context("no capture.pods")?;
     for name in ["client", "neighbor"] {
         let pod = s.lab.pod(name);
         let entry = pods
@@ -129,7 +193,9 @@ fn config_dump_shows_every_enrolled_attachment() -> Result<()> {
         assert_eq!(entry["attached"], true);
         assert_eq!(entry["captured"], true);
     }
-    assert!(dump["capture"]["uplinks"].as_array().is_some_and(|u| u.iter().any(|i| i == "eth0")));
+    assert!(dump["capture"]["uplinks"]
+        .as_array()
+        .is_some_and(|u| u.iter().any(|i| i == "eth0")));
     Ok(())
 }
 
@@ -147,13 +213,24 @@ fn readiness_waits_for_every_enrolled_pod() -> Result<()> {
     let _zt1 = s.ztunnel("node1", &[])?;
     let node1 = s.lab.node("node1");
     let ready = http::get(&node1.ns, node_addr(&s, "node1", 15021), "/healthz/ready")?;
-    assert_eq!(ready.status, 503, "ready while an enrolled pod has no capture");
-    assert!(ready.body.contains("198.18.1.50"), "the reason does not name the pod: {}", ready.body);
+    assert_eq!(
+        ready.status, 503,
+        "ready while an enrolled pod has no capture"
+    );
+    assert!(
+        ready.body.contains("198.18.1.50"),
+        "the reason does not name the pod: {}",
+        ready.body
+    );
     // The pod's sandbox appears; ztunnel finds its veth on the next resync.
     s.lab.add_extra_pod(late)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = http::get(&s.lab.node("node1").ns, node_addr(&s, "node1", 15021), "/healthz/ready")?;
+        let r = http::get(
+            &s.lab.node("node1").ns,
+            node_addr(&s, "node1", 15021),
+            "/healthz/ready",
+        )?;
         if r.status == 200 {
             break;
         }
@@ -173,14 +250,19 @@ fn sigterm_lets_a_transfer_finish_then_exits_zero() -> Result<()> {
     let client = s.lab.pod("client");
     let conn = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
     let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
-    let transfer = std::thread::spawn(move || conn.exchange_slowly(&data, 30, Duration::from_millis(100)));
+    let transfer =
+        std::thread::spawn(move || conn.exchange_slowly(&data, 30, Duration::from_millis(100)));
     std::thread::sleep(Duration::from_millis(500));
     zt1.terminate();
-    let report = transfer.join().map_err(|_| anyhow::anyhow!("transfer thread panicked"))??;
+    let report = transfer
+        .join()
+        .map_err(|_| anyhow::anyhow!("transfer thread panicked"))??;
     assert_eq!(report.bytes, 4 * 1024 * 1024);
     let status = zt1.wait_exit(Duration::from_secs(15))?;
     assert!(status.success(), "exit status {status}");
-    assert!(zt1.log_text().contains("drained: every connection finished"));
+    assert!(zt1
+        .log_text()
+        .contains("drained: every connection finished"));
     Ok(())
 }
 
@@ -232,21 +314,41 @@ fn restart_under_load_drops_nothing() -> Result<()> {
 
     std::thread::sleep(Duration::from_secs(1));
     let new1 = s.ztunnel("node1", &["--drain-deadline", "20s"])?;
-    assert!(new1.log_text().contains("took the listeners over"), "node1 did not hand over:\n{}", new1.log_text());
+    assert!(
+        new1.log_text().contains("took the listeners over"),
+        "node1 did not hand over:\n{}",
+        new1.log_text()
+    );
     std::thread::sleep(Duration::from_secs(1));
     let new2 = s.ztunnel("node2", &["--drain-deadline", "20s"])?;
     assert!(new2.log_text().contains("took the listeners over"));
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
-    load.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+    load.join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
 
     let failures = failures.lock().unwrap().clone();
     let done = done.load(Ordering::SeqCst);
-    assert!(done > 20, "too little load to prove anything: {done} connections");
-    assert!(failures.is_empty(), "{} of {} connections failed during the restarts: {:?}", failures.len(), done + failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        done > 20,
+        "too little load to prove anything: {done} connections"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed during the restarts: {:?}",
+        failures.len(),
+        done + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     for t in long_threads {
-        let report = t.join().map_err(|_| anyhow::anyhow!("long connection thread panicked"))??;
-        assert_eq!(report.bytes, 2 * 1024 * 1024, "a long-lived connection was cut");
+        let report = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("long connection thread panicked"))??;
+        assert_eq!(
+            report.bytes,
+            2 * 1024 * 1024,
+            "a long-lived connection was cut"
+        );
     }
     // The old processes leave once their connections are done.
     for old in [&mut old1, &mut old2] {
@@ -285,9 +387,16 @@ fn bad_http_requests_get_4xx_and_change_nothing() -> Result<()> {
     }
     // Oversized headers.
     for addr in [LOCALHOST_ADMIN, metrics, ready] {
-        let big = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(64 * 1024));
+        let big = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
         let r = http::raw(ns, addr, big.into_bytes())?;
-        assert!((400..500).contains(&r.status), "oversized headers on {addr} got {}", r.status);
+        assert!(
+            (400..500).contains(&r.status),
+            "oversized headers on {addr} got {}",
+            r.status
+        );
     }
     // Garbage that is not HTTP at all.
     let r = http::raw(ns, metrics, b"\x16\x03\x01 not http\r\n\r\n".to_vec());

@@ -18,7 +18,13 @@ fn state_dir() -> PathBuf {
 
 /// Starts ztunnel in `node`'s namespace, detached, and waits until it is ready.
 /// Returns its log file.
-pub fn start_ztunnel(prefix: &str, node: &Node, bin: &Path, config: &Path, ca_dir: &Path) -> Result<PathBuf> {
+pub fn start_ztunnel(
+    prefix: &str,
+    node: &Node,
+    bin: &Path,
+    config: &Path,
+    ca_dir: &Path,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(state_dir())?;
     let base = state_dir().join(format!("{prefix}-{}", node.name));
     let log = base.with_extension("log");
@@ -36,7 +42,11 @@ pub fn start_ztunnel(prefix: &str, node: &Node, bin: &Path, config: &Path, ca_di
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&log)?.contains("ready") {
         if Instant::now() > deadline {
-            bail!("ztunnel on {} not ready after 30s; see {}", node.name, log.display());
+            bail!(
+                "ztunnel on {} not ready after 30s; see {}",
+                node.name,
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

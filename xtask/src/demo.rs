@@ -24,7 +24,11 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
             pod.spec.name,
             pod.spec.ip,
             ztunnel_tests::lab::NODES[pod.spec.node],
-            if pod.spec.enrolled { "enrolled (protocol: HBONE)" } else { "not enrolled" }
+            if pod.spec.enrolled {
+                "enrolled (protocol: HBONE)"
+            } else {
+                "not enrolled"
+            }
         );
     }
     println!("== starting ztunnel on each node with {}", config.display());
@@ -44,15 +48,47 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
     let _ = &servers;
 
     println!("\n== traffic (1 MiB each, checksummed at both ends)");
-    println!("   {:34} {:26} {:17} {}", "flow", "owned by ztunnel on", "server saw", "result");
-    flow(&lab, "client -> server (other node)", FlowFrom::Pod("client"), server.addr(8080))?;
-    flow(&lab, "client -> neighbor (same node)", FlowFrom::Pod("client"), neighbor.addr(8080))?;
-    flow(&lab, "plain -> client (into enrolled)", FlowFrom::Pod("plain"), client_pod.addr(8080))?;
-    flow(&lab, "bystander -> plain (neither)", FlowFrom::Pod("bystander"), plain.addr(8080))?;
-    flow(&lab, "node1 -> client (health probe)", FlowFrom::Node("node1"), client_pod.addr(8080))?;
+    println!(
+        "   {:34} {:26} {:17} {}",
+        "flow", "owned by ztunnel on", "server saw", "result"
+    );
+    flow(
+        &lab,
+        "client -> server (other node)",
+        FlowFrom::Pod("client"),
+        server.addr(8080),
+    )?;
+    flow(
+        &lab,
+        "client -> neighbor (same node)",
+        FlowFrom::Pod("client"),
+        neighbor.addr(8080),
+    )?;
+    flow(
+        &lab,
+        "plain -> client (into enrolled)",
+        FlowFrom::Pod("plain"),
+        client_pod.addr(8080),
+    )?;
+    flow(
+        &lab,
+        "bystander -> plain (neither)",
+        FlowFrom::Pod("bystander"),
+        plain.addr(8080),
+    )?;
+    flow(
+        &lab,
+        "node1 -> client (health probe)",
+        FlowFrom::Node("node1"),
+        client_pod.addr(8080),
+    )?;
 
     println!("\n== kernel counters (read with bpftool from the pinned maps)");
-    for (node, pod) in [("node1", "client"), ("node1", "neighbor"), ("node2", "server")] {
+    for (node, pod) in [
+        ("node1", "client"),
+        ("node1", "neighbor"),
+        ("node2", "server"),
+    ] {
         let ip = lab.pod(pod).spec.ip;
         if let Some(c) = counters(lab.node(node), ip)? {
             println!(
@@ -64,21 +100,36 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
 
     println!("\n== killing ztunnel on node1: capture stays in the kernel and fails closed");
     zt1.kill();
-    flow(&lab, "client -> server (ztunnel down)", FlowFrom::Pod("client"), server.addr(8080))?;
-    flow(&lab, "bystander -> plain (ztunnel down)", FlowFrom::Pod("bystander"), plain.addr(8080))?;
+    flow(
+        &lab,
+        "client -> server (ztunnel down)",
+        FlowFrom::Pod("client"),
+        server.addr(8080),
+    )?;
+    flow(
+        &lab,
+        "bystander -> plain (ztunnel down)",
+        FlowFrom::Pod("bystander"),
+        plain.addr(8080),
+    )?;
     println!("== restarting it: pinned programs and maps are re-adopted");
     let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
-    flow(&lab, "client -> server (ztunnel back)", FlowFrom::Pod("client"), server.addr(8080))?;
+    flow(
+        &lab,
+        "client -> server (ztunnel back)",
+        FlowFrom::Pod("client"),
+        server.addr(8080),
+    )?;
 
     // The access log line is written when the connection has closed on
     // ztunnel's side too; give it a moment.
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!("\n== node1's ztunnel said:");
-    for line in zt1
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("connection complete") || l.contains("Readopted") || l.contains("HBONE connection established"))
-    {
+    for line in zt1.log_text().lines().filter(|l| {
+        l.contains("connection complete")
+            || l.contains("Readopted")
+            || l.contains("HBONE connection established")
+    }) {
         println!("   {}", line.trim());
     }
     drop(zt2);
@@ -99,7 +150,12 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
     let conn = match Connection::open(ns, to, Duration::from_secs(2)) {
         Ok(c) => c,
         Err(e) => {
-            println!("   {label:34} {:26} {:17} refused in the kernel ({})", "-", "nothing", root_cause(&e));
+            println!(
+                "   {label:34} {:26} {:17} refused in the kernel ({})",
+                "-",
+                "nothing",
+                root_cause(&e)
+            );
             return Ok(());
         }
     };
@@ -110,7 +166,8 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
         .nodes
         .iter()
         .filter(|n: &&Node| {
-            ztunnel_owns(n, to, src_ip).unwrap_or(false) || ztunnel_owns(n, tunnel_end, src_ip).unwrap_or(false)
+            ztunnel_owns(n, to, src_ip).unwrap_or(false)
+                || ztunnel_owns(n, tunnel_end, src_ip).unwrap_or(false)
         })
         .map(|n| n.name)
         .collect();
@@ -118,7 +175,11 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
     let report = conn.exchange(1 << 20).context("exchange")?;
     println!(
         "   {label:34} {:26} {:17} ok, {} bytes intact in {:?}",
-        if owners.is_empty() { "none (bypass)".to_string() } else { owners.join(" + ") },
+        if owners.is_empty() {
+            "none (bypass)".to_string()
+        } else {
+            owners.join(" + ")
+        },
         report.peer.ip().to_string(),
         report.bytes,
         started.elapsed()

@@ -85,12 +85,20 @@ fn main() -> Result<()> {
             let status = Command::new(bin).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Cmd::Lab { action: LabAction::Up { prefix, no_ztunnel } } => {
+        Cmd::Lab {
+            action: LabAction::Up { prefix, no_ztunnel },
+        } => {
             require_root()?;
-            let bin = if no_ztunnel { None } else { Some(build_release()?) };
+            let bin = if no_ztunnel {
+                None
+            } else {
+                Some(build_release()?)
+            };
             lab_up(&prefix, bin.as_deref())
         }
-        Cmd::Lab { action: LabAction::Down { prefix } } => {
+        Cmd::Lab {
+            action: LabAction::Down { prefix },
+        } => {
             require_root()?;
             for stopped in background::stop_all(&prefix)? {
                 println!("stopped {stopped}");
@@ -110,8 +118,17 @@ fn main() -> Result<()> {
             require_root()?;
             bootstrap()?;
             let bin = build_release()?;
-            let params = if smoke { bench::Params::smoke() } else { bench::Params::full() };
-            bench::run(&bin, &root().join("examples/lab.yaml"), params, &bench::out_dir(&root()))
+            let params = if smoke {
+                bench::Params::smoke()
+            } else {
+                bench::Params::full()
+            };
+            bench::run(
+                &bin,
+                &root().join("examples/lab.yaml"),
+                params,
+                &bench::out_dir(&root()),
+            )
         }
         Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
         Cmd::Test { args } => {
@@ -122,8 +139,13 @@ fn main() -> Result<()> {
             // the output.
             let bin = build_release()?;
             let smoke_dir = root().join("target/bench-smoke");
-            bench::run(&bin, &root().join("examples/lab.yaml"), bench::Params::smoke(), &smoke_dir)
-                .map_err(|e| anyhow::anyhow!("benchmark smoke run failed: {e:#}"))?;
+            bench::run(
+                &bin,
+                &root().join("examples/lab.yaml"),
+                bench::Params::smoke(),
+                &smoke_dir,
+            )
+            .map_err(|e| anyhow::anyhow!("benchmark smoke run failed: {e:#}"))?;
             cargo(&["build", "--package", "ztunnel", "--bins"])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
@@ -160,7 +182,10 @@ fn bootstrap() -> Result<()> {
 
 fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo).args(args).current_dir(root()).status()?;
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(root())
+        .status()?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
@@ -186,7 +211,9 @@ fn cargo_test(args: &[&str]) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 let mut words = part.split_whitespace().rev();
-                let (Some(kind), Some(n)) = (words.next(), words.next()) else { continue };
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
                 let n: u64 = n.parse().unwrap_or(0);
                 match kind {
                     "passed" => passed += n,
@@ -209,11 +236,24 @@ fn cargo_test(args: &[&str]) -> Result<()> {
 fn build_ebpf() -> Result<PathBuf> {
     let target_dir = root().join("target/ebpf");
     let status = Command::new("rustup")
-        .args(["run", "nightly", "cargo", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .current_dir(root().join("ztunnel-ebpf"))
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
         .env_remove("RUSTC")
@@ -241,7 +281,12 @@ fn lab_up(prefix: &str, ztunnel: Option<&Path>) -> Result<()> {
     }
     println!("lab {prefix} is up:");
     for node in &lab.nodes {
-        println!("  node {:6} netns {:24} underlay {}", node.name, node.ns.name(), node.underlay_ip);
+        println!(
+            "  node {:6} netns {:24} underlay {}",
+            node.name,
+            node.ns.name(),
+            node.underlay_ip
+        );
     }
     for pod in &lab.pods {
         println!(
@@ -251,12 +296,24 @@ fn lab_up(prefix: &str, ztunnel: Option<&Path>) -> Result<()> {
             pod.spec.ip,
             lab::NODES[pod.spec.node],
             pod.veth,
-            if pod.spec.enrolled { ", enrolled in examples/lab.yaml" } else { "" }
+            if pod.spec.enrolled {
+                ", enrolled in examples/lab.yaml"
+            } else {
+                ""
+            }
         );
     }
     let node = &lab.nodes[0];
-    let client = lab.pods.iter().find(|p| p.spec.name == "client").context("lab has a client pod")?;
-    let server = lab.pods.iter().find(|p| p.spec.name == "server").context("lab has a server pod")?;
+    let client = lab
+        .pods
+        .iter()
+        .find(|p| p.spec.name == "client")
+        .context("lab has a client pod")?;
+    let server = lab
+        .pods
+        .iter()
+        .find(|p| p.spec.name == "server")
+        .context("lab has a server pod")?;
     println!(
         "\ntry it:\n  ip netns exec {server_ns} iperf3 -s -D          # a server in the enrolled server pod\n  ip netns exec {client_ns} iperf3 -c {server_ip} -t 3   # through both ztunnels\n  nsenter --net=/run/netns/{node_ns} ss -tnp           # ztunnel's sockets on {node}",
         server_ns = server.ns.name(),

@@ -48,7 +48,13 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         return TC_NEXT;
     }
     if src_enrolled {
-        return to_listener(ctx, &flow, ports::OUTBOUND_CAPTURE, flow.saddr, Counter::OutboundCaptured);
+        return to_listener(
+            ctx,
+            &flow,
+            ports::OUTBOUND_CAPTURE,
+            flow.saddr,
+            Counter::OutboundCaptured,
+        );
     }
     inbound(ctx, &flow)
 }

@@ -24,7 +24,13 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the context pointer is the one this program was given.
     let (family, protocol, remote, local, local_port) = unsafe {
         let l = &*ctx.lookup;
-        (l.family, l.protocol, l.remote_ip4, l.local_ip4, l.local_port)
+        (
+            l.family,
+            l.protocol,
+            l.remote_ip4,
+            l.local_ip4,
+            l.local_port,
+        )
     };
     if family != AF_INET || protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;

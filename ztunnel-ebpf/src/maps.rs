@@ -10,8 +10,8 @@ use aya_ebpf::{
     },
 };
 use ztunnel_common::{
-    pod_flags, verdict, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_PODS, MAX_POLICY_ENTRIES,
-    POLICY_FIXED_BITS,
+    pod_flags, verdict, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_PODS,
+    MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
 };
 
 #[map(name = "ZT_ENROLLED_PODS")]

@@ -57,12 +57,21 @@ fn bench(c: &mut Criterion) {
     ] {
         let config = config(hot, identity_free);
         let snapshot = Snapshot::new("bench", "cluster.local", &config);
-        let workload = snapshot.workload_by_ip("10.200.0.1".parse().unwrap()).unwrap().clone();
+        let workload = snapshot
+            .workload_by_ip("10.200.0.1".parse().unwrap())
+            .unwrap()
+            .clone();
         let last = POLICIES - 2 - (POLICIES - 2) % if hot { 1 } else { NAMESPACES };
         let matching = Connection {
-            src: format!("10.{}.{}.7:40000", last / 256, last % 256).parse::<SocketAddr>().unwrap(),
+            src: format!("10.{}.{}.7:40000", last / 256, last % 256)
+                .parse::<SocketAddr>()
+                .unwrap(),
             dst: format!("10.200.0.1:{}", 8000 + last % 10).parse().unwrap(),
-            src_identity: Some(Identity::new("cluster.local", &format!("client{last}"), "app")),
+            src_identity: Some(Identity::new(
+                "cluster.local",
+                &format!("client{last}"),
+                "app",
+            )),
         };
         let nothing = Connection {
             src: "192.0.2.1:40000".parse().unwrap(),
@@ -76,22 +85,36 @@ fn bench(c: &mut Criterion) {
             b.iter(|| evaluate(&snapshot.policy_store, &workload, &nothing))
         });
         let entries = kernel::compile(&snapshot);
-        eprintln!("{label}: {} policies compile to {} kernel entries", config.policies.len(), entries.len());
+        eprintln!(
+            "{label}: {} policies compile to {} kernel entries",
+            config.policies.len(),
+            entries.len()
+        );
         let mut group = c.benchmark_group("kernel");
         group.sample_size(10);
-        group.bench_function(format!("compile/{label}"), |b| b.iter(|| kernel::compile(&snapshot)));
+        group.bench_function(format!("compile/{label}"), |b| {
+            b.iter(|| kernel::compile(&snapshot))
+        });
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 && entries.len() <= ztunnel_common::MAX_POLICY_ENTRIES as usize {
-            let pin_dir = Path::new("/sys/fs/bpf/ztunnel").join(format!("bench-{}", std::process::id()));
+        if unsafe { libc::geteuid() } == 0
+            && entries.len() <= ztunnel_common::MAX_POLICY_ENTRIES as usize
+        {
+            let pin_dir =
+                Path::new("/sys/fs/bpf/ztunnel").join(format!("bench-{}", std::process::id()));
             match Capture::open(&pin_dir) {
                 Ok(mut capture) => {
-                    group.bench_function(format!("write-tables/{label}"), |b| b.iter(|| capture.set_policy(&entries).unwrap()));
+                    group.bench_function(format!("write-tables/{label}"), |b| {
+                        b.iter(|| capture.set_policy(&entries).unwrap())
+                    });
                 }
                 Err(e) => eprintln!("skipping kernel map writes: {e}"),
             }
             let _ = std::fs::remove_dir_all(&pin_dir);
         } else {
-            eprintln!("skipping kernel map writes for {label} (needs root, and at most {} entries)", ztunnel_common::MAX_POLICY_ENTRIES);
+            eprintln!(
+                "skipping kernel map writes for {label} (needs root, and at most {} entries)",
+                ztunnel_common::MAX_POLICY_ENTRIES
+            );
         }
         group.finish();
     }

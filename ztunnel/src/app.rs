@@ -61,7 +61,9 @@ impl Sockets {
             Ok(TcpListener::from_std(socket.into())?)
         };
         Ok(Sockets {
-            proxy: Listeners::bind().map_err(|e| anyhow::anyhow!("{e} (is another ztunnel running here without a handover socket?)"))?,
+            proxy: Listeners::bind().map_err(|e| {
+                anyhow::anyhow!("{e} (is another ztunnel running here without a handover socket?)")
+            })?,
             admin: plain(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))?,
             metrics: plain(SocketAddr::from(([0, 0, 0, 0], ports::METRICS)))?,
             readiness: plain(SocketAddr::from(([0, 0, 0, 0], ports::READINESS)))?,
@@ -93,8 +95,14 @@ impl Sockets {
     fn raw_fds(&self) -> Vec<(String, RawFd)> {
         vec![
             ("outbound".into(), handover::raw(&self.proxy.outbound)),
-            ("inbound_plaintext".into(), handover::raw(&self.proxy.inbound_plaintext)),
-            ("inbound_hbone".into(), handover::raw(&self.proxy.inbound_hbone)),
+            (
+                "inbound_plaintext".into(),
+                handover::raw(&self.proxy.inbound_plaintext),
+            ),
+            (
+                "inbound_hbone".into(),
+                handover::raw(&self.proxy.inbound_hbone),
+            ),
             ("admin".into(), handover::raw(&self.admin)),
             ("metrics".into(), handover::raw(&self.metrics)),
             ("readiness".into(), handover::raw(&self.readiness)),
@@ -155,9 +163,21 @@ pub async fn run(args: Args, log_control: LogControl) -> anyhow::Result<()> {
     });
     // Readiness answers (503) from here on.
     let http_tasks = [
-        tokio::spawn(admin::http::serve("readiness", sockets.readiness, admin::readiness_handler(status.clone()))),
-        tokio::spawn(admin::http::serve("metrics", sockets.metrics, admin::metrics_handler(status.clone()))),
-        tokio::spawn(admin::http::serve("admin", sockets.admin, admin::admin_handler(status.clone()))),
+        tokio::spawn(admin::http::serve(
+            "readiness",
+            sockets.readiness,
+            admin::readiness_handler(status.clone()),
+        )),
+        tokio::spawn(admin::http::serve(
+            "metrics",
+            sockets.metrics,
+            admin::metrics_handler(status.clone()),
+        )),
+        tokio::spawn(admin::http::serve(
+            "admin",
+            sockets.admin,
+            admin::admin_handler(status.clone()),
+        )),
     ];
 
     if let Err(e) = certs.refresh(&snapshot.local_identities()) {
@@ -284,7 +304,10 @@ pub async fn run(args: Args, log_control: LogControl) -> anyhow::Result<()> {
     drain.tasks.close();
     match tokio::time::timeout(args.drain_deadline, drain.tasks.wait()).await {
         Ok(()) => info!("drained: every connection finished"),
-        Err(_) => warn!(remaining = drain.tasks.len(), "drain deadline passed; closing the remaining connections"),
+        Err(_) => warn!(
+            remaining = drain.tasks.len(),
+            "drain deadline passed; closing the remaining connections"
+        ),
     }
     proxy_task.abort();
     if matches!(stop, Stop::HandedOver) {
@@ -300,16 +323,20 @@ pub async fn run(args: Args, log_control: LogControl) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_handover_server(path: &PathBuf, fds: Vec<(String, RawFd)>, done: oneshot::Sender<()>) -> anyhow::Result<()> {
+fn start_handover_server(
+    path: &PathBuf,
+    fds: Vec<(String, RawFd)>,
+    done: oneshot::Sender<()>,
+) -> anyhow::Result<()> {
     let listener = handover::bind(path)?;
-    std::thread::Builder::new().name("handover".into()).spawn(move || {
-        match handover::serve(listener, fds) {
+    std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || match handover::serve(listener, fds) {
             Ok(()) => {
                 let _ = done.send(());
             }
             Err(e) => error!(error = %e, "handover server stopped"),
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -362,7 +389,11 @@ fn changed_config(path: &PathBuf, last: &str) -> Option<String> {
     }
 }
 
-fn sync(capture: &mut Capture, snapshot: &Snapshot, uplinks: &[String]) -> anyhow::Result<CaptureStatus> {
+fn sync(
+    capture: &mut Capture,
+    snapshot: &Snapshot,
+    uplinks: &[String],
+) -> anyhow::Result<CaptureStatus> {
     let plan = snapshot.capture_plan(uplinks);
     Ok(tokio::task::block_in_place(|| capture.sync(&plan))?)
 }
@@ -374,8 +405,15 @@ fn sync_policy(capture: &mut Capture, snapshot: &Snapshot) {
     let started = std::time::Instant::now();
     let entries = authz::kernel::compile(snapshot);
     match tokio::task::block_in_place(|| capture.set_policy(&entries)) {
-        Ok(n) => info!(entries = n, policies = snapshot.policies.len(), took_ms = started.elapsed().as_millis() as u64, "kernel policy tables updated"),
-        Err(e) => error!(error = %e, "updating the kernel policy tables failed; userspace still enforces the policy"),
+        Ok(n) => info!(
+            entries = n,
+            policies = snapshot.policies.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "kernel policy tables updated"
+        ),
+        Err(e) => {
+            error!(error = %e, "updating the kernel policy tables failed; userspace still enforces the policy")
+        }
     }
 }
 

@@ -39,7 +39,10 @@ pub enum HandoverError {
 /// The default handover socket of an instance: named after its pin
 /// directory, which is unique per instance on a kernel.
 pub fn default_path(pin_dir: &Path) -> PathBuf {
-    let name = pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
+    let name = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "default".into());
     PathBuf::from("/run/ztunnel").join(format!("{name}.handover.sock"))
 }
 
@@ -49,7 +52,10 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
-            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
         {
             return Ok(None)
         }
@@ -61,18 +67,30 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
         }
     };
     let proto = |m: String| HandoverError::Protocol(m);
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(|e| proto(e.to_string()))?;
-    stream.write_all(REQUEST).map_err(|e| proto(format!("sending request: {e}")))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| proto(e.to_string()))?;
+    stream
+        .write_all(REQUEST)
+        .map_err(|e| proto(format!("sending request: {e}")))?;
     let mut buf = vec![0u8; 1024];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| proto(format!("receiving listeners: {e}")))?;
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| proto(format!("receiving listeners: {e}")))?;
     let mut fds: Vec<OwnedFd> = Vec::new();
     for c in msg.cmsgs().map_err(|e| proto(e.to_string()))? {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: the kernel just installed these descriptors for us.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     let n = msg.bytes;
@@ -83,7 +101,11 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
         .ok_or_else(|| proto(format!("unexpected reply {text:?}")))?;
     let names: Vec<String> = names.split(',').map(str::to_string).collect();
     if names.len() != fds.len() {
-        return Err(proto(format!("{} names but {} descriptors", names.len(), fds.len())));
+        return Err(proto(format!(
+            "{} names but {} descriptors",
+            names.len(),
+            fds.len()
+        )));
     }
     Ok(Some(names.into_iter().zip(fds).collect()))
 }
@@ -92,7 +114,9 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
 /// returns. Runs on its own thread.
 pub fn serve(listener: UnixListener, fds: Vec<(String, RawFd)>) -> Result<(), HandoverError> {
     loop {
-        let (mut stream, _) = listener.accept().map_err(|e| HandoverError::Protocol(e.to_string()))?;
+        let (mut stream, _) = listener
+            .accept()
+            .map_err(|e| HandoverError::Protocol(e.to_string()))?;
         let _ = stream.set_read_timeout(Some(TIMEOUT));
         let mut request = [0u8; REQUEST.len()];
         if stream.read_exact(&mut request).is_err() || request != REQUEST {
@@ -103,7 +127,13 @@ pub fn serve(listener: UnixListener, fds: Vec<(String, RawFd)>) -> Result<(), Ha
         let line = format!("{REPLY_PREFIX}{}\n", names.join(","));
         let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
         let cmsg = [ControlMessage::ScmRights(&raw)];
-        match sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(line.as_bytes())], &cmsg, MsgFlags::empty(), None) {
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(line.as_bytes())],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        ) {
             Ok(_) => {
                 info!(listeners = %names.join(","), "listeners handed over to a new ztunnel");
                 return Ok(());

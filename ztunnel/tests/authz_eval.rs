@@ -34,7 +34,11 @@ workloads:
 "#;
 
 fn policy(name: &str, scope: &str, action: &str, dry_run: bool, rules: &str) -> String {
-    let namespace = if scope == "Global" { "istio-system" } else { "shop" };
+    let namespace = if scope == "Global" {
+        "istio-system"
+    } else {
+        "shop"
+    };
     format!("- name: {name}\n  namespace: {namespace}\n  scope: {scope}\n  action: {action}\n  dryRun: {dry_run}\n  rules: {rules}\n")
 }
 
@@ -45,7 +49,8 @@ fn one(m: &str) -> String {
 
 fn store(policies: &[String]) -> (Snapshot, PolicyStore) {
     let yaml = format!("{WORKLOADS}policies:\n{}", policies.concat());
-    let config = LocalConfig::parse(&yaml, Path::new("case.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let config =
+        LocalConfig::parse(&yaml, Path::new("case.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let snapshot = Snapshot::new("n1", "cluster.local", &config);
     let store = PolicyStore::new(&config.policies);
     (snapshot, store)
@@ -102,16 +107,56 @@ fn field_matches() {
         ("{notNamespaces: [!Exact web]}", &f, false),
         ("{notNamespaces: [!Exact ops]}", &f, true),
         ("{notNamespaces: [!Exact web]}", &p, true),
-        ("{serviceAccounts: [{namespace: web, serviceAccount: frontend}]}", &f, true),
-        ("{serviceAccounts: [{namespace: web, serviceAccount: admin}]}", &f, false),
-        ("{serviceAccounts: [{namespace: web, serviceAccount: frontend}]}", &p, false),
-        ("{notServiceAccounts: [{namespace: web, serviceAccount: frontend}]}", &f, false),
-        ("{notServiceAccounts: [{namespace: web, serviceAccount: frontend}]}", &p, true),
-        ("{principals: [!Exact cluster.local/ns/web/sa/frontend]}", &f, true),
-        ("{principals: [!Exact spiffe://cluster.local/ns/web/sa/frontend]}", &f, false),
-        ("{principals: [!Exact cluster.local/ns/web/sa/frontend]}", &p, false),
-        ("{notPrincipals: [!Exact cluster.local/ns/web/sa/frontend]}", &f, false),
-        ("{notPrincipals: [!Exact cluster.local/ns/web/sa/frontend]}", &p, true),
+        (
+            "{serviceAccounts: [{namespace: web, serviceAccount: frontend}]}",
+            &f,
+            true,
+        ),
+        (
+            "{serviceAccounts: [{namespace: web, serviceAccount: admin}]}",
+            &f,
+            false,
+        ),
+        (
+            "{serviceAccounts: [{namespace: web, serviceAccount: frontend}]}",
+            &p,
+            false,
+        ),
+        (
+            "{notServiceAccounts: [{namespace: web, serviceAccount: frontend}]}",
+            &f,
+            false,
+        ),
+        (
+            "{notServiceAccounts: [{namespace: web, serviceAccount: frontend}]}",
+            &p,
+            true,
+        ),
+        (
+            "{principals: [!Exact cluster.local/ns/web/sa/frontend]}",
+            &f,
+            true,
+        ),
+        (
+            "{principals: [!Exact spiffe://cluster.local/ns/web/sa/frontend]}",
+            &f,
+            false,
+        ),
+        (
+            "{principals: [!Exact cluster.local/ns/web/sa/frontend]}",
+            &p,
+            false,
+        ),
+        (
+            "{notPrincipals: [!Exact cluster.local/ns/web/sa/frontend]}",
+            &f,
+            false,
+        ),
+        (
+            "{notPrincipals: [!Exact cluster.local/ns/web/sa/frontend]}",
+            &p,
+            true,
+        ),
         ("{sourceIps: [10.1.2.3/32]}", &f, true),
         ("{sourceIps: [10.1.0.0/16]}", &f, true),
         ("{sourceIps: [10.2.0.0/16]}", &f, false),
@@ -137,10 +182,26 @@ fn field_matches() {
         ("{namespaces: [!Presence []]}", &p, false),
         ("{namespaces: [!Suffix eb]}", &f, true),
         // Within a match, every field must hold; within a field, any entry.
-        ("{namespaces: [!Exact web], destinationPorts: [9090]}", &f, false),
-        ("{namespaces: [!Exact ops, !Exact web], destinationPorts: [8080]}", &f, true),
-        ("{sourceIps: [10.0.0.0/8], notSourceIps: [10.1.2.0/24]}", &f, false),
-        ("{sourceIps: [10.0.0.0/8], notSourceIps: [10.1.3.0/24]}", &f, true),
+        (
+            "{namespaces: [!Exact web], destinationPorts: [9090]}",
+            &f,
+            false,
+        ),
+        (
+            "{namespaces: [!Exact ops, !Exact web], destinationPorts: [8080]}",
+            &f,
+            true,
+        ),
+        (
+            "{sourceIps: [10.0.0.0/8], notSourceIps: [10.1.2.0/24]}",
+            &f,
+            false,
+        ),
+        (
+            "{sourceIps: [10.0.0.0/8], notSourceIps: [10.1.3.0/24]}",
+            &f,
+            true,
+        ),
     ];
     for (m, conn, expected) in cases {
         assert_eq!(allow_if(m, conn), expected, "match {m} for {conn:?}");
@@ -160,8 +221,14 @@ fn rule_structure() {
     // A match with no constraint is skipped, not a wildcard.
     assert!(!allowed(&body("[[[{}]]]"), &f));
     // Rules: any. Clauses: all. Matches in a clause: any.
-    assert!(allowed(&body("[[[{namespaces: [!Exact ops]}]], [[{namespaces: [!Exact web]}]]]"), &f));
-    assert!(!allowed(&body("[[[{namespaces: [!Exact web]}], [{destinationPorts: [9090]}]]]"), &f));
+    assert!(allowed(
+        &body("[[[{namespaces: [!Exact ops]}]], [[{namespaces: [!Exact web]}]]]"),
+        &f
+    ));
+    assert!(!allowed(
+        &body("[[[{namespaces: [!Exact web]}], [{destinationPorts: [9090]}]]]"),
+        &f
+    ));
     assert!(allowed(&body("[[[{namespaces: [!Exact web]}], [{destinationPorts: [9090]}, {destinationPorts: [8080]}]]]"), &f));
 }
 
@@ -172,25 +239,71 @@ fn scopes_select_the_policies_that_apply() {
     // Namespace scope applies to workloads in the policy's namespace only.
     let ns = vec![policy("ns", "Namespace", "Deny", false, deny_all)];
     assert!(decide(&ns, &f, "10.0.0.2").is_err());
-    assert!(decide(&ns, &tls("web", "frontend", "10.1.2.3:1", "10.0.0.9:8080"), "10.0.0.9").is_ok());
+    assert!(decide(
+        &ns,
+        &tls("web", "frontend", "10.1.2.3:1", "10.0.0.9:8080"),
+        "10.0.0.9"
+    )
+    .is_ok());
     // Global scope applies everywhere.
     let global = vec![policy("g", "Global", "Deny", false, deny_all)];
     assert!(decide(&global, &f, "10.0.0.2").is_err());
-    assert!(decide(&global, &tls("web", "frontend", "10.1.2.3:1", "10.0.0.9:8080"), "10.0.0.9").is_err());
+    assert!(decide(
+        &global,
+        &tls("web", "frontend", "10.1.2.3:1", "10.0.0.9:8080"),
+        "10.0.0.9"
+    )
+    .is_err());
     // WorkloadSelector applies only to workloads that list it.
-    let selected = vec![policy("selected", "WorkloadSelector", "Deny", false, deny_all)];
+    let selected = vec![policy(
+        "selected",
+        "WorkloadSelector",
+        "Deny",
+        false,
+        deny_all,
+    )];
     assert!(decide(&selected, &f, "10.0.0.2").is_err());
-    let unselected = vec![policy("elsewhere", "WorkloadSelector", "Deny", false, deny_all)];
+    let unselected = vec![policy(
+        "elsewhere",
+        "WorkloadSelector",
+        "Deny",
+        false,
+        deny_all,
+    )];
     assert!(decide(&unselected, &f, "10.0.0.2").is_ok());
 }
 
 #[test]
 fn allow_and_deny_combine_like_istio() {
     let f = frontend();
-    let allow_web = policy("allow-web", "Namespace", "Allow", false, &one("{namespaces: [!Exact web]}"));
-    let allow_ops = policy("allow-ops", "Namespace", "Allow", false, &one("{namespaces: [!Exact ops]}"));
-    let deny_8080 = policy("deny-8080", "Namespace", "Deny", false, &one("{destinationPorts: [8080]}"));
-    let deny_9090 = policy("deny-9090", "Namespace", "Deny", false, &one("{destinationPorts: [9090]}"));
+    let allow_web = policy(
+        "allow-web",
+        "Namespace",
+        "Allow",
+        false,
+        &one("{namespaces: [!Exact web]}"),
+    );
+    let allow_ops = policy(
+        "allow-ops",
+        "Namespace",
+        "Allow",
+        false,
+        &one("{namespaces: [!Exact ops]}"),
+    );
+    let deny_8080 = policy(
+        "deny-8080",
+        "Namespace",
+        "Deny",
+        false,
+        &one("{destinationPorts: [8080]}"),
+    );
+    let deny_9090 = policy(
+        "deny-9090",
+        "Namespace",
+        "Deny",
+        false,
+        &one("{destinationPorts: [9090]}"),
+    );
     // No policy: allowed.
     assert!(allowed(&[], &f));
     // Only a non-matching deny: allowed (no allow policy in scope).
@@ -201,7 +314,10 @@ fn allow_and_deny_combine_like_istio() {
         Err(Denial::ExplicitlyDenied("shop/deny-8080".into()))
     );
     // Allow policies exist: one must match.
-    assert_eq!(decide(std::slice::from_ref(&allow_ops), &f, "10.0.0.2"), Err(Denial::NotAllowed));
+    assert_eq!(
+        decide(std::slice::from_ref(&allow_ops), &f, "10.0.0.2"),
+        Err(Denial::NotAllowed)
+    );
     assert!(allowed(&[allow_ops, allow_web], &f));
 }
 
@@ -209,7 +325,13 @@ fn allow_and_deny_combine_like_istio() {
 fn dry_run_policies_never_decide() {
     let f = frontend();
     let dry_deny = policy("dry-deny", "Namespace", "Deny", true, "[[]]");
-    let dry_allow_none = policy("dry-allow", "Namespace", "Allow", true, &one("{namespaces: [!Exact ops]}"));
+    let dry_allow_none = policy(
+        "dry-allow",
+        "Namespace",
+        "Allow",
+        true,
+        &one("{namespaces: [!Exact ops]}"),
+    );
     assert!(allowed(std::slice::from_ref(&dry_deny), &f));
     // A dry-run allow that matches nothing does not make allow policies "exist".
     assert!(allowed(std::slice::from_ref(&dry_allow_none), &f));

@@ -41,9 +41,24 @@ const CIDRS: [&str; 12] = [
 const PORTS: [u16; 4] = [80, 443, 8080, 9000];
 /// Sources on both sides of every CIDR edge, and some that are in none.
 const SOURCES: [&str; 18] = [
-    "10.1.0.0", "10.1.128.1", "10.1.2.0", "127.255.255.255",
-    "10.1.2.3", "10.1.2.4", "10.1.2.200", "10.1.2.127", "10.1.3.9", "10.1.255.1", "10.2.0.1", "10.0.0.0", "172.16.0.1",
-    "172.31.255.255", "192.168.7.7", "8.8.4.4", "0.0.0.1", "255.255.255.255",
+    "10.1.0.0",
+    "10.1.128.1",
+    "10.1.2.0",
+    "127.255.255.255",
+    "10.1.2.3",
+    "10.1.2.4",
+    "10.1.2.200",
+    "10.1.2.127",
+    "10.1.3.9",
+    "10.1.255.1",
+    "10.2.0.1",
+    "10.0.0.0",
+    "172.16.0.1",
+    "172.31.255.255",
+    "192.168.7.7",
+    "8.8.4.4",
+    "0.0.0.1",
+    "255.255.255.255",
 ];
 /// The destination workload's two addresses.
 const DST: [&str; 2] = ["10.9.0.1", "10.9.0.2"];
@@ -51,7 +66,8 @@ const DST: [&str; 2] = ["10.9.0.1", "10.9.0.2"];
 fn arb_match() -> impl Strategy<Value = String> {
     let cidrs = || proptest::sample::subsequence(CIDRS.to_vec(), 0..3);
     let ports = || proptest::sample::subsequence(PORTS.to_vec(), 0..3);
-    let dsts = || proptest::sample::subsequence(vec!["10.9.0.1/32", "10.9.0.0/24", "10.9.0.2/32"], 0..2);
+    let dsts =
+        || proptest::sample::subsequence(vec!["10.9.0.1/32", "10.9.0.0/24", "10.9.0.2/32"], 0..2);
     (
         cidrs(),
         cidrs(),
@@ -59,7 +75,13 @@ fn arb_match() -> impl Strategy<Value = String> {
         ports(),
         dsts(),
         dsts(),
-        prop_oneof![Just(""), Just("principals: [!Prefix cluster.local/]"), Just("notPrincipals: [!Exact cluster.local/ns/a/sa/x]"), Just("namespaces: [!Presence []]"), Just("notNamespaces: [!Exact a]")],
+        prop_oneof![
+            Just(""),
+            Just("principals: [!Prefix cluster.local/]"),
+            Just("notPrincipals: [!Exact cluster.local/ns/a/sa/x]"),
+            Just("namespaces: [!Presence []]"),
+            Just("notNamespaces: [!Exact a]")
+        ],
     )
         .prop_map(|(src, not_src, port, not_port, dst, not_dst, identity)| {
             let list = |name: &str, items: Vec<String>| {
@@ -69,7 +91,11 @@ fn arb_match() -> impl Strategy<Value = String> {
                     format!("{name}: [{}], ", items.join(", "))
                 }
             };
-            let quote = |v: Vec<&str>| v.into_iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>();
+            let quote = |v: Vec<&str>| {
+                v.into_iter()
+                    .map(|c| format!("\"{c}\""))
+                    .collect::<Vec<_>>()
+            };
             let nums = |v: Vec<u16>| v.into_iter().map(|p| p.to_string()).collect::<Vec<_>>();
             let mut m = String::from("{");
             m += &list("sourceIps", quote(src));
@@ -86,8 +112,10 @@ fn arb_match() -> impl Strategy<Value = String> {
 }
 
 fn arb_policy(i: usize) -> impl Strategy<Value = String> {
-    let clause = proptest::collection::vec(arb_match(), 1..3).prop_map(|ms| format!("[{}]", ms.join(", ")));
-    let rule = proptest::collection::vec(clause, 0..3).prop_map(|cs| format!("[{}]", cs.join(", ")));
+    let clause =
+        proptest::collection::vec(arb_match(), 1..3).prop_map(|ms| format!("[{}]", ms.join(", ")));
+    let rule =
+        proptest::collection::vec(clause, 0..3).prop_map(|cs| format!("[{}]", cs.join(", ")));
     let rules = proptest::collection::vec(rule, 0..3).prop_map(|rs| format!("[{}]", rs.join(", ")));
     (
         rules,
@@ -125,8 +153,12 @@ impl Drop for Pins {
 
 #[test]
 fn kernel_decisions_agree_with_userspace() {
-    let pins = Pins(Path::new("/sys/fs/bpf/ztunnel").join(format!("authz-proptest-{}", std::process::id())));
-    let capture = std::cell::RefCell::new(Capture::open(&pins.0).expect("loading ztunnel's maps (this test needs root)"));
+    let pins = Pins(
+        Path::new("/sys/fs/bpf/ztunnel").join(format!("authz-proptest-{}", std::process::id())),
+    );
+    let capture = std::cell::RefCell::new(
+        Capture::open(&pins.0).expect("loading ztunnel's maps (this test needs root)"),
+    );
     let mut runner = TestRunner::new(Config {
         cases: 200,
         ..Config::default()
@@ -134,12 +166,18 @@ fn kernel_decisions_agree_with_userspace() {
     let kernel_denials = std::cell::Cell::new(0usize);
     runner
         .run(&arb_config(), |yaml| {
-            let config = LocalConfig::parse(&yaml, Path::new("generated.yaml")).map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
+            let config = LocalConfig::parse(&yaml, Path::new("generated.yaml"))
+                .map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
             let snapshot = Snapshot::new("n", "cluster.local", &config);
             let entries = kernel::compile(&snapshot);
             let mut capture = capture.borrow_mut();
-            capture.set_policy(&entries).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let workload = snapshot.workload_by_ip("10.9.0.1".parse().unwrap()).unwrap().clone();
+            capture
+                .set_policy(&entries)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let workload = snapshot
+                .workload_by_ip("10.9.0.1".parse().unwrap())
+                .unwrap()
+                .clone();
             let dry = ztunnel::authz::has_dry_run(&snapshot.policy_store, &workload);
             for dst in DST {
                 let dst: Ipv4Addr = dst.parse().unwrap();
@@ -151,21 +189,34 @@ fn kernel_decisions_agree_with_userspace() {
                             dst: SocketAddr::from((dst, port)),
                             src_identity: None,
                         };
-                        let user_denies = evaluate(&snapshot.policy_store, &workload, &conn).is_err();
+                        let user_denies =
+                            evaluate(&snapshot.policy_store, &workload, &conn).is_err();
                         let in_kernel = capture
                             .policy_verdict(src, dst, port)
                             .map_err(|e| TestCaseError::fail(e.to_string()))?;
                         let kernel_denies = in_kernel.is_some_and(|v| v.verdict == verdict::DENY);
                         // The kernel's own lookup and our model of it agree.
                         prop_assert_eq!(
-                            kernel::lookup(&entries, src, dst, port).is_some_and(|v| v == verdict::DENY),
+                            kernel::lookup(&entries, src, dst, port)
+                                .is_some_and(|v| v == verdict::DENY),
                             kernel_denies
                         );
                         // Sound: the kernel never drops what userspace allows.
-                        prop_assert!(!kernel_denies || user_denies, "kernel denies {src}->{dst}:{port} that userspace allows\n{yaml}");
+                        prop_assert!(
+                            !kernel_denies || user_denies,
+                            "kernel denies {src}->{dst}:{port} that userspace allows\n{yaml}"
+                        );
                         // Exact: without dry-run logging to preserve, it drops all of it.
                         if !dry {
-                            prop_assert_eq!(kernel_denies, user_denies, "{}->{}:{}\n{}", src, dst, port, yaml);
+                            prop_assert_eq!(
+                                kernel_denies,
+                                user_denies,
+                                "{}->{}:{}\n{}",
+                                src,
+                                dst,
+                                port,
+                                yaml
+                            );
                         }
                         kernel_denials.set(kernel_denials.get() + usize::from(kernel_denies));
                     }
@@ -175,5 +226,8 @@ fn kernel_decisions_agree_with_userspace() {
         })
         .unwrap();
     let kernel_denials = kernel_denials.get();
-    assert!(kernel_denials > 100, "the generator rarely produced denials ({kernel_denials}); the test proves little");
+    assert!(
+        kernel_denials > 100,
+        "the generator rarely produced denials ({kernel_denials}); the test proves little"
+    );
 }

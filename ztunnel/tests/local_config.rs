@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use ztunnel::{
-    config::local::{ConfigError, InboundProtocol, LocalConfig, RbacAction, RbacScope, StringMatch},
+    config::local::{
+        ConfigError, InboundProtocol, LocalConfig, RbacAction, RbacScope, StringMatch,
+    },
     state::Snapshot,
 };
 
@@ -68,7 +70,9 @@ fn parse(yaml: &str) -> Result<LocalConfig, ConfigError> {
 }
 
 fn error_of(yaml: &str) -> String {
-    parse(yaml).expect_err("config should be refused").to_string()
+    parse(yaml)
+        .expect_err("config should be refused")
+        .to_string()
 }
 
 #[test]
@@ -76,12 +80,22 @@ fn istio_schema_loads_with_every_section() {
     let c = parse(FULL).expect("full config parses");
     assert_eq!(c.workloads.len(), 2);
     assert_eq!(c.workloads[0].protocol, InboundProtocol::HBONE);
-    assert_eq!(c.workloads[1].protocol, InboundProtocol::TCP, "protocol defaults to TCP");
+    assert_eq!(
+        c.workloads[1].protocol,
+        InboundProtocol::TCP,
+        "protocol defaults to TCP"
+    );
     assert_eq!(c.services[0].vips[1].network, "remote");
     assert_eq!(c.services[0].ports.get(&80), Some(&8080));
     let p = &c.policies[0];
-    assert_eq!((p.scope, p.action), (RbacScope::WorkloadSelector, RbacAction::Allow));
-    assert_eq!(p.rules[0][0][0].principals[1], StringMatch::Prefix("cluster.local/ns/ops/".into()));
+    assert_eq!(
+        (p.scope, p.action),
+        (RbacScope::WorkloadSelector, RbacAction::Allow)
+    );
+    assert_eq!(
+        p.rules[0][0][0].principals[1],
+        StringMatch::Prefix("cluster.local/ns/ops/".into())
+    );
     assert_eq!(p.rules[1][0][1].not_principals[0], StringMatch::Presence());
     assert!(c.policies[1].dry_run);
 }
@@ -92,7 +106,12 @@ fn the_shipped_lab_example_matches_the_lab() {
     let c = LocalConfig::load(&path).expect("examples/lab.yaml parses");
     let node1 = Snapshot::new("node1", "cluster.local", &c);
     let plan = node1.capture_plan(&[]);
-    let enrolled: Vec<String> = plan.pods.iter().filter(|p| p.enrolled).map(|p| p.ip.to_string()).collect();
+    let enrolled: Vec<String> = plan
+        .pods
+        .iter()
+        .filter(|p| p.enrolled)
+        .map(|p| p.ip.to_string())
+        .collect();
     assert_eq!(enrolled, ["198.18.1.10", "198.18.1.12"]);
     assert_eq!(plan.pods.len(), 3, "node1 has three local pods");
 }
@@ -101,8 +120,14 @@ fn the_shipped_lab_example_matches_the_lab() {
 fn snapshot_knows_which_workloads_are_local() {
     let c = parse(FULL).unwrap();
     let s = Snapshot::new("worker-1", "cluster.local", &c);
-    assert!(s.local_workload_by_ip("10.1.0.5".parse().unwrap()).is_some());
-    assert!(s.local_workload_by_ip("10.1.1.7".parse().unwrap()).is_none(), "db-0 is on worker-2");
+    assert!(s
+        .local_workload_by_ip("10.1.0.5".parse().unwrap())
+        .is_some());
+    assert!(
+        s.local_workload_by_ip("10.1.1.7".parse().unwrap())
+            .is_none(),
+        "db-0 is on worker-2"
+    );
     assert!(s.workload_by_ip("10.1.1.7".parse().unwrap()).is_some());
 }
 
@@ -115,26 +140,53 @@ fn empty_file_is_an_empty_mesh() {
 #[test]
 fn unknown_workload_field_names_the_field() {
     let e = error_of(&FULL.replace("  canonicalRevision: v2\n", "  canonicalRevison: v2\n"));
-    assert!(e.contains("test.yaml") && e.contains("workloads[0]") && e.contains("canonicalRevison"), "{e}");
+    assert!(
+        e.contains("test.yaml") && e.contains("workloads[0]") && e.contains("canonicalRevison"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_policy_match_field_is_refused_unlike_istio() {
     let e = error_of(&FULL.replace("notDestinationPorts: [22]", "notDestinationPort: [22]"));
-    assert!(e.contains("policies[1].rules[0][0][0]") && e.contains("notDestinationPort"), "{e}");
+    assert!(
+        e.contains("policies[1].rules[0][0][0]") && e.contains("notDestinationPort"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_values_name_their_field() {
     let cases = [
-        (FULL.replace("\"10.1.0.5\"", "\"10.1.0.500\""), "workloads[0].workloadIps[0]"),
-        (FULL.replace("\"10.9.0.0/16\"", "\"10.9.0.0/33\""), "policies[0].rules[0][1][0].notSourceIps[0]"),
-        (FULL.replace("destinationPorts: [8080]", "destinationPorts: [80800]"), "policies[0].rules[0][1][0].destinationPorts[0]"),
-        (FULL.replace("!Suffix -canary", "!Ends -canary"), "policies[0].rules[1][0][0].namespaces[0]"),
-        (FULL.replace("\"/10.96.0.10\"", "\"10.96.0.10\""), "services[0].vips[0]"),
-        (FULL.replace("protocol: HBONE", "protocol: hbone"), "workloads[0].protocol"),
+        (
+            FULL.replace("\"10.1.0.5\"", "\"10.1.0.500\""),
+            "workloads[0].workloadIps[0]",
+        ),
+        (
+            FULL.replace("\"10.9.0.0/16\"", "\"10.9.0.0/33\""),
+            "policies[0].rules[0][1][0].notSourceIps[0]",
+        ),
+        (
+            FULL.replace("destinationPorts: [8080]", "destinationPorts: [80800]"),
+            "policies[0].rules[0][1][0].destinationPorts[0]",
+        ),
+        (
+            FULL.replace("!Suffix -canary", "!Ends -canary"),
+            "policies[0].rules[1][0][0].namespaces[0]",
+        ),
+        (
+            FULL.replace("\"/10.96.0.10\"", "\"10.96.0.10\""),
+            "services[0].vips[0]",
+        ),
+        (
+            FULL.replace("protocol: HBONE", "protocol: hbone"),
+            "workloads[0].protocol",
+        ),
         (FULL.replace("  dryRun: true\n", ""), "policies[1]"),
-        (FULL.replace("\"shop/cart.shop.svc.cluster.local\"", "\"cart\""), "workloads[0].services"),
+        (
+            FULL.replace("\"shop/cart.shop.svc.cluster.local\"", "\"cart\""),
+            "workloads[0].services",
+        ),
     ];
     for (yaml, field) in cases {
         let e = error_of(&yaml);
@@ -146,11 +198,17 @@ fn bad_values_name_their_field() {
 #[test]
 fn an_address_claimed_twice_is_refused() {
     let e = error_of(&FULL.replace("\"10.1.1.7\"", "\"10.1.0.5\""));
-    assert!(e.contains("workloads[1].workloadIps[0]") && e.contains("workloads[0]"), "{e}");
+    assert!(
+        e.contains("workloads[1].workloadIps[0]") && e.contains("workloads[0]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_policy_defined_twice_is_refused() {
-    let e = error_of(&FULL.replace("name: no-debug\n  namespace: \"\"", "name: only-frontend\n  namespace: shop"));
+    let e = error_of(&FULL.replace(
+        "name: no-debug\n  namespace: \"\"",
+        "name: only-frontend\n  namespace: shop",
+    ));
     assert!(e.contains("policies[1].name"), "{e}");
 }

@@ -8,7 +8,10 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
     let ratios: Vec<&Row> = rows.iter().filter(|r| r.ratio.is_some()).collect();
     let (w, bar_h, gap, left, top) = (760.0, 26.0, 10.0, 250.0, 60.0);
     let h = top + ratios.len() as f64 * (bar_h + gap) + 40.0;
-    let max = ratios.iter().filter_map(|r| r.ratio).fold(2.6_f64, f64::max);
+    let max = ratios
+        .iter()
+        .filter_map(|r| r.ratio)
+        .fold(2.6_f64, f64::max);
     let scale = (w - left - 40.0) / max;
     let mut s = String::new();
     let _ = write!(
@@ -20,7 +23,12 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
 "##
     );
     let x1 = left + scale;
-    let _ = write!(s, r##"<line x1="{x1}" y1="{top}" x2="{x1}" y2="{}" stroke="#888" stroke-dasharray="4 3"/><text x="{x1}" y="{}" text-anchor="middle" fill="#555">1.0</text>"##, h - 30.0, h - 14.0);
+    let _ = write!(
+        s,
+        r##"<line x1="{x1}" y1="{top}" x2="{x1}" y2="{}" stroke="#888" stroke-dasharray="4 3"/><text x="{x1}" y="{}" text-anchor="middle" fill="#555">1.0</text>"##,
+        h - 30.0,
+        h - 14.0
+    );
     for (i, r) in ratios.iter().enumerate() {
         let ratio = r.ratio.unwrap_or(0.0);
         let y = top + i as f64 * (bar_h + gap);
@@ -39,7 +47,10 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
             (ratio * scale).max(1.0),
             left + ratio * scale + 6.0,
             y + bar_h * 0.68,
-            r.target.as_ref().map(|t| format!(" (target {t})")).unwrap_or_default()
+            r.target
+                .as_ref()
+                .map(|t| format!(" (target {t})"))
+                .unwrap_or_default()
         );
     }
     s.push_str("</svg>\n");

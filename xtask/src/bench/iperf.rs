@@ -43,13 +43,28 @@ pub struct Run {
 pub fn run(ns: &Netns, dst: SocketAddr, streams: u32, secs: u32) -> Result<Run> {
     let out = ns
         .command("iperf3")
-        .args(["-c", &dst.ip().to_string(), "-p", &dst.port().to_string(), "-J", "-P", &streams.to_string(), "-t", &secs.to_string()])
+        .args([
+            "-c",
+            &dst.ip().to_string(),
+            "-p",
+            &dst.port().to_string(),
+            "-J",
+            "-P",
+            &streams.to_string(),
+            "-t",
+            &secs.to_string(),
+        ])
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     if let Some(e) = v["error"].as_str() {
         anyhow::bail!("iperf3 to {dst}: {e}");
     }
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("no sum_received")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no sum_received")?;
     let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-    Ok(Run { gbits: bps / 1e9, bytes })
+    Ok(Run {
+        gbits: bps / 1e9,
+        bytes,
+    })
 }

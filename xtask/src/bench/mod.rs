@@ -110,16 +110,26 @@ fn sh(cmd: &mut Command) -> String {
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
 /// CPU seconds a process has used.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some((_, rest)) = stat.rsplit_once(") ") else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
@@ -167,23 +177,34 @@ impl Bench<'_> {
         let client = &self.lab.pod("client").ns;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
-            for (streams, cross, same) in [(1, &mut out.cross_1, &mut out.same_1), (4, &mut out.cross_4, &mut out.same_4)] {
-                let r = iperf::run(client, self.cross, streams, secs).context("iperf3 cross-node")?;
+            for (streams, cross, same) in [
+                (1, &mut out.cross_1, &mut out.same_1),
+                (4, &mut out.cross_4, &mut out.same_4),
+            ] {
+                let r =
+                    iperf::run(client, self.cross, streams, secs).context("iperf3 cross-node")?;
                 on_cross(r.bytes);
                 cross.push(r.gbits);
-                same.push(iperf::run(client, self.same, streams, secs).context("iperf3 same-node")?.gbits);
+                same.push(
+                    iperf::run(client, self.same, streams, secs)
+                        .context("iperf3 same-node")?
+                        .gbits,
+                );
             }
-            let l = load::latency(client, self.echo, 64, self.params.latency_round_trips).context("latency")?;
+            let l = load::latency(client, self.echo, 64, self.params.latency_round_trips)
+                .context("latency")?;
             out.p50.push(l.p50_us);
             out.p90.push(l.p90_us);
             out.p99.push(l.p99_us);
-            out.rate.push(load::connection_rate(
-                client,
-                self.echo,
-                Duration::from_secs_f64(self.params.rate_seconds),
-                self.params.rate_threads,
-            )
-            .context("connection rate")?);
+            out.rate.push(
+                load::connection_rate(
+                    client,
+                    self.echo,
+                    Duration::from_secs_f64(self.params.rate_seconds),
+                    self.params.rate_threads,
+                )
+                .context("connection rate")?,
+            );
         }
         Ok(())
     }
@@ -195,7 +216,9 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let fd_limit = load::raise_fd_limit(262_144);
     // The client end of every idle connection lives in this process.
     let mut params = params;
-    params.idle_connections = params.idle_connections.min((fd_limit as usize).saturating_sub(2000));
+    params.idle_connections = params
+        .idle_connections
+        .min((fd_limit as usize).saturating_sub(2000));
     std::env::set_var("ZTUNNEL_BIN", bin);
     let lab = Lab::up()?;
     // A load generator's usual setting: thousands of short connections a
@@ -260,11 +283,18 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let with_idle = [zt1.rss_bytes()?, zt2.rss_bytes()?];
     drop(conns);
     let per_conn: Vec<f64> = (0..2)
-        .map(|i| with_idle[i].saturating_sub(before_idle[i]) as f64 / params.idle_connections as f64)
+        .map(|i| {
+            with_idle[i].saturating_sub(before_idle[i]) as f64 / params.idle_connections as f64
+        })
         .collect();
     drop((zt1, zt2));
     for node in ["node1", "node2"] {
-        let status = ztunnel_tests::ztunnel::run_to_exit(lab.node(node), config, &lab.ca_dir, &["--uninstall"])?;
+        let status = ztunnel_tests::ztunnel::run_to_exit(
+            lab.node(node),
+            config,
+            &lab.ca_dir,
+            &["--uninstall"],
+        )?;
         anyhow::ensure!(status.status.success(), "uninstall on {node} failed");
     }
     if after > 0 {
@@ -273,34 +303,84 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     }
 
     let mut rows = Vec::new();
-    let mut ratio_row = |name: &str, unit: &str, b: &[f64], m: &[f64], target: Option<(f64, bool)>| {
-        let (nb, nm) = (median(b.to_vec()), median(m.to_vec()));
-        let ratio = nm / nb;
-        let (target, met) = match target {
-            Some((bound, higher_is_better)) => (
-                Some(format!("{} {bound}", if higher_is_better { ">=" } else { "<=" })),
-                Some(if higher_is_better { ratio >= bound } else { ratio <= bound }),
-            ),
-            None => (None, None),
+    let mut ratio_row =
+        |name: &str, unit: &str, b: &[f64], m: &[f64], target: Option<(f64, bool)>| {
+            let (nb, nm) = (median(b.to_vec()), median(m.to_vec()));
+            let ratio = nm / nb;
+            let (target, met) = match target {
+                Some((bound, higher_is_better)) => (
+                    Some(format!(
+                        "{} {bound}",
+                        if higher_is_better { ">=" } else { "<=" }
+                    )),
+                    Some(if higher_is_better {
+                        ratio >= bound
+                    } else {
+                        ratio <= bound
+                    }),
+                ),
+                None => (None, None),
+            };
+            rows.push(Row {
+                name: name.into(),
+                unit: unit.into(),
+                no_mesh: Some(nb),
+                mesh: nm,
+                ratio: Some(ratio),
+                target,
+                met,
+            });
         };
-        rows.push(Row {
-            name: name.into(),
-            unit: unit.into(),
-            no_mesh: Some(nb),
-            mesh: nm,
-            ratio: Some(ratio),
-            target,
-            met,
-        });
-    };
-    ratio_row("throughput cross-node, 1 stream", "Gbit/s", &base.cross_1, &mesh.cross_1, Some((0.40, true)));
-    ratio_row("throughput cross-node, 4 streams", "Gbit/s", &base.cross_4, &mesh.cross_4, Some((0.40, true)));
-    ratio_row("throughput same-node, 1 stream", "Gbit/s", &base.same_1, &mesh.same_1, None);
-    ratio_row("throughput same-node, 4 streams", "Gbit/s", &base.same_4, &mesh.same_4, None);
-    ratio_row("latency p50", "us", &base.p50, &mesh.p50, Some((1.8, false)));
+    ratio_row(
+        "throughput cross-node, 1 stream",
+        "Gbit/s",
+        &base.cross_1,
+        &mesh.cross_1,
+        Some((0.40, true)),
+    );
+    ratio_row(
+        "throughput cross-node, 4 streams",
+        "Gbit/s",
+        &base.cross_4,
+        &mesh.cross_4,
+        Some((0.40, true)),
+    );
+    ratio_row(
+        "throughput same-node, 1 stream",
+        "Gbit/s",
+        &base.same_1,
+        &mesh.same_1,
+        None,
+    );
+    ratio_row(
+        "throughput same-node, 4 streams",
+        "Gbit/s",
+        &base.same_4,
+        &mesh.same_4,
+        None,
+    );
+    ratio_row(
+        "latency p50",
+        "us",
+        &base.p50,
+        &mesh.p50,
+        Some((1.8, false)),
+    );
     ratio_row("latency p90", "us", &base.p90, &mesh.p90, None);
-    ratio_row("latency p99", "us", &base.p99, &mesh.p99, Some((2.5, false)));
-    ratio_row("new connections", "conn/s", &base.rate, &mesh.rate, Some((0.5, true)));
+    ratio_row(
+        "latency p99",
+        "us",
+        &base.p99,
+        &mesh.p99,
+        Some((2.5, false)),
+    );
+    ratio_row(
+        "new connections",
+        "conn/s",
+        &base.rate,
+        &mesh.rate,
+        Some((0.5, true)),
+    );
     let abs = |name: &str, unit: &str, value: f64, bound: Option<f64>| Row {
         name: name.into(),
         unit: unit.into(),
@@ -311,22 +391,40 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         met: bound.map(|b| value <= b),
     };
     let idle_mib = idle.iter().copied().max().unwrap_or(0) as f64 / (1024.0 * 1024.0);
-    rows.push(abs("ztunnel RSS idle (larger node)", "MiB", idle_mib, Some(16.0)));
-    for (i, node) in ["node1 (client side)", "node2 (server side)"].iter().enumerate() {
+    rows.push(abs(
+        "ztunnel RSS idle (larger node)",
+        "MiB",
+        idle_mib,
+        Some(16.0),
+    ));
+    for (i, node) in ["node1 (client side)", "node2 (server side)"]
+        .iter()
+        .enumerate()
+    {
         rows.push(abs(
-            &format!("memory per idle proxied connection, {node}, {} held", params.idle_connections),
+            &format!(
+                "memory per idle proxied connection, {node}, {} held",
+                params.idle_connections
+            ),
             "KiB",
             per_conn[i] / 1024.0,
             Some(4.0),
         ));
     }
-    rows.push(abs("ztunnel CPU per GB moved (both nodes)", "s/GB", cpu / (bytes / 1e9), None));
+    rows.push(abs(
+        "ztunnel CPU per GB moved (both nodes)",
+        "s/GB",
+        cpu / (bytes / 1e9),
+        None,
+    ));
 
     let report = Report {
         commit: sh(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
         kernel: sh(Command::new("uname").arg("-r")),
         cpu: cpu_model(),
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         params,
         rows,
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
@@ -336,24 +434,49 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let json = out_dir.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
     let svg = out_dir.join("ratios.svg");
-    std::fs::write(&svg, chart::svg(&report.rows, &format!("ztunnel {} · kernel {} · {} cores", report.commit, report.kernel, report.cores)))?;
-    eprintln!("[bench] wrote {} and {} in {:.0?}", json.display(), svg.display(), started.elapsed());
+    std::fs::write(
+        &svg,
+        chart::svg(
+            &report.rows,
+            &format!(
+                "ztunnel {} · kernel {} · {} cores",
+                report.commit, report.kernel, report.cores
+            ),
+        ),
+    )?;
+    eprintln!(
+        "[bench] wrote {} and {} in {:.0?}",
+        json.display(),
+        svg.display(),
+        started.elapsed()
+    );
     Ok(())
 }
 
 fn print_table(r: &Report) {
-    println!("commit {} · kernel {} · {} · {} cores", r.commit, r.kernel, r.cpu, r.cores);
+    println!(
+        "commit {} · kernel {} · {} · {} cores",
+        r.commit, r.kernel, r.cpu, r.cores
+    );
     println!("| measure | unit | no mesh | mesh | mesh / no mesh | target |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for row in &r.rows {
-        let fmt = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+        let fmt = |v: f64| {
+            if v >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             row.name,
             row.unit,
             row.no_mesh.map(fmt).unwrap_or_else(|| "-".into()),
             fmt(row.mesh),
-            row.ratio.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+            row.ratio
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "-".into()),
             match (&row.target, row.met) {
                 (Some(t), Some(true)) => format!("{t} met"),
                 (Some(t), Some(false)) => format!("{t} **missed**"),

@@ -47,7 +47,12 @@ impl Status {
     pub fn update_readiness(&self) {
         let snapshot = self.state.borrow().clone();
         let mut reasons = Vec::new();
-        let issued: Vec<_> = self.certs.snapshot().iter().map(|c| c.identity.clone()).collect();
+        let issued: Vec<_> = self
+            .certs
+            .snapshot()
+            .iter()
+            .map(|c| c.identity.clone())
+            .collect();
         for id in snapshot.local_identities() {
             if !issued.contains(&id) {
                 reasons.push(format!("no certificate for {id}"));
@@ -59,13 +64,20 @@ impl Status {
             }
         }
         if let Ok(mut readiness) = self.readiness.write() {
-            *readiness = if reasons.is_empty() { Ok(()) } else { Err(reasons.join("; ")) };
+            *readiness = if reasons.is_empty() {
+                Ok(())
+            } else {
+                Err(reasons.join("; "))
+            };
         }
     }
 }
 
 fn path_and_query(req: &Request<Incoming>) -> (String, String) {
-    (req.uri().path().to_string(), req.uri().query().unwrap_or("").to_string())
+    (
+        req.uri().path().to_string(),
+        req.uri().query().unwrap_or("").to_string(),
+    )
 }
 
 /// The readiness endpoint.
@@ -82,8 +94,14 @@ pub fn readiness_handler(status: Arc<Status>) -> Handler {
             }
             match status.readiness.read().map(|r| r.clone()) {
                 Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-                Ok(Err(reason)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
-                Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: status unavailable\n"),
+                Ok(Err(reason)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {reason}\n"),
+                ),
+                Err(_) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: status unavailable\n",
+                ),
             }
         })
     })
@@ -123,7 +141,11 @@ fn render_metrics(status: &Status) -> String {
         "# HELP ztunnel_certificate_expiry_seconds When each workload certificate expires (Unix time).\n# TYPE ztunnel_certificate_expiry_seconds gauge"
     );
     for cert in status.certs.snapshot() {
-        let expiry = cert.not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let expiry = cert
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         out.push_str("ztunnel_certificate_expiry_seconds");
         crate::metrics::render_labels(&mut out, &[("identity", &cert.identity.to_string())]);
         let _ = writeln!(out, " {expiry}");
@@ -153,7 +175,9 @@ struct ConfigDump<'a> {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The admin endpoint (bound to localhost only).
@@ -169,7 +193,10 @@ fn admin(status: &Status, req: Request<Incoming>) -> Reply {
     let method = req.method().clone();
     match path.as_str() {
         "/" => match method {
-            Method::GET => text(StatusCode::OK, "/config_dump\n/logging?level=<filter>\n/quitquitquit (POST)\n"),
+            Method::GET => text(
+                StatusCode::OK,
+                "/config_dump\n/logging?level=<filter>\n/quitquitquit (POST)\n",
+            ),
             _ => refuse(&method, &path, &[Method::GET]),
         },
         "/config_dump" => match method {
@@ -200,7 +227,10 @@ fn admin(status: &Status, req: Request<Incoming>) -> Reply {
                 };
                 match serde_json::to_string_pretty(&dump) {
                     Ok(body) => json(body),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding config: {e}\n")),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("encoding config: {e}\n"),
+                    ),
                 }
             }
             _ => refuse(&method, &path, &[Method::GET]),
@@ -210,13 +240,19 @@ fn admin(status: &Status, req: Request<Incoming>) -> Reply {
                 let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
                     return text(StatusCode::BAD_REQUEST, "usage: /logging?level=<filter>, e.g. level=debug or level=ztunnel::proxy=trace\n");
                 };
-                let level = level.replace("%3D", "=").replace("%2C", ",").replace("%3A", ":");
+                let level = level
+                    .replace("%3D", "=")
+                    .replace("%2C", ",")
+                    .replace("%3A", ":");
                 match (status.log_control)(&level) {
                     Ok(()) => {
                         tracing::info!(filter = %level, "log filter changed");
                         text(StatusCode::OK, format!("log filter set to {level}\n"))
                     }
-                    Err(e) => text(StatusCode::BAD_REQUEST, format!("bad filter {level}: {e}\n")),
+                    Err(e) => text(
+                        StatusCode::BAD_REQUEST,
+                        format!("bad filter {level}: {e}\n"),
+                    ),
                 }
             }
             _ => refuse(&method, &path, &[Method::GET, Method::POST]),

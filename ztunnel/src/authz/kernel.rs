@@ -68,8 +68,16 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
         // must match). Evaluating only these is exact for plaintext and far
         // cheaper than every policy in scope.
         let view = PlaintextView {
-            deny: policies.iter().filter(|p| p.action == RbacAction::Deny && rbac::can_match_plaintext(p)).map(|p| &***p).collect(),
-            allow: policies.iter().filter(|p| p.action == RbacAction::Allow && rbac::can_match_plaintext(p)).map(|p| &***p).collect(),
+            deny: policies
+                .iter()
+                .filter(|p| p.action == RbacAction::Deny && rbac::can_match_plaintext(p))
+                .map(|p| &***p)
+                .collect(),
+            allow: policies
+                .iter()
+                .filter(|p| p.action == RbacAction::Allow && rbac::can_match_plaintext(p))
+                .map(|p| &***p)
+                .collect(),
             allow_exists: policies.iter().any(|p| p.action == RbacAction::Allow),
         };
         // Everything the policies can tell sources and ports apart by.
@@ -92,7 +100,9 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
             .filter_map(|net| representative(net, &cidrs).map(|rep| (*net, rep)))
             .collect();
         // Port 0 stands for every port no policy names.
-        let Some(other_port) = (1..=u16::MAX).find(|p| !ports.contains(p)) else { continue };
+        let Some(other_port) = (1..=u16::MAX).find(|p| !ports.contains(p)) else {
+            continue;
+        };
         for ip in workload.ips.iter().filter_map(|ip| match ip {
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
@@ -163,7 +173,10 @@ fn representative(net: &Ipv4Net, all: &BTreeSet<Ipv4Net>) -> Option<Ipv4Addr> {
         candidates.push(u32::from(c.broadcast()).wrapping_add(1));
         candidates.push(u32::from(c.network()).wrapping_sub(1));
     }
-    candidates.into_iter().find(|a| free(*a)).map(Ipv4Addr::from)
+    candidates
+        .into_iter()
+        .find(|a| free(*a))
+        .map(Ipv4Addr::from)
 }
 
 /// The verdict an LPM lookup in `entries` gives, as the kernel computes it
@@ -172,7 +185,10 @@ pub fn lookup(entries: &[PolicyEntry], src: Ipv4Addr, dst: Ipv4Addr, port: u16) 
     for port in [port, 0] {
         let best = entries
             .iter()
-            .filter(|e| e.tuple.dst_ipv4_be == u32::from_ne_bytes(dst.octets()) && e.tuple.dst_port_be == port.to_be())
+            .filter(|e| {
+                e.tuple.dst_ipv4_be == u32::from_ne_bytes(dst.octets())
+                    && e.tuple.dst_port_be == port.to_be()
+            })
             .filter(|e| {
                 let len = (e.prefix_len - POLICY_FIXED_BITS) as u8;
                 let net = Ipv4Net::new(Ipv4Addr::from(e.tuple.src_ipv4_be.to_ne_bytes()), len);

@@ -81,7 +81,11 @@ impl PolicyStore {
         for policy in policies {
             let policy = Arc::new(policy.clone());
             match policy.scope {
-                RbacScope::Global => store.by_namespace.entry(String::new()).or_default().push(policy.clone()),
+                RbacScope::Global => store
+                    .by_namespace
+                    .entry(String::new())
+                    .or_default()
+                    .push(policy.clone()),
                 RbacScope::Namespace => store
                     .by_namespace
                     .entry(policy.namespace.clone())
@@ -100,10 +104,20 @@ impl PolicyStore {
 
     /// The policies that apply to connections to `workload`: its
     /// namespace's, the global ones, and those it selects.
-    pub fn in_scope<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
-        let namespace = self.by_namespace.get(&workload.namespace).into_iter().flatten();
+    pub fn in_scope<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
+        let namespace = self
+            .by_namespace
+            .get(&workload.namespace)
+            .into_iter()
+            .flatten();
         let global = self.by_namespace.get("").into_iter().flatten();
-        let selected = workload.authorization_policies.iter().filter_map(|k| self.by_key.get(k));
+        let selected = workload
+            .authorization_policies
+            .iter()
+            .filter_map(|k| self.by_key.get(k));
         namespace.chain(global).chain(selected)
     }
 }
@@ -147,7 +161,10 @@ pub fn evaluate(store: &PolicyStore, workload: &Workload, conn: &Connection) -> 
         }
         return Ok(());
     }
-    if allow.iter().any(|policy| rbac::policy_matches(policy, &subject)) {
+    if allow
+        .iter()
+        .any(|policy| rbac::policy_matches(policy, &subject))
+    {
         return Ok(());
     }
     Err(Denial::NotAllowed)

@@ -22,7 +22,11 @@ impl<'a> Subject<'a> {
     pub fn new(conn: &'a Connection) -> Self {
         Subject {
             conn,
-            namespace: conn.src_identity.as_ref().map(|i| i.namespace.as_str()).unwrap_or(""),
+            namespace: conn
+                .src_identity
+                .as_ref()
+                .map(|i| i.namespace.as_str())
+                .unwrap_or(""),
             principal: conn.src_identity.as_ref().map(|i| i.principal()),
         }
     }
@@ -42,7 +46,10 @@ fn clause_matches(clause: &[RbacMatch], subject: &Subject<'_>) -> bool {
         return true;
     }
     // A match with no constraint at all is skipped, not a wildcard.
-    clause.iter().filter(|m| !is_empty(m)).any(|m| match_matches(m, subject))
+    clause
+        .iter()
+        .filter(|m| !is_empty(m))
+        .any(|m| match_matches(m, subject))
 }
 
 /// Whether `policy` can match any connection without an identity. A match
@@ -53,7 +60,9 @@ pub fn can_match_plaintext(policy: &Authorization) -> bool {
         rule.iter().all(|clause| {
             clause.is_empty()
                 || clause.iter().filter(|m| !is_empty(m)).any(|m| {
-                    m.namespaces.is_empty() && m.service_accounts.is_empty() && m.principals.is_empty()
+                    m.namespaces.is_empty()
+                        && m.service_accounts.is_empty()
+                        && m.principals.is_empty()
                 })
         })
     })
@@ -87,14 +96,19 @@ fn match_matches(m: &RbacMatch, subject: &Subject<'_>) -> bool {
     let conn = subject.conn;
     let namespace = subject.namespace;
     let principal = &subject.principal;
-    field(&m.namespaces, &m.not_namespaces, |s| string_matches(s, namespace))
-        && field(&m.service_accounts, &m.not_service_accounts, |sa| service_account_matches(sa, conn))
-        && field(&m.principals, &m.not_principals, |s| {
-            principal.as_deref().is_some_and(|p| string_matches(s, p))
-        })
-        && field(&m.source_ips, &m.not_source_ips, |net| net.contains(&conn.src.ip()))
-        && field(&m.destination_ips, &m.not_destination_ips, |net| net.contains(&conn.dst.ip()))
-        && field(&m.destination_ports, &m.not_destination_ports, |p| *p == conn.dst.port())
+    field(&m.namespaces, &m.not_namespaces, |s| {
+        string_matches(s, namespace)
+    }) && field(&m.service_accounts, &m.not_service_accounts, |sa| {
+        service_account_matches(sa, conn)
+    }) && field(&m.principals, &m.not_principals, |s| {
+        principal.as_deref().is_some_and(|p| string_matches(s, p))
+    }) && field(&m.source_ips, &m.not_source_ips, |net| {
+        net.contains(&conn.src.ip())
+    }) && field(&m.destination_ips, &m.not_destination_ips, |net| {
+        net.contains(&conn.dst.ip())
+    }) && field(&m.destination_ports, &m.not_destination_ports, |p| {
+        *p == conn.dst.port()
+    })
 }
 
 /// Exact, prefix, suffix, or presence (non-empty).

@@ -23,9 +23,16 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {}: field `{field}`: {message}", path.display())]
-    Field { path: PathBuf, field: String, message: String },
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("config file {}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
 }
@@ -323,7 +330,9 @@ impl FromStr for NetworkAddress {
         let (network, ip) = s
             .split_once('/')
             .ok_or_else(|| format!("`{s}` is not in the form network/IP (e.g. `/10.0.0.1`)"))?;
-        let address = ip.parse().map_err(|_| format!("`{ip}` in `{s}` is not an IP address"))?;
+        let address = ip
+            .parse()
+            .map_err(|_| format!("`{ip}` in `{s}` is not an IP address"))?;
         Ok(NetworkAddress {
             network: network.to_string(),
             address,
@@ -348,10 +357,12 @@ impl FromStr for NamespacedHostname {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('/') {
-            Some((namespace, hostname)) if !namespace.is_empty() && !hostname.is_empty() => Ok(NamespacedHostname {
-                namespace: namespace.to_string(),
-                hostname: hostname.to_string(),
-            }),
+            Some((namespace, hostname)) if !namespace.is_empty() && !hostname.is_empty() => {
+                Ok(NamespacedHostname {
+                    namespace: namespace.to_string(),
+                    hostname: hostname.to_string(),
+                })
+            }
             _ => Err(format!("`{s}` is not in the form namespace/hostname")),
         }
     }
@@ -433,7 +444,10 @@ impl LocalConfig {
         let mut ips: BTreeMap<(String, IpAddr), usize> = BTreeMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             if w.workload_ips.is_empty() && w.hostname.is_empty() {
-                return Err(field_err(format!("workloads[{i}].workloadIps"), "a workload needs at least one address".into()));
+                return Err(field_err(
+                    format!("workloads[{i}].workloadIps"),
+                    "a workload needs at least one address".into(),
+                ));
             }
             for (j, ip) in w.workload_ips.iter().enumerate() {
                 if let Some(other) = ips.insert((w.network.clone(), *ip), i) {
@@ -466,7 +480,10 @@ impl LocalConfig {
             if let Some(other) = policy_keys.insert(format!("{}/{}", p.namespace, p.name), i) {
                 return Err(field_err(
                     format!("policies[{i}].name"),
-                    format!("policy {}/{} is already defined by policies[{other}]", p.namespace, p.name),
+                    format!(
+                        "policy {}/{} is already defined by policies[{other}]",
+                        p.namespace, p.name
+                    ),
                 ));
             }
         }

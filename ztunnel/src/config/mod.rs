@@ -10,7 +10,11 @@ use clap::{Parser, ValueEnum};
 /// Flags and their environment fallbacks. Other tools script against these:
 /// change them only compatibly.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ztunnel", version, about = "Node proxy of an ambient service mesh")]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Node proxy of an ambient service mesh"
+)]
 pub struct Args {
     /// Local configuration (workloads, services, policies) in the schema
     /// Istio's ztunnel reads from LOCAL_XDS_PATH. Watched: edits apply
@@ -25,7 +29,12 @@ pub struct Args {
     /// Interface where traffic from other nodes enters (repeatable). Default:
     /// every interface the main routing table uses, except loopback and the
     /// veths of local workloads.
-    #[arg(long = "uplink", env = "ZTUNNEL_UPLINKS", value_delimiter = ',', value_name = "IFACE")]
+    #[arg(
+        long = "uplink",
+        env = "ZTUNNEL_UPLINKS",
+        value_delimiter = ',',
+        value_name = "IFACE"
+    )]
     pub uplinks: Vec<String>,
 
     /// Where programs, links and maps are pinned. Default:
@@ -48,7 +57,12 @@ pub struct Args {
     pub ca_dir: Option<PathBuf>,
 
     /// Where ztunnel keeps what must survive restarts (the development CA).
-    #[arg(long, env = "ZTUNNEL_STATE_DIR", value_name = "DIR", default_value = "/var/lib/ztunnel")]
+    #[arg(
+        long,
+        env = "ZTUNNEL_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/ztunnel"
+    )]
     pub state_dir: PathBuf,
 
     /// Lifetime of workload certificates (e.g. 24h, 30m, 90s); they are
@@ -119,7 +133,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86400,
-        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use s, m, h or d)"
+            ))
+        }
     };
     if seconds == 0 {
         return Err(format!("`{text}` must be longer than zero"));

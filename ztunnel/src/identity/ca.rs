@@ -17,8 +17,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -66,7 +66,10 @@ impl WorkloadCert {
 
     /// When to replace it: half way through its life, as Istio does.
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
         self.not_before + life / 2
     }
 }
@@ -113,10 +116,14 @@ impl LocalCa {
             path: key_path.clone(),
             message: format!("not a usable RSA or ECDSA private key: {e}"),
         })?;
-        let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| IdentityError::CaFile {
-            path: cert_path.clone(),
-            message: format!("not a usable CA certificate (or it does not match {}): {e}", key_path.display()),
-        })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| IdentityError::CaFile {
+                path: cert_path.clone(),
+                message: format!(
+                    "not a usable CA certificate (or it does not match {}): {e}",
+                    key_path.display()
+                ),
+            })?;
         let mut intermediates = vec![ca_cert.clone()];
         for cert in chain {
             if cert != ca_cert && !roots.contains(&cert) {
@@ -155,7 +162,10 @@ impl LocalCa {
         };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
         let mut params = CertificateParams::default();
-        let uri = identity.to_string().try_into().map_err(|e| err(format!("SAN: {e}")))?;
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e| err(format!("SAN: {e}")))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         // Istio's workload certificates carry no subject; the SAN is the identity.
         params.distinguished_name = DistinguishedName::new();
@@ -164,11 +174,19 @@ impl LocalCa {
         let not_after = now + ttl;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let serial: [u8; 16] = random_serial();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err(e.to_string()))?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
         Ok(WorkloadCert {
@@ -185,7 +203,9 @@ impl LocalCa {
 fn random_serial() -> [u8; 16] {
     let mut serial = [0u8; 16];
     // A key's random bytes are as good a source as any; avoid another RNG crate.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut serial);
+    let _ = rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut serial);
     // Positive and non-zero, as RFC 5280 wants.
     serial[0] &= 0x7f;
     serial[0] |= 0x01;
@@ -206,7 +226,11 @@ pub fn generate_dev_root(dir: &Path) -> Result<(), IdentityError> {
     dn.push(DnType::CommonName, "ztunnel development root");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + DEV_ROOT_LIFETIME).into();
@@ -216,7 +240,8 @@ pub fn generate_dev_root(dir: &Path) -> Result<(), IdentityError> {
     for name in [files::CA_CERT, files::ROOT_CERT, files::CERT_CHAIN] {
         std::fs::write(dir.join(name), cert.pem()).map_err(|e| err(e.to_string()))?;
     }
-    write_private(&dir.join(files::CA_KEY), &key.serialize_pem()).map_err(|e| err(e.to_string()))?;
+    write_private(&dir.join(files::CA_KEY), &key.serialize_pem())
+        .map_err(|e| err(e.to_string()))?;
     Ok(())
 }
 

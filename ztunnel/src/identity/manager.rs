@@ -57,7 +57,9 @@ impl CertManager {
             Err(poisoned) => poisoned.into_inner().insert(identity.clone(), cert.clone()),
         };
         match previous {
-            Some(old) => info!(%identity, serial = %cert.serial, previous = %old.serial, "certificate rotated"),
+            Some(old) => {
+                info!(%identity, serial = %cert.serial, previous = %old.serial, "certificate rotated")
+            }
             None => info!(%identity, serial = %cert.serial, "certificate issued"),
         }
         Ok(cert)

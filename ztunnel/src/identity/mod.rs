@@ -37,7 +37,10 @@ impl Identity {
     /// The id without its `spiffe://` scheme, as authorization policies
     /// compare principals.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 

@@ -28,12 +28,14 @@ impl KernelCounters {
             .iter()
             .filter_map(Result::ok)
             .map(|(key, values)| {
-                let sum = values.iter().fold(PodCounters::default(), |a, c| PodCounters {
-                    outbound_captured: a.outbound_captured + c.outbound_captured,
-                    inbound_captured: a.inbound_captured + c.inbound_captured,
-                    dropped_no_listener: a.dropped_no_listener + c.dropped_no_listener,
-                    policy_denied: a.policy_denied + c.policy_denied,
-                });
+                let sum = values
+                    .iter()
+                    .fold(PodCounters::default(), |a, c| PodCounters {
+                        outbound_captured: a.outbound_captured + c.outbound_captured,
+                        inbound_captured: a.inbound_captured + c.inbound_captured,
+                        dropped_no_listener: a.dropped_no_listener + c.dropped_no_listener,
+                        policy_denied: a.policy_denied + c.policy_denied,
+                    });
                 (Ipv4Addr::from(key.octets()), sum)
             })
             .collect()
@@ -46,8 +48,10 @@ impl KernelCounters {
             let w = snapshot.workload_by_ip(ip.into());
             (
                 ip.to_string(),
-                w.map(|w| w.name.clone()).unwrap_or_else(|| "unknown".into()),
-                w.map(|w| w.namespace.clone()).unwrap_or_else(|| "unknown".into()),
+                w.map(|w| w.name.clone())
+                    .unwrap_or_else(|| "unknown".into()),
+                w.map(|w| w.namespace.clone())
+                    .unwrap_or_else(|| "unknown".into()),
             )
         };
         let _ = writeln!(
@@ -56,9 +60,20 @@ impl KernelCounters {
         );
         for (ip, c) in &pods {
             let (addr, name, ns) = label(*ip);
-            for (direction, n) in [("outbound", c.outbound_captured), ("inbound", c.inbound_captured)] {
+            for (direction, n) in [
+                ("outbound", c.outbound_captured),
+                ("inbound", c.inbound_captured),
+            ] {
                 out.push_str("ztunnel_kernel_flows_captured_total");
-                render_labels(out, &[("workload", &name), ("workload_namespace", &ns), ("address", &addr), ("direction", direction)]);
+                render_labels(
+                    out,
+                    &[
+                        ("workload", &name),
+                        ("workload_namespace", &ns),
+                        ("address", &addr),
+                        ("direction", direction),
+                    ],
+                );
                 let _ = writeln!(out, " {n}");
             }
         }
@@ -68,9 +83,20 @@ impl KernelCounters {
         );
         for (ip, c) in &pods {
             let (addr, name, ns) = label(*ip);
-            for (reason, n) in [("policy", c.policy_denied), ("no_listener", c.dropped_no_listener)] {
+            for (reason, n) in [
+                ("policy", c.policy_denied),
+                ("no_listener", c.dropped_no_listener),
+            ] {
                 out.push_str("ztunnel_kernel_syn_dropped_total");
-                render_labels(out, &[("workload", &name), ("workload_namespace", &ns), ("address", &addr), ("reason", reason)]);
+                render_labels(
+                    out,
+                    &[
+                        ("workload", &name),
+                        ("workload_namespace", &ns),
+                        ("address", &addr),
+                        ("reason", reason),
+                    ],
+                );
                 let _ = writeln!(out, " {n}");
             }
         }

@@ -19,7 +19,10 @@ use std::{
     },
 };
 
-use crate::{identity::Identity, state::{Snapshot, Workload}};
+use crate::{
+    identity::Identity,
+    state::{Snapshot, Workload},
+};
 
 /// Istio's standard TCP labels. Unknown values are `unknown`, as Istio's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -54,7 +57,11 @@ pub struct ConnectionLabels {
 const UNKNOWN: &str = "unknown";
 
 fn or_unknown(s: &str) -> String {
-    if s.is_empty() { UNKNOWN.to_string() } else { s.to_string() }
+    if s.is_empty() {
+        UNKNOWN.to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 impl ConnectionLabels {
@@ -74,11 +81,26 @@ impl ConnectionLabels {
             (None, Some(w)) if w.hbone => snapshot.identity_of(w).to_string(),
             _ => UNKNOWN.to_string(),
         };
-        let name = |w: Option<&Workload>| w.map(|w| or_unknown(&w.workload_name)).unwrap_or_else(|| UNKNOWN.into());
-        let ns = |w: Option<&Workload>| w.map(|w| or_unknown(&w.namespace)).unwrap_or_else(|| UNKNOWN.into());
-        let canonical = |w: Option<&Workload>| w.map(|w| or_unknown(&w.canonical_name)).unwrap_or_else(|| UNKNOWN.into());
-        let revision = |w: Option<&Workload>| w.map(|w| or_unknown(&w.canonical_revision)).unwrap_or_else(|| UNKNOWN.into());
-        let cluster = |w: Option<&Workload>| w.map(|w| or_unknown(&w.cluster_id)).unwrap_or_else(|| UNKNOWN.into());
+        let name = |w: Option<&Workload>| {
+            w.map(|w| or_unknown(&w.workload_name))
+                .unwrap_or_else(|| UNKNOWN.into())
+        };
+        let ns = |w: Option<&Workload>| {
+            w.map(|w| or_unknown(&w.namespace))
+                .unwrap_or_else(|| UNKNOWN.into())
+        };
+        let canonical = |w: Option<&Workload>| {
+            w.map(|w| or_unknown(&w.canonical_name))
+                .unwrap_or_else(|| UNKNOWN.into())
+        };
+        let revision = |w: Option<&Workload>| {
+            w.map(|w| or_unknown(&w.canonical_revision))
+                .unwrap_or_else(|| UNKNOWN.into())
+        };
+        let cluster = |w: Option<&Workload>| {
+            w.map(|w| or_unknown(&w.cluster_id))
+                .unwrap_or_else(|| UNKNOWN.into())
+        };
         let (svc_host, svc_ns, svc_name) = service
             .map(|(h, n, s)| (h.to_string(), n.to_string(), s.to_string()))
             .unwrap_or_else(|| (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()));
@@ -121,19 +143,34 @@ impl ConnectionLabels {
             ("source_version", &self.source_version),
             ("source_cluster", &self.source_cluster),
             ("destination_service", &self.destination_service),
-            ("destination_service_namespace", &self.destination_service_namespace),
+            (
+                "destination_service_namespace",
+                &self.destination_service_namespace,
+            ),
             ("destination_service_name", &self.destination_service_name),
             ("destination_workload", &self.destination_workload),
-            ("destination_canonical_service", &self.destination_canonical_service),
-            ("destination_canonical_revision", &self.destination_canonical_revision),
-            ("destination_workload_namespace", &self.destination_workload_namespace),
+            (
+                "destination_canonical_service",
+                &self.destination_canonical_service,
+            ),
+            (
+                "destination_canonical_revision",
+                &self.destination_canonical_revision,
+            ),
+            (
+                "destination_workload_namespace",
+                &self.destination_workload_namespace,
+            ),
             ("destination_principal", &self.destination_principal),
             ("destination_app", &self.destination_app),
             ("destination_version", &self.destination_version),
             ("destination_cluster", &self.destination_cluster),
             ("request_protocol", self.request_protocol),
             ("response_flags", self.response_flags),
-            ("connection_security_policy", self.connection_security_policy),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
         ];
         render_labels(out, &pairs);
     }
@@ -209,10 +246,26 @@ impl Metrics {
     pub fn render_tcp(&self, out: &mut String) {
         let Ok(map) = self.tcp.lock() else { return };
         let families: [(&str, &str, fn(&TcpCounters) -> u64); 4] = [
-            ("istio_tcp_connections_opened_total", "The total number of TCP connections opened", |c| c.opened.load(Ordering::Relaxed)),
-            ("istio_tcp_connections_closed_total", "The total number of TCP connections closed", |c| c.closed.load(Ordering::Relaxed)),
-            ("istio_tcp_sent_bytes_total", "The size of total bytes sent during request", |c| c.sent.load(Ordering::Relaxed)),
-            ("istio_tcp_received_bytes_total", "The size of total bytes received during request", |c| c.received.load(Ordering::Relaxed)),
+            (
+                "istio_tcp_connections_opened_total",
+                "The total number of TCP connections opened",
+                |c| c.opened.load(Ordering::Relaxed),
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "The total number of TCP connections closed",
+                |c| c.closed.load(Ordering::Relaxed),
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "The size of total bytes sent during request",
+                |c| c.sent.load(Ordering::Relaxed),
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "The size of total bytes received during request",
+                |c| c.received.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in families {
             let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");

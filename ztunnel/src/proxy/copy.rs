@@ -43,7 +43,11 @@ struct Counted<'a, S: ?Sized> {
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
@@ -58,7 +62,11 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
 }
 
 impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -92,7 +100,8 @@ where
         sinks,
         field: |c| &c.received,
     });
-    let (sent, received) = tokio::try_join!(one_way(down_read, up_write), one_way(up_read, down_write))?;
+    let (sent, received) =
+        tokio::try_join!(one_way(down_read, up_write), one_way(up_read, down_write))?;
     Ok(Transferred { sent, received })
 }
 
@@ -173,13 +182,19 @@ pub async fn relay_h2(
                 let granted = match granted {
                     Some(Ok(n)) => n,
                     Some(Err(e)) => return Err(super::hbone::stream::h2_to_io(e)),
-                    None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")),
+                    None => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed",
+                        ))
+                    }
                 };
                 if granted == 0 {
                     continue;
                 }
                 let chunk = data.split_to(granted.min(data.len()));
-                send.send_data(chunk, false).map_err(super::hbone::stream::h2_to_io)?;
+                send.send_data(chunk, false)
+                    .map_err(super::hbone::stream::h2_to_io)?;
             }
         }
     };

@@ -17,15 +17,29 @@ use super::{
 use crate::{authz::Connection, metrics::ConnectionLabels, state::Snapshot};
 
 /// Serves the inbound plaintext listener.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: watch::Receiver<Arc<Snapshot>>,
+    proxy: Arc<Proxy>,
+) {
     let drain = proxy.drain.clone();
-    accept_loop(Direction::Inbound, listener, state, drain, move |stream, src, dst, snapshot| {
-        handle(proxy.clone(), stream, src, dst, snapshot)
-    })
+    accept_loop(
+        Direction::Inbound,
+        listener,
+        state,
+        drain,
+        move |stream, src, dst, snapshot| handle(proxy.clone(), stream, src, dst, snapshot),
+    )
     .await
 }
 
-async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
+async fn handle(
+    proxy: Arc<Proxy>,
+    downstream: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    state: Arc<Snapshot>,
+) {
     // Only local workloads are served: anything else reaching this port was
     // not captured for a pod (someone connected to the port directly).
     let Some(workload) = state.local_workload_by_ip(dst.ip()).cloned() else {
@@ -67,11 +81,20 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         direction: Direction::Inbound,
         src,
         dst,
-        src_workload: src_workload.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
+        src_workload: src_workload
+            .as_ref()
+            .map(|w| w.name.as_str())
+            .unwrap_or("-"),
         dst_workload: &workload.name,
         src_identity: None,
         dst_identity: Some(&dst_identity),
         path: "plaintext",
     };
-    pipe(info, Ends::Tcp(downstream, upstream), Some(registration), vec![metrics]).await
+    pipe(
+        info,
+        Ends::Tcp(downstream, upstream),
+        Some(registration),
+        vec![metrics],
+    )
+    .await
 }

@@ -68,7 +68,11 @@ impl Listeners {
     /// Serves every listener until the task is dropped.
     pub async fn serve(self, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
         let outbound = tokio::spawn(outbound::serve(self.outbound, state.clone(), proxy.clone()));
-        let inbound = tokio::spawn(inbound::serve(self.inbound_plaintext, state.clone(), proxy.clone()));
+        let inbound = tokio::spawn(inbound::serve(
+            self.inbound_plaintext,
+            state.clone(),
+            proxy.clone(),
+        ));
         let hbone = tokio::spawn(hbone::server::serve(self.inbound_hbone, state, proxy));
         let _ = tokio::join!(outbound, inbound, hbone);
     }
@@ -77,13 +81,19 @@ impl Listeners {
 /// Whether `port` is one of ztunnel's capture listeners.
 pub fn is_capture_port(port: u16) -> bool {
     use ztunnel_common::ports;
-    [ports::OUTBOUND_CAPTURE, ports::INBOUND_PLAINTEXT, ports::INBOUND_HBONE].contains(&port)
+    [
+        ports::OUTBOUND_CAPTURE,
+        ports::INBOUND_PLAINTEXT,
+        ports::INBOUND_HBONE,
+    ]
+    .contains(&port)
 }
 
 /// Whether `addr` is one of ztunnel's own sockets on this node: a captured
 /// connection to it would loop through ztunnel forever, so it is refused.
 pub fn is_own_listener(addr: SocketAddr) -> bool {
     use ztunnel_common::ports;
-    (is_capture_port(addr.port()) || [ports::ADMIN, ports::METRICS, ports::READINESS].contains(&addr.port()))
+    (is_capture_port(addr.port())
+        || [ports::ADMIN, ports::METRICS, ports::READINESS].contains(&addr.port()))
         && socket::is_local_address(addr.ip())
 }

@@ -35,21 +35,41 @@ use crate::{
 };
 
 /// Serves the outbound listener.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: watch::Receiver<Arc<Snapshot>>,
+    proxy: Arc<Proxy>,
+) {
     let drain = proxy.drain.clone();
-    accept_loop(Direction::Outbound, listener, state, drain, move |stream, src, dst, snapshot| {
-        handle(proxy.clone(), stream, src, dst, snapshot)
-    })
+    accept_loop(
+        Direction::Outbound,
+        listener,
+        state,
+        drain,
+        move |stream, src, dst, snapshot| handle(proxy.clone(), stream, src, dst, snapshot),
+    )
     .await
 }
 
 /// The service a destination was reached through, for metrics labels.
-fn service_of<'a>(state: &'a Snapshot, dst: SocketAddr, upstream: Option<&Upstream>) -> Option<(&'a str, &'a str, &'a str)> {
+fn service_of<'a>(
+    state: &'a Snapshot,
+    dst: SocketAddr,
+    upstream: Option<&Upstream>,
+) -> Option<(&'a str, &'a str, &'a str)> {
     upstream.filter(|u| u.addr != dst)?;
-    state.service_by_vip(dst.ip()).map(|s| (s.hostname.as_str(), s.namespace.as_str(), s.name.as_str()))
+    state
+        .service_by_vip(dst.ip())
+        .map(|s| (s.hostname.as_str(), s.namespace.as_str(), s.name.as_str()))
 }
 
-async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: SocketAddr, state: Arc<Snapshot>) {
+async fn handle(
+    proxy: Arc<Proxy>,
+    downstream: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    state: Arc<Snapshot>,
+) {
     if is_own_listener(dst) {
         warn!(%src, %dst, "refused: a pod connected to ztunnel's own port");
         refuse(downstream);
@@ -57,7 +77,10 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
     }
     let _ = socket::set_keepalive(&downstream);
     let src_workload = state.workload_by_ip(src.ip()).cloned();
-    let src_name = src_workload.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| "-".into());
+    let src_name = src_workload
+        .as_ref()
+        .map(|w| w.name.clone())
+        .unwrap_or_else(|| "-".into());
     let resolved = state.resolve(dst);
     let service = service_of(&state, dst, resolved.as_ref());
     let Some(upstream) = resolved.clone().filter(|u| u.workload.hbone) else {
@@ -71,7 +94,10 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
             refuse(downstream);
             return;
         };
-        let src_id = src_workload.as_ref().filter(|w| w.hbone).map(|w| state.identity_of(w));
+        let src_id = src_workload
+            .as_ref()
+            .filter(|w| w.hbone)
+            .map(|w| state.identity_of(w));
         let metrics = proxy.metrics.open(ConnectionLabels::new(
             &state,
             "source",
@@ -86,7 +112,10 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
             src,
             dst: addr,
             src_workload: &src_name,
-            dst_workload: dst_workload.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
+            dst_workload: dst_workload
+                .as_ref()
+                .map(|w| w.name.as_str())
+                .unwrap_or("-"),
             src_identity: src_id.as_ref(),
             dst_identity: None,
             path: "direct",
@@ -97,7 +126,11 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
 
     // A mesh destination: the source must be a local mesh workload, whose
     // identity the destination will see.
-    let Some(src_workload) = state.local_workload_by_ip(src.ip()).filter(|w| w.hbone).cloned() else {
+    let Some(src_workload) = state
+        .local_workload_by_ip(src.ip())
+        .filter(|w| w.hbone)
+        .cloned()
+    else {
         warn!(%src, %dst, "refused: source is not a local mesh workload, so it has no identity to present");
         refuse(downstream);
         return;
@@ -116,7 +149,15 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         path,
     };
     let labels = |reporter| {
-        ConnectionLabels::new(&state, reporter, Some(&src_workload), Some(&src_id), Some(&upstream.workload), service, true)
+        ConnectionLabels::new(
+            &state,
+            reporter,
+            Some(&src_workload),
+            Some(&src_id),
+            Some(&upstream.workload),
+            service,
+            true,
+        )
     };
 
     if upstream.workload.node == state.node {
@@ -144,8 +185,17 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
         match connect_direct(Direction::Outbound, src, target, Some(src.ip())).await {
             Some(stream) => {
                 // Both ends are ours: report as source and as destination.
-                let metrics = vec![proxy.metrics.open(labels("source")), proxy.metrics.open(labels("destination"))];
-                pipe(info("same-node"), Ends::Tcp(downstream, stream), Some(registration), metrics).await
+                let metrics = vec![
+                    proxy.metrics.open(labels("source")),
+                    proxy.metrics.open(labels("destination")),
+                ];
+                pipe(
+                    info("same-node"),
+                    Ends::Tcp(downstream, stream),
+                    Some(registration),
+                    metrics,
+                )
+                .await
             }
             None => refuse(downstream),
         }
@@ -166,7 +216,13 @@ async fn handle(proxy: Arc<Proxy>, downstream: TcpStream, src: SocketAddr, dst: 
     match client::open(&proxy.pool, &tunnel_target).await {
         Ok(stream) => {
             let metrics = proxy.metrics.open(labels("source"));
-            pipe(info("hbone"), Ends::Hbone(downstream, stream, true), None, vec![metrics]).await
+            pipe(
+                info("hbone"),
+                Ends::Hbone(downstream, stream, true),
+                None,
+                vec![metrics],
+            )
+            .await
         }
         Err(e) => {
             info!(%src, %target, error = %e, "HBONE tunnel failed");

@@ -58,7 +58,9 @@ pub async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, src)) => {
                 // For a transparent listener, the local address is the original destination.
-                let Ok(dst) = stream.local_addr() else { continue };
+                let Ok(dst) = stream.local_addr() else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let snapshot = state.borrow().clone();
                 drain.tasks.spawn(handle(stream, src, dst, snapshot));
@@ -74,7 +76,12 @@ pub async fn accept_loop<F, Fut>(
 
 /// Connects to `dst` directly (from `bind_ip` when given). Logs and returns
 /// `None` on failure.
-pub async fn connect_direct(direction: Direction, src: SocketAddr, dst: SocketAddr, bind_ip: Option<IpAddr>) -> Option<TcpStream> {
+pub async fn connect_direct(
+    direction: Direction,
+    src: SocketAddr,
+    dst: SocketAddr,
+    bind_ip: Option<IpAddr>,
+) -> Option<TcpStream> {
     let dir = direction.as_str();
     match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect(bind_ip, dst)).await {
         Ok(Ok(stream)) => {
@@ -117,14 +124,21 @@ pub enum Ends {
 /// Copies bytes between the two ends until both sides are done (or
 /// authorization revokes the connection), counting them into `metrics` as
 /// they move, then writes the access log line.
-pub async fn pipe(info: ConnInfo<'_>, ends: Ends, registration: Option<Registration>, metrics: Vec<ConnectionMetrics>) {
+pub async fn pipe(
+    info: ConnInfo<'_>,
+    ends: Ends,
+    registration: Option<Registration>,
+    metrics: Vec<ConnectionMetrics>,
+) {
     let started = Instant::now();
     let sinks: Vec<_> = metrics.iter().map(|m| m.counters().clone()).collect();
     let mut ends = ends;
     let copy = async {
         match &mut ends {
             Ends::Tcp(a, b) => copy::relay(a, b, &sinks).await,
-            Ends::Hbone(tcp, h2, tcp_initiates) => copy::relay_h2(tcp, h2, &sinks, *tcp_initiates).await,
+            Ends::Hbone(tcp, h2, tcp_initiates) => {
+                copy::relay_h2(tcp, h2, &sinks, *tcp_initiates).await
+            }
         }
     };
     let outcome = match registration {
@@ -139,12 +153,21 @@ pub async fn pipe(info: ConnInfo<'_>, ends: Ends, registration: Option<Registrat
     drop(ends);
     let (sent, received) = sinks
         .first()
-        .map(|c| (c.sent.load(Ordering::Relaxed), c.received.load(Ordering::Relaxed)))
+        .map(|c| {
+            (
+                c.sent.load(Ordering::Relaxed),
+                c.received.load(Ordering::Relaxed),
+            )
+        })
         .unwrap_or_default();
     let (sent, received, result) = match &outcome {
         Outcome::Done(Ok(t)) => (t.sent, t.received, "ok".to_string()),
         Outcome::Done(Err(e)) => (sent, received, format!("error: {e}")),
-        Outcome::Revoked(denial) => (sent, received, format!("closed by policy {}: {denial}", denial.policy())),
+        Outcome::Revoked(denial) => (
+            sent,
+            received,
+            format!("closed by policy {}: {denial}", denial.policy()),
+        ),
     };
     let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
     info!(

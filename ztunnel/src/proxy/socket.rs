@@ -49,7 +49,11 @@ pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
 /// Connects to `dst`, from `src_ip` when given (a pod's address, not this
 /// host's: needs `IP_TRANSPARENT`), else from an address of this host.
 pub async fn connect(src_ip: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
-    let domain = if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let domain = if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;

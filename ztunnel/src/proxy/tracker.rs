@@ -49,7 +49,12 @@ impl Tracker {
     /// Decides `conn` to `workload`; when allowed, tracks it. The connection
     /// is registered before it is judged, so a policy change landing in
     /// between re-checks it too.
-    pub fn authorize(self: &Arc<Self>, snapshot: &Snapshot, workload: &Workload, conn: Connection) -> Result<Registration, Denial> {
+    pub fn authorize(
+        self: &Arc<Self>,
+        snapshot: &Snapshot,
+        workload: &Workload,
+        conn: Connection,
+    ) -> Result<Registration, Denial> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut conns) = self.conns.lock() {
@@ -73,10 +78,14 @@ impl Tracker {
     /// Re-checks every tracked connection against `snapshot`; closes those no
     /// longer allowed. Returns how many were closed.
     pub fn recheck(&self, snapshot: &Snapshot) -> usize {
-        let Ok(mut conns) = self.conns.lock() else { return 0 };
+        let Ok(mut conns) = self.conns.lock() else {
+            return 0;
+        };
         let mut closed = 0;
         for entry in conns.values_mut() {
-            let Some(workload) = snapshot.local_workload_by_ip(entry.conn.dst.ip()) else { continue };
+            let Some(workload) = snapshot.local_workload_by_ip(entry.conn.dst.ip()) else {
+                continue;
+            };
             if let Err(denial) = evaluate(&snapshot.policy_store, workload, &entry.conn) {
                 if let Some(close) = entry.close.take() {
                     info!(

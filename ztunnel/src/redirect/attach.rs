@@ -71,8 +71,12 @@ pub fn attach(
             // Keep the pin in place: it is what keeps the link alive. We only
             // swap the program the link runs.
             let fd_link = FdLink::from(pinned);
-            let link = SchedClassifierLink::try_from(fd_link)
-                .map_err(|e| err(format!("pinned link {} is not a TC link: {e}", path.display())))?;
+            let link = SchedClassifierLink::try_from(fd_link).map_err(|e| {
+                err(format!(
+                    "pinned link {} is not a TC link: {e}",
+                    path.display()
+                ))
+            })?;
             let id = program
                 .attach_to_link(link)
                 .map_err(|e| err(format!("replacing the program of {}: {e}", path.display())))?;
@@ -90,7 +94,9 @@ pub fn attach(
                 .map_err(|e| err(format!("attaching TCX ingress: {e}")))?;
             let link = program.take_link(id).map_err(|e| err(e.to_string()))?;
             let fd_link = FdLink::try_from(link).map_err(|e| {
-                err(format!("kernel attached without TCX ({e}); ztunnel needs kernel >= 6.6"))
+                err(format!(
+                    "kernel attached without TCX ({e}); ztunnel needs kernel >= 6.6"
+                ))
             })?;
             fd_link
                 .pin(&path)

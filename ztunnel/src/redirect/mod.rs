@@ -23,7 +23,9 @@ use aya::{
     programs::{SchedClassifier, SkLookup},
     Ebpf, EbpfLoader,
 };
-use ztunnel_common::{maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict};
+use ztunnel_common::{
+    maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict,
+};
 
 pub use attach::{Attached, Role};
 pub use routing::Interface;
@@ -34,11 +36,17 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     #[error("pin directory {path}: {source}")]
-    PinDir { path: PathBuf, source: std::io::Error },
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is not on a bpffs; pass a --bpf-pin-dir beneath a mounted bpffs")]
     NotBpffs(PathBuf),
     #[error("mounting bpffs at {path}: {source}")]
-    MountBpffs { path: PathBuf, source: std::io::Error },
+    MountBpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the eBPF programs: {0}")]
     Load(String),
     #[error("attaching to {iface}: {message}")]
@@ -135,7 +143,9 @@ impl Capture {
                 .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
         }
         let enrolled = take_map(&mut ebpf, maps::ENROLLED_PODS, |m| BpfHashMap::try_from(m))?;
-        let counters = take_map(&mut ebpf, maps::POD_COUNTERS, |m| PerCpuHashMap::try_from(m))?;
+        let counters = take_map(&mut ebpf, maps::POD_COUNTERS, |m| {
+            PerCpuHashMap::try_from(m)
+        })?;
         let [a, b] = maps::POLICY_TABLES;
         let policy_tables = [
             take_map(&mut ebpf, a, |m| LpmTrie::try_from(m))?,
@@ -159,25 +169,39 @@ impl Capture {
     /// listener-lookup program to the current network namespace, for as long
     /// as this process lives: captured SYNs marked by the TC programs are
     /// then delivered to these listeners by the kernel's own lookup.
-    pub fn serve_listeners(&mut self, listeners: &[(u32, std::os::fd::RawFd)]) -> Result<(), RedirectError> {
+    pub fn serve_listeners(
+        &mut self,
+        listeners: &[(u32, std::os::fd::RawFd)],
+    ) -> Result<(), RedirectError> {
         for (index, fd) in listeners {
             // SAFETY: the caller's listeners outlive this call; the map takes
             // its own reference to each socket.
             let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
             self.listeners
                 .set(*index, &fd, 0)
-                .map_err(|source| RedirectError::Map { map: maps::LISTENERS, source })?;
+                .map_err(|source| RedirectError::Map {
+                    map: maps::LISTENERS,
+                    source,
+                })?;
         }
-        let netns = std::fs::File::open("/proc/self/ns/net").map_err(|source| RedirectError::PinDir {
-            path: PathBuf::from("/proc/self/ns/net"),
-            source,
-        })?;
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").map_err(|source| RedirectError::PinDir {
+                path: PathBuf::from("/proc/self/ns/net"),
+                source,
+            })?;
         let program: &mut SkLookup = self
             .ebpf
             .program_mut(programs::LISTENER_LOOKUP)
-            .ok_or_else(|| RedirectError::Load(format!("program {} missing from the object", programs::LISTENER_LOOKUP)))?
+            .ok_or_else(|| {
+                RedirectError::Load(format!(
+                    "program {} missing from the object",
+                    programs::LISTENER_LOOKUP
+                ))
+            })?
             .try_into()
-            .map_err(|e| RedirectError::Load(format!("program {}: {e}", programs::LISTENER_LOOKUP)))?;
+            .map_err(|e| {
+                RedirectError::Load(format!("program {}: {e}", programs::LISTENER_LOOKUP))
+            })?;
         program
             .load()
             .map_err(|e| RedirectError::Load(format!("{}: {e}", programs::LISTENER_LOOKUP)))?;
@@ -212,7 +236,9 @@ impl Capture {
                         attached = true;
                     }
                     // One pod's veth vanishing mid-sync must not stop the others.
-                    Err(e) => tracing::warn!(pod = %pod.ip, error = %e, "cannot attach to pod veth"),
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.ip, error = %e, "cannot attach to pod veth")
+                    }
                 }
             }
             let captured = pod.enrolled && attached;
@@ -244,7 +270,10 @@ impl Capture {
                 .iter()
                 .map(|name| {
                     routing::ifindex(name)
-                        .map(|index| Interface { name: name.clone(), index })
+                        .map(|index| Interface {
+                            name: name.clone(),
+                            index,
+                        })
                         .ok_or_else(|| RedirectError::NoSuchUplink(name.clone()))
                 })
                 .collect::<Result<_, _>>()?
@@ -277,7 +306,12 @@ impl Capture {
             Role::Uplink => programs::UPLINK_INGRESS,
         };
         let links_dir = self.links_dir.clone();
-        let outcome = attach::attach(program(&mut self.ebpf, program_name)?, &links_dir, role, iface)?;
+        let outcome = attach::attach(
+            program(&mut self.ebpf, program_name)?,
+            &links_dir,
+            role,
+            iface,
+        )?;
         tracing::info!(iface = %iface.name, ifindex = iface.index, ?role, ?outcome, "capture attached");
         self.owned_links.insert(name.clone());
         Ok(name)
@@ -286,29 +320,42 @@ impl Capture {
     fn sync_maps(&mut self, wanted: &BTreeMap<PodKey, PodInfo>) -> Result<(), RedirectError> {
         let map_err = |map| move |source| RedirectError::Map { map, source };
         // Counters first, so the first captured SYN is counted.
-        let present_counters: HashSet<PodKey> = self.counters.keys().filter_map(Result::ok).collect();
+        let present_counters: HashSet<PodKey> =
+            self.counters.keys().filter_map(Result::ok).collect();
         for key in wanted.keys() {
             if !present_counters.contains(key) {
-                let cpus = aya::util::nr_cpus().map_err(|(_, e)| RedirectError::Load(format!("counting CPUs: {e}")))?;
+                let cpus = aya::util::nr_cpus()
+                    .map_err(|(_, e)| RedirectError::Load(format!("counting CPUs: {e}")))?;
                 let zeros = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
                     .map_err(|e| RedirectError::Load(format!("per-CPU counters: {e}")))?;
-                self.counters.insert(key, zeros, 0).map_err(map_err(maps::POD_COUNTERS))?;
+                self.counters
+                    .insert(key, zeros, 0)
+                    .map_err(map_err(maps::POD_COUNTERS))?;
             }
         }
         for (key, info) in wanted {
             let current = self.enrolled.get(key, 0).ok();
             if current != Some(*info) {
-                self.enrolled.insert(key, info, 0).map_err(map_err(maps::ENROLLED_PODS))?;
+                self.enrolled
+                    .insert(key, info, 0)
+                    .map_err(map_err(maps::ENROLLED_PODS))?;
                 tracing::info!(pod = %Ipv4Addr::from(key.octets()), "enrolled");
             }
         }
         let present: Vec<PodKey> = self.enrolled.keys().filter_map(Result::ok).collect();
         for key in present.into_iter().filter(|k| !wanted.contains_key(k)) {
-            self.enrolled.remove(&key).map_err(map_err(maps::ENROLLED_PODS))?;
+            self.enrolled
+                .remove(&key)
+                .map_err(map_err(maps::ENROLLED_PODS))?;
             tracing::info!(pod = %Ipv4Addr::from(key.octets()), "un-enrolled");
         }
-        for key in present_counters.into_iter().filter(|k| !wanted.contains_key(k)) {
-            self.counters.remove(&key).map_err(map_err(maps::POD_COUNTERS))?;
+        for key in present_counters
+            .into_iter()
+            .filter(|k| !wanted.contains_key(k))
+        {
+            self.counters
+                .remove(&key)
+                .map_err(map_err(maps::POD_COUNTERS))?;
         }
         Ok(())
     }
@@ -318,7 +365,10 @@ impl Capture {
     /// switch flips to it. Returns how many entries are live.
     pub fn set_policy(&mut self, entries: &[PolicyEntry]) -> Result<usize, RedirectError> {
         let map_err = |map| move |source| RedirectError::Map { map, source };
-        let active = self.policy_active.get(&0, 0).map_err(map_err(maps::POLICY_ACTIVE))?;
+        let active = self
+            .policy_active
+            .get(&0, 0)
+            .map_err(map_err(maps::POLICY_ACTIVE))?;
         let idle = if active == 1 { 0 } else { 1 };
         let name = maps::POLICY_TABLES[idle];
         let table = &mut self.policy_tables[idle];
@@ -328,7 +378,9 @@ impl Capture {
         }
         for entry in entries {
             let key = LpmKey::new(entry.prefix_len, entry.tuple);
-            table.insert(&key, entry.verdict, 0).map_err(map_err(name))?;
+            table
+                .insert(&key, entry.verdict, 0)
+                .map_err(map_err(name))?;
         }
         self.policy_active
             .set(0, idle as u32, 0)
@@ -338,9 +390,17 @@ impl Capture {
 
     /// The live policy table's verdict for a plaintext connection, looked up
     /// in the kernel's own map exactly as the datapath does (for checks).
-    pub fn policy_verdict(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Result<Option<PolicyVerdict>, RedirectError> {
+    pub fn policy_verdict(
+        &self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        port: u16,
+    ) -> Result<Option<PolicyVerdict>, RedirectError> {
         let map_err = |map| move |source| RedirectError::Map { map, source };
-        let active = self.policy_active.get(&0, 0).map_err(map_err(maps::POLICY_ACTIVE))?;
+        let active = self
+            .policy_active
+            .get(&0, 0)
+            .map_err(map_err(maps::POLICY_ACTIVE))?;
         let table = &self.policy_tables[if active == 1 { 1 } else { 0 }];
         for port in [port, 0] {
             let key = LpmKey::new(
@@ -355,7 +415,12 @@ impl Capture {
             match table.get(&key, 0) {
                 Ok(v) => return Ok(Some(v)),
                 Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(RedirectError::Map { map: "policy table", source: e }),
+                Err(e) => {
+                    return Err(RedirectError::Map {
+                        map: "policy table",
+                        source: e,
+                    })
+                }
             }
         }
         Ok(None)
@@ -363,13 +428,20 @@ impl Capture {
 
     /// A pod's kernel counters, summed over CPUs.
     pub fn counters(&self, ip: Ipv4Addr) -> Option<PodCounters> {
-        let values = self.counters.get(&PodKey::from_octets(ip.octets()), 0).ok()?;
-        Some(values.iter().fold(PodCounters::default(), |acc, c| PodCounters {
-            outbound_captured: acc.outbound_captured + c.outbound_captured,
-            inbound_captured: acc.inbound_captured + c.inbound_captured,
-            dropped_no_listener: acc.dropped_no_listener + c.dropped_no_listener,
-            policy_denied: acc.policy_denied + c.policy_denied,
-        }))
+        let values = self
+            .counters
+            .get(&PodKey::from_octets(ip.octets()), 0)
+            .ok()?;
+        Some(
+            values
+                .iter()
+                .fold(PodCounters::default(), |acc, c| PodCounters {
+                    outbound_captured: acc.outbound_captured + c.outbound_captured,
+                    inbound_captured: acc.inbound_captured + c.inbound_captured,
+                    dropped_no_listener: acc.dropped_no_listener + c.dropped_no_listener,
+                    policy_denied: acc.policy_denied + c.policy_denied,
+                }),
+        )
     }
 }
 

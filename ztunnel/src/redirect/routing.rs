@@ -130,10 +130,28 @@ fn mark_arg() -> String {
 /// crash finds them in place.
 pub fn install_capture_route() -> Result<(), RedirectError> {
     let table = CAPTURE_ROUTE_TABLE.to_string();
-    ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ])?;
     if !capture_rule_present()? {
         let priority = CAPTURE_RULE_PRIORITY.to_string();
-        ip(&["rule", "add", "fwmark", &mark_arg(), "lookup", &table, "priority", &priority])?;
+        ip(&[
+            "rule",
+            "add",
+            "fwmark",
+            &mark_arg(),
+            "lookup",
+            &table,
+            "priority",
+            &priority,
+        ])?;
     }
     Ok(())
 }
@@ -146,7 +164,16 @@ pub fn remove_capture_route() -> Result<(), RedirectError> {
     }
     let table = CAPTURE_ROUTE_TABLE.to_string();
     // Absent already is fine: nothing else uses this table.
-    let _ = ip(&["route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", &table]);
+    let _ = ip(&[
+        "route",
+        "del",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ]);
     Ok(())
 }
 
@@ -154,7 +181,7 @@ fn capture_rule_present() -> Result<bool, RedirectError> {
     let args = ["-j", "rule", "show"];
     let rules: Vec<RuleEntry> = parse_json(&args, &ip(&args)?)?;
     let table = CAPTURE_ROUTE_TABLE.to_string();
-    Ok(rules
-        .iter()
-        .any(|r| r.priority == Some(CAPTURE_RULE_PRIORITY) && r.table.as_deref() == Some(table.as_str())))
+    Ok(rules.iter().any(|r| {
+        r.priority == Some(CAPTURE_RULE_PRIORITY) && r.table.as_deref() == Some(table.as_str())
+    }))
 }

@@ -12,7 +12,10 @@ use std::{
 
 use crate::{
     authz::PolicyStore,
-    config::local::{Authorization, HealthStatus, InboundProtocol, LocalConfig, LocalWorkload, NamespacedHostname, Service},
+    config::local::{
+        Authorization, HealthStatus, InboundProtocol, LocalConfig, LocalWorkload,
+        NamespacedHostname, Service,
+    },
     identity::Identity,
     redirect::{CapturePlan, PlannedPod},
 };
@@ -99,7 +102,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(node: &str, trust_domain: &str, config: &LocalConfig) -> Self {
-        let workloads: Vec<Arc<Workload>> = config.workloads.iter().map(|w| Arc::new(Workload::from(w))).collect();
+        let workloads: Vec<Arc<Workload>> = config
+            .workloads
+            .iter()
+            .map(|w| Arc::new(Workload::from(w)))
+            .collect();
         let by_ip = workloads
             .iter()
             .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
@@ -132,8 +139,16 @@ impl Snapshot {
 
     /// A workload's SPIFFE identity.
     pub fn identity_of(&self, w: &Workload) -> Identity {
-        let td = if w.trust_domain.is_empty() { &self.trust_domain } else { &w.trust_domain };
-        let sa = if w.service_account.is_empty() { "default" } else { &w.service_account };
+        let td = if w.trust_domain.is_empty() {
+            &self.trust_domain
+        } else {
+            &w.trust_domain
+        };
+        let sa = if w.service_account.is_empty() {
+            "default"
+        } else {
+            &w.service_account
+        };
         Identity::new(td, &w.namespace, sa)
     }
 
@@ -169,8 +184,16 @@ impl Snapshot {
             .and_then(|ports| ports.get(&service_port))
             .copied()
             .filter(|p| *p != 0)
-            .unwrap_or(if default_target == 0 { service_port } else { default_target });
-        let ip = workload.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(workload.ips.first())?;
+            .unwrap_or(if default_target == 0 {
+                service_port
+            } else {
+                default_target
+            });
+        let ip = workload
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .or(workload.ips.first())?;
         let service_sans = service
             .subject_alt_names
             .iter()
@@ -244,4 +267,3 @@ impl Snapshot {
             .collect()
     }
 }
-

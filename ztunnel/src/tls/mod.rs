@@ -99,7 +99,11 @@ impl TlsContext {
 
     /// The client side of a handshake from the local workload `source` to a
     /// destination that must prove one of the `expected` identities.
-    pub fn client_config(&self, source: &Identity, expected: Vec<Identity>) -> Result<(Arc<ClientConfig>, Arc<WorkloadCert>), TlsError> {
+    pub fn client_config(
+        &self,
+        source: &Identity,
+        expected: Vec<Identity>,
+    ) -> Result<(Arc<ClientConfig>, Arc<WorkloadCert>), TlsError> {
         let cert = self.certs.fetch(source)?;
         let verifier = verify::SpiffeServerVerifier::new(self.roots.clone(), expected);
         let mut config = ClientConfig::builder_with_provider(provider())

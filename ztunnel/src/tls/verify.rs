@@ -12,7 +12,8 @@ use rustls::{
         danger::{ClientCertVerified, ClientCertVerifier},
         ParsedCertificate, WebPkiClientVerifier,
     },
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore,
+    SignatureScheme,
 };
 
 use crate::identity::Identity;
@@ -66,8 +67,12 @@ pub struct SpiffeClientVerifier {
 }
 
 impl SpiffeClientVerifier {
-    pub fn new(roots: Arc<RootCertStore>, trust_domain: &str) -> Result<Self, rustls::server::VerifierBuilderError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(roots, super::provider()).build()?;
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        trust_domain: &str,
+    ) -> Result<Self, rustls::server::VerifierBuilderError> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(roots, super::provider()).build()?;
         Ok(SpiffeClientVerifier {
             inner,
             trust_domain: trust_domain.to_string(),
@@ -87,7 +92,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let ids = spiffe_ids(end_entity);
         let Some(first) = ids.first() else {
             return Err(reject(SpiffeError::NoIdentity));
@@ -155,13 +161,24 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         let ids = spiffe_ids(end_entity);
         if ids.is_empty() {
             return Err(reject(SpiffeError::NoIdentity));
         }
         if !ids.iter().any(|id| self.expected.contains(id)) {
-            let want = self.expected.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or ");
+            let want = self
+                .expected
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" or ");
             return Err(reject(SpiffeError::Unexpected {
                 got: ids[0].to_string(),
                 want,

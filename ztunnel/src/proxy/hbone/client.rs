@@ -68,7 +68,9 @@ pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneEr
             slot.retire_connection();
             drop(slot);
             tracing::debug!(dst = %key.dst, error = %e, "pooled connection refused a stream; retrying on a new one");
-            try_open(pool, &key, target).await.map_err(Attempt::into_error)
+            try_open(pool, &key, target)
+                .await
+                .map_err(Attempt::into_error)
         }
         other => other.map_err(Attempt::into_error),
     }
@@ -104,7 +106,12 @@ async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2
     let (send, slot) = pool.checkout(key).await?;
     let mut send = match send.ready().await {
         Ok(send) => send,
-        Err(e) => return Err(Attempt::Refused(slot, HboneError::Http2(key.dst, e.to_string()))),
+        Err(e) => {
+            return Err(Attempt::Refused(
+                slot,
+                HboneError::Http2(key.dst, e.to_string()),
+            ))
+        }
     };
     let request = Request::builder()
         .method(Method::CONNECT)
@@ -116,11 +123,21 @@ async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2
         .map_err(|_| HboneError::Internal("building the CONNECT request"))?;
     let (response, send_stream) = match send.send_request(request, false) {
         Ok(sent) => sent,
-        Err(e) => return Err(Attempt::Refused(slot, HboneError::Http2(key.dst, e.to_string()))),
+        Err(e) => {
+            return Err(Attempt::Refused(
+                slot,
+                HboneError::Http2(key.dst, e.to_string()),
+            ))
+        }
     };
     let response = match response.await {
         Ok(response) => response,
-        Err(e) if unprocessed(&e) => return Err(Attempt::Refused(slot, HboneError::Http2(key.dst, e.to_string()))),
+        Err(e) if unprocessed(&e) => {
+            return Err(Attempt::Refused(
+                slot,
+                HboneError::Http2(key.dst, e.to_string()),
+            ))
+        }
         Err(e) => return Err(Attempt::Failed(HboneError::Http2(key.dst, e.to_string()))),
     };
     if response.status() != status::OK {
@@ -144,7 +161,9 @@ fn forwarded(target: &Target) -> String {
 /// A W3C trace context header with fresh random ids, unsampled.
 fn traceparent() -> String {
     let mut bytes = [0u8; 24];
-    let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut bytes);
+    let _ = rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("00-{}-{}-00", &hex[..32], &hex[32..48])
 }

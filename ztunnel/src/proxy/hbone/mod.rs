@@ -53,13 +53,23 @@ pub mod headers {
 /// (its telemetry reads it): the non-empty ones of cluster, namespace,
 /// workload name (under its type), service name and version.
 pub fn baggage(workload: &crate::state::Workload) -> String {
-    let kind = if workload.workload_type.is_empty() { "deployment" } else { workload.workload_type.as_str() };
+    let kind = if workload.workload_type.is_empty() {
+        "deployment"
+    } else {
+        workload.workload_type.as_str()
+    };
     [
         ("k8s.cluster.name".to_string(), workload.cluster_id.as_str()),
-        ("k8s.namespace.name".to_string(), workload.namespace.as_str()),
+        (
+            "k8s.namespace.name".to_string(),
+            workload.namespace.as_str(),
+        ),
         (format!("k8s.{kind}.name"), workload.workload_name.as_str()),
         ("service.name".to_string(), workload.canonical_name.as_str()),
-        ("service.version".to_string(), workload.canonical_revision.as_str()),
+        (
+            "service.version".to_string(),
+            workload.canonical_revision.as_str(),
+        ),
     ]
     .into_iter()
     .filter(|(_, v)| !v.is_empty())

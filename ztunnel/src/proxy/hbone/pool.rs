@@ -48,7 +48,8 @@ struct PooledConn {
 
 impl PooledConn {
     fn usable(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && self.active.load(Ordering::Acquire) < settings::CLIENT_MAX_STREAMS
+        !self.closed.load(Ordering::Acquire)
+            && self.active.load(Ordering::Acquire) < settings::CLIENT_MAX_STREAMS
     }
 }
 
@@ -110,12 +111,18 @@ impl Pool {
     }
 
     /// A connection with room for one more stream, and the slot reserved on it.
-    pub async fn checkout(&self, key: &PoolKey) -> Result<(SendRequest<Bytes>, StreamSlot), HboneError> {
+    pub async fn checkout(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(SendRequest<Bytes>, StreamSlot), HboneError> {
         if let Some(found) = self.take_slot(key) {
             return Ok(found);
         }
         let gate = {
-            let mut creating = self.creating.lock().map_err(|_| HboneError::Internal("pool lock"))?;
+            let mut creating = self
+                .creating
+                .lock()
+                .map_err(|_| HboneError::Internal("pool lock"))?;
             creating.entry(key.clone()).or_default().clone()
         };
         let _creating = gate.lock().await;
@@ -214,11 +221,16 @@ impl Pool {
     /// Drops connections that carry no stream and have not for a while; the
     /// HTTP/2 connection closes once its last handle is gone.
     fn evict_idle(&self) {
-        let Ok(mut conns) = self.conns.lock() else { return };
+        let Ok(mut conns) = self.conns.lock() else {
+            return;
+        };
         for list in conns.values_mut() {
             list.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.last_used.lock().map(|t| t.elapsed() > IDLE_TIMEOUT).unwrap_or(true);
+                    && c.last_used
+                        .lock()
+                        .map(|t| t.elapsed() > IDLE_TIMEOUT)
+                        .unwrap_or(true);
                 !idle && !c.closed.load(Ordering::Acquire)
             });
         }

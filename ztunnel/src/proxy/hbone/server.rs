@@ -7,11 +7,7 @@
 //! handshakes are limited in number and time, and HTTP/2 limits header sizes
 //! and streams per connection.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -58,7 +54,11 @@ impl Default for Limits {
 }
 
 /// Serves the HBONE listener.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: watch::Receiver<Arc<Snapshot>>,
+    proxy: Arc<Proxy>,
+) {
     let limits = proxy.limits;
     let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
     let mut draining = proxy.drain.signal.clone();
@@ -129,7 +129,9 @@ async fn serve_connection(
             .and_then(|certs| certs.first())
             .and_then(|leaf| {
                 // The identity in our trust domain (the verifier made sure there is one).
-                spiffe_ids(leaf).into_iter().find(|id| id.trust_domain == tls.trust_domain())
+                spiffe_ids(leaf)
+                    .into_iter()
+                    .find(|id| id.trust_domain == tls.trust_domain())
             })
             .ok_or_else(|| "client certificate names no identity".to_string())?;
         let h2 = h2::server::Builder::new()
@@ -239,7 +241,11 @@ impl StreamContext {
         };
         // Delivered from the client pod's own address: the HBONE peer is
         // that address, spoofed by the sending ztunnel.
-        let upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket::connect(Some(self.peer.ip()), target)).await;
+        let upstream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            socket::connect(Some(self.peer.ip()), target),
+        )
+        .await;
         let upstream = match upstream {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
@@ -278,37 +284,60 @@ impl StreamContext {
             direction: Direction::Inbound,
             src: self.peer,
             dst: target,
-            src_workload: src_workload.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
+            src_workload: src_workload
+                .as_ref()
+                .map(|w| w.name.as_str())
+                .unwrap_or("-"),
             dst_workload: &workload.name,
             src_identity: Some(&self.peer_id),
             dst_identity: Some(&dst_identity),
             path: "hbone",
         };
-        pipe(info, Ends::Hbone(upstream, tunnel, false), Some(registration), vec![metrics]).await;
+        pipe(
+            info,
+            Ends::Hbone(upstream, tunnel, false),
+            Some(registration),
+            vec![metrics],
+        )
+        .await;
     }
 
     /// The target of a CONNECT, or the status to refuse it with.
-    fn validate(&self, request: &Request<h2::RecvStream>) -> Result<SocketAddr, (StatusCode, String)> {
+    fn validate(
+        &self,
+        request: &Request<h2::RecvStream>,
+    ) -> Result<SocketAddr, (StatusCode, String)> {
         if request.method() != Method::CONNECT {
-            return Err((status::BAD_REQUEST, format!("method {} is not CONNECT", request.method())));
+            return Err((
+                status::BAD_REQUEST,
+                format!("method {} is not CONNECT", request.method()),
+            ));
         }
         let authority = request
             .uri()
             .authority()
             .ok_or((status::BAD_REQUEST, "no authority".to_string()))?;
-        let target: SocketAddr = authority
-            .as_str()
-            .parse()
-            .map_err(|_| (status::BAD_REQUEST, format!("authority {authority} is not ip:port")))?;
+        let target: SocketAddr = authority.as_str().parse().map_err(|_| {
+            (
+                status::BAD_REQUEST,
+                format!("authority {authority} is not ip:port"),
+            )
+        })?;
         // The tunnel may only reach the workload it was addressed to.
         if target.ip() != self.dst.ip() {
             return Err((
                 status::BAD_REQUEST,
-                format!("authority {target} is not the workload this connection was made to ({})", self.dst.ip()),
+                format!(
+                    "authority {target} is not the workload this connection was made to ({})",
+                    self.dst.ip()
+                ),
             ));
         }
         if crate::proxy::is_capture_port(target.port()) {
-            return Err((status::UNREACHABLE, format!("authority {target} is one of ztunnel's own ports")));
+            return Err((
+                status::UNREACHABLE,
+                format!("authority {target} is one of ztunnel's own ports"),
+            ));
         }
         Ok(target)
     }
@@ -377,7 +406,9 @@ fn ok_response(workload: &crate::state::Workload) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = status::OK;
     if let Ok(value) = http::HeaderValue::from_str(&super::baggage(workload)) {
-        response.headers_mut().insert(super::headers::BAGGAGE, value);
+        response
+            .headers_mut()
+            .insert(super::headers::BAGGAGE, value);
     }
     response
 }
