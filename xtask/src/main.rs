@@ -146,6 +146,17 @@ fn main() -> Result<()> {
                 &smoke_dir,
             )
             .map_err(|e| anyhow::anyhow!("benchmark smoke run failed: {e:#}"))?;
+            // The authorization benchmark, once each (criterion's test mode):
+            // as root, so its kernel-table part runs too.
+            cargo(&[
+                "bench",
+                "--package",
+                "ztunnel",
+                "--bench",
+                "authz",
+                "--",
+                "--test",
+            ])?;
             cargo(&["build", "--package", "ztunnel", "--bins"])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));

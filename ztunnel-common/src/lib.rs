@@ -167,6 +167,18 @@ pub struct PodCounters {
     pub policy_denied: u64,
 }
 
+impl PodCounters {
+    /// Field-wise sum (userspace adds up the per-CPU copies).
+    pub const fn plus(self, other: PodCounters) -> PodCounters {
+        PodCounters {
+            outbound_captured: self.outbound_captured + other.outbound_captured,
+            inbound_captured: self.inbound_captured + other.inbound_captured,
+            dropped_no_listener: self.dropped_no_listener + other.dropped_no_listener,
+            policy_denied: self.policy_denied + other.policy_denied,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain #[repr(C)] integers with no padding; every bit pattern is valid.

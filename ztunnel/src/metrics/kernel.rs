@@ -30,12 +30,7 @@ impl KernelCounters {
             .map(|(key, values)| {
                 let sum = values
                     .iter()
-                    .fold(PodCounters::default(), |a, c| PodCounters {
-                        outbound_captured: a.outbound_captured + c.outbound_captured,
-                        inbound_captured: a.inbound_captured + c.inbound_captured,
-                        dropped_no_listener: a.dropped_no_listener + c.dropped_no_listener,
-                        policy_denied: a.policy_denied + c.policy_denied,
-                    });
+                    .fold(PodCounters::default(), |a, c| a.plus(*c));
                 (Ipv4Addr::from(key.octets()), sum)
             })
             .collect()

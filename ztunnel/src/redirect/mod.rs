@@ -435,12 +435,7 @@ impl Capture {
         Some(
             values
                 .iter()
-                .fold(PodCounters::default(), |acc, c| PodCounters {
-                    outbound_captured: acc.outbound_captured + c.outbound_captured,
-                    inbound_captured: acc.inbound_captured + c.inbound_captured,
-                    dropped_no_listener: acc.dropped_no_listener + c.dropped_no_listener,
-                    policy_denied: acc.policy_denied + c.policy_denied,
-                }),
+                .fold(PodCounters::default(), |acc, c| acc.plus(*c)),
         )
     }
 }

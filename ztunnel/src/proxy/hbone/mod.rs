@@ -3,7 +3,7 @@
 //!
 //! - [`client`]: opens CONNECT streams over pooled connections ([`pool`]);
 //! - [`server`]: the 15008 listener;
-//! - [`stream`]: a CONNECT stream as a byte stream.
+//! - [`stream`]: one CONNECT stream.
 //!
 //! On the wire (matching Istio's ztunnel): TLS 1.3, ALPN `h2`, no SNI; the
 //! request is a plain CONNECT (`:method` and `:authority` only) whose
