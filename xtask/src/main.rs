@@ -46,6 +46,21 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// Latency and connection rate between two pods of a running lab
+    /// (`cargo xtask lab up`, then e.g. `probe client server 198.18.2.10:7000`).
+    Probe {
+        /// The pod to measure from (its namespace is `<prefix>-<pod>`).
+        from: String,
+        /// The pod to run the echo server in.
+        to: String,
+        /// The echo server's address, in `to`.
+        dst: std::net::SocketAddr,
+        #[arg(long, default_value = "ztlab-dev")]
+        prefix: String,
+        /// Seconds of connection-rate measurement (0: latency only).
+        #[arg(long, default_value_t = 2.0)]
+        rate_seconds: f64,
+    },
     /// (Internal) hold every connection accepted on ADDR; run by `bench`
     /// inside a pod's namespace.
     #[command(hide = true)]
@@ -105,6 +120,41 @@ fn main() -> Result<()> {
             }
             for removed in lab::teardown(&prefix)? {
                 println!("removed {removed}");
+            }
+            Ok(())
+        }
+        Cmd::Probe {
+            from,
+            to,
+            dst,
+            prefix,
+            rate_seconds,
+        } => {
+            require_root()?;
+            let pod = |name: &str| {
+                let mut ns = ztunnel_tests::netns::Netns::existing(&format!("{prefix}-{name}"));
+                ns.keep();
+                ns
+            };
+            let (ns, server_ns) = (pod(&from), pod(&to));
+            let _echo = ztunnel_tests::load::LoadServer::start(
+                &server_ns,
+                dst,
+                ztunnel_tests::load::Mode::Echo,
+            )?;
+            let l = ztunnel_tests::load::latency(&ns, dst, 64, 4000)?;
+            println!(
+                "latency p50 {:.1} us  p90 {:.1} us  p99 {:.1} us",
+                l.p50_us, l.p90_us, l.p99_us
+            );
+            if rate_seconds > 0.0 {
+                let rate = ztunnel_tests::load::connection_rate(
+                    &ns,
+                    dst,
+                    std::time::Duration::from_secs_f64(rate_seconds),
+                    4,
+                )?;
+                println!("connections {rate:.0}/s");
             }
             Ok(())
         }
