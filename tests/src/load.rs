@@ -249,3 +249,44 @@ pub fn hold_forever(addr: SocketAddr) -> Result<()> {
         }
     }
 }
+
+/// A plain userspace TCP relay: accepts on `listen`, connects each
+/// connection to `to`, and copies both ways until both sides close. No TLS,
+/// no HTTP/2, no capture: the benchmark puts one on each node to measure
+/// what two proxy hops cost on their own, a floor for any design that puts
+/// a userspace proxy on both nodes. Runs until killed.
+pub fn forward_forever(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+    /// As ztunnel's relay: large enough that bulk transfers take few syscalls.
+    const BUFFER: usize = 256 * 1024;
+    raise_fd_limit(1 << 20);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        loop {
+            let (mut downstream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    eprintln!("forwarder on {listen}: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = downstream.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut downstream,
+                    &mut upstream,
+                    BUFFER,
+                    BUFFER,
+                )
+                .await;
+            });
+        }
+    })
+}

@@ -57,6 +57,9 @@ enum Cmd {
         dst: std::net::SocketAddr,
         #[arg(long, default_value = "ztlab-dev")]
         prefix: String,
+        /// Connect here instead of DST (e.g. a relay in front of it).
+        #[arg(long)]
+        via: Option<std::net::SocketAddr>,
         /// Seconds of connection-rate measurement (0: latency only).
         #[arg(long, default_value_t = 2.0)]
         rate_seconds: f64,
@@ -65,6 +68,13 @@ enum Cmd {
     /// inside a pod's namespace.
     #[command(hide = true)]
     HoldServer { addr: std::net::SocketAddr },
+    /// (Internal) relay every connection accepted on LISTEN to TO; run by
+    /// `bench` in each node's namespace for the two-relay floor.
+    #[command(hide = true)]
+    Forward {
+        listen: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+    },
     /// Bootstrap, build, and run every test (needs root).
     Test {
         /// Extra arguments for `cargo test`.
@@ -128,6 +138,7 @@ fn main() -> Result<()> {
             to,
             dst,
             prefix,
+            via,
             rate_seconds,
         } => {
             require_root()?;
@@ -142,6 +153,7 @@ fn main() -> Result<()> {
                 dst,
                 ztunnel_tests::load::Mode::Echo,
             )?;
+            let dst = via.unwrap_or(dst);
             let l = ztunnel_tests::load::latency(&ns, dst, 64, 4000)?;
             println!(
                 "latency p50 {:.1} us  p90 {:.1} us  p99 {:.1} us",
@@ -181,6 +193,7 @@ fn main() -> Result<()> {
             )
         }
         Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
+        Cmd::Forward { listen, to } => ztunnel_tests::load::forward_forever(listen, to),
         Cmd::Test { args } => {
             require_root()?;
             bootstrap()?;

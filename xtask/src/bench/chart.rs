@@ -7,10 +7,11 @@ use super::Row;
 pub fn svg(rows: &[Row], subtitle: &str) -> String {
     let ratios: Vec<&Row> = rows.iter().filter(|r| r.ratio.is_some()).collect();
     let (w, bar_h, gap, left, top) = (760.0, 26.0, 10.0, 250.0, 60.0);
-    let h = top + ratios.len() as f64 * (bar_h + gap) + 40.0;
+    let h = top + ratios.len() as f64 * (bar_h + gap) + 56.0;
     let max = ratios
         .iter()
-        .filter_map(|r| r.ratio)
+        .flat_map(|r| [r.ratio, r.relays_ratio])
+        .flatten()
         .fold(2.6_f64, f64::max);
     let scale = (w - left - 40.0) / max;
     let mut s = String::new();
@@ -52,7 +53,24 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
                 .map(|t| format!(" (target {t})"))
                 .unwrap_or_default()
         );
+        if let Some(floor) = r.relays_ratio {
+            // The two-relay floor: a black tick across the bar.
+            let x = left + floor * scale;
+            let _ = write!(
+                s,
+                r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="black" stroke-width="3"/>
+"##,
+                y - 3.0,
+                y + bar_h + 3.0
+            );
+        }
     }
+    let _ = write!(
+        s,
+        r##"<text x="10" y="{}" fill="#555">black tick: two plain TCP relays (no TLS, no HTTP/2) / no mesh, the floor for a proxy on each node</text>
+"##,
+        h - 2.0
+    );
     s.push_str("</svg>\n");
     s
 }

@@ -3,7 +3,10 @@
 //!
 //! Phases: no mesh (no ztunnel, no programs attached), mesh (a ztunnel per
 //! node), then no mesh again (ztunnels uninstalled), so slow drift of a
-//! shared machine lands on both sides. Each figure is the median of its
+//! shared machine lands on both sides. The no-mesh phases also measure the
+//! cross-node figures through two plain userspace TCP relays, one per node
+//! (no TLS, no HTTP/2, no capture): what two proxy hops cost on their own,
+//! the floor for any design with a proxy on both nodes. Each figure is the median of its
 //! repetitions. Results: a table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.svg`.
 
@@ -72,6 +75,10 @@ pub struct Row {
     pub mesh: f64,
     /// mesh / no mesh.
     pub ratio: Option<f64>,
+    /// The same measure through two plain TCP relays (the floor), and its
+    /// ratio to no mesh.
+    pub relays: Option<f64>,
+    pub relays_ratio: Option<f64>,
     /// The target, as a ratio bound or an absolute bound, and whether it is met.
     pub target: Option<String>,
     pub met: Option<bool>,
@@ -156,6 +163,36 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// The cross-node measurements through two plain TCP relays.
+    fn relayed_phase(&self, out: &mut Samples, reps: usize) -> Result<()> {
+        let client = &self.lab.pod("client").ns;
+        let relays = Relays::start(self.lab, &[self.cross, self.echo])?;
+        let secs = self.params.iperf_seconds;
+        for _ in 0..reps {
+            for (streams, into) in [(1, &mut out.cross_1), (4, &mut out.cross_4)] {
+                let r = iperf::run(client, relays.front(self.cross), streams, secs)
+                    .context("iperf3 through the relays")?;
+                into.push(r.gbits);
+            }
+            let echo = relays.front(self.echo);
+            let l = load::latency(client, echo, 64, self.params.latency_round_trips)
+                .context("latency through the relays")?;
+            out.p50.push(l.p50_us);
+            out.p90.push(l.p90_us);
+            out.p99.push(l.p99_us);
+            out.rate.push(
+                load::connection_rate(
+                    client,
+                    echo,
+                    Duration::from_secs_f64(self.params.rate_seconds),
+                    self.params.rate_threads,
+                )
+                .context("connection rate through the relays")?,
+            );
+        }
+        Ok(())
+    }
+
     /// The same measurements against servers on other ports. After the mesh
     /// phase the node namespaces hold ztunnel's TIME_WAIT sockets for a
     /// minute; the kernel drops forwarded packets whose 4-tuple matches one
@@ -252,8 +289,10 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let after = params.repetitions - before;
     let mut base = Samples::default();
     let mut mesh = Samples::default();
-    eprintln!("[bench] no mesh ({before} repetitions)");
+    let mut relayed = Samples::default();
+    eprintln!("[bench] no mesh ({before} repetitions), direct and through two TCP relays");
     bench.phase(&mut base, before, |_| {})?;
+    bench.relayed_phase(&mut relayed, before)?;
 
     eprintln!("[bench] mesh ({} repetitions)", params.repetitions);
     let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
@@ -298,15 +337,18 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         anyhow::ensure!(status.status.success(), "uninstall on {node} failed");
     }
     if after > 0 {
-        eprintln!("[bench] no mesh again ({after} repetitions)");
-        bench.on_fresh_ports(100).phase(&mut base, after, |_| {})?;
+        eprintln!("[bench] no mesh again ({after} repetitions), direct and through two TCP relays");
+        let again = bench.on_fresh_ports(100);
+        again.phase(&mut base, after, |_| {})?;
+        again.relayed_phase(&mut relayed, after)?;
     }
 
     let mut rows = Vec::new();
     let mut ratio_row =
-        |name: &str, unit: &str, b: &[f64], m: &[f64], target: Option<(f64, bool)>| {
+        |name: &str, unit: &str, b: &[f64], m: &[f64], r: &[f64], target: Option<(f64, bool)>| {
             let (nb, nm) = (median(b.to_vec()), median(m.to_vec()));
             let ratio = nm / nb;
+            let relays = (!r.is_empty()).then(|| median(r.to_vec()));
             let (target, met) = match target {
                 Some((bound, higher_is_better)) => (
                     Some(format!(
@@ -327,6 +369,8 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
                 no_mesh: Some(nb),
                 mesh: nm,
                 ratio: Some(ratio),
+                relays,
+                relays_ratio: relays.map(|r| r / nb),
                 target,
                 met,
             });
@@ -336,6 +380,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         "Gbit/s",
         &base.cross_1,
         &mesh.cross_1,
+        &relayed.cross_1,
         Some((0.40, true)),
     );
     ratio_row(
@@ -343,6 +388,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         "Gbit/s",
         &base.cross_4,
         &mesh.cross_4,
+        &relayed.cross_4,
         Some((0.40, true)),
     );
     ratio_row(
@@ -350,6 +396,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         "Gbit/s",
         &base.same_1,
         &mesh.same_1,
+        &[],
         None,
     );
     ratio_row(
@@ -357,6 +404,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         "Gbit/s",
         &base.same_4,
         &mesh.same_4,
+        &[],
         None,
     );
     ratio_row(
@@ -364,14 +412,23 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         "us",
         &base.p50,
         &mesh.p50,
+        &relayed.p50,
         Some((1.8, false)),
     );
-    ratio_row("latency p90", "us", &base.p90, &mesh.p90, None);
+    ratio_row(
+        "latency p90",
+        "us",
+        &base.p90,
+        &mesh.p90,
+        &relayed.p90,
+        None,
+    );
     ratio_row(
         "latency p99",
         "us",
         &base.p99,
         &mesh.p99,
+        &relayed.p99,
         Some((2.5, false)),
     );
     ratio_row(
@@ -379,6 +436,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         "conn/s",
         &base.rate,
         &mesh.rate,
+        &relayed.rate,
         Some((0.5, true)),
     );
     let abs = |name: &str, unit: &str, value: f64, bound: Option<f64>| Row {
@@ -387,6 +445,8 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         no_mesh: None,
         mesh: value,
         ratio: None,
+        relays: None,
+        relays_ratio: None,
         target: bound.map(|b| format!("<= {b}")),
         met: bound.map(|b| value <= b),
     };
@@ -458,8 +518,10 @@ fn print_table(r: &Report) {
         "commit {} · kernel {} · {} · {} cores",
         r.commit, r.kernel, r.cpu, r.cores
     );
-    println!("| measure | unit | no mesh | mesh | mesh / no mesh | target |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| measure | unit | no mesh | mesh | mesh / no mesh | target | two TCP relays | relays / no mesh |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in &r.rows {
         let fmt = |v: f64| {
             if v >= 100.0 {
@@ -468,8 +530,9 @@ fn print_table(r: &Report) {
                 format!("{v:.2}")
             }
         };
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             row.name,
             row.unit,
             row.no_mesh.map(fmt).unwrap_or_else(|| "-".into()),
@@ -481,7 +544,9 @@ fn print_table(r: &Report) {
                 (Some(t), Some(true)) => format!("{t} met"),
                 (Some(t), Some(false)) => format!("{t} **missed**"),
                 _ => "-".into(),
-            }
+            },
+            or_dash(row.relays.map(fmt)),
+            or_dash(row.relays_ratio.map(|v| format!("{v:.2}"))),
         );
     }
 }
@@ -522,6 +587,64 @@ impl Drop for HoldServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A plain TCP relay per node in front of each target (`cargo xtask
+/// forward`): the client connects to node1's relay, which connects to
+/// node2's, which connects to the target. Killed on drop.
+struct Relays {
+    children: Vec<std::process::Child>,
+    fronts: Vec<(SocketAddr, SocketAddr)>,
+}
+
+impl Relays {
+    /// Relays listen on the target's port plus this, on the node addresses.
+    const PORT_OFFSET: u16 = 20_000;
+
+    fn start(lab: &Lab, targets: &[SocketAddr]) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let (node1, node2) = (lab.node("node1"), lab.node("node2"));
+        let mut relays = Relays {
+            children: Vec::new(),
+            fronts: Vec::new(),
+        };
+        for &target in targets {
+            let port = target.port() + Self::PORT_OFFSET;
+            let front = SocketAddr::from((node1.underlay_ip, port));
+            let back = SocketAddr::from((node2.underlay_ip, port));
+            for (node, listen, to) in [(node2, back, target), (node1, front, back)] {
+                let child = node
+                    .ns
+                    .command(&exe)
+                    .args(["forward", &listen.to_string(), &to.to_string()])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .context("starting a TCP relay")?;
+                relays.children.push(child);
+            }
+            relays.fronts.push((target, front));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(relays)
+    }
+
+    /// Where to connect to reach `target` through both relays.
+    fn front(&self, target: SocketAddr) -> SocketAddr {
+        self.fronts
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, f)| *f)
+            .unwrap_or(target)
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
