@@ -46,7 +46,8 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
             y + bar_h * 0.68,
             r.name,
             (ratio * scale).max(1.0),
-            left + ratio * scale + 6.0,
+            // The label clears both the bar and the floor's tick.
+            left + ratio.max(r.relays_ratio.unwrap_or(0.0)) * scale + 8.0,
             y + bar_h * 0.68,
             r.target
                 .as_ref()
