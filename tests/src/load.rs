@@ -5,6 +5,7 @@
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, RawFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -31,25 +32,25 @@ pub struct LoadServer {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     held: Arc<Mutex<Vec<TcpStream>>>,
+    /// The accept thread's listener, to wake it on drop.
+    listener_fd: RawFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl LoadServer {
     pub fn start(ns: &Netns, addr: SocketAddr, mode: Mode) -> Result<Self> {
-        let listener = ns.run(move || {
-            let l = TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            std::io::Result::Ok(l)
-        })??;
+        let listener = ns.run(move || TcpListener::bind(addr))??;
+        let listener_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(Mutex::new(Vec::new()));
         let thread = {
             let (stop, held) = (stop.clone(), held.clone());
+            // A blocking accept: the connection-rate measurement must not
+            // include a polling interval. Drop wakes it with shutdown(2).
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let _ = stream.set_nonblocking(false);
                             let _ = stream.set_nodelay(true);
                             match mode {
                                 Mode::Echo => {
@@ -62,9 +63,6 @@ impl LoadServer {
                                 }
                             }
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_micros(200))
-                        }
                         Err(_) => std::thread::sleep(Duration::from_millis(1)),
                     }
                 }
@@ -74,6 +72,7 @@ impl LoadServer {
             addr,
             stop,
             held,
+            listener_fd,
             thread: Some(thread),
         })
     }
@@ -87,6 +86,12 @@ impl LoadServer {
 impl Drop for LoadServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: the accept thread owns the listener until it is joined
+        // below, so the descriptor is still open; shutdown(2) on a listening
+        // socket makes a blocked accept(2) return.
+        unsafe {
+            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

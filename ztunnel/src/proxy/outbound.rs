@@ -217,7 +217,7 @@ async fn handle(
         // Boxed, and the target scoped to this block: opening may dial a new
         // pooled connection (TLS and HTTP/2 handshakes), a future many times
         // larger than the relay. Inline, it would size every connection's
-        // task for the connection's whole life (4.5 KiB instead of 2.2 KiB).
+        // task for the connection's whole life (4,496 bytes instead of 1,968).
         Box::pin(client::open(&proxy.pool, &tunnel_target)).await
     };
     match opened {
