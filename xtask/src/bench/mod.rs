@@ -6,8 +6,8 @@
 //! shared machine lands on both sides. The no-mesh phases also measure the
 //! cross-node figures through two plain userspace TCP relays, one per node
 //! (no TLS, no HTTP/2, no capture): what two proxy hops cost on their own,
-//! the floor for any design with a proxy on both nodes. Each figure is the median of its
-//! repetitions. Results: a table on stdout, `target/bench/results.json`, and
+//! the floor for any design with a proxy on both nodes. Each figure is the
+//! median of its repetitions. Results: a table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.svg`.
 
 mod chart;
