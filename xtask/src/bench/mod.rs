@@ -174,22 +174,29 @@ impl Bench<'_> {
                     .context("iperf3 through the relays")?;
                 into.push(r.gbits);
             }
-            let echo = relays.front(self.echo);
-            let l = load::latency(client, echo, 64, self.params.latency_round_trips)
-                .context("latency through the relays")?;
-            out.p50.push(l.p50_us);
-            out.p90.push(l.p90_us);
-            out.p99.push(l.p99_us);
-            out.rate.push(
-                load::connection_rate(
-                    client,
-                    echo,
-                    Duration::from_secs_f64(self.params.rate_seconds),
-                    self.params.rate_threads,
-                )
-                .context("connection rate through the relays")?,
-            );
+            self.request_response(out, relays.front(self.echo))
+                .context("through the relays")?;
         }
+        Ok(())
+    }
+
+    /// Latency percentiles and connection rate against the echo server at `echo`.
+    fn request_response(&self, out: &mut Samples, echo: SocketAddr) -> Result<()> {
+        let client = &self.lab.pod("client").ns;
+        let l =
+            load::latency(client, echo, 64, self.params.latency_round_trips).context("latency")?;
+        out.p50.push(l.p50_us);
+        out.p90.push(l.p90_us);
+        out.p99.push(l.p99_us);
+        out.rate.push(
+            load::connection_rate(
+                client,
+                echo,
+                Duration::from_secs_f64(self.params.rate_seconds),
+                self.params.rate_threads,
+            )
+            .context("connection rate")?,
+        );
         Ok(())
     }
 
@@ -228,20 +235,7 @@ impl Bench<'_> {
                         .gbits,
                 );
             }
-            let l = load::latency(client, self.echo, 64, self.params.latency_round_trips)
-                .context("latency")?;
-            out.p50.push(l.p50_us);
-            out.p90.push(l.p90_us);
-            out.p99.push(l.p99_us);
-            out.rate.push(
-                load::connection_rate(
-                    client,
-                    self.echo,
-                    Duration::from_secs_f64(self.params.rate_seconds),
-                    self.params.rate_threads,
-                )
-                .context("connection rate")?,
-            );
+            self.request_response(out, self.echo)?;
         }
         Ok(())
     }
