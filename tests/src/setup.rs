@@ -36,6 +36,23 @@ impl Setup {
     pub fn ztunnel(&self, node: &str, extra: &[&str]) -> Result<Ztunnel> {
         Ztunnel::start_with(self.lab.node(node), &self.config, &self.lab.ca_dir, extra)
     }
+
+    /// Starts ztunnel on `node` with extra flags and environment, without
+    /// waiting for it to be ready.
+    pub fn spawn_ztunnel(
+        &self,
+        node: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Ztunnel> {
+        Ztunnel::spawn(
+            self.lab.node(node),
+            &self.config,
+            &self.lab.ca_dir,
+            extra,
+            env,
+        )
+    }
 }
 
 impl Drop for Setup {

@@ -61,6 +61,28 @@ impl Ztunnel {
 
     /// [`Ztunnel::start`] with extra arguments.
     pub fn start_with(node: &Node, config: &Path, ca_dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_env(node, config, ca_dir, extra, &[])
+    }
+
+    /// [`Ztunnel::start_with`] with extra environment variables.
+    pub fn start_env(
+        node: &Node,
+        config: &Path,
+        ca_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::spawn(node, config, ca_dir, extra, env)?.ready()
+    }
+
+    /// Starts ztunnel without waiting for it to be ready.
+    pub fn spawn(
+        node: &Node,
+        config: &Path,
+        ca_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "{}-ztunnel-{}.log",
             node.ns.name(),
@@ -69,18 +91,23 @@ impl Ztunnel {
         let log_file = File::create(&log)?;
         let child = command(node, config, ca_dir)?
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
             .context("spawning ztunnel")?;
-        let mut zt = Ztunnel {
+        Ok(Ztunnel {
             child: Some(child),
             log,
             node: node.name.to_string(),
-        };
-        zt.wait_for_log("ready", Duration::from_secs(30))?;
-        Ok(zt)
+        })
+    }
+
+    /// Waits until the process says it is ready.
+    pub fn ready(mut self) -> Result<Self> {
+        self.wait_for_log("ready", Duration::from_secs(60))?;
+        Ok(self)
     }
 
     /// The process id, while it runs.
@@ -278,6 +305,15 @@ pub struct Counters {
     pub inbound_captured: u64,
     pub dropped_no_listener: u64,
     pub policy_denied: u64,
+    /// IP fragments of TCP to or from the pod, dropped.
+    pub dropped_fragment: u64,
+    /// TCP segments too short to read the header, dropped.
+    pub dropped_truncated: u64,
+    /// New connections claiming the pod's address from elsewhere, dropped.
+    pub dropped_spoofed: u64,
+    /// SYNs about to be forwarded past capture (a veth not synced yet, an
+    /// uplink ztunnel does not know), dropped on the way out.
+    pub dropped_uncaptured: u64,
 }
 
 /// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
@@ -308,6 +344,10 @@ pub fn counters(node: &Node, pod_ip: Ipv4Addr) -> Result<Option<Counters>> {
             total.inbound_captured += word(1);
             total.dropped_no_listener += word(2);
             total.policy_denied += word(3);
+            total.dropped_fragment += word(4);
+            total.dropped_truncated += word(5);
+            total.dropped_spoofed += word(6);
+            total.dropped_uncaptured += word(7);
         }
         return Ok(Some(total));
     }

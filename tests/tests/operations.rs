@@ -374,8 +374,10 @@ fn bad_http_requests_get_4xx_and_change_nothing() -> Result<()> {
         (LOCALHOST_ADMIN, "GET", "/nope", 404),
         (LOCALHOST_ADMIN, "DELETE", "/config_dump", 405),
         (LOCALHOST_ADMIN, "GET", "/quitquitquit", 405),
-        (LOCALHOST_ADMIN, "GET", "/logging", 400),
-        (LOCALHOST_ADMIN, "POST", "/logging?level=not[a[filter", 400),
+        (LOCALHOST_ADMIN, "POST", "/logging", 400),
+        // Changes go to the admin socket only.
+        (LOCALHOST_ADMIN, "POST", "/logging?level=debug", 403),
+        (LOCALHOST_ADMIN, "POST", "/quitquitquit", 403),
         (metrics, "GET", "/metricz", 404),
         (metrics, "POST", "/metrics", 405),
         (ready, "GET", "/healthz/live", 404),

@@ -47,8 +47,12 @@ pub mod maps {
     pub const POLICY_TABLES: [&str; 2] = ["ZT_POLICY_A", "ZT_POLICY_B"];
     /// One `u32`: the index of the live policy table.
     pub const POLICY_ACTIVE: &str = "ZT_POLICY_ACTIVE";
-    /// ztunnel's listening sockets, by [`super::listener_index`]. Not pinned:
-    /// each process fills its own with the sockets it serves.
+    /// ztunnel's listening sockets, by [`super::listener_index`]: what the
+    /// kernel delivers captured SYNs to. Pinned, so the TC programs see
+    /// whether a ztunnel is ready to receive whatever process is running:
+    /// a slot is filled only once routing and listener lookup are in place,
+    /// emptied at a clean stop, and emptied by the kernel itself when the
+    /// socket closes (a crash). An empty slot means "drop the SYN".
     pub const LISTENERS: &str = "ZT_LISTENERS";
 }
 
@@ -63,8 +67,19 @@ pub mod listener_index {
 pub mod programs {
     /// TC ingress on a pod's host-side veth: everything the pod sends.
     pub const POD_INGRESS: &str = "zt_pod_ingress";
-    /// TC ingress on an uplink: everything other nodes send to this node.
+    /// TC ingress on an uplink with an Ethernet header: everything other
+    /// nodes send to this node.
     pub const UPLINK_INGRESS: &str = "zt_uplink_ingress";
+    /// [`UPLINK_INGRESS`] for L3 devices (IPIP, WireGuard, TUN), whose
+    /// packets start at the IP header.
+    pub const UPLINK_INGRESS_L3: &str = "zt_uplink_ingress_l3";
+    /// TC egress on every pod veth and uplink: drops a forwarded SYN (or a
+    /// fragment) to or from an enrolled pod, which capture must have taken
+    /// at ingress; one that got this far came in where capture was not
+    /// (a veth not synced yet, a device ztunnel does not know).
+    pub const GUARD_EGRESS: &str = "zt_guard_egress";
+    /// [`GUARD_EGRESS`] for L3 devices.
+    pub const GUARD_EGRESS_L3: &str = "zt_guard_egress_l3";
     /// The netns's listener lookup (BPF sk_lookup): picks ztunnel's
     /// listener for captured SYNs, also when a TIME_WAIT socket holds the
     /// same 4-tuple (the kernel then retires it, as it does for TPROXY).
@@ -149,7 +164,9 @@ pub mod pod_flags {
 pub struct PodInfo {
     /// [`pod_flags`] bits.
     pub flags: u32,
-    /// Host-side veth ifindex, for diagnostics.
+    /// Host-side veth ifindex: the only interface the pod's own packets may
+    /// arrive on. 0 while the veth is not known yet (nothing may claim the
+    /// pod's address then).
     pub ifindex: u32,
 }
 
@@ -165,6 +182,16 @@ pub struct PodCounters {
     pub dropped_no_listener: u64,
     /// Plaintext SYNs dropped in the kernel by authorization policy.
     pub policy_denied: u64,
+    /// IP fragments of TCP to or from the pod, dropped: a normal stack sets
+    /// DF and never fragments TCP, and a fragment can hide a SYN.
+    pub dropped_fragment: u64,
+    /// TCP segments to or from the pod too short to hold a TCP header.
+    pub dropped_truncated: u64,
+    /// TCP claiming the pod's address that did not come from its veth.
+    pub dropped_spoofed: u64,
+    /// SYNs to or from the pod about to be forwarded past capture, dropped
+    /// on the way out (see `GUARD_EGRESS`).
+    pub dropped_uncaptured: u64,
 }
 
 impl PodCounters {
@@ -175,6 +202,10 @@ impl PodCounters {
             inbound_captured: self.inbound_captured + other.inbound_captured,
             dropped_no_listener: self.dropped_no_listener + other.dropped_no_listener,
             policy_denied: self.policy_denied + other.policy_denied,
+            dropped_fragment: self.dropped_fragment + other.dropped_fragment,
+            dropped_truncated: self.dropped_truncated + other.dropped_truncated,
+            dropped_spoofed: self.dropped_spoofed + other.dropped_spoofed,
+            dropped_uncaptured: self.dropped_uncaptured + other.dropped_uncaptured,
         }
     }
 }

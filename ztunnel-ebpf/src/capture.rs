@@ -1,45 +1,63 @@
-//! The capture rules: which packets go to which ztunnel socket.
+//! The capture rules, at the TC ingress of pod veths and uplinks: which
+//! packets go to which ztunnel socket.
 //!
-//! 1. A packet of a flow that a ztunnel socket already owns goes to that
+//! 1. TCP that cannot be judged by its header (an IP fragment, or a header
+//!    too short to read) to or from an enrolled pod is dropped.
+//! 2. TCP claiming an enrolled pod's address is dropped unless it arrives on
+//!    that pod's own veth.
+//! 3. A packet of a flow that a ztunnel socket already owns goes to that
 //!    socket. This carries accepted connections after their SYN and the
 //!    return path of connections ztunnel opens from a pod's address.
-//! 2. A SYN from an enrolled pod goes to the outbound listener (15001).
-//! 3. A SYN to an enrolled pod goes to the inbound HBONE listener (15008) when
+//! 4. A SYN from an enrolled pod goes to the outbound listener (15001).
+//! 5. A SYN to an enrolled pod goes to the inbound HBONE listener (15008) when
 //!    addressed to port 15008, else to the inbound plaintext listener (15006).
-//!    Rules 2 and 3 mark the SYN for local delivery; the sk_lookup program
+//!    Rules 4 and 5 mark the SYN for local delivery; the sk_lookup program
 //!    (`lookup`) then picks the listener inside the kernel's own lookup.
-//! 4. Rules 2 and 3 fail closed: with no listener the SYN is dropped, so an
+//! 6. Rules 4 and 5 fail closed: unless a ztunnel is ready to receive (its
+//!    listener is in the pinned listener map), the SYN is dropped, so an
 //!    enrolled pod's traffic never bypasses the mesh.
-//! 5. Before rule 3 hands a plaintext SYN (not to 15008) to userspace, the
+//! 7. Before rule 5 hands a plaintext SYN (not to 15008) to userspace, the
 //!    policy tables may drop it: they hold only what userspace would deny
 //!    without knowing an identity, which a plaintext connection never has.
-//! 6. Everything else is left to the next program or the kernel.
+//! 8. Everything else is left to the next program or the kernel.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use ztunnel_common::{ports, CAPTURE_MARK, CAPTURE_MARK_MASK};
+use ztunnel_common::{listener_index, ports, CAPTURE_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
-    maps::{count, is_enrolled, policy_denies, Counter},
-    packet::{parse_tcp_flow, TcpFlow},
-    socket::{listener, owner_of},
+    maps::{count, enrolled_pod, is_enrolled, listener_ready, policy_denies, Counter},
+    packet::{parse, Packet, TcpFlow, ETH_HLEN},
+    socket::owner_of,
 };
 
 /// TCX's "not mine, run the next program" verdict (`TCX_NEXT`).
-const TC_NEXT: i32 = -1;
+pub const TC_NEXT: i32 = -1;
+pub const TC_DROP: i32 = TC_ACT_SHOT as i32;
 
-/// Packets entering the node from a pod's veth.
+/// Packets entering the node from a pod's veth (always Ethernet).
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> i32 {
-    let Some(flow) = parse_tcp_flow(ctx) else {
-        return TC_NEXT;
+    let flow = match tcp_flow::<ETH_HLEN>(ctx) {
+        Ok(flow) => flow,
+        Err(verdict) => return verdict,
     };
-    let src_enrolled = is_enrolled(flow.saddr);
+    let src = enrolled_pod(flow.saddr);
     let dst_enrolled = is_enrolled(flow.daddr);
-    if !src_enrolled && !dst_enrolled {
+    if src.is_none() && !dst_enrolled {
         return TC_NEXT;
+    }
+    if let Some(pod) = src {
+        // SAFETY: reading the context field the kernel gave this program.
+        let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        if pod.ifindex != ingress {
+            // Another pod (or a veth capture does not know) using this
+            // pod's address: it would be tunnelled with this pod's identity.
+            count(flow.saddr, Counter::DroppedSpoofed);
+            return TC_DROP;
+        }
     }
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
@@ -47,11 +65,10 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     if !flow.is_syn {
         return TC_NEXT;
     }
-    if src_enrolled {
+    if src.is_some() {
         return to_listener(
             ctx,
-            &flow,
-            ports::OUTBOUND_CAPTURE,
+            listener_index::OUTBOUND,
             flow.saddr,
             Counter::OutboundCaptured,
         );
@@ -59,12 +76,20 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     inbound(ctx, &flow)
 }
 
-/// Packets entering the node from another node.
+/// Packets entering the node from another node (or from a local pod's veth
+/// that has no workload in the configuration). `L2` is the link-layer
+/// header's length: `ETH_HLEN`, or 0 on L3 devices.
 #[inline(always)]
-pub fn from_uplink(ctx: &TcContext) -> i32 {
-    let Some(flow) = parse_tcp_flow(ctx) else {
-        return TC_NEXT;
+pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
+    let flow = match tcp_flow::<L2>(ctx) {
+        Ok(flow) => flow,
+        Err(verdict) => return verdict,
     };
+    if is_enrolled(flow.saddr) {
+        // A local enrolled pod's address never arrives from outside.
+        count(flow.saddr, Counter::DroppedSpoofed);
+        return TC_DROP;
+    }
     if !is_enrolled(flow.daddr) {
         return TC_NEXT;
     }
@@ -77,53 +102,80 @@ pub fn from_uplink(ctx: &TcContext) -> i32 {
     inbound(ctx, &flow)
 }
 
+/// The packet's TCP flow, or the verdict for a packet that is not one:
+/// left alone if not TCP, dropped by rule 1 if it cannot be judged.
+#[inline(always)]
+fn tcp_flow<const L2: usize>(ctx: &TcContext) -> Result<TcpFlow, i32> {
+    match parse::<L2>(ctx) {
+        Packet::Other => Err(TC_NEXT),
+        Packet::Unjudgeable {
+            saddr,
+            daddr,
+            fragment,
+        } => Err(drop_unjudgeable(saddr, daddr, fragment)),
+        Packet::Tcp(flow) => Ok(flow),
+    }
+}
+
+/// Rule 1, shared with the egress guard: a fragment or truncated segment
+/// involving an enrolled pod is dropped and counted on that pod.
+#[inline(always)]
+pub fn drop_unjudgeable(saddr: u32, daddr: u32, fragment: bool) -> i32 {
+    let pod = if is_enrolled(saddr) {
+        saddr
+    } else if is_enrolled(daddr) {
+        daddr
+    } else {
+        return TC_NEXT;
+    };
+    count(
+        pod,
+        if fragment {
+            Counter::DroppedFragment
+        } else {
+            Counter::DroppedTruncated
+        },
+    );
+    TC_DROP
+}
+
 fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
-    let port = if u16::from_be(flow.dport) == ports::INBOUND_HBONE {
-        ports::INBOUND_HBONE
+    let slot = if u16::from_be(flow.dport) == ports::INBOUND_HBONE {
+        listener_index::INBOUND_HBONE
     } else {
         if policy_denies(flow.saddr, flow.daddr, flow.dport) {
             count(flow.daddr, Counter::PolicyDenied);
-            return TC_ACT_SHOT as i32;
+            return TC_DROP;
         }
-        ports::INBOUND_PLAINTEXT
+        listener_index::INBOUND_PLAINTEXT
     };
-    to_listener(ctx, flow, port, flow.daddr, Counter::InboundCaptured)
+    to_listener(ctx, slot, flow.daddr, Counter::InboundCaptured)
 }
 
-/// Rule 1: hands the packet to the socket that owns its flow, if there is one.
+/// Rule 3: hands the packet to the socket that owns its flow, if there is one.
 #[inline(always)]
 fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
     let sk = owner_of(ctx, flow)?;
-    Some(assign(ctx, sk))
-}
-
-/// Rules 2-4: sends a SYN to ztunnel's listener, or drops it when none is
-/// listening. The SYN is only marked for local delivery; the listener is
-/// picked by the netns's sk_lookup program (see `lookup`), so the kernel's
-/// TIME_WAIT handling sees the SYN.
-#[inline(always)]
-fn to_listener(ctx: &TcContext, flow: &TcpFlow, port: u16, pod_be: u32, counter: Counter) -> i32 {
-    match listener(ctx, flow, port.to_be()) {
-        Some(sk) => {
-            drop(sk);
-            count(pod_be, counter);
-            mark_local(ctx);
-            TC_ACT_OK as i32
-        }
-        None => {
-            count(pod_be, Counter::DroppedNoListener);
-            TC_ACT_SHOT as i32
-        }
-    }
-}
-
-#[inline(always)]
-fn assign(ctx: &TcContext, sk: crate::socket::SocketRef) -> i32 {
     if !sk.assign(ctx) {
         // An assignment the kernel refused would otherwise be forwarded in
         // clear past the mesh.
-        return TC_ACT_SHOT as i32;
+        return Some(TC_DROP);
     }
+    mark_local(ctx);
+    Some(TC_ACT_OK as i32)
+}
+
+/// Rules 4-6: marks a SYN for local delivery to ztunnel's listener, or
+/// drops it when no ztunnel is ready to receive it. The listener itself is
+/// picked by the netns's sk_lookup program (see `lookup`), so the kernel's
+/// TIME_WAIT handling sees the SYN.
+#[inline(always)]
+fn to_listener(ctx: &TcContext, slot: u32, pod_be: u32, counter: Counter) -> i32 {
+    if !listener_ready(slot) {
+        count(pod_be, Counter::DroppedNoListener);
+        return TC_DROP;
+    }
+    count(pod_be, counter);
     mark_local(ctx);
     TC_ACT_OK as i32
 }

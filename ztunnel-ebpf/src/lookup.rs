@@ -7,22 +7,27 @@
 //! 4-tuple: the kernel retires it for a new SYN only on this path (as it
 //! does for TPROXY); assigned from TC, the SYN would be dropped as a
 //! duplicate for up to a minute.
+//!
+//! The program's link is pinned, so it outlives a crashed ztunnel: a
+//! captured lookup whose listener is gone is dropped here rather than left
+//! to the normal lookup, which could hand it to a node service listening on
+//! every address.
 
-use aya_ebpf::{bindings::sk_action, macros::map, maps::SockMap, programs::SkLookupContext};
+use aya_ebpf::{bindings::sk_action, programs::SkLookupContext};
 use ztunnel_common::{listener_index, ports};
 
-use crate::maps::is_enrolled;
+use crate::maps::{enrolled_pod, is_enrolled, ZT_LISTENERS};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
-
-#[map(name = "ZT_LISTENERS")]
-static ZT_LISTENERS: SockMap = SockMap::with_max_entries(3, 0);
+/// `BPF_SK_LOOKUP_F_REPLACE`: another instance of this program (an older
+/// ztunnel's, during a restart) may have selected the same socket already.
+const REPLACE: u64 = 1;
 
 #[inline(always)]
 pub fn steer(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the context pointer is the one this program was given.
-    let (family, protocol, remote, local, local_port) = unsafe {
+    let (family, protocol, remote, local, local_port, ingress) = unsafe {
         let l = &*ctx.lookup;
         (
             l.family,
@@ -30,12 +35,16 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
             l.remote_ip4,
             l.local_ip4,
             l.local_port,
+            l.ingress_ifindex,
         )
     };
     if family != AF_INET || protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
-    let index = if is_enrolled(remote) {
+    // Outbound only for what arrived on the pod's own veth: ztunnel's own
+    // connections from a pod's address to a node-local service come in on
+    // loopback and must reach that service.
+    let slot = if enrolled_pod(remote).is_some_and(|pod| pod.ifindex == ingress) {
         listener_index::OUTBOUND
     } else if is_enrolled(local) {
         if local_port == ports::INBOUND_HBONE as u32 {
@@ -46,8 +55,9 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
     } else {
         return sk_action::SK_PASS;
     };
-    // No listener registered: the normal lookup runs (and the TC programs
-    // already dropped captured SYNs while nothing listens).
-    let _ = ZT_LISTENERS.redirect_sk_lookup(ctx, index, 0);
-    sk_action::SK_PASS
+    match ZT_LISTENERS.redirect_sk_lookup(ctx, slot, REPLACE) {
+        Ok(()) => sk_action::SK_PASS,
+        // Captured, and no ztunnel to take it: fail closed.
+        Err(_) => sk_action::SK_DROP,
+    }
 }

@@ -1,12 +1,13 @@
 //! The maps shared with userspace, pinned by name so a restarted ztunnel
 //! re-adopts them (userspace is the single source of truth; the kernel only
-//! reads enrollment and bumps counters).
+//! reads enrollment and policy, and bumps counters).
 
 use aya_ebpf::{
+    helpers::generated::{bpf_map_lookup_elem, bpf_sk_release},
     macros::map,
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, PerCpuHashMap,
+        Array, HashMap, PerCpuHashMap, SockMap,
     },
 };
 use ztunnel_common::{
@@ -28,6 +29,12 @@ static ZT_POLICY_B: LpmTrie<PolicyTuple, PolicyVerdict> = LpmTrie::pinned(MAX_PO
 
 #[map(name = "ZT_POLICY_ACTIVE")]
 static ZT_POLICY_ACTIVE: Array<u32> = Array::pinned(1, 0);
+
+/// ztunnel's listening sockets by `listener_index`. A slot holds a socket
+/// only while a ztunnel is ready to receive on it; the kernel empties the
+/// slot itself when the socket closes.
+#[map(name = "ZT_LISTENERS")]
+pub static ZT_LISTENERS: SockMap = SockMap::pinned(3, 0);
 
 /// Whether authorization policy denies a plaintext connection from `src`
 /// to `dst:port` (all network byte order) whatever else userspace learns.
@@ -56,14 +63,37 @@ pub fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
     false
 }
 
+/// The enrolled pod with this address (network byte order), if any.
+#[inline(always)]
+pub fn enrolled_pod(ipv4_be: u32) -> Option<PodInfo> {
+    let info = ZT_ENROLLED_PODS.get_ptr(PodKey { ipv4_be })?;
+    // SAFETY: the pointer comes from a successful map lookup and the value
+    // is plain integers; a concurrent update can at worst show old values.
+    let info = unsafe { *info };
+    (info.flags & pod_flags::ENROLLED != 0).then_some(info)
+}
+
 /// Whether the address (network byte order) is an enrolled local pod.
 #[inline(always)]
 pub fn is_enrolled(ipv4_be: u32) -> bool {
-    match ZT_ENROLLED_PODS.get_ptr(PodKey { ipv4_be }) {
-        // SAFETY: the pointer comes from a successful map lookup and the value
-        // is plain integers; a concurrent update can at worst show old flags.
-        Some(info) => unsafe { (*info).flags & pod_flags::ENROLLED != 0 },
-        None => false,
+    enrolled_pod(ipv4_be).is_some()
+}
+
+/// Whether a ztunnel is ready to receive on listener `slot`.
+#[inline(always)]
+pub fn listener_ready(slot: u32) -> bool {
+    // SAFETY: a lookup in a sockmap returns a referenced socket or null;
+    // the reference is released right away.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            core::ptr::addr_of!(ZT_LISTENERS) as *mut _,
+            core::ptr::addr_of!(slot) as *const _,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+        true
     }
 }
 
@@ -74,6 +104,10 @@ pub enum Counter {
     InboundCaptured,
     DroppedNoListener,
     PolicyDenied,
+    DroppedFragment,
+    DroppedTruncated,
+    DroppedSpoofed,
+    DroppedUncaptured,
 }
 
 /// Bumps a pod's counter. Userspace creates the entry when it enrolls the pod;
@@ -88,6 +122,10 @@ pub fn count(ipv4_be: u32, counter: Counter) {
                 Counter::InboundCaptured => (*c).inbound_captured += 1,
                 Counter::DroppedNoListener => (*c).dropped_no_listener += 1,
                 Counter::PolicyDenied => (*c).policy_denied += 1,
+                Counter::DroppedFragment => (*c).dropped_fragment += 1,
+                Counter::DroppedTruncated => (*c).dropped_truncated += 1,
+                Counter::DroppedSpoofed => (*c).dropped_spoofed += 1,
+                Counter::DroppedUncaptured => (*c).dropped_uncaptured += 1,
             }
         }
     }

@@ -1,12 +1,25 @@
-//! Just enough Ethernet/IPv4/TCP parsing to name a flow.
+//! Just enough link-layer/IPv4/TCP parsing to name a flow, and to say when a
+//! TCP packet cannot be judged by its header: a fragment, or a header too
+//! short to read. The callers drop those when an enrolled pod is involved;
+//! treating them as "not TCP" would let a pod with a raw socket slip a SYN
+//! past capture (the receiver reassembles what was let through).
 
 use aya_ebpf::programs::TcContext;
 
-const ETH_HDR_LEN: usize = 14;
+/// Length of the Ethernet header on devices that have one (veths, most
+/// uplinks). L3 devices (IPIP, WireGuard, TUN) hand TC packets that start
+/// at the IP header: their programs are instantiated with 0.
+pub const ETH_HLEN: usize = 14;
+/// No link-layer header.
+pub const L3_HLEN: usize = 0;
+
 const ETH_P_IPV4: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
+const TCP_MIN_HLEN: u16 = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
+/// "More fragments" and the fragment offset, in the IPv4 flags word.
+const IP_MF_OR_OFFSET: u16 = 0x3fff;
 
 /// A TCP segment's addressing, all fields in network byte order as they sit
 /// in the packet (and as `bpf_sock_tuple` wants them).
@@ -20,43 +33,100 @@ pub struct TcpFlow {
     pub is_syn: bool,
 }
 
-/// Parses an Ethernet frame carrying the first fragment of an IPv4 TCP
-/// segment. Anything else (IPv6, UDP, later fragments, truncated headers) is
-/// `None` and left alone by the caller.
+/// What a packet is, as far as capture is concerned.
+pub enum Packet {
+    /// Not IPv4 TCP: left alone.
+    Other,
+    /// A whole IPv4 TCP segment with a readable header.
+    Tcp(TcpFlow),
+    /// IPv4 TCP that cannot be judged: a fragment (first or later), or a
+    /// segment too short to hold a TCP header. Addresses in network order.
+    Unjudgeable {
+        saddr: u32,
+        daddr: u32,
+        fragment: bool,
+    },
+}
+
+/// Parses a packet whose IP header starts `L2` bytes in: [`ETH_HLEN`] for
+/// Ethernet devices, [`L3_HLEN`] for L3 devices.
 #[inline(always)]
-pub fn parse_tcp_flow(ctx: &TcContext) -> Option<TcpFlow> {
-    let ether_type = u16::from_be(ctx.load::<u16>(12).ok()?);
-    if ether_type != ETH_P_IPV4 {
-        return None;
+pub fn parse<const L2: usize>(ctx: &TcContext) -> Packet {
+    match parse_inner::<L2>(ctx) {
+        Some(packet) => packet,
+        None => Packet::Other,
     }
-    let version_ihl: u8 = ctx.load(ETH_HDR_LEN).ok()?;
+}
+
+#[inline(always)]
+fn parse_inner<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
+    if L2 == ETH_HLEN {
+        let ether_type = u16::from_be(ctx.load::<u16>(12).ok()?);
+        if ether_type != ETH_P_IPV4 {
+            return Some(Packet::Other);
+        }
+    } else {
+        // No link-layer header to say what follows: the skb's protocol does
+        // (network byte order in the low 16 bits).
+        if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IPV4 {
+            return Some(Packet::Other);
+        }
+    }
+    let version_ihl: u8 = ctx.load(L2).ok()?;
     if version_ihl >> 4 != 4 {
-        return None;
+        return Some(Packet::Other);
     }
     let ip_header_len = ((version_ihl & 0x0f) as usize) * 4;
+    // The kernel drops IPv4 headers shorter than 20 bytes on its own.
     if ip_header_len < 20 {
-        return None;
+        return Some(Packet::Other);
     }
-    let protocol: u8 = ctx.load(ETH_HDR_LEN + 9).ok()?;
+    let protocol: u8 = ctx.load(L2 + 9).ok()?;
     if protocol != IPPROTO_TCP {
-        return None;
+        return Some(Packet::Other);
     }
-    // A non-first fragment has no TCP header to read.
-    let frag = u16::from_be(ctx.load::<u16>(ETH_HDR_LEN + 6).ok()?);
-    if frag & 0x1fff != 0 {
-        return None;
+    let saddr: u32 = ctx.load(L2 + 12).ok()?;
+    let daddr: u32 = ctx.load(L2 + 16).ok()?;
+    let unjudgeable = |fragment| {
+        Some(Packet::Unjudgeable {
+            saddr,
+            daddr,
+            fragment,
+        })
+    };
+    let frag = u16::from_be(ctx.load::<u16>(L2 + 6).ok()?);
+    if frag & IP_MF_OR_OFFSET != 0 {
+        return unjudgeable(true);
     }
-    let saddr: u32 = ctx.load(ETH_HDR_LEN + 12).ok()?;
-    let daddr: u32 = ctx.load(ETH_HDR_LEN + 16).ok()?;
-    let tcp = ETH_HDR_LEN + ip_header_len;
-    let sport: u16 = ctx.load(tcp).ok()?;
-    let dport: u16 = ctx.load(tcp + 2).ok()?;
-    let flags: u8 = ctx.load(tcp + 13).ok()?;
-    Some(TcpFlow {
+    // The IP header's own length, not the skb's: Ethernet pads short
+    // frames, and the padding is not TCP header.
+    let total_len = u16::from_be(ctx.load::<u16>(L2 + 2).ok()?);
+    let tcp = L2 + ip_header_len;
+    let Some(tcp_room) = total_len.checked_sub(ip_header_len as u16) else {
+        return unjudgeable(false);
+    };
+    if tcp_room < TCP_MIN_HLEN {
+        return unjudgeable(false);
+    }
+    let Ok(data_offset) = ctx.load::<u8>(tcp + 12) else {
+        return unjudgeable(false);
+    };
+    let tcp_header_len = ((data_offset >> 4) as u16) * 4;
+    if tcp_header_len < TCP_MIN_HLEN || tcp_header_len > tcp_room {
+        return unjudgeable(false);
+    }
+    let (Ok(sport), Ok(dport), Ok(flags)) = (
+        ctx.load::<u16>(tcp),
+        ctx.load::<u16>(tcp + 2),
+        ctx.load::<u8>(tcp + 13),
+    ) else {
+        return unjudgeable(false);
+    };
+    Some(Packet::Tcp(TcpFlow {
         saddr,
         daddr,
         sport,
         dport,
         is_syn: flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0,
-    })
+    }))
 }

@@ -83,15 +83,3 @@ pub fn owner_of(ctx: &TcContext, flow: &TcpFlow) -> Option<SocketRef> {
     }
     Some(sk)
 }
-
-/// ztunnel's transparent listener on `port` (network byte order), found with
-/// the packet's own addresses so the accepted socket's local address is the
-/// original destination.
-#[inline(always)]
-pub fn listener(ctx: &TcContext, flow: &TcpFlow, port_be: u16) -> Option<SocketRef> {
-    let sk = lookup(ctx, flow.saddr, flow.daddr, flow.sport, port_be)?;
-    if sk.state() != TCP_LISTEN {
-        return None;
-    }
-    Some(sk)
-}

@@ -1,28 +1,41 @@
 //! Zero-downtime restarts: a new ztunnel takes the listening sockets over
 //! from the running one through a local Unix socket (`SCM_RIGHTS`), so the
-//! kernel keeps assigning captured flows to the very same sockets and their
+//! kernel keeps delivering captured flows to the very same sockets and their
 //! accept queues carry over; the old process stops accepting and serves its
 //! established connections until they end or its drain deadline passes.
 //!
 //! The wire exchange is one line each way: the new process sends
 //! `ztunnel-takeover v1\n`; the old one answers `ztunnel-listeners v1
-//! <name>,<name>,...\n` with the file descriptors attached, in that order.
+//! <name>,<name>,...\n` with the file descriptors attached, in that order,
+//! or `ztunnel-draining v1\n` once a drain has begun (its listeners are
+//! being closed; the new process binds its own).
+//!
+//! Only a peer with this process's user id, in this network namespace, gets
+//! the listeners: they are the node's captured traffic.
 
 use std::{
     io::{IoSlice, IoSliceMut, Read, Write},
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::net::{UnixListener, UnixStream},
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::{
+            fs::{MetadataExt, PermissionsExt},
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, sockopt::PeerCredentials, ControlMessage, ControlMessageOwned,
+    MsgFlags,
+};
 use tracing::{info, warn};
 
 const REQUEST: &[u8] = b"ztunnel-takeover v1\n";
 const REPLY_PREFIX: &str = "ztunnel-listeners v1 ";
+const DRAINING: &str = "ztunnel-draining v1";
 /// How long a new process waits for the running one to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// More listeners than this in one reply is a protocol error.
@@ -39,15 +52,20 @@ pub enum HandoverError {
 /// The default handover socket of an instance: named after its pin
 /// directory, which is unique per instance on a kernel.
 pub fn default_path(pin_dir: &Path) -> PathBuf {
+    run_dir_path(pin_dir, "handover.sock")
+}
+
+/// `/run/ztunnel/<pin-dir name>.<suffix>`.
+pub fn run_dir_path(pin_dir: &Path, suffix: &str) -> PathBuf {
     let name = pin_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "default".into());
-    PathBuf::from("/run/ztunnel").join(format!("{name}.handover.sock"))
+    PathBuf::from("/run/ztunnel").join(format!("{name}.{suffix}"))
 }
 
 /// Asks a running ztunnel for its listeners. `Ok(None)` when there is none
-/// (no socket, or nobody listening on it).
+/// (no socket, nobody listening on it, or it is draining).
 pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, HandoverError> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
@@ -95,10 +113,15 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
     }
     let n = msg.bytes;
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let names = text
-        .trim_end()
-        .strip_prefix(REPLY_PREFIX)
-        .ok_or_else(|| proto(format!("unexpected reply {text:?}")))?;
+    if text.trim_end() == DRAINING {
+        info!(socket = %path.display(), "the running ztunnel is draining; binding fresh listeners");
+        return Ok(None);
+    }
+    let names = text.trim_end().strip_prefix(REPLY_PREFIX).ok_or_else(|| {
+        proto(format!(
+            "unexpected reply {text:?} (is the running ztunnel another user's?)"
+        ))
+    })?;
     let names: Vec<String> = names.split(',').map(str::to_string).collect();
     if names.len() != fds.len() {
         return Err(proto(format!(
@@ -110,22 +133,127 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
     Ok(Some(names.into_iter().zip(fds).collect()))
 }
 
-/// Waits for a new ztunnel to ask for the listeners, hands them over, and
-/// returns. Runs on its own thread.
-pub fn serve(listener: UnixListener, fds: Vec<(String, RawFd)>) -> Result<(), HandoverError> {
+/// What the handover server still offers.
+enum Offer {
+    /// Its own copies of the listeners, ready to send.
+    Listeners(Vec<(String, OwnedFd)>),
+    /// Sent: the new ztunnel owns them.
+    HandedOver,
+    /// A drain began: nothing to offer.
+    Closed,
+}
+
+/// The running side of the handover: a thread answering takeover requests
+/// until one succeeds or [`HandoverServer::close`] is called.
+pub struct HandoverServer {
+    offer: Arc<Mutex<Offer>>,
+    listener: Arc<UnixListener>,
+    path: PathBuf,
+}
+
+impl HandoverServer {
+    /// Binds `path` and offers `fds` there; `on_handover` runs once a new
+    /// ztunnel has taken them.
+    pub fn start(
+        path: &Path,
+        fds: Vec<(String, OwnedFd)>,
+        on_handover: impl FnOnce() + Send + 'static,
+    ) -> Result<Self, HandoverError> {
+        let listener = Arc::new(bind(path)?);
+        let offer = Arc::new(Mutex::new(Offer::Listeners(fds)));
+        {
+            let (listener, offer) = (listener.clone(), offer.clone());
+            std::thread::Builder::new()
+                .name("handover".into())
+                .spawn(move || {
+                    if serve(&listener, &offer) {
+                        on_handover();
+                    }
+                })
+                .map_err(|e| HandoverError::Socket {
+                    path: path.to_path_buf(),
+                    message: format!("starting the handover thread: {e}"),
+                })?;
+        }
+        Ok(HandoverServer {
+            offer,
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Stops offering the listeners (a drain is closing them). Returns
+    /// whether a new ztunnel took them over before that: it owns them, and
+    /// capture, then.
+    pub fn close(&self) -> bool {
+        let handed_over = match self.offer.lock() {
+            Ok(mut offer) => {
+                if matches!(*offer, Offer::HandedOver) {
+                    true
+                } else {
+                    // Our copies of the listeners go with the offer.
+                    *offer = Offer::Closed;
+                    false
+                }
+            }
+            Err(_) => false,
+        };
+        if !handed_over {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        // Wakes the thread from accept(2); it sees the offer closed.
+        // SAFETY: shutdown(2) on a socket we own.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        handed_over
+    }
+}
+
+/// Answers requests until the listeners are handed over (true) or the
+/// offer is closed (false).
+fn serve(listener: &UnixListener, offer: &Mutex<Offer>) -> bool {
     loop {
-        let (mut stream, _) = listener
-            .accept()
-            .map_err(|e| HandoverError::Protocol(e.to_string()))?;
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if offer
+                    .lock()
+                    .map(|o| matches!(*o, Offer::Closed))
+                    .unwrap_or(true)
+                {
+                    return false;
+                }
+                warn!(error = %e, "handover accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if let Err(why) = check_peer(&stream) {
+            warn!(reason = %why, "refused a handover");
+            continue;
+        }
         let _ = stream.set_read_timeout(Some(TIMEOUT));
         let mut request = [0u8; REQUEST.len()];
         if stream.read_exact(&mut request).is_err() || request != REQUEST {
             warn!("ignored a malformed handover request");
             continue;
         }
+        let Ok(mut offer) = offer.lock() else {
+            return false;
+        };
+        let fds = match &*offer {
+            Offer::Listeners(fds) => fds,
+            Offer::Closed => {
+                let _ = stream.write_all(format!("{DRAINING}\n").as_bytes());
+                info!("told a new ztunnel this one is draining: it binds its own listeners");
+                return false;
+            }
+            Offer::HandedOver => return true,
+        };
         let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
         let line = format!("{REPLY_PREFIX}{}\n", names.join(","));
-        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         let cmsg = [ControlMessage::ScmRights(&raw)];
         match sendmsg::<()>(
             stream.as_raw_fd(),
@@ -136,29 +264,73 @@ pub fn serve(listener: UnixListener, fds: Vec<(String, RawFd)>) -> Result<(), Ha
         ) {
             Ok(_) => {
                 info!(listeners = %names.join(","), "listeners handed over to a new ztunnel");
-                return Ok(());
+                *offer = Offer::HandedOver;
+                return true;
             }
             Err(e) => warn!(error = %e, "handing the listeners over failed; still serving"),
         }
     }
 }
 
-/// Binds the handover socket at `path`, replacing a previous instance's.
+/// Only this user, in this network namespace, may take the listeners.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    let creds = getsockopt(&stream.as_fd(), PeerCredentials)
+        .map_err(|e| format!("reading the peer's credentials: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    if creds.uid() != ours {
+        return Err(format!(
+            "peer pid {} runs as uid {}, not {ours}",
+            creds.pid(),
+            creds.uid()
+        ));
+    }
+    // A pid of 0 is a process outside our PID namespace: nothing to compare.
+    if creds.pid() > 0 {
+        let netns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino());
+        match (netns("self"), netns(&creds.pid().to_string())) {
+            (Ok(a), Ok(b)) if a != b => {
+                return Err(format!(
+                    "peer pid {} is in another network namespace",
+                    creds.pid()
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Binds the handover socket at `path`, replacing a previous instance's,
+/// readable and writable by this user only.
 pub fn bind(path: &Path) -> Result<UnixListener, HandoverError> {
     let err = |message: String| HandoverError::Socket {
         path: path.to_path_buf(),
         message,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    }
+    private_dir(path).map_err(|e| err(e.to_string()))?;
     // The old instance's socket (if any) already answered or is gone; its
     // accepted connection does not need the name.
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| err(e.to_string()))
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
 }
 
-/// A descriptor's raw number, for handing over.
-pub fn raw(fd: &impl AsRawFd) -> RawFd {
-    fd.as_raw_fd()
+/// Creates the parent directory of a socket as this user's only, if missing.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Duplicates a listener's descriptor for the handover server to own.
+pub fn dup(fd: &impl AsFd) -> std::io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned()
 }

@@ -11,7 +11,11 @@ fn main() -> std::process::ExitCode {
     let log_control = init_logging(args.log_format);
     raise_fd_limit();
     let result = if args.uninstall {
-        ztunnel::app::uninstall(&args)
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ztunnel::app::uninstall(&args)))
     } else {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if args.worker_threads > 0 {
@@ -35,8 +39,12 @@ fn main() -> std::process::ExitCode {
 
 /// Logs to stderr (text or JSON), with a filter from `RUST_LOG` (default
 /// `info`) that the admin port's `/logging` can change at run time.
-fn init_logging(format: LogFormat) -> ztunnel::admin::LogControl {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat) -> Arc<ztunnel::admin::LogControl> {
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|d| EnvFilter::try_new(d).is_ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::new(&initial);
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter);
@@ -48,7 +56,7 @@ fn init_logging(format: LogFormat) -> ztunnel::admin::LogControl {
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .init(),
     }
-    Arc::new(move |directive: &str| {
+    ztunnel::admin::LogControl::new(initial, move |directive: &str| {
         let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     })

@@ -1,20 +1,36 @@
 //! A small HTTP/1.1 server for the admin, metrics and readiness ports, with
-//! the limits a port reachable from the network needs: bounded header size
-//! (431 past it), a header read timeout, and bounded concurrent connections.
+//! the limits a port reachable from every pod needs: bounded header size
+//! (431 past it), a header read timeout, and bounded concurrent connections
+//! where a new connection evicts the oldest one instead of being refused,
+//! so that idle connections held by one pod cannot starve the kubelet's
+//! probe or Prometheus's scrape. Also the same server on a Unix socket, for
+//! the root-only admin socket.
 
-use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::oneshot,
+};
 use tracing::{debug, warn};
 
 /// Request headers larger than this get 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once per port; past this the oldest is closed.
 const MAX_CONNECTIONS: usize = 256;
 
 pub type Reply = Response<Full<Bytes>>;
@@ -63,9 +79,70 @@ pub fn refuse(method: &Method, path: &str, allowed: &[Method]) -> Reply {
     reply
 }
 
-/// Serves `handler` on `listener` until the task is dropped.
+/// The connections a server holds, oldest first, each with the means to
+/// close it.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+impl Connections {
+    /// Registers a new connection, closing the oldest when full. Returns
+    /// its id and the signal that closes it.
+    fn admit(&mut self, name: &str) -> (u64, oneshot::Receiver<()>) {
+        if self.open.len() >= MAX_CONNECTIONS {
+            if let Some((_, close)) = self.open.pop_front() {
+                let _ = close.send(());
+                debug!(server = name, "closed the oldest connection to make room");
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let (close, closed) = oneshot::channel();
+        self.open.push_back((id, close));
+        (id, closed)
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.open.retain(|(i, _)| *i != id);
+    }
+}
+
+/// Serves `handler` on one accepted connection until it ends or `closed`
+/// fires.
+async fn serve_connection<S>(
+    name: &'static str,
+    peer: String,
+    stream: S,
+    handler: Handler,
+    closed: oneshot::Receiver<()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        result = connection => {
+            if let Err(e) = result {
+                debug!(server = name, %peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = closed => debug!(server = name, %peer, "connection closed to make room"),
+    }
+}
+
+/// Serves `handler` on a TCP listener until the task is dropped.
 pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -75,27 +152,82 @@ pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler) 
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!(server = name, %peer, "refused: too many connections");
-            continue;
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let result = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = result {
-                debug!(server = name, %peer, error = %e, "HTTP connection ended with an error");
+        spawn_connection(
+            name,
+            peer.to_string(),
+            stream,
+            handler.clone(),
+            &connections,
+        );
+    }
+}
+
+/// Serves `handler` on a Unix socket until the task is dropped, to peers
+/// running as this process's user only.
+pub async fn serve_unix(name: &'static str, listener: UnixListener, handler: Handler) {
+    let connections = Arc::new(Mutex::new(Connections::default()));
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(server = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-            drop(permit);
-        });
+        };
+        let peer = match stream.peer_cred() {
+            Ok(cred) if cred.uid() == ours => format!("pid {:?} uid {}", cred.pid(), cred.uid()),
+            Ok(cred) => {
+                warn!(server = name, uid = cred.uid(), pid = ?cred.pid(), "refused a peer that is not this process's user");
+                continue;
+            }
+            Err(e) => {
+                warn!(server = name, error = %e, "refused a peer whose credentials cannot be read");
+                continue;
+            }
+        };
+        spawn_connection(name, peer, stream, handler.clone(), &connections);
+    }
+}
+
+fn spawn_connection<S>(
+    name: &'static str,
+    peer: String,
+    stream: S,
+    handler: Handler,
+    connections: &Arc<Mutex<Connections>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok((id, closed)) = connections.lock().map(|mut c| c.admit(name)) else {
+        return;
+    };
+    let connections = connections.clone();
+    tokio::spawn(async move {
+        serve_connection(name, peer, stream, handler, closed).await;
+        if let Ok(mut c) = connections.lock() {
+            c.forget(id);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_server_closes_its_oldest_connection() {
+        let mut c = Connections::default();
+        let mut signals: Vec<_> = (0..MAX_CONNECTIONS).map(|_| c.admit("t").1).collect();
+        assert!(signals.iter_mut().all(|s| s.try_recv().is_err()));
+        let (_, newest) = c.admit("t");
+        assert!(signals[0].try_recv().is_ok(), "the oldest was not closed");
+        assert!(signals[1].try_recv().is_err());
+        assert_eq!(c.open.len(), MAX_CONNECTIONS);
+        c.forget(1);
+        assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
+        drop(newest);
     }
 }

@@ -1,12 +1,18 @@
-//! The operator's view: admin on 127.0.0.1:15000 (`/config_dump`,
-//! `/logging`, `/quitquitquit`), Prometheus metrics on :15020 (`/metrics`,
-//! `/stats/prometheus`), readiness on :15021 (`/healthz/ready`).
+//! The operator's view: admin on 127.0.0.1:15000 (read-only: `/config_dump`,
+//! `/logging`), the same plus what changes state (`/logging?level=`,
+//! `/quitquitquit`) on a root-only Unix socket, Prometheus metrics on :15020
+//! (`/metrics`, `/stats/prometheus`), readiness on :15021 (`/healthz/ready`).
+//!
+//! ztunnel runs in the node's network namespace, so 127.0.0.1:15000 is open
+//! to every node process and hostNetwork pod; nothing there may change
+//! ztunnel's state.
 
 pub mod http;
 
 use std::{
     fmt::Write,
-    sync::{Arc, RwLock},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
     time::SystemTime,
 };
 
@@ -23,8 +29,51 @@ use crate::{
     state::Snapshot,
 };
 
-/// Changes the log filter at run time (an `EnvFilter` directive).
-pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Installs a log filter directive, or says why it cannot.
+type ApplyFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Changes the log filter at run time (an `EnvFilter` directive) and
+/// remembers the one in force.
+pub struct LogControl {
+    apply: Box<ApplyFilter>,
+    current: Mutex<String>,
+}
+
+impl LogControl {
+    pub fn new(
+        initial: String,
+        apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(LogControl {
+            apply: Box::new(apply),
+            current: Mutex::new(initial),
+        })
+    }
+
+    /// Applies `directive`; the filter in force stays on error.
+    pub fn set(&self, directive: &str) -> Result<(), String> {
+        (self.apply)(directive)?;
+        if let Ok(mut current) = self.current.lock() {
+            *current = directive.to_string();
+        }
+        Ok(())
+    }
+
+    /// The filter in force.
+    pub fn current(&self) -> String {
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+/// What an admin endpoint may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// 127.0.0.1:15000, open to every process in the node's namespace:
+    /// reads only.
+    ReadOnly,
+    /// The root-only admin socket: reads and changes.
+    Full,
+}
 
 /// Everything the operator endpoints read.
 pub struct Status {
@@ -35,9 +84,11 @@ pub struct Status {
     pub readiness: RwLock<Result<(), String>>,
     pub metrics: Arc<Metrics>,
     pub kernel: Option<KernelCounters>,
-    pub log_control: LogControl,
+    pub log_control: Arc<LogControl>,
     /// Notified by `/quitquitquit`.
     pub shutdown: Arc<Notify>,
+    /// Where changes are accepted (named in refusals on the TCP port).
+    pub admin_socket: PathBuf,
 }
 
 impl Status {
@@ -180,22 +231,38 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// The admin endpoint (bound to localhost only).
-pub fn admin_handler(status: Arc<Status>) -> Handler {
+/// The admin endpoint: read-only on 127.0.0.1:15000, full on the admin
+/// socket.
+pub fn admin_handler(status: Arc<Status>, access: Access) -> Handler {
     Arc::new(move |req| {
         let status = status.clone();
-        Box::pin(async move { admin(&status, req) })
+        Box::pin(async move { admin(&status, access, req) })
     })
 }
 
-fn admin(status: &Status, req: Request<Incoming>) -> Reply {
+/// The answer to a request that would change state, on the read-only port.
+fn needs_socket(status: &Status, what: &str) -> Reply {
+    text(
+        StatusCode::FORBIDDEN,
+        format!(
+            "{what} changes ztunnel's state: send it to the admin socket {} (root only), e.g. curl --unix-socket {} -X POST http://localhost/quitquitquit\n",
+            status.admin_socket.display(),
+            status.admin_socket.display()
+        ),
+    )
+}
+
+fn admin(status: &Status, access: Access, req: Request<Incoming>) -> Reply {
     let (path, query) = path_and_query(&req);
     let method = req.method().clone();
     match path.as_str() {
         "/" => match method {
             Method::GET => text(
                 StatusCode::OK,
-                "/config_dump\n/logging?level=<filter>\n/quitquitquit (POST)\n",
+                match access {
+                    Access::ReadOnly => "/config_dump\n/logging (the filter in force)\nchanges (/logging?level=, /quitquitquit) only on the admin socket\n",
+                    Access::Full => "/config_dump\n/logging?level=<filter> (POST)\n/quitquitquit (POST)\n",
+                },
             ),
             _ => refuse(&method, &path, &[Method::GET]),
         },
@@ -237,14 +304,22 @@ fn admin(status: &Status, req: Request<Incoming>) -> Reply {
         },
         "/logging" => match method {
             Method::GET | Method::POST => {
-                let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
-                    return text(StatusCode::BAD_REQUEST, "usage: /logging?level=<filter>, e.g. level=debug or level=ztunnel::proxy=trace\n");
+                let level = form_urlencoded::parse(query.as_bytes())
+                    .find(|(k, _)| k == "level")
+                    .map(|(_, v)| v.into_owned());
+                let Some(level) = level else {
+                    if method == Method::GET {
+                        return text(StatusCode::OK, format!("{}\n", status.log_control.current()));
+                    }
+                    return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<filter>, e.g. level=debug or level=ztunnel::proxy=trace\n");
                 };
-                let level = level
-                    .replace("%3D", "=")
-                    .replace("%2C", ",")
-                    .replace("%3A", ":");
-                match (status.log_control)(&level) {
+                if access == Access::ReadOnly {
+                    return needs_socket(status, "changing the log filter");
+                }
+                if method != Method::POST {
+                    return refuse(&method, &path, &[Method::POST]);
+                }
+                match status.log_control.set(&level) {
                     Ok(()) => {
                         tracing::info!(filter = %level, "log filter changed");
                         text(StatusCode::OK, format!("log filter set to {level}\n"))
@@ -258,6 +333,7 @@ fn admin(status: &Status, req: Request<Incoming>) -> Reply {
             _ => refuse(&method, &path, &[Method::GET, Method::POST]),
         },
         "/quitquitquit" => match method {
+            Method::POST if access == Access::ReadOnly => needs_socket(status, "/quitquitquit"),
             Method::POST => {
                 status.shutdown.notify_one();
                 text(StatusCode::OK, "draining\n")

@@ -86,6 +86,12 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_HANDOVER_SOCKET", value_name = "PATH")]
     pub handover_socket: Option<PathBuf>,
 
+    /// Root-only Unix socket for what changes ztunnel's state
+    /// (`POST /logging?level=`, `POST /quitquitquit`); 127.0.0.1:15000 only
+    /// reads. Default: /run/ztunnel/<pin-dir name>.admin.sock.
+    #[arg(long, env = "ZTUNNEL_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
     /// Worker threads of the async runtime (0: one per CPU core).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
@@ -110,6 +116,13 @@ impl Args {
             .unwrap_or_else(|| crate::handover::default_path(&self.pin_dir()))
     }
 
+    /// The admin socket in effect.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| crate::handover::run_dir_path(&self.pin_dir(), "admin.sock"))
+    }
+
     /// The pin directory in effect.
     pub fn pin_dir(&self) -> PathBuf {
         self.bpf_pin_dir
@@ -118,29 +131,76 @@ impl Args {
     }
 }
 
-/// Parses `90s`, `30m`, `24h`, `2d`, or plain seconds.
+/// Parses a duration: Go's format as Istio writes it (`300ms`, `1.5h`,
+/// `24h0m0s`: numbers each followed by `ns`, `us`, `ms`, `s`, `m` or `h`),
+/// days (`2d`), or plain seconds (`90`). It must be longer than zero.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 90s, 30m or 24h"))?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => {
-            return Err(format!(
-                "`{text}`: unknown unit `{unit}` (use s, m, h or d)"
-            ))
-        }
-    };
-    if seconds == 0 {
+    let bad =
+        |why: &str| format!("`{text}` is not a duration like 90s, 300ms, 30m or 24h0m0s: {why}");
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let seconds: u64 = text.parse().map_err(|_| bad("too large"))?;
+        return positive(text, Duration::from_secs(seconds));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err(bad("empty"));
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| bad("a number without a unit"))?;
+        let (number, tail) = rest.split_at(number_len);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let value: f64 = number.parse().map_err(|_| bad("a unit without a number"))?;
+        let unit_seconds = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            _ => {
+                return Err(bad(&format!(
+                    "unknown unit `{unit}` (use ms, s, m, h or d)"
+                )))
+            }
+        };
+        total += Duration::try_from_secs_f64(value * unit_seconds).map_err(|_| bad("too large"))?;
+        rest = tail;
+    }
+    positive(text, total)
+}
+
+fn positive(text: &str, d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
         return Err(format!("`{text}` must be longer than zero"));
     }
-    Ok(Duration::from_secs(seconds))
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_go_and_plain_forms() {
+        let ok = |t: &str, d: Duration| assert_eq!(parse_duration(t), Ok(d), "{t}");
+        ok("90", Duration::from_secs(90));
+        ok("90s", Duration::from_secs(90));
+        ok("300ms", Duration::from_millis(300));
+        ok("30m", Duration::from_secs(1800));
+        ok("24h0m0s", Duration::from_secs(86400));
+        ok("1h30m", Duration::from_secs(5400));
+        ok("1.5h", Duration::from_secs(5400));
+        ok("2d", Duration::from_secs(172800));
+        for bad in ["", "0", "0s", "10x", "h", "5 s", "-1s", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -38,62 +38,103 @@ impl KernelCounters {
 
     /// The kernel families in Prometheus text format, labelled by workload.
     pub fn render(&self, snapshot: &Snapshot, out: &mut String) {
-        let pods = self.read();
-        let label = |ip: Ipv4Addr| {
-            let w = snapshot.workload_by_ip(ip.into());
-            (
-                ip.to_string(),
-                w.map(|w| w.name.clone())
-                    .unwrap_or_else(|| "unknown".into()),
-                w.map(|w| w.namespace.clone())
-                    .unwrap_or_else(|| "unknown".into()),
-            )
-        };
-        let _ = writeln!(
+        let pods: Vec<(PodLabels, PodCounters)> = self
+            .read()
+            .into_iter()
+            .map(|(ip, c)| (PodLabels::of(snapshot, ip), c))
+            .collect();
+        family(
             out,
-            "# HELP ztunnel_kernel_flows_captured_total New TCP flows the kernel handed to ztunnel.\n# TYPE ztunnel_kernel_flows_captured_total counter"
+            &pods,
+            "ztunnel_kernel_flows_captured_total",
+            "New TCP flows the kernel handed to ztunnel.",
+            "direction",
+            |c| {
+                [
+                    ("outbound", c.outbound_captured),
+                    ("inbound", c.inbound_captured),
+                ]
+                .to_vec()
+            },
         );
-        for (ip, c) in &pods {
-            let (addr, name, ns) = label(*ip);
-            for (direction, n) in [
-                ("outbound", c.outbound_captured),
-                ("inbound", c.inbound_captured),
-            ] {
-                out.push_str("ztunnel_kernel_flows_captured_total");
-                render_labels(
-                    out,
-                    &[
-                        ("workload", &name),
-                        ("workload_namespace", &ns),
-                        ("address", &addr),
-                        ("direction", direction),
-                    ],
-                );
-                let _ = writeln!(out, " {n}");
-            }
+        family(
+            out,
+            &pods,
+            "ztunnel_kernel_syn_dropped_total",
+            "SYNs the kernel dropped: denied by policy, or no ztunnel listening (fail closed).",
+            "reason",
+            |c| {
+                [
+                    ("policy", c.policy_denied),
+                    ("no_listener", c.dropped_no_listener),
+                ]
+                .to_vec()
+            },
+        );
+        family(
+            out,
+            &pods,
+            "ztunnel_kernel_packets_dropped_total",
+            "TCP packets to or from an enrolled pod the kernel dropped because they could bypass capture: IP fragments, truncated TCP headers, another pod's address (spoofed), or SYNs forwarded past capture (uncaptured).",
+            "reason",
+            |c| {
+                [
+                    ("fragment", c.dropped_fragment),
+                    ("truncated", c.dropped_truncated),
+                    ("spoofed", c.dropped_spoofed),
+                    ("uncaptured", c.dropped_uncaptured),
+                ]
+                .to_vec()
+            },
+        );
+    }
+}
+
+/// The labels that name a pod in the kernel families.
+struct PodLabels {
+    address: String,
+    workload: String,
+    namespace: String,
+}
+
+impl PodLabels {
+    fn of(snapshot: &Snapshot, ip: Ipv4Addr) -> Self {
+        let w = snapshot.workload_by_ip(ip.into());
+        PodLabels {
+            address: ip.to_string(),
+            workload: w
+                .map(|w| w.name.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            namespace: w
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(|| "unknown".into()),
         }
-        let _ = writeln!(
-            out,
-            "# HELP ztunnel_kernel_syn_dropped_total SYNs the kernel dropped: denied by policy, or no ztunnel listening (fail closed).\n# TYPE ztunnel_kernel_syn_dropped_total counter"
-        );
-        for (ip, c) in &pods {
-            let (addr, name, ns) = label(*ip);
-            for (reason, n) in [
-                ("policy", c.policy_denied),
-                ("no_listener", c.dropped_no_listener),
-            ] {
-                out.push_str("ztunnel_kernel_syn_dropped_total");
-                render_labels(
-                    out,
-                    &[
-                        ("workload", &name),
-                        ("workload_namespace", &ns),
-                        ("address", &addr),
-                        ("reason", reason),
-                    ],
-                );
-                let _ = writeln!(out, " {n}");
-            }
+    }
+}
+
+/// One counter family: a sample per pod and per value of `key`.
+fn family(
+    out: &mut String,
+    pods: &[(PodLabels, PodCounters)],
+    name: &str,
+    help: &str,
+    key: &str,
+    samples: impl Fn(&PodCounters) -> Vec<(&'static str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (pod, counters) in pods {
+        for (value, n) in samples(counters) {
+            out.push_str(name);
+            render_labels(
+                out,
+                &[
+                    ("workload", &pod.workload),
+                    ("workload_namespace", &pod.namespace),
+                    ("address", &pod.address),
+                    (key, value),
+                ],
+            );
+            let _ = writeln!(out, " {n}");
         }
     }
 }

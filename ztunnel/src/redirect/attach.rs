@@ -1,10 +1,12 @@
-//! TCX links, pinned so they outlive the process.
+//! TCX links and the listener-lookup link, pinned so they outlive the
+//! process.
 //!
-//! Each link is pinned as `<pin-dir>/links/<role>-<ifname>-<ifindex>`; the
-//! ifindex in the name tells a recreated veth (a pod restarted under the same
-//! name) from the one the old link was made for. The pins are the source of
-//! truth for what is attached: a link without a pin is detached once ztunnel
-//! drops its file descriptor.
+//! Each TC link is pinned as `<pin-dir>/links/<role>-<ifname>-<ifindex>`;
+//! the ifindex in the name tells a recreated veth (a pod restarted under the
+//! same name) from the one the old link was made for. The pins are the
+//! source of truth for what is attached: a link without a pin is detached
+//! once ztunnel drops its file descriptor. The netns's listener-lookup link
+//! is pinned as `<pin-dir>/lookup`.
 
 use std::{
     io,
@@ -14,18 +16,24 @@ use std::{
 use aya::programs::{
     links::{FdLink, LinkError, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
-    LinkOrder, SchedClassifier, TcAttachType,
+    LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+};
+use ztunnel_common::programs;
+
+use super::{
+    topology::{Interface, LinkLayer},
+    RedirectError,
 };
 
-use super::{routing::Interface, RedirectError};
-
 /// Which program a link runs, and so which hook it is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// A pod's host-side veth.
+    /// A pod's host-side veth, ingress: what the pod sends.
     Pod,
-    /// A device traffic from other nodes arrives on.
+    /// A device traffic from elsewhere arrives on, ingress.
     Uplink,
+    /// Egress of every pod veth and uplink: the fail-closed backstop.
+    Guard,
 }
 
 impl Role {
@@ -33,6 +41,35 @@ impl Role {
         match self {
             Role::Pod => "pod",
             Role::Uplink => "uplink",
+            Role::Guard => "guard",
+        }
+    }
+
+    fn from_prefix(prefix: &str) -> Option<Self> {
+        [Role::Pod, Role::Uplink, Role::Guard]
+            .into_iter()
+            .find(|r| r.prefix() == prefix)
+    }
+
+    fn hook(self) -> TcAttachType {
+        match self {
+            Role::Pod | Role::Uplink => TcAttachType::Ingress,
+            Role::Guard => TcAttachType::Egress,
+        }
+    }
+
+    /// The program for this role on a device whose packets start as `layer`
+    /// says. `None`: capture cannot parse that device's packets.
+    pub fn program(self, layer: LinkLayer) -> Option<&'static str> {
+        match (self, layer) {
+            (_, LinkLayer::Unsupported) => None,
+            (Role::Pod, LinkLayer::Ethernet) => Some(programs::POD_INGRESS),
+            // A pod's veth always has an Ethernet header.
+            (Role::Pod, LinkLayer::L3) => None,
+            (Role::Uplink, LinkLayer::Ethernet) => Some(programs::UPLINK_INGRESS),
+            (Role::Uplink, LinkLayer::L3) => Some(programs::UPLINK_INGRESS_L3),
+            (Role::Guard, LinkLayer::Ethernet) => Some(programs::GUARD_EGRESS),
+            (Role::Guard, LinkLayer::L3) => Some(programs::GUARD_EGRESS_L3),
         }
     }
 }
@@ -52,7 +89,14 @@ pub fn pin_name(role: Role, iface: &Interface) -> String {
     format!("{}-{}-{}", role.prefix(), iface.name, iface.index)
 }
 
-/// Attaches `program` at the TC ingress of `iface`, first in the TCX chain
+/// A pin name taken apart: role, interface name, ifindex.
+pub fn parse_pin_name(name: &str) -> Option<(Role, &str, u32)> {
+    let (prefix, rest) = name.split_once('-')?;
+    let (ifname, index) = rest.rsplit_once('-')?;
+    Some((Role::from_prefix(prefix)?, ifname, index.parse().ok()?))
+}
+
+/// Attaches `program` at `role`'s hook of `iface`, first in the TCX chain
 /// (before a CNI's programs, which keep running for packets ztunnel leaves
 /// alone), or takes over the pinned link an earlier ztunnel left there.
 pub fn attach(
@@ -88,10 +132,10 @@ pub fn attach(
             let id = program
                 .attach_with_options(
                     &iface.name,
-                    TcAttachType::Ingress,
+                    role.hook(),
                     TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
-                .map_err(|e| err(format!("attaching TCX ingress: {e}")))?;
+                .map_err(|e| err(format!("attaching TCX {:?}: {e}", role.hook())))?;
             let link = program.take_link(id).map_err(|e| err(e.to_string()))?;
             let fd_link = FdLink::try_from(link).map_err(|e| {
                 err(format!(
@@ -126,5 +170,67 @@ pub fn detach(links_dir: &Path, pin_name: &str) -> Result<(), RedirectError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(RedirectError::PinDir { path, source }),
+    }
+}
+
+/// Attaches the listener-lookup program to this process's network namespace
+/// and pins the link at `pin`, replacing an earlier ztunnel's. The new link
+/// is attached before the old pin goes, and both select the same sockets
+/// from the same pinned map, so lookups never go without the program.
+pub fn attach_lookup(program: &mut SkLookup, pin: &Path) -> Result<(), RedirectError> {
+    let err = |message: String| RedirectError::Attach {
+        iface: "network namespace (sk_lookup)".into(),
+        message,
+    };
+    let netns =
+        std::fs::File::open("/proc/self/ns/net").map_err(|source| RedirectError::PinDir {
+            path: PathBuf::from("/proc/self/ns/net"),
+            source,
+        })?;
+    let id = program.attach(netns).map_err(|e| err(e.to_string()))?;
+    let link = FdLink::from(program.take_link(id).map_err(|e| err(e.to_string()))?);
+    // bpffs refuses names with dots.
+    let staged = pin.with_file_name("lookup-next");
+    let _ = std::fs::remove_file(&staged);
+    link.pin(&staged)
+        .map_err(|e| err(format!("pinning at {}: {e}", staged.display())))?;
+    // rename(2) over the old pin drops the old link in the same step.
+    std::fs::rename(&staged, pin).map_err(|source| RedirectError::PinDir {
+        path: pin.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip() {
+        let iface = Interface {
+            name: "vz-pod-a".into(),
+            index: 42,
+        };
+        for role in [Role::Pod, Role::Uplink, Role::Guard] {
+            let name = pin_name(role, &iface);
+            assert_eq!(parse_pin_name(&name), Some((role, "vz-pod-a", 42)));
+        }
+        assert_eq!(parse_pin_name("lookup"), None);
+        assert_eq!(parse_pin_name("other-eth0-1"), None);
+        assert_eq!(parse_pin_name("pod-eth0-x"), None);
+    }
+
+    #[test]
+    fn programs_by_role_and_layer() {
+        assert_eq!(
+            Role::Uplink.program(LinkLayer::L3),
+            Some(programs::UPLINK_INGRESS_L3)
+        );
+        assert_eq!(
+            Role::Guard.program(LinkLayer::Ethernet),
+            Some(programs::GUARD_EGRESS)
+        );
+        assert_eq!(Role::Pod.program(LinkLayer::L3), None);
+        assert_eq!(Role::Guard.program(LinkLayer::Unsupported), None);
     }
 }

@@ -1,17 +1,25 @@
-//! Capture in the kernel: loading ztunnel's TC programs, attaching them to the
-//! pods' veths and the uplinks, and keeping the pinned maps in step with the
-//! workloads userspace knows.
+//! Capture in the kernel: loading ztunnel's programs, attaching them to the
+//! pods' veths and the uplinks, the listener lookup, and keeping the pinned
+//! maps in step with the workloads userspace knows.
 //!
-//! Userspace is the single source of truth; the kernel only reads the
-//! enrolled-pods map and bumps counters.
+//! Userspace is the single source of truth; the kernel only reads the maps
+//! and bumps counters. The order of every step here keeps one promise: at
+//! no instant does a SYN to or from an enrolled pod leave in clear or reach
+//! a socket that is not ztunnel's. Maps are filled before programs that read
+//! them run; listeners are published (the kernel's "ready to receive") only
+//! after routing and the listener lookup are in place; and the egress guard
+//! drops whatever got past ingress capture.
 
+mod abi;
 mod attach;
 pub mod bpffs;
-pub mod routing;
+pub mod netlink;
+pub mod topology;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
+    os::fd::RawFd,
     path::{Path, PathBuf},
 };
 
@@ -24,14 +32,24 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ztunnel_common::{
-    maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict,
+    listener_index, maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple,
+    PolicyVerdict,
 };
 
 pub use attach::{Attached, Role};
-pub use routing::Interface;
+pub use topology::{Interface, LinkLayer, Topology};
 
 /// The eBPF object built by build.rs from `ztunnel-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel.bpf.o"));
+
+/// Every TC program in the object.
+const CLASSIFIERS: [&str; 5] = [
+    programs::POD_INGRESS,
+    programs::UPLINK_INGRESS,
+    programs::UPLINK_INGRESS_L3,
+    programs::GUARD_EGRESS,
+    programs::GUARD_EGRESS_L3,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -42,6 +60,8 @@ pub enum RedirectError {
     },
     #[error("{0} is not on a bpffs; pass a --bpf-pin-dir beneath a mounted bpffs")]
     NotBpffs(PathBuf),
+    #[error("refusing to pin at {path}: {why}. Pins there would vanish when ztunnel exits, detaching capture and letting enrolled pods' traffic out in clear. Run ztunnel in the host's mount namespace (e.g. `nsenter --net=/run/netns/NAME ztunnel ...`, not `ip netns exec`), or give its container the host's /sys/fs/bpf")]
+    PrivatePins { path: PathBuf, why: String },
     #[error("mounting bpffs at {path}: {source}")]
     MountBpffs {
         path: PathBuf,
@@ -51,12 +71,8 @@ pub enum RedirectError {
     Load(String),
     #[error("attaching to {iface}: {message}")]
     Attach { iface: String, message: String },
-    #[error("`ip {args}` failed: {message}")]
-    Ip { args: String, message: String },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
-    #[error("uplink {0} does not exist in this network namespace")]
-    NoSuchUplink(String),
 }
 
 /// One entry of a kernel policy table.
@@ -92,9 +108,11 @@ pub struct PodCapture {
     /// The host-side veth, if the pod's route was found.
     pub interface: Option<String>,
     pub ifindex: Option<u32>,
-    /// Whether the program is attached to the veth.
+    /// Whether the pod program is attached to the veth.
     pub attached: bool,
-    /// Whether the kernel captures the pod's traffic now.
+    /// Whether the kernel captures the pod's traffic now. An enrolled pod
+    /// that is not captured yet is still enrolled in the kernel: its
+    /// traffic is dropped until its veth is attached, never let through.
     pub captured: bool,
 }
 
@@ -102,27 +120,37 @@ pub struct PodCapture {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CaptureStatus {
     pub pods: Vec<PodCapture>,
+    /// Devices with the ingress capture program (traffic from elsewhere).
     pub uplinks: Vec<String>,
+    /// Devices with the egress guard.
+    pub guarded: Vec<String>,
+    /// What could not be done, one line each (a vanished uplink, a device
+    /// whose packets capture cannot parse). The rest was synced regardless.
+    pub errors: Vec<String>,
 }
 
 /// The loaded programs and the pinned maps of one ztunnel instance.
 pub struct Capture {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
     links_dir: PathBuf,
     enrolled: BpfHashMap<MapData, PodKey, PodInfo>,
     counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
     policy_tables: [LpmTrie<MapData, PolicyTuple, PolicyVerdict>; 2],
     policy_active: Array<MapData, u32>,
+    /// ztunnel's listening sockets, as the kernel sees them (pinned).
+    listeners: SockMap<MapData>,
     /// Links this process attached or re-adopted; others are re-adopted on
     /// first sight, then left alone.
     owned_links: HashSet<String>,
-    /// This process's listening sockets, for the sk_lookup program.
-    listeners: SockMap<MapData>,
+    /// Maps of an incompatible earlier ztunnel, kept pinned (and serving its
+    /// programs) until every link runs this process's programs.
+    retired_maps: Option<PathBuf>,
 }
 
 impl Capture {
     /// Loads the programs, creating the pinned maps or re-adopting the ones
-    /// an earlier ztunnel left in `pin_dir`.
+    /// an earlier ztunnel left in `pin_dir`. Nothing is attached yet.
     pub fn open(pin_dir: &Path) -> Result<Self, RedirectError> {
         bpffs::ensure_pin_dir(pin_dir)?;
         let maps_dir = bpffs::maps_dir(pin_dir);
@@ -133,28 +161,33 @@ impl Capture {
                 source,
             })?;
         }
+        let retired_maps = abi::retire_incompatible(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(EBPF_OBJECT)
             .map_err(|e| RedirectError::Load(e.to_string()))?;
-        for name in [programs::POD_INGRESS, programs::UPLINK_INGRESS] {
-            program(&mut ebpf, name)?
+        for name in CLASSIFIERS {
+            classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
         }
-        let enrolled = take_map(&mut ebpf, maps::ENROLLED_PODS, |m| BpfHashMap::try_from(m))?;
+        lookup_program(&mut ebpf)?
+            .load()
+            .map_err(|e| RedirectError::Load(format!("{}: {e}", programs::LISTENER_LOOKUP)))?;
+        let enrolled = take_map(&mut ebpf, maps::ENROLLED_PODS, BpfHashMap::try_from)?;
         let counters = take_map(&mut ebpf, maps::POD_COUNTERS, |m| {
             PerCpuHashMap::try_from(m)
         })?;
         let [a, b] = maps::POLICY_TABLES;
         let policy_tables = [
-            take_map(&mut ebpf, a, |m| LpmTrie::try_from(m))?,
-            take_map(&mut ebpf, b, |m| LpmTrie::try_from(m))?,
+            take_map(&mut ebpf, a, LpmTrie::try_from)?,
+            take_map(&mut ebpf, b, LpmTrie::try_from)?,
         ];
-        let policy_active = take_map(&mut ebpf, maps::POLICY_ACTIVE, |m| Array::try_from(m))?;
-        let listeners = take_map(&mut ebpf, maps::LISTENERS, |m| SockMap::try_from(m))?;
+        let policy_active = take_map(&mut ebpf, maps::POLICY_ACTIVE, Array::try_from)?;
+        let listeners = take_map(&mut ebpf, maps::LISTENERS, SockMap::try_from)?;
         Ok(Capture {
             ebpf,
+            pin_dir: pin_dir.to_path_buf(),
             links_dir,
             enrolled,
             counters,
@@ -162,17 +195,62 @@ impl Capture {
             policy_active,
             listeners,
             owned_links: HashSet::new(),
+            retired_maps,
         })
     }
 
-    /// Hands the kernel this process's listening sockets and attaches the
-    /// listener-lookup program to the current network namespace, for as long
-    /// as this process lives: captured SYNs marked by the TC programs are
-    /// then delivered to these listeners by the kernel's own lookup.
-    pub fn serve_listeners(
-        &mut self,
-        listeners: &[(u32, std::os::fd::RawFd)],
-    ) -> Result<(), RedirectError> {
+    /// Swaps this process's programs into every link an earlier ztunnel
+    /// pinned (atomically: no packet sees no program), and removes the pins
+    /// of interfaces that are gone. Done before this process binds anything,
+    /// so an earlier version's programs never judge this one's sockets.
+    /// The maps must be filled first ([`Capture::sync_pods`]).
+    pub fn readopt(&mut self, topology: &Topology) -> Vec<String> {
+        let mut errors = Vec::new();
+        let pins = match attach::pinned_links(&self.links_dir) {
+            Ok(pins) => pins,
+            Err(e) => return vec![e.to_string()],
+        };
+        for pin in pins {
+            let current = attach::parse_pin_name(&pin).and_then(|(role, name, index)| {
+                let link = topology.link_by_index(index)?;
+                (link.interface.name == name).then(|| (role, link.clone()))
+            });
+            let result = match current {
+                Some((role, link)) => self
+                    .ensure_link(role, &link.interface, link.layer)
+                    .map(|_| ()),
+                // The interface is gone (or the pin is not one of ours).
+                None => attach::detach(&self.links_dir, &pin),
+            };
+            if let Err(e) = result {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            if let Some(retired) = self.retired_maps.take() {
+                // Every link runs our programs: nothing uses the old maps.
+                if let Err(e) = std::fs::remove_dir_all(&retired) {
+                    tracing::warn!(path = %retired.display(), error = %e, "removing retired maps");
+                }
+            }
+        }
+        errors
+    }
+
+    /// Attaches the listener-lookup program to the current network
+    /// namespace and pins it, replacing an earlier ztunnel's: captured SYNs
+    /// marked by the TC programs are delivered to the published listeners
+    /// by the kernel's own lookup, or dropped when there are none.
+    pub fn attach_listener_lookup(&mut self) -> Result<(), RedirectError> {
+        let pin = bpffs::lookup_pin(&self.pin_dir);
+        attach::attach_lookup(lookup_program(&mut self.ebpf)?, &pin)
+    }
+
+    /// Tells the kernel this process is ready to receive captured SYNs on
+    /// these listeners (`listener_index` slot, socket). Until then, and
+    /// after [`Capture::unpublish_listeners`] or this process's death, the
+    /// TC programs drop captured SYNs.
+    pub fn publish_listeners(&mut self, listeners: &[(u32, RawFd)]) -> Result<(), RedirectError> {
         for (index, fd) in listeners {
             // SAFETY: the caller's listeners outlive this call; the map takes
             // its own reference to each socket.
@@ -184,73 +262,97 @@ impl Capture {
                     source,
                 })?;
         }
-        let netns =
-            std::fs::File::open("/proc/self/ns/net").map_err(|source| RedirectError::PinDir {
-                path: PathBuf::from("/proc/self/ns/net"),
-                source,
-            })?;
-        let program: &mut SkLookup = self
-            .ebpf
-            .program_mut(programs::LISTENER_LOOKUP)
-            .ok_or_else(|| {
-                RedirectError::Load(format!(
-                    "program {} missing from the object",
-                    programs::LISTENER_LOOKUP
-                ))
-            })?
-            .try_into()
-            .map_err(|e| {
-                RedirectError::Load(format!("program {}: {e}", programs::LISTENER_LOOKUP))
-            })?;
-        program
-            .load()
-            .map_err(|e| RedirectError::Load(format!("{}: {e}", programs::LISTENER_LOOKUP)))?;
-        program.attach(netns).map_err(|e| RedirectError::Attach {
-            iface: "network namespace (sk_lookup)".into(),
-            message: e.to_string(),
-        })?;
         Ok(())
     }
 
-    /// Makes the kernel capture exactly what `plan` says: programs on every
-    /// local pod's veth and every uplink, the enrolled-pods map holding the
-    /// enrolled pods whose veth carries the program, and nothing else.
-    ///
-    /// Order matters for never leaking a flow in clear: a pod is attached
-    /// before it is enrolled, and un-enrolled before it is detached.
-    pub fn sync(&mut self, plan: &CapturePlan) -> Result<CaptureStatus, RedirectError> {
-        let mut status = CaptureStatus::default();
-        let mut wanted_links = BTreeSet::new();
-        let mut wanted_pods: BTreeMap<PodKey, PodInfo> = BTreeMap::new();
-        let mut pod_ifaces = Vec::new();
-        let routes = routing::RouteTable::read()?;
-
-        for pod in &plan.pods {
-            let iface = routes.pod_interface(pod.ip);
-            let mut attached = false;
-            if let Some(iface) = &iface {
-                pod_ifaces.push(iface.name.clone());
-                match self.ensure_link(Role::Pod, iface) {
-                    Ok(name) => {
-                        wanted_links.insert(name);
-                        attached = true;
-                    }
-                    // One pod's veth vanishing mid-sync must not stop the others.
-                    Err(e) => {
-                        tracing::warn!(pod = %pod.ip, error = %e, "cannot attach to pod veth")
-                    }
+    /// Withdraws every listener: new captured SYNs are dropped from now on.
+    pub fn unpublish_listeners(&mut self) -> Result<(), RedirectError> {
+        for index in [
+            listener_index::OUTBOUND,
+            listener_index::INBOUND_PLAINTEXT,
+            listener_index::INBOUND_HBONE,
+        ] {
+            match self.listeners.clear_index(&index) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(RedirectError::Map {
+                        map: maps::LISTENERS,
+                        source,
+                    })
                 }
             }
-            let captured = pod.enrolled && attached;
-            if captured {
-                if let Some(iface) = &iface {
-                    wanted_pods.insert(
-                        PodKey::from_octets(pod.ip.octets()),
-                        PodInfo {
-                            flags: pod_flags::ENROLLED,
-                            ifindex: iface.index,
-                        },
-                    );
+        }
+        Ok(())
+    }
+
+    /// The enrolled pods as the kernel map must hold them: every enrolled
+    /// local workload, with its veth's ifindex when the veth is known (0
+    /// otherwise: its address is then accepted from nowhere).
+    fn wanted_pods(plan: &CapturePlan, topology: &Topology) -> BTreeMap<PodKey, PodInfo> {
+        plan.pods
+            .iter()
+            .filter(|pod| pod.enrolled)
+            .map(|pod| {
+                let ifindex = topology.pod_interface(pod.ip).map(|i| i.index).unwrap_or(0);
+                (
+                    PodKey::from_octets(pod.ip.octets()),
+                    PodInfo {
+                        flags: pod_flags::ENROLLED,
+                        ifindex,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Brings the enrolled-pods and counter maps to exactly what `plan`
+    /// says. Enrolling a pod whose veth is not attached yet is safe: the
+    /// egress guard drops its traffic until capture catches up.
+    pub fn sync_pods(
+        &mut self,
+        plan: &CapturePlan,
+        topology: &Topology,
+    ) -> Result<(), RedirectError> {
+        let wanted = Self::wanted_pods(plan, topology);
+        self.sync_maps(&wanted)
+    }
+
+    /// Makes the kernel capture exactly what `plan` says: the maps first,
+    /// then programs on every local pod's veth, every uplink, and the guard
+    /// on every device traffic can leave through; stale links go last. An
+    /// interface that cannot be attached is reported in the status and the
+    /// rest is synced regardless.
+    pub fn sync(&mut self, plan: &CapturePlan, topology: &Topology) -> CaptureStatus {
+        let mut status = CaptureStatus::default();
+        let maps_synced = match self.sync_pods(plan, topology) {
+            Ok(()) => true,
+            Err(e) => {
+                status.errors.push(e.to_string());
+                false
+            }
+        };
+        let mut wanted_links = BTreeSet::new();
+        let mut pod_ifaces = Vec::new();
+        for pod in &plan.pods {
+            let iface = topology.pod_interface(pod.ip);
+            let mut attached = false;
+            if let Some(iface) = &iface {
+                pod_ifaces.push(iface.index);
+                attached = true;
+                for role in [Role::Pod, Role::Guard] {
+                    match self.ensure_link(role, iface, LinkLayer::Ethernet) {
+                        Ok(name) => {
+                            wanted_links.insert(name);
+                        }
+                        Err(e) => {
+                            // Whatever is attached there stays.
+                            wanted_links.insert(attach::pin_name(role, iface));
+                            attached = false;
+                            status.errors.push(format!("pod {}: {e}", pod.ip));
+                        }
+                    }
                 }
             }
             status.pods.push(PodCapture {
@@ -259,79 +361,127 @@ impl Capture {
                 interface: iface.as_ref().map(|i| i.name.clone()),
                 ifindex: iface.as_ref().map(|i| i.index),
                 attached,
-                captured,
+                captured: pod.enrolled && attached && maps_synced,
             });
         }
 
-        let uplinks = if plan.uplinks.is_empty() {
-            routes.uplinks(&pod_ifaces)
+        let route_devices = topology.route_devices(&pod_ifaces);
+        let uplinks: Vec<topology::Link> = if plan.uplinks.is_empty() {
+            route_devices.clone()
         } else {
             plan.uplinks
                 .iter()
-                .map(|name| {
-                    routing::ifindex(name)
-                        .map(|index| Interface {
-                            name: name.clone(),
-                            index,
-                        })
-                        .ok_or_else(|| RedirectError::NoSuchUplink(name.clone()))
+                .filter_map(|name| match topology.link_by_name(name) {
+                    Some(link) => Some(link.clone()),
+                    None => {
+                        status.errors.push(format!(
+                            "uplink {name} does not exist in this network namespace"
+                        ));
+                        None
+                    }
                 })
-                .collect::<Result<_, _>>()?
+                .collect()
         };
-        for uplink in &uplinks {
-            wanted_links.insert(self.ensure_link(Role::Uplink, uplink)?);
-            status.uplinks.push(uplink.name.clone());
+        let mut guarded: BTreeMap<u32, topology::Link> = BTreeMap::new();
+        for link in &uplinks {
+            match self.ensure_link(Role::Uplink, &link.interface, link.layer) {
+                Ok(name) => {
+                    wanted_links.insert(name);
+                    status.uplinks.push(link.interface.name.clone());
+                }
+                Err(e) => {
+                    wanted_links.insert(attach::pin_name(Role::Uplink, &link.interface));
+                    status.errors.push(e.to_string());
+                }
+            }
+            guarded.insert(link.interface.index, link.clone());
         }
-
-        self.sync_maps(&wanted_pods)?;
-
-        for stale in attach::pinned_links(&self.links_dir)? {
-            if !wanted_links.contains(&stale) {
-                attach::detach(&self.links_dir, &stale)?;
-                self.owned_links.remove(&stale);
-                tracing::info!(link = %stale, "detached");
+        for link in route_devices {
+            guarded.insert(link.interface.index, link);
+        }
+        for link in guarded.values() {
+            match self.ensure_link(Role::Guard, &link.interface, link.layer) {
+                Ok(name) => {
+                    wanted_links.insert(name);
+                    status.guarded.push(link.interface.name.clone());
+                }
+                Err(e) => {
+                    wanted_links.insert(attach::pin_name(Role::Guard, &link.interface));
+                    status.errors.push(e.to_string());
+                }
             }
         }
-        Ok(status)
+
+        match attach::pinned_links(&self.links_dir) {
+            Ok(pins) => {
+                for stale in pins.into_iter().filter(|p| !wanted_links.contains(p)) {
+                    match attach::detach(&self.links_dir, &stale) {
+                        Ok(()) => {
+                            self.owned_links.remove(&stale);
+                            tracing::info!(link = %stale, "detached");
+                        }
+                        Err(e) => status.errors.push(e.to_string()),
+                    }
+                }
+            }
+            Err(e) => status.errors.push(e.to_string()),
+        }
+        status
     }
 
-    fn ensure_link(&mut self, role: Role, iface: &Interface) -> Result<String, RedirectError> {
+    fn ensure_link(
+        &mut self,
+        role: Role,
+        iface: &Interface,
+        layer: LinkLayer,
+    ) -> Result<String, RedirectError> {
         let name = attach::pin_name(role, iface);
         let pinned = self.links_dir.join(&name).exists();
         if self.owned_links.contains(&name) && pinned {
             return Ok(name);
         }
-        let program_name = match role {
-            Role::Pod => programs::POD_INGRESS,
-            Role::Uplink => programs::UPLINK_INGRESS,
-        };
+        let program_name = role.program(layer).ok_or_else(|| RedirectError::Attach {
+            iface: iface.name.clone(),
+            message: format!("capture cannot parse this device's packets ({layer:?} link layer)"),
+        })?;
         let links_dir = self.links_dir.clone();
         let outcome = attach::attach(
-            program(&mut self.ebpf, program_name)?,
+            classifier(&mut self.ebpf, program_name)?,
             &links_dir,
             role,
             iface,
         )?;
-        tracing::info!(iface = %iface.name, ifindex = iface.index, ?role, ?outcome, "capture attached");
+        tracing::info!(iface = %iface.name, ifindex = iface.index, ?role, ?layer, ?outcome, "capture attached");
         self.owned_links.insert(name.clone());
         Ok(name)
     }
 
     fn sync_maps(&mut self, wanted: &BTreeMap<PodKey, PodInfo>) -> Result<(), RedirectError> {
         let map_err = |map| move |source| RedirectError::Map { map, source };
-        // Counters first, so the first captured SYN is counted.
-        let present_counters: HashSet<PodKey> =
-            self.counters.keys().filter_map(Result::ok).collect();
-        for key in wanted.keys() {
-            if !present_counters.contains(key) {
-                let cpus = aya::util::nr_cpus()
-                    .map_err(|(_, e)| RedirectError::Load(format!("counting CPUs: {e}")))?;
-                let zeros = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
-                    .map_err(|e| RedirectError::Load(format!("per-CPU counters: {e}")))?;
-                self.counters
-                    .insert(key, zeros, 0)
-                    .map_err(map_err(maps::POD_COUNTERS))?;
-            }
+        // Removals first: both maps hold at most MAX_PODS, so a full map
+        // could otherwise never be brought to a new set of pods.
+        let present: Vec<PodKey> = self.enrolled.keys().filter_map(Result::ok).collect();
+        for key in present.iter().filter(|k| !wanted.contains_key(k)) {
+            self.enrolled
+                .remove(key)
+                .map_err(map_err(maps::ENROLLED_PODS))?;
+            tracing::info!(pod = %Ipv4Addr::from(key.octets()), "un-enrolled");
+        }
+        let present_counters: Vec<PodKey> = self.counters.keys().filter_map(Result::ok).collect();
+        for key in present_counters.iter().filter(|k| !wanted.contains_key(k)) {
+            self.counters
+                .remove(key)
+                .map_err(map_err(maps::POD_COUNTERS))?;
+        }
+        // Counters before enrollment, so the first captured SYN is counted.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| RedirectError::Load(format!("counting CPUs: {e}")))?;
+        for key in wanted.keys().filter(|k| !present_counters.contains(k)) {
+            let zeros = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
+                .map_err(|e| RedirectError::Load(format!("per-CPU counters: {e}")))?;
+            self.counters
+                .insert(key, zeros, 0)
+                .map_err(map_err(maps::POD_COUNTERS))?;
         }
         for (key, info) in wanted {
             let current = self.enrolled.get(key, 0).ok();
@@ -339,23 +489,10 @@ impl Capture {
                 self.enrolled
                     .insert(key, info, 0)
                     .map_err(map_err(maps::ENROLLED_PODS))?;
-                tracing::info!(pod = %Ipv4Addr::from(key.octets()), "enrolled");
+                if current.is_none() {
+                    tracing::info!(pod = %Ipv4Addr::from(key.octets()), ifindex = info.ifindex, "enrolled");
+                }
             }
-        }
-        let present: Vec<PodKey> = self.enrolled.keys().filter_map(Result::ok).collect();
-        for key in present.into_iter().filter(|k| !wanted.contains_key(k)) {
-            self.enrolled
-                .remove(&key)
-                .map_err(map_err(maps::ENROLLED_PODS))?;
-            tracing::info!(pod = %Ipv4Addr::from(key.octets()), "un-enrolled");
-        }
-        for key in present_counters
-            .into_iter()
-            .filter(|k| !wanted.contains_key(k))
-        {
-            self.counters
-                .remove(&key)
-                .map_err(map_err(maps::POD_COUNTERS))?;
         }
         Ok(())
     }
@@ -440,7 +577,18 @@ impl Capture {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, RedirectError> {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, RedirectError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| RedirectError::Load(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| RedirectError::Load(format!("program {name}: {e}")))
+}
+
+fn lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, RedirectError> {
+    let name = programs::LISTENER_LOOKUP;
     ebpf.program_mut(name)
         .ok_or_else(|| RedirectError::Load(format!("program {name} missing from the object")))?
         .try_into()
@@ -459,7 +607,8 @@ fn take_map<T>(
 }
 
 /// Removes everything one ztunnel instance pinned: links (detaching the
-/// programs) and maps. For uninstalling; a restart must not do this.
+/// programs), the listener lookup and maps. For uninstalling; a restart
+/// must not do this.
 pub fn remove_pins(pin_dir: &Path) -> Result<(), RedirectError> {
     match std::fs::remove_dir_all(pin_dir) {
         Ok(()) => Ok(()),

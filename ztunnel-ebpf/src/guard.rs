@@ -1,0 +1,50 @@
+//! The egress guard, at the TC egress of every pod veth and uplink: the
+//! backstop that makes capture fail closed wherever traffic came in.
+//!
+//! Every legitimate new connection to or from an enrolled pod is taken at
+//! ingress and re-originated by ztunnel from a local socket. So a SYN that
+//! is being *forwarded* (no local socket owns the packet) to or from an
+//! enrolled pod got past capture: it entered through a veth capture has not
+//! synced yet, a device ztunnel does not know, or a routing rule that went
+//! missing. It is dropped and counted, as are fragments and truncated
+//! segments that did the same. Locally originated packets (ztunnel's own
+//! connections, the node's health probes) carry their socket and pass.
+
+use aya_ebpf::programs::TcContext;
+
+use crate::{
+    capture::{drop_unjudgeable, TC_DROP, TC_NEXT},
+    maps::{count, is_enrolled, Counter},
+    packet::{parse, Packet},
+};
+
+#[inline(always)]
+pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the context field the kernel gave this program. The
+    // kernel orphans every received packet before routing it (tproxy's
+    // rule in ip_rcv), so a forwarded packet has no socket here.
+    let originated_here = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
+    if originated_here {
+        return TC_NEXT;
+    }
+    match parse::<L2>(ctx) {
+        Packet::Other => TC_NEXT,
+        Packet::Unjudgeable {
+            saddr,
+            daddr,
+            fragment,
+        } => drop_unjudgeable(saddr, daddr, fragment),
+        Packet::Tcp(flow) if flow.is_syn => {
+            let pod = if is_enrolled(flow.daddr) {
+                flow.daddr
+            } else if is_enrolled(flow.saddr) {
+                flow.saddr
+            } else {
+                return TC_NEXT;
+            };
+            count(pod, Counter::DroppedUncaptured);
+            TC_DROP
+        }
+        Packet::Tcp(_) => TC_NEXT,
+    }
+}

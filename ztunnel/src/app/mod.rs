@@ -1,0 +1,518 @@
+//! Starting, running and stopping one ztunnel. The order of these steps is
+//! what keeps capture failing closed: at no instant of a start, a clean
+//! stop, a crash or a handover does a SYN to or from an enrolled pod leave
+//! the node in clear or reach a socket that is not ztunnel's.
+//!
+//! Start:
+//! 1. config, CA: everything that can be refused, before the kernel;
+//! 2. programs loaded, maps filled from the config;
+//! 3. an earlier ztunnel's pinned links switched to this process's
+//!    programs, before this process binds anything;
+//! 4. listeners bound (or taken over from the running ztunnel);
+//! 5. the capture route installed, the listener lookup attached;
+//! 6. programs attached to every veth and uplink;
+//! 7. listeners published to the kernel: only now are captured SYNs
+//!    delivered (before, and after a crash, the kernel drops them).
+//!
+//! Stop: the handover offer is withdrawn, the listeners unpublished (new
+//! captured SYNs dropped), then connections drain. After a handover the
+//! new ztunnel owns the listeners and nothing is unpublished.
+
+mod hold;
+mod sockets;
+
+use std::{
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures_util::{Stream, StreamExt};
+use tokio::{
+    sync::{oneshot, watch, Notify},
+    time::Instant,
+};
+use tracing::{error, info, warn};
+
+use self::{hold::StartupHold, sockets::Sockets};
+use crate::{
+    admin::{self, Access, LogControl, Status},
+    authz,
+    config::{local::LocalConfig, Args},
+    handover::{self, HandoverServer},
+    identity::{CertManager, LocalCa},
+    metrics::{kernel::KernelCounters, Metrics},
+    proxy::{
+        hbone::{pool::Pool, server::Limits},
+        tracker::Tracker,
+        Drain, Proxy,
+    },
+    redirect::{
+        self,
+        netlink::{self, Event, Netlink},
+        Capture, CaptureStatus,
+    },
+    state::Snapshot,
+    tls::TlsContext,
+};
+
+/// How often the local file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// Capture follows the kernel's link and route events; this slower pass is
+/// a safety net for an event lost to a full netlink buffer.
+const RESYNC: Duration = Duration::from_secs(30);
+/// Events come in bursts (a pod's veth, its state, its route): one sync per
+/// burst. Until it runs, the egress guard drops what capture has not seen.
+const EVENT_DEBOUNCE: Duration = Duration::from_millis(10);
+/// How long a start waits for a draining ztunnel to release the ports.
+const BIND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Why the main loop ended.
+enum Stop {
+    Signal,
+    Quit,
+    HandedOver,
+}
+
+/// The kernel side: capture, and the netlink view it is synced from.
+struct Kernel {
+    capture: Capture,
+    netlink: Netlink,
+    uplinks: Vec<String>,
+    /// Errors of the last sync, so each is logged when it appears.
+    last_errors: Vec<String>,
+}
+
+impl Kernel {
+    /// Reads the node's links and routes and brings capture in line with
+    /// `snapshot`.
+    async fn sync(&mut self, snapshot: &Snapshot) -> anyhow::Result<CaptureStatus> {
+        let topology = self.netlink.topology().await?;
+        let plan = snapshot.capture_plan(&self.uplinks);
+        let status = tokio::task::block_in_place(|| self.capture.sync(&plan, &topology));
+        for e in status
+            .errors
+            .iter()
+            .filter(|e| !self.last_errors.contains(e))
+        {
+            warn!(error = %e, "capture: not everything could be attached; the rest is in sync");
+        }
+        self.last_errors = status.errors.clone();
+        Ok(status)
+    }
+
+    /// Puts the capture route back if something removed it.
+    async fn ensure_route(&self) {
+        match self.netlink.capture_rule_present().await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!("the capture routing rule was removed; reinstalling it");
+                if let Err(e) = self.netlink.install_capture_route().await {
+                    error!(error = %e, "reinstalling the capture route failed");
+                }
+            }
+            Err(e) => warn!(error = %e, "checking the capture route"),
+        }
+    }
+}
+
+/// Runs ztunnel until SIGTERM, SIGINT, `/quitquitquit`, or a new ztunnel
+/// taking over; then drains.
+pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()> {
+    // Everything that can be refused is checked before the kernel is touched.
+    let config_text = read_config(&args.config)?;
+    let config = LocalConfig::parse(&config_text, &args.config)?;
+    let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
+    let pin_dir = args.pin_dir();
+    let certs = Arc::new(CertManager::new(load_ca(&args)?, args.workload_cert_ttl));
+    let handover_path = args.handover_path();
+    let admin_socket = args.admin_socket_path();
+    let hold = StartupHold::from_env();
+    let netlink = Netlink::connect()?;
+    let topology = netlink.topology().await?;
+    for name in &args.uplinks {
+        if topology.link_by_name(name).is_none() {
+            anyhow::bail!("--uplink {name}: no such interface in this network namespace");
+        }
+    }
+
+    // Programs loaded; maps filled before any program of ours reads them.
+    let mut capture = tokio::task::block_in_place(|| Capture::open(&pin_dir))?;
+    let plan = snapshot.capture_plan(&args.uplinks);
+    tokio::task::block_in_place(|| capture.sync_pods(&plan, &topology))?;
+    sync_policy(&mut capture, &snapshot);
+    hold.stage("programs loaded, maps filled").await;
+    // An earlier ztunnel's programs are replaced before we bind anything,
+    // so no program but ours ever judges our sockets.
+    for e in tokio::task::block_in_place(|| capture.readopt(&topology)) {
+        warn!(error = %e, "re-adopting a pinned link");
+    }
+    hold.stage("pinned links re-adopted").await;
+
+    // The listening sockets: the running ztunnel's if there is one (the
+    // kernel keeps delivering to them throughout), else fresh ones.
+    let sockets = match tokio::task::block_in_place(|| handover::take_over(&handover_path))? {
+        Some(fds) => {
+            info!(socket = %handover_path.display(), "took the listeners over from the running ztunnel");
+            Sockets::from_handover(fds)?
+        }
+        None => bind_patiently().await?,
+    };
+    hold.stage("listeners bound").await;
+    netlink.install_capture_route().await?;
+    hold.stage("capture route installed").await;
+    tokio::task::block_in_place(|| capture.attach_listener_lookup())?;
+    hold.stage("listener lookup attached").await;
+    let mut kernel = Kernel {
+        capture,
+        netlink,
+        uplinks: args.uplinks.clone(),
+        last_errors: Vec::new(),
+    };
+    let capture_status = kernel.sync(&snapshot).await?;
+    log_status(&capture_status, &snapshot);
+    hold.stage("capture attached").await;
+
+    let (state_tx, state_rx) = watch::channel(snapshot.clone());
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain = Drain {
+        signal: drain_rx,
+        tasks: tokio_util::task::TaskTracker::new(),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = Arc::new(Notify::new());
+    let status = Arc::new(Status {
+        state: state_rx.clone(),
+        certs: certs.clone(),
+        capture: RwLock::new(CaptureStatus::default()),
+        readiness: RwLock::new(Err("starting".into())),
+        metrics: metrics.clone(),
+        kernel: KernelCounters::open(&pin_dir)
+            .map_err(|e| warn!(error = %e, "kernel counters unavailable to metrics"))
+            .ok(),
+        log_control,
+        shutdown: shutdown.clone(),
+        admin_socket: admin_socket.clone(),
+    });
+    if let Err(e) = certs.refresh(&snapshot.local_identities()) {
+        error!(error = %e, "issuing certificates failed; retrying");
+    }
+    publish(&status, capture_status);
+    let handover_copies = sockets.handover_copies()?;
+    let capture_slots = sockets.capture_slots();
+    let http_tasks = [
+        tokio::spawn(admin::http::serve(
+            "readiness",
+            sockets.readiness,
+            admin::readiness_handler(status.clone()),
+        )),
+        tokio::spawn(admin::http::serve(
+            "metrics",
+            sockets.metrics,
+            admin::metrics_handler(status.clone()),
+        )),
+        tokio::spawn(admin::http::serve(
+            "admin",
+            sockets.admin,
+            admin::admin_handler(status.clone(), Access::ReadOnly),
+        )),
+        tokio::spawn(admin::http::serve_unix(
+            "admin-socket",
+            bind_admin_socket(&admin_socket)?,
+            admin::admin_handler(status.clone(), Access::Full),
+        )),
+    ];
+
+    let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
+    let proxy = Arc::new(Proxy {
+        pool: Pool::new(tls.clone()),
+        tls,
+        limits: Limits {
+            handshake_timeout: args.handshake_timeout,
+            ..Limits::default()
+        },
+        tracker: Arc::new(Tracker::default()),
+        metrics,
+        drain: drain.clone(),
+    });
+    let tracker = proxy.tracker.clone();
+    let proxy_task = tokio::spawn(sockets.proxy.serve(state_rx, proxy));
+    // Ready to receive: from here on the kernel delivers captured SYNs.
+    tokio::task::block_in_place(|| kernel.capture.publish_listeners(&capture_slots))?;
+    hold.stage("listeners published").await;
+
+    // The next ztunnel asks here for our listeners.
+    let (handed_over_tx, handed_over_rx) = oneshot::channel::<()>();
+    let handover_server = HandoverServer::start(&handover_path, handover_copies, move || {
+        let _ = handed_over_tx.send(());
+    })?;
+
+    info!(
+        node = %args.node_name,
+        pin_dir = %pin_dir.display(),
+        admin_socket = %admin_socket.display(),
+        workloads = snapshot.workloads.len(),
+        local = snapshot.local_workloads().count(),
+        ready = status.readiness.read().map(|r| r.is_ok()).unwrap_or(false),
+        "ready"
+    );
+
+    let mut events = kernel_events();
+    let mut resync_due: Option<Instant> = None;
+    let mut last_text = config_text;
+    let mut config_tick = tokio::time::interval(CONFIG_POLL);
+    let mut resync_tick = tokio::time::interval(RESYNC);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut handed_over_rx = handed_over_rx;
+    let stop = loop {
+        tokio::select! {
+            _ = config_tick.tick() => {
+                // Certificates due for rotation are replaced here, ahead of use.
+                if let Err(e) = certs.refresh(&state_tx.borrow().local_identities()) {
+                    error!(error = %e, "certificate refresh failed; retrying");
+                }
+                let Some(text) = changed_config(&args.config, &last_text) else { continue };
+                last_text = text;
+                match LocalConfig::parse(&last_text, &args.config) {
+                    Ok(config) => {
+                        let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
+                        info!(workloads = snapshot.workloads.len(), local = snapshot.local_workloads().count(), "configuration reloaded");
+                        // New connections see the new snapshot before capture changes,
+                        // so a newly enrolled pod's first flow already finds its workload.
+                        state_tx.send_replace(snapshot.clone());
+                        // Then the kernel's share of policy: userspace already
+                        // denies what it newly denies, so nothing slips through.
+                        sync_policy(&mut kernel.capture, &snapshot);
+                        let closed = tracker.recheck(&snapshot);
+                        if closed > 0 {
+                            info!(closed, "live connections closed by the policy update");
+                        }
+                        if let Err(e) = certs.refresh(&snapshot.local_identities()) {
+                            error!(error = %e, "issuing certificates failed; retrying");
+                        }
+                        match kernel.sync(&snapshot).await {
+                            Ok(capture_status) => {
+                                log_status(&capture_status, &snapshot);
+                                publish(&status, capture_status);
+                            }
+                            Err(e) => error!(error = %e, "capture sync failed"),
+                        }
+                    }
+                    // The previous configuration stays in force.
+                    Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+                }
+            }
+            event = events.next() => match event {
+                Some(Event::TopologyChanged) => {
+                    resync_due.get_or_insert_with(|| Instant::now() + EVENT_DEBOUNCE);
+                }
+                Some(Event::RuleRemoved) => kernel.ensure_route().await,
+                None => {
+                    warn!(every = ?RESYNC, "kernel link and route events stopped; capture resyncs on a timer only");
+                    events = Box::pin(futures_util::stream::pending());
+                }
+            },
+            _ = sleep_until(resync_due), if resync_due.is_some() => {
+                resync_due = None;
+                resync(&mut kernel, &state_tx, &status).await;
+            }
+            _ = resync_tick.tick() => {
+                kernel.ensure_route().await;
+                resync(&mut kernel, &state_tx, &status).await;
+            }
+            _ = tokio::signal::ctrl_c() => break Stop::Signal,
+            _ = sigterm.recv() => break Stop::Signal,
+            _ = shutdown.notified() => break Stop::Quit,
+            Ok(()) = &mut handed_over_rx => break Stop::HandedOver,
+        }
+    };
+
+    // Drain: stop offering and receiving, GOAWAY on HBONE, let connections finish.
+    let why = match stop {
+        Stop::Signal => "signal",
+        Stop::Quit => "quitquitquit",
+        Stop::HandedOver => "handed over to a new ztunnel",
+    };
+    // A new ztunnel may have taken the listeners at the last moment: then
+    // they, and capture, are its own.
+    let handed_over = handover_server.close() || matches!(stop, Stop::HandedOver);
+    if !handed_over {
+        // From here the kernel drops new captured SYNs, before the
+        // listeners close under any of them.
+        if let Err(e) = tokio::task::block_in_place(|| kernel.capture.unpublish_listeners()) {
+            error!(error = %e, "withdrawing the listeners from the kernel failed; the kernel drops SYNs to them once they close");
+        }
+    }
+    info!(reason = why, deadline = ?args.drain_deadline, "draining");
+    if let Ok(mut readiness) = status.readiness.write() {
+        *readiness = Err("draining".into());
+    }
+    drain_tx.send_replace(true);
+    for task in http_tasks {
+        task.abort();
+    }
+    drain.tasks.close();
+    match tokio::time::timeout(args.drain_deadline, drain.tasks.wait()).await {
+        Ok(()) => info!("drained: every connection finished"),
+        Err(_) => warn!(
+            remaining = drain.tasks.len(),
+            "drain deadline passed; closing the remaining connections"
+        ),
+    }
+    proxy_task.abort();
+    if handed_over {
+        info!("exiting; the new ztunnel serves capture");
+    } else {
+        // The capture route stays: without published listeners it delivers
+        // nothing, and the next ztunnel needs it.
+        let _ = std::fs::remove_file(&admin_socket);
+        info!("exiting; capture stays attached and fails closed until ztunnel returns");
+    }
+    Ok(())
+}
+
+async fn resync(kernel: &mut Kernel, state: &watch::Sender<Arc<Snapshot>>, status: &Status) {
+    let snapshot = state.borrow().clone();
+    match kernel.sync(&snapshot).await {
+        Ok(capture_status) => publish(status, capture_status),
+        Err(e) => warn!(error = %e, "capture resync failed"),
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The kernel's link, route and rule events, or nothing if they cannot be
+/// followed (capture then resyncs on the timer only).
+fn kernel_events() -> Pin<Box<dyn Stream<Item = Event> + Send>> {
+    match netlink::events() {
+        Ok(events) => Box::pin(events),
+        Err(e) => {
+            warn!(error = %e, every = ?RESYNC, "cannot follow kernel link and route events; capture resyncs on a timer only");
+            Box::pin(futures_util::stream::pending())
+        }
+    }
+}
+
+/// Binds fresh listeners, waiting for a draining ztunnel to release the
+/// ports it is closing.
+async fn bind_patiently() -> anyhow::Result<Sockets> {
+    let deadline = Instant::now() + BIND_PATIENCE;
+    loop {
+        match Sockets::bind() {
+            Ok(sockets) => return Ok(sockets),
+            Err(e)
+                if Instant::now() < deadline
+                    && e.chain().any(|c| {
+                        c.downcast_ref::<std::io::Error>()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+                    }) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The root-only admin socket.
+fn bind_admin_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| anyhow::anyhow!("admin socket {}: {e}", path.display());
+    handover::private_dir(path).map_err(err)?;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+fn publish(status: &Status, capture: CaptureStatus) {
+    if let Ok(mut c) = status.capture.write() {
+        *c = capture;
+    }
+    status.update_readiness();
+}
+
+/// The CA: the one in --ca-dir, or the development root in the state directory.
+fn load_ca(args: &Args) -> anyhow::Result<LocalCa> {
+    if let Some(dir) = &args.ca_dir {
+        return Ok(LocalCa::load(dir)?);
+    }
+    let (ca, dir) = LocalCa::load_or_generate_dev(&args.state_dir)?;
+    info!(ca_dir = %dir.display(), "using the development CA (pass --ca-dir for a real one; point other nodes at this directory to share its root)");
+    Ok(ca)
+}
+
+/// Removes everything this instance installed in the kernel.
+pub async fn uninstall(args: &Args) -> anyhow::Result<()> {
+    let pin_dir = args.pin_dir();
+    redirect::remove_pins(&pin_dir)?;
+    Netlink::connect()?.remove_capture_route().await?;
+    info!(pin_dir = %pin_dir.display(), "capture removed");
+    Ok(())
+}
+
+fn read_config(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).map_err(|source| {
+        crate::config::local::ConfigError::Read {
+            path: path.clone(),
+            source,
+        }
+        .into()
+    })
+}
+
+/// The file's text if it differs from `last`. A file that cannot be read
+/// (mid-replace by an editor or a ConfigMap update) is tried again later.
+fn changed_config(path: &PathBuf, last: &str) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text != last => Some(text),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read configuration; keeping the previous one");
+            None
+        }
+    }
+}
+
+/// Compiles the identity-free part of authorization into the kernel tables.
+/// On failure the kernel keeps its previous tables; userspace enforces the
+/// new policy regardless, so the only cost is work the kernel does not save.
+fn sync_policy(capture: &mut Capture, snapshot: &Snapshot) {
+    let started = std::time::Instant::now();
+    let entries = authz::kernel::compile(snapshot);
+    match tokio::task::block_in_place(|| capture.set_policy(&entries)) {
+        Ok(n) => info!(
+            entries = n,
+            policies = snapshot.policies.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "kernel policy tables updated"
+        ),
+        Err(e) => {
+            error!(error = %e, "updating the kernel policy tables failed; userspace still enforces the policy")
+        }
+    }
+}
+
+fn log_status(status: &CaptureStatus, snapshot: &Snapshot) {
+    for pod in &status.pods {
+        if pod.enrolled && !pod.captured {
+            warn!(pod = %pod.ip, "enrolled workload has no veth yet; its traffic is dropped until capture attaches");
+        }
+    }
+    for ip in snapshot.uncaptured_ipv6() {
+        warn!(%ip, "IPv6 capture is not supported yet; this address is not captured");
+    }
+    info!(
+        captured = status.pods.iter().filter(|p| p.captured).count(),
+        attached = status.pods.iter().filter(|p| p.attached).count(),
+        uplinks = ?status.uplinks,
+        guarded = status.guarded.len(),
+        "capture in sync"
+    );
+}
