@@ -8,7 +8,7 @@ LLVM_VERSION=22
 BPF_LINKER_VERSION=0.13
 DEB_PACKAGES=(
   "llvm-${LLVM_VERSION}-dev" "libpolly-${LLVM_VERSION}-dev" libzstd-dev
-  iproute2 iperf3 bpftool tcpdump procps ethtool
+  iproute2 iperf3 bpftool tcpdump procps ethtool curl nftables
 )
 
 log() { printf '[bootstrap] %s\n' "$*"; }

@@ -139,9 +139,10 @@ fn a_new_pod_is_captured_from_its_first_connection() -> Result<()> {
 #[test]
 fn a_veth_capture_has_not_seen_cannot_reach_an_enrolled_pod() -> Result<()> {
     let mut s = Setup::new(&lab::config_yaml(&[]))?;
-    let _zt1 = s.ztunnel("node1", &[])?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
     // A pod whose veth the node's routes never name: capture has no program
-    // on it, and its packets to the enrolled neighbor are forwarded.
+    // on it, and its packets to the enrolled neighbor are not seen at
+    // ingress.
     s.lab.add_unrouted_pod(PodSpec {
         name: "rogue",
         node: 0,
@@ -149,22 +150,70 @@ fn a_veth_capture_has_not_seen_cannot_reach_an_enrolled_pod() -> Result<()> {
         enrolled: false,
         service_account: "rogue",
     })?;
+    let node1 = s.lab.node("node1");
     let neighbor = s.lab.pod("neighbor");
     let _server = Server::start(&neighbor.ns, neighbor.addr(8080))?;
     let watch = TcpWatch::start(&neighbor.ns)?;
     let rogue = s.lab.pod("rogue");
-    let _ = Connection::open(&rogue.ns, neighbor.addr(8080), Duration::from_millis(500));
+    let attempt = || {
+        let _ = Connection::open(&rogue.ns, neighbor.addr(8080), Duration::from_millis(500));
+        never(
+            "a SYN from an uncaptured veth reached the enrolled pod",
+            Duration::from_millis(500),
+            || {
+                !watch
+                    .matching(|seg| seg.is_syn() && seg.src.ip() == &rogue.spec.ip)
+                    .is_empty()
+            },
+        )
+    };
+    // The catch-all route hands it to ztunnel instead of the pod.
+    attempt()?;
+    // With ztunnel gone and the catch-all rule removed (as a CNI flushing
+    // rules would), the egress guard still drops it.
+    zt1.kill();
+    node1.ns.ip(&["rule", "del", "priority", "1541"])?;
+    attempt()?;
+    let c = counters(node1, neighbor.spec.ip)?.context("neighbor counters")?;
+    assert!(
+        c.dropped_uncaptured >= 1,
+        "the guard did not count it: {c:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_enrolled_pod_whose_veth_is_unknown_cannot_get_out() -> Result<()> {
+    const GHOST: PodSpec = PodSpec {
+        name: "ghost",
+        node: 0,
+        ip: Ipv4Addr::new(198, 18, 1, 41),
+        enrolled: true,
+        service_account: "ghost",
+    };
+    let mut s = Setup::new(&lab::config_yaml_extra(&[], &[], &[GHOST], ""))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    // Enrolled in the configuration; its veth is one the node's routes
+    // never name, so capture has no program on it.
+    s.lab.add_unrouted_pod(GHOST)?;
+    let plain = s.lab.pod("plain");
+    let _server = Server::start(&plain.ns, plain.addr(8080))?;
+    let watch = TcpWatch::start(&plain.ns)?;
+    let underlay = Sniffer::start(s.lab.node("node1"), "eth0")?;
+    let ghost = s.lab.pod("ghost");
+    let result = Connection::open(&ghost.ns, plain.addr(8080), Duration::from_millis(500));
+    assert!(result.is_err(), "the uncaptured enrolled pod connected");
     never(
-        "a SYN from an uncaptured veth reached the enrolled pod",
-        Duration::from_millis(500),
+        "a SYN from the uncaptured enrolled pod reached the other node",
+        Duration::from_millis(300),
         || {
             !watch
-                .matching(|seg| seg.is_syn() && seg.src.ip() == &rogue.spec.ip)
+                .matching(|seg| seg.src.ip() == &ghost.spec.ip)
                 .is_empty()
         },
     )?;
-    let c = counters(s.lab.node("node1"), neighbor.spec.ip)?.context("neighbor counters")?;
-    assert!(c.dropped_uncaptured >= 1, "not counted: {c:?}");
+    let pcap = underlay.stop()?;
+    assert_eq!(pcap.count(&format!("src host {}", ghost.spec.ip))?, 0);
     Ok(())
 }
 

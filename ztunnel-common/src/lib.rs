@@ -27,12 +27,33 @@ pub mod ports {
 /// table whose only route is `local 0.0.0.0/0 dev lo`, so the kernel delivers
 /// them locally, to the assigned socket, whatever their destination address.
 pub const CAPTURE_MARK: u32 = 0x0539_0000;
-/// Mask for [`CAPTURE_MARK`], so other users of the mark's low bits coexist.
+/// Mask for [`CAPTURE_MARK`] and [`BYPASS_MARK`], so other users of the
+/// mark's low bits coexist.
 pub const CAPTURE_MARK_MASK: u32 = 0xffff_0000;
 /// Routing table holding the `local` route for marked packets.
 pub const CAPTURE_ROUTE_TABLE: u32 = 0x539;
 /// Priority of the `ip rule` selecting [`CAPTURE_ROUTE_TABLE`].
 pub const CAPTURE_RULE_PRIORITY: u32 = 1539;
+
+/// The mark the TC programs set on packets to an enrolled pod that belong
+/// to a flow older than capture (no SYN, no ztunnel socket): they are left
+/// to normal forwarding, past the catch-all route.
+pub const BYPASS_MARK: u32 = 0x0538_0000;
+/// Routing table of the catch-all: a `local` route for every enrolled pod's
+/// address. TCP to an enrolled pod that capture did not take at ingress
+/// (its destination was rewritten by DNAT after TC saw it: a Kubernetes
+/// service through kube-proxy, a NodePort, a hostPort) is delivered
+/// locally, to ztunnel's inbound listener, instead of forwarded.
+pub const CATCHALL_ROUTE_TABLE: u32 = 0x53a;
+/// Priorities of ztunnel's other rules, around [`CAPTURE_RULE_PRIORITY`]:
+/// locally originated packets (and the kernel's reverse-path checks of
+/// locally delivered ones) skip all of ztunnel's rules (1538); packets
+/// marked [`BYPASS_MARK`] skip the catch-all (1540); TCP looks up
+/// [`CATCHALL_ROUTE_TABLE`] (1541); the last is the target of the skips.
+pub const SKIP_LOCAL_RULE_PRIORITY: u32 = 1538;
+pub const SKIP_BYPASS_RULE_PRIORITY: u32 = 1540;
+pub const CATCHALL_RULE_PRIORITY: u32 = 1541;
+pub const RULES_END_PRIORITY: u32 = 1542;
 
 /// Names of the maps, as the eBPF object declares and pins them.
 pub mod maps {

@@ -19,13 +19,18 @@
 //! 7. Before rule 5 hands a plaintext SYN (not to 15008) to userspace, the
 //!    policy tables may drop it: they hold only what userspace would deny
 //!    without knowing an identity, which a plaintext connection never has.
-//! 8. Everything else is left to the next program or the kernel.
+//! 8. A packet to or from an enrolled pod that none of the above took
+//!    belongs to a flow older than capture: it is marked to bypass the
+//!    catch-all route (which delivers TCP to enrolled pods locally, for
+//!    flows whose destination DNAT rewrote after this program ran) and
+//!    forwarded.
+//! 9. Everything else is left to the next program or the kernel.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use ztunnel_common::{listener_index, ports, CAPTURE_MARK, CAPTURE_MARK_MASK};
+use ztunnel_common::{listener_index, ports, BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
     maps::{count, enrolled_pod, is_enrolled, listener_ready, policy_denies, Counter},
@@ -63,6 +68,11 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         return verdict;
     }
     if !flow.is_syn {
+        // A flow older than capture, to or from an enrolled pod: forwarded
+        // as before, past the catch-all route (and, with the veth's
+        // src_valid_mark, past it in the kernel's reverse-path check of an
+        // enrolled source too).
+        set_mark(ctx, BYPASS_MARK);
         return TC_NEXT;
     }
     if src.is_some() {
@@ -97,6 +107,7 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
         return verdict;
     }
     if !flow.is_syn {
+        set_mark(ctx, BYPASS_MARK);
         return TC_NEXT;
     }
     inbound(ctx, &flow)
@@ -161,7 +172,7 @@ fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
         // clear past the mesh.
         return Some(TC_DROP);
     }
-    mark_local(ctx);
+    set_mark(ctx, CAPTURE_MARK);
     Some(TC_ACT_OK as i32)
 }
 
@@ -176,19 +187,21 @@ fn to_listener(ctx: &TcContext, slot: u32, pod_be: u32, counter: Counter) -> i32
         return TC_DROP;
     }
     count(pod_be, counter);
-    mark_local(ctx);
+    set_mark(ctx, CAPTURE_MARK);
     TC_ACT_OK as i32
 }
 
-/// Marks the packet for the policy route that delivers it locally.
+/// Sets ztunnel's part of the packet's mark: [`CAPTURE_MARK`] for the
+/// policy route that delivers it locally, [`BYPASS_MARK`] to skip the
+/// catch-all route.
 #[inline(always)]
-fn mark_local(ctx: &TcContext) {
+fn set_mark(ctx: &TcContext, value: u32) {
     // Whole-word volatile accesses: the verifier only allows 4-byte access
     // to `mark`, and the optimiser would otherwise store just the changed half.
     // SAFETY: the skb pointer is the one this program was given.
     unsafe {
         let mark = core::ptr::addr_of_mut!((*ctx.skb.skb).mark);
         let old = core::ptr::read_volatile(mark);
-        core::ptr::write_volatile(mark, (old & !CAPTURE_MARK_MASK) | CAPTURE_MARK);
+        core::ptr::write_volatile(mark, (old & !CAPTURE_MARK_MASK) | value);
     }
 }

@@ -9,8 +9,8 @@
 //! 3. an earlier ztunnel's pinned links switched to this process's
 //!    programs, before this process binds anything;
 //! 4. listeners bound (or taken over from the running ztunnel);
-//! 5. the capture route installed, the listener lookup attached;
-//! 6. programs attached to every veth and uplink;
+//! 5. the capture routing installed, the listener lookup attached;
+//! 6. programs attached to every veth and uplink, the catch-all routes set;
 //! 7. listeners published to the kernel: only now are captured SYNs
 //!    delivered (before, and after a crash, the kernel drops them).
 //!
@@ -90,7 +90,18 @@ impl Kernel {
     async fn sync(&mut self, snapshot: &Snapshot) -> anyhow::Result<CaptureStatus> {
         let topology = self.netlink.topology().await?;
         let plan = snapshot.capture_plan(&self.uplinks);
-        let status = tokio::task::block_in_place(|| self.capture.sync(&plan, &topology));
+        let mut status = tokio::task::block_in_place(|| self.capture.sync(&plan, &topology));
+        // After the maps, so a pod's address is delivered locally only
+        // once the listener lookup knows it as enrolled.
+        let enrolled = plan
+            .pods
+            .iter()
+            .filter(|p| p.enrolled)
+            .map(|p| p.ip)
+            .collect();
+        if let Err(e) = self.netlink.set_catchall(&enrolled).await {
+            status.errors.push(format!("catch-all routes: {e}"));
+        }
         for e in status
             .errors
             .iter()
@@ -102,12 +113,12 @@ impl Kernel {
         Ok(status)
     }
 
-    /// Puts the capture route back if something removed it.
+    /// Puts the capture rules back if something removed one.
     async fn ensure_route(&self) {
         match self.netlink.capture_rule_present().await {
             Ok(true) => {}
             Ok(false) => {
-                warn!("the capture routing rule was removed; reinstalling it");
+                warn!("a capture routing rule was removed; reinstalling it");
                 if let Err(e) = self.netlink.install_capture_route().await {
                     error!(error = %e, "reinstalling the capture route failed");
                 }

@@ -14,6 +14,7 @@ mod abi;
 mod attach;
 pub mod bpffs;
 pub mod netlink;
+mod sysctl;
 pub mod topology;
 
 use std::{
@@ -341,6 +342,10 @@ impl Capture {
             if let Some(iface) = &iface {
                 pod_ifaces.push(iface.index);
                 attached = true;
+                if let Err(e) = sysctl::enable_src_valid_mark(&iface.name) {
+                    attached = false;
+                    status.errors.push(format!("pod {}: {e}", pod.ip));
+                }
                 for role in [Role::Pod, Role::Guard] {
                     match self.ensure_link(role, iface, LinkLayer::Ethernet) {
                         Ok(name) => {

@@ -4,7 +4,7 @@
 //! the policy route that delivers captured packets locally. Only ztunnel's
 //! own rule and table are ever changed; no `ip` binary is needed.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
@@ -17,11 +17,15 @@ use rtnetlink::{
             RouteType,
         },
         rule::{RuleAction, RuleAttribute, RuleMessage},
-        AddressFamily, RouteNetlinkMessage,
+        AddressFamily, IpProtocol, RouteNetlinkMessage,
     },
     Handle, IpVersion, MulticastGroup, RouteMessageBuilder,
 };
-use ztunnel_common::{CAPTURE_MARK, CAPTURE_MARK_MASK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY};
+use ztunnel_common::{
+    BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY,
+    CATCHALL_ROUTE_TABLE, CATCHALL_RULE_PRIORITY, RULES_END_PRIORITY, SKIP_BYPASS_RULE_PRIORITY,
+    SKIP_LOCAL_RULE_PRIORITY,
+};
 
 use super::topology::{Interface, Link, LinkLayer, Route, Topology};
 
@@ -80,8 +84,17 @@ impl Netlink {
         })
     }
 
-    /// Installs `ip rule fwmark CAPTURE_MARK/CAPTURE_MARK_MASK lookup
-    /// CAPTURE_ROUTE_TABLE` and the table's `local 0.0.0.0/0 dev lo` route.
+    /// Installs ztunnel's policy routing, what is missing of it:
+    /// - 1538 `iif lo goto END`: locally originated packets, and the
+    ///   reverse-path checks of locally delivered ones, skip the rest;
+    /// - 1539 `fwmark CAPTURE_MARK/CAPTURE_MARK_MASK lookup
+    ///   CAPTURE_ROUTE_TABLE`, whose table holds `local 0.0.0.0/0 dev lo`:
+    ///   captured packets are delivered locally;
+    /// - 1540 `fwmark BYPASS_MARK goto END`: flows older than capture;
+    /// - 1541 `ipproto tcp lookup CATCHALL_ROUTE_TABLE`, whose table holds
+    ///   a local route per enrolled pod ([`Netlink::set_catchall`]);
+    /// - 1542 (END) `nop`.
+    ///
     /// Idempotent, so a restart after a crash finds them in place.
     pub async fn install_capture_route(&self) -> Result<(), NetlinkError> {
         let route = capture_route(self.loopback_index().await?);
@@ -92,56 +105,125 @@ impl Netlink {
             .execute()
             .await
             .map_err(request("adding the capture route"))?;
-        if self.capture_rule().await?.is_none() {
-            let mut add = self
-                .handle
-                .rule()
-                .add()
-                .v4()
-                .fw_mark(CAPTURE_MARK)
-                .priority(CAPTURE_RULE_PRIORITY)
-                .table_id(CAPTURE_ROUTE_TABLE)
-                .action(RuleAction::ToTable);
-            add.message_mut()
-                .attributes
-                .push(RuleAttribute::FwMask(CAPTURE_MARK_MASK));
+        let present = self.our_rules().await?;
+        for wanted in wanted_rules() {
+            if present.iter().any(|r| wanted.matches(r)) {
+                continue;
+            }
+            let mut add = self.handle.rule().add().v4().priority(wanted.priority);
+            let attributes = &mut add.message_mut().attributes;
+            if let Some((mark, mask)) = wanted.fwmark {
+                attributes.push(RuleAttribute::FwMark(mark));
+                attributes.push(RuleAttribute::FwMask(mask));
+            }
+            if wanted.from_local {
+                attributes.push(RuleAttribute::Iifname("lo".into()));
+            }
+            if wanted.tcp_only {
+                attributes.push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
+            }
+            add = match wanted.action {
+                Action::Table(table) => add.table_id(table).action(RuleAction::ToTable),
+                Action::Goto(target) => {
+                    add.message_mut()
+                        .attributes
+                        .push(RuleAttribute::Goto(target));
+                    add.action(RuleAction::Goto)
+                }
+                Action::Nop => add.action(RuleAction::Nop),
+            };
             add.execute()
                 .await
-                .map_err(request("adding the capture rule"))?;
+                .map_err(request("adding a capture rule"))?;
         }
         Ok(())
     }
 
-    /// Whether the capture rule is in place.
+    /// Whether every capture rule is in place.
     pub async fn capture_rule_present(&self) -> Result<bool, NetlinkError> {
-        Ok(self.capture_rule().await?.is_some())
+        let present = self.our_rules().await?;
+        Ok(wanted_rules()
+            .iter()
+            .all(|w| present.iter().any(|r| w.matches(r))))
     }
 
-    /// Removes the rule and the route installed by
-    /// [`Netlink::install_capture_route`]; absent already is fine.
+    /// Removes the rules and routes installed by
+    /// [`Netlink::install_capture_route`] and [`Netlink::set_catchall`];
+    /// absent already is fine.
     pub async fn remove_capture_route(&self) -> Result<(), NetlinkError> {
-        while let Some(rule) = self.capture_rule().await? {
+        for rule in self.our_rules().await? {
             self.handle
                 .rule()
                 .del(rule)
                 .execute()
                 .await
-                .map_err(request("deleting the capture rule"))?;
+                .map_err(request("deleting a capture rule"))?;
         }
         let route = capture_route(self.loopback_index().await?);
         // Nothing else uses this table: an error here means it is gone.
         let _ = self.handle.route().del(route).execute().await;
+        self.set_catchall(&BTreeSet::new()).await
+    }
+
+    /// Makes the catch-all table hold a local route for exactly `pods`.
+    pub async fn set_catchall(&self, pods: &BTreeSet<Ipv4Addr>) -> Result<(), NetlinkError> {
+        let lo = self.loopback_index().await?;
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("dumping routes"))?;
+        let mut present = BTreeSet::new();
+        for route in routes
+            .into_iter()
+            .filter(|r| route_table(r) == CATCHALL_ROUTE_TABLE)
+        {
+            match route_destination(&route) {
+                Some(ip) if pods.contains(&ip) && route.header.destination_prefix_length == 32 => {
+                    present.insert(ip);
+                }
+                _ => self
+                    .handle
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .map_err(request("deleting a catch-all route"))?,
+            }
+        }
+        for pod in pods.difference(&present) {
+            self.handle
+                .route()
+                .add(catchall_route(lo, *pod))
+                .replace()
+                .execute()
+                .await
+                .map_err(request("adding a catch-all route"))?;
+        }
         Ok(())
     }
 
-    async fn capture_rule(&self) -> Result<Option<RuleMessage>, NetlinkError> {
-        let mut rules = self.handle.rule().get(IpVersion::V4).execute();
-        while let Some(rule) = rules.try_next().await.map_err(request("dumping rules"))? {
-            if is_capture_rule(&rule) {
-                return Ok(Some(rule));
-            }
-        }
-        Ok(None)
+    /// ztunnel's rules, as the kernel holds them now.
+    async fn our_rules(&self) -> Result<Vec<RuleMessage>, NetlinkError> {
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("dumping rules"))?;
+        Ok(rules
+            .into_iter()
+            .filter(|r| {
+                wanted_rules()
+                    .iter()
+                    .any(|w| w.priority == rule_priority(r))
+            })
+            .collect())
     }
 
     async fn loopback_index(&self) -> Result<u32, NetlinkError> {
@@ -206,21 +288,127 @@ fn capture_route(loopback: u32) -> RouteMessage {
     route
 }
 
-fn is_capture_rule(rule: &RuleMessage) -> bool {
-    let mut priority = None;
-    let mut mark = None;
-    let mut table = Some(rule.header.table as u32);
-    for attribute in &rule.attributes {
-        match attribute {
-            RuleAttribute::Priority(p) => priority = Some(*p),
-            RuleAttribute::FwMark(m) => mark = Some(*m),
-            RuleAttribute::Table(t) => table = Some(*t),
-            _ => {}
+/// `local <pod>/32 dev lo table CATCHALL_ROUTE_TABLE`.
+fn catchall_route(loopback: u32, pod: Ipv4Addr) -> RouteMessage {
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(pod, 32)
+        .table_id(CATCHALL_ROUTE_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .output_interface(loopback)
+        .build();
+    route.header.protocol = RouteProtocol::Boot;
+    route
+}
+
+/// What one of ztunnel's rules does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Table(u32),
+    Goto(u32),
+    Nop,
+}
+
+/// One of ztunnel's rules, as installed.
+struct WantedRule {
+    priority: u32,
+    fwmark: Option<(u32, u32)>,
+    from_local: bool,
+    tcp_only: bool,
+    action: Action,
+}
+
+impl WantedRule {
+    fn matches(&self, rule: &RuleMessage) -> bool {
+        let mut fwmark = (None, None);
+        let mut iif = None;
+        let mut tcp = false;
+        let mut table = rule.header.table as u32;
+        let mut goto = None;
+        for attribute in &rule.attributes {
+            match attribute {
+                RuleAttribute::FwMark(m) => fwmark.0 = Some(*m),
+                RuleAttribute::FwMask(m) => fwmark.1 = Some(*m),
+                RuleAttribute::Iifname(name) => iif = Some(name.as_str()),
+                RuleAttribute::IpProtocol(p) => tcp = *p == IpProtocol::Tcp,
+                RuleAttribute::Table(t) => table = *t,
+                RuleAttribute::Goto(t) => goto = Some(*t),
+                _ => {}
+            }
         }
+        let action = match rule.header.action {
+            RuleAction::ToTable => Some(Action::Table(table)),
+            RuleAction::Goto => goto.map(Action::Goto),
+            RuleAction::Nop => Some(Action::Nop),
+            _ => None,
+        };
+        rule_priority(rule) == self.priority
+            && self
+                .fwmark
+                .map(|(m, k)| (Some(m), Some(k)))
+                .unwrap_or((None, None))
+                == fwmark
+            && (iif == Some("lo")) == self.from_local
+            && tcp == self.tcp_only
+            && action == Some(self.action)
     }
-    priority == Some(CAPTURE_RULE_PRIORITY)
-        && mark == Some(CAPTURE_MARK)
-        && table == Some(CAPTURE_ROUTE_TABLE)
+}
+
+fn wanted_rules() -> [WantedRule; 5] {
+    let rule = |priority, action| WantedRule {
+        priority,
+        fwmark: None,
+        from_local: false,
+        tcp_only: false,
+        action,
+    };
+    [
+        WantedRule {
+            from_local: true,
+            ..rule(SKIP_LOCAL_RULE_PRIORITY, Action::Goto(RULES_END_PRIORITY))
+        },
+        WantedRule {
+            fwmark: Some((CAPTURE_MARK, CAPTURE_MARK_MASK)),
+            ..rule(CAPTURE_RULE_PRIORITY, Action::Table(CAPTURE_ROUTE_TABLE))
+        },
+        WantedRule {
+            fwmark: Some((BYPASS_MARK, CAPTURE_MARK_MASK)),
+            ..rule(SKIP_BYPASS_RULE_PRIORITY, Action::Goto(RULES_END_PRIORITY))
+        },
+        WantedRule {
+            tcp_only: true,
+            ..rule(CATCHALL_RULE_PRIORITY, Action::Table(CATCHALL_ROUTE_TABLE))
+        },
+        rule(RULES_END_PRIORITY, Action::Nop),
+    ]
+}
+
+fn rule_priority(rule: &RuleMessage) -> u32 {
+    rule.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(route.header.table as u32)
+}
+
+fn route_destination(route: &RouteMessage) -> Option<Ipv4Addr> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
 }
 
 fn link(message: &LinkMessage) -> Option<Link> {
@@ -243,13 +431,11 @@ fn main_unicast_route(message: &RouteMessage) -> Option<Route> {
     if header.address_family != AddressFamily::Inet || header.kind != RouteType::Unicast {
         return None;
     }
-    let mut table = header.table as u32;
-    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let table = route_table(message);
+    let destination = route_destination(message).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let mut devices = Vec::new();
     for attribute in &message.attributes {
         match attribute {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
             RouteAttribute::Oif(index) => devices.push(*index),
             RouteAttribute::MultiPath(hops) => {
                 devices.extend(hops.iter().map(|h| h.interface_index))
