@@ -338,6 +338,7 @@ impl Drop for Lab {
         self.pods.clear();
         for node in &self.nodes {
             let _ = std::fs::remove_dir_all(&node.pin_dir);
+            remove_sockets(&node.ns.name().to_string());
         }
         let _ = std::fs::remove_dir_all(&self.ca_dir);
     }
@@ -376,7 +377,23 @@ pub fn teardown(prefix: &str) -> Result<Vec<String>> {
             }
         }
     }
+    remove_sockets(prefix);
     Ok(removed)
+}
+
+/// Where ztunnel keeps its admin and handover sockets.
+const SOCKET_DIR: &str = "/run/ztunnel";
+
+/// Removes the sockets of the lab ztunnels whose pin directory name starts
+/// with `prefix` (a killed ztunnel leaves them behind).
+fn remove_sockets(prefix: &str) {
+    if let Ok(entries) = std::fs::read_dir(SOCKET_DIR) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 /// The lab's workloads in the local-file schema, with `enrolled` deciding

@@ -62,6 +62,18 @@ impl Netlink {
 
     /// The links and main-table IPv4 unicast routes, read now.
     pub async fn topology(&self) -> Result<Topology, NetlinkError> {
+        Ok(Topology {
+            links: self.links().await?,
+            routes: self
+                .routes()
+                .await?
+                .iter()
+                .filter_map(main_unicast_route)
+                .collect(),
+        })
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -70,18 +82,18 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(request("dumping links"))?;
-        let routes: Vec<RouteMessage> = self
-            .handle
+        Ok(links.iter().filter_map(link).collect())
+    }
+
+    /// Every IPv4 route, of every table.
+    async fn routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
             .try_collect()
             .await
-            .map_err(request("dumping routes"))?;
-        Ok(Topology {
-            links: links.iter().filter_map(link).collect(),
-            routes: routes.iter().filter_map(main_unicast_route).collect(),
-        })
+            .map_err(request("dumping routes"))
     }
 
     /// Installs ztunnel's policy routing, what is missing of it:
@@ -168,14 +180,7 @@ impl Netlink {
     /// Makes the catch-all table hold a local route for exactly `pods`.
     pub async fn set_catchall(&self, pods: &BTreeSet<Ipv4Addr>) -> Result<(), NetlinkError> {
         let lo = self.loopback_index().await?;
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("dumping routes"))?;
+        let routes = self.routes().await?;
         let mut present = BTreeSet::new();
         for route in routes
             .into_iter()
@@ -227,9 +232,8 @@ impl Netlink {
     }
 
     async fn loopback_index(&self) -> Result<u32, NetlinkError> {
-        let topology = self.topology().await?;
-        topology
-            .links
+        self.links()
+            .await?
             .iter()
             .find(|l| l.loopback)
             .map(|l| l.interface.index)
