@@ -389,3 +389,45 @@ fn a_draining_ztunnel_offers_no_listeners() -> Result<()> {
     request(&client.ns, server.addr, 1024)?;
     Ok(())
 }
+
+#[test]
+fn maps_of_another_layout_are_set_aside_and_refilled() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let node1 = s.lab.node("node1");
+    // The counters map as a ztunnel with fewer counters (b091a11) pinned it.
+    let maps = node1.pin_dir.join("maps");
+    std::fs::create_dir_all(&maps)?;
+    ztunnel_tests::netns::run(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(maps.join("ZT_POD_COUNTERS"))
+            .args([
+                "type",
+                "percpu_hash",
+                "key",
+                "4",
+                "value",
+                "32",
+                "entries",
+                "4096",
+            ])
+            .args(["name", "ZT_POD_COUNTERS"]),
+    )?;
+    let zt1 = s.ztunnel("node1", &[])?;
+    assert!(
+        zt1.log_text().contains("set aside"),
+        "the old map was not noticed:\n{}",
+        zt1.log_text()
+    );
+    assert!(
+        !node1.pin_dir.join("maps-retired").exists(),
+        "the retired maps stayed although no link used them"
+    );
+    let client = s.lab.pod("client");
+    let plain = s.lab.pod("plain");
+    let server = Server::start(&plain.ns, plain.addr(8080))?;
+    request(&client.ns, server.addr, 1024)?;
+    let c = counters(node1, client.spec.ip)?.context("client counters")?;
+    assert_eq!(c.outbound_captured, 1, "{c:?}");
+    Ok(())
+}

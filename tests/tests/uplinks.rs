@@ -46,10 +46,13 @@ fn capture_works_through_an_uplink_without_an_ethernet_header() -> Result<()> {
     // Mesh to mesh: HBONE arrives on the L3 device and is captured there.
     let client = s.lab.pod("client");
     let conn = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
-    assert!(
-        ztunnel_owns(node2, server_pod.addr(15008), client.spec.ip)?,
-        "the tunnel arriving on the L3 uplink was not captured"
-    );
+    // The tunnel is opened once node1's ztunnel has accepted the client:
+    // across the relay it may take a moment longer than the accept.
+    eventually(
+        "the tunnel arriving on the L3 uplink captured by node2's ztunnel",
+        Duration::from_secs(3),
+        || ztunnel_owns(node2, server_pod.addr(15008), client.spec.ip),
+    )?;
     conn.exchange(256 * 1024)?;
 
     // Plaintext into an enrolled pod, across the L3 device: captured.

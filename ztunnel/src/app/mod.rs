@@ -63,8 +63,11 @@ const CONFIG_POLL: Duration = Duration::from_secs(1);
 /// a safety net for an event lost to a full netlink buffer.
 const RESYNC: Duration = Duration::from_secs(30);
 /// Events come in bursts (a pod's veth, its state, its route): one sync per
-/// burst. Until it runs, the egress guard drops what capture has not seen.
+/// burst, and at most one per [`EVENT_SYNC_INTERVAL`] under churn (a sync
+/// reads every link and route). Until it runs, the egress guard and the
+/// enrolled-pods map keep what capture has not seen from passing.
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(10);
+const EVENT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a start waits for a draining ztunnel to release the ports.
 const BIND_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -271,6 +274,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
 
     let mut events = kernel_events();
     let mut resync_due: Option<Instant> = None;
+    let mut last_event_sync = Instant::now();
     let mut last_text = config_text;
     let mut config_tick = tokio::time::interval(CONFIG_POLL);
     let mut resync_tick = tokio::time::interval(RESYNC);
@@ -316,7 +320,9 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
             }
             event = events.next() => match event {
                 Some(Event::TopologyChanged) => {
-                    resync_due.get_or_insert_with(|| Instant::now() + EVENT_DEBOUNCE);
+                    resync_due.get_or_insert_with(|| {
+                        (Instant::now() + EVENT_DEBOUNCE).max(last_event_sync + EVENT_SYNC_INTERVAL)
+                    });
                 }
                 Some(Event::RuleRemoved) => kernel.ensure_route().await,
                 None => {
@@ -327,6 +333,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
             _ = sleep_until(resync_due), if resync_due.is_some() => {
                 resync_due = None;
                 resync(&mut kernel, &state_tx, &status).await;
+                last_event_sync = Instant::now();
             }
             _ = resync_tick.tick() => {
                 kernel.ensure_route().await;
