@@ -1,5 +1,7 @@
 //! Builds the eBPF programs (ztunnel-ebpf) with nightly for bpfel-unknown-none
-//! so the ztunnel binary embeds them: one file is all a node needs.
+//! so the ztunnel binary embeds them: one file is all a node needs. Also
+//! generates the gRPC code for the control plane's protocols (xDS, CA) from
+//! `proto/`, with a protobuf compiler written in Rust (no `protoc`).
 //!
 //! The eBPF crate is its own workspace with its own target directory
 //! (`target/ebpf`), shared by every profile of this crate and by
@@ -11,9 +13,32 @@ use std::{
     process::Command,
 };
 
+/// The protocol files, relative to `proto/`.
+const PROTOS: [&str; 5] = [
+    "envoy/service/discovery/v3/discovery.proto",
+    "istio/workload/workload.proto",
+    "istio/security/authorization.proto",
+    "istio/v1/auth/ca.proto",
+    "google/rpc/status.proto",
+];
+
+fn compile_protos(manifest_dir: &Path) {
+    let include = manifest_dir.join("proto");
+    println!("cargo:rerun-if-changed={}", include.display());
+    let files: Vec<PathBuf> = PROTOS.iter().map(|p| include.join(p)).collect();
+    let descriptors = protox::compile(&files, [&include])
+        .unwrap_or_else(|e| panic!("compiling the .proto files in {}: {e:?}", include.display()));
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)
+        .unwrap_or_else(|e| panic!("generating gRPC code: {e}"));
+}
+
 fn main() {
     let manifest_dir =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    compile_protos(&manifest_dir);
     let root = manifest_dir
         .parent()
         .expect("ztunnel/ lives in the workspace root");

@@ -89,6 +89,8 @@ pub struct Status {
     pub shutdown: Arc<Notify>,
     /// Where changes are accepted (named in refusals on the TCP port).
     pub admin_socket: PathBuf,
+    /// The xDS client, when the configuration comes from a control plane.
+    pub xds: Option<Arc<crate::xds::XdsClient>>,
 }
 
 impl Status {
@@ -201,8 +203,41 @@ fn render_metrics(status: &Status) -> String {
         crate::metrics::render_labels(&mut out, &[("identity", &cert.identity.to_string())]);
         let _ = writeln!(out, " {expiry}");
     }
+    if let Some(xds) = &status.xds {
+        render_xds(&xds.status(), &mut out);
+    }
     process::render(&mut out);
     out
+}
+
+/// Istio's ztunnel's xDS families, with its names.
+fn render_xds(xds: &crate::xds::XdsStatus, out: &mut String) {
+    use crate::metrics::render_labels;
+    let _ = writeln!(out, "# HELP istio_xds_connection_terminations_total The total number of completed connections to xds server (unstable)\n# TYPE istio_xds_connection_terminations_total counter");
+    for (reason, n) in &xds.terminations {
+        out.push_str("istio_xds_connection_terminations_total");
+        render_labels(out, &[("reason", reason)]);
+        let _ = writeln!(out, " {n}");
+    }
+    let _ = writeln!(out, "# HELP istio_xds_message_total Total number of messages received (unstable)\n# TYPE istio_xds_message_total counter");
+    for (url, t) in &xds.types {
+        out.push_str("istio_xds_message_total");
+        render_labels(out, &[("url", url)]);
+        let _ = writeln!(out, " {}", t.responses);
+    }
+    let _ = writeln!(out, "# HELP istio_xds_message_bytes_total Total number of bytes received (unstable)\n# TYPE istio_xds_message_bytes_total counter");
+    for (url, t) in &xds.types {
+        out.push_str("istio_xds_message_bytes_total");
+        render_labels(out, &[("url", url)]);
+        let _ = writeln!(out, " {}", t.bytes);
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Source {
+    LocalFile,
+    Xds(crate::xds::XdsStatus),
 }
 
 #[derive(Serialize)]
@@ -218,6 +253,8 @@ struct CertDump {
 struct ConfigDump<'a> {
     node: &'a str,
     trust_domain: &'a str,
+    /// `local file`, or the xDS stream's state.
+    source: Source,
     workloads: Vec<&'a crate::state::Workload>,
     services: &'a [crate::config::local::Service],
     policies: &'a [crate::config::local::Authorization],
@@ -286,6 +323,10 @@ fn admin(status: &Status, access: Access, req: Request<Incoming>) -> Reply {
                 let dump = ConfigDump {
                     node: &snapshot.node,
                     trust_domain: &snapshot.trust_domain,
+                    source: match &status.xds {
+                        Some(xds) => Source::Xds(xds.status()),
+                        None => Source::LocalFile,
+                    },
                     workloads: snapshot.workloads.iter().map(|w| w.as_ref()).collect(),
                     services: &snapshot.services,
                     policies: &snapshot.policies,

@@ -22,7 +22,7 @@ mod hold;
 mod sockets;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     pin::Pin,
     sync::{Arc, RwLock},
     time::Duration,
@@ -39,9 +39,9 @@ use self::{hold::StartupHold, sockets::Sockets};
 use crate::{
     admin::{self, Access, LogControl, Status},
     authz,
-    config::{local::LocalConfig, Args},
+    config::{source, Args},
     handover::{self, HandoverServer},
-    identity::{CertManager, LocalCa},
+    identity::{CaClient, CaSource, CertManager, LocalCa},
     metrics::{kernel::KernelCounters, Metrics},
     proxy::{
         hbone::{pool::Pool, server::Limits},
@@ -57,8 +57,8 @@ use crate::{
     tls::TlsContext,
 };
 
-/// How often the local file is checked for changes.
-const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often certificates are checked for renewal (and readiness redone).
+const CERT_TICK: Duration = Duration::from_secs(1);
 /// Capture follows the kernel's link and route events; this slower pass is
 /// a safety net for an event lost to a full netlink buffer.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -135,11 +135,16 @@ impl Kernel {
 /// taking over; then drains.
 pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()> {
     // Everything that can be refused is checked before the kernel is touched.
-    let config_text = read_config(&args.config)?;
-    let config = LocalConfig::parse(&config_text, &args.config)?;
-    let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
+    // With a control plane, this waits for its first complete push.
+    let feed = source::start(&args).await?;
+    let mut config_updates = feed.updates;
+    let snapshot = Arc::new(Snapshot::new(
+        &args.node_name,
+        &args.trust_domain,
+        &feed.initial,
+    ));
     let pin_dir = args.pin_dir();
-    let certs = Arc::new(CertManager::new(load_ca(&args)?, args.workload_cert_ttl));
+    let certs = CertManager::new(ca_source(&args)?, args.workload_cert_ttl);
     let handover_path = args.handover_path();
     let admin_socket = args.admin_socket_path();
     let hold = StartupHold::from_env();
@@ -208,10 +213,9 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         log_control,
         shutdown: shutdown.clone(),
         admin_socket: admin_socket.clone(),
+        xds: feed.xds.clone(),
     });
-    if let Err(e) = certs.refresh(&snapshot.local_identities()) {
-        error!(error = %e, "issuing certificates failed; retrying");
-    }
+    certs.maintain(&snapshot.local_identities());
     publish(&status, capture_status);
     let handover_copies = sockets.handover_copies()?;
     let capture_slots = sockets.capture_slots();
@@ -275,47 +279,44 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     let mut events = kernel_events();
     let mut resync_due: Option<Instant> = None;
     let mut last_event_sync = Instant::now();
-    let mut last_text = config_text;
-    let mut config_tick = tokio::time::interval(CONFIG_POLL);
+    let mut config_source_alive = true;
+    let mut cert_tick = tokio::time::interval(CERT_TICK);
     let mut resync_tick = tokio::time::interval(RESYNC);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut handed_over_rx = handed_over_rx;
     let stop = loop {
         tokio::select! {
-            _ = config_tick.tick() => {
-                // Certificates due for rotation are replaced here, ahead of use.
-                if let Err(e) = certs.refresh(&state_tx.borrow().local_identities()) {
-                    error!(error = %e, "certificate refresh failed; retrying");
+            _ = cert_tick.tick() => {
+                // Certificates due for renewal are requested here, ahead of use.
+                certs.maintain(&state_tx.borrow().local_identities());
+                status.update_readiness();
+            }
+            changed = config_updates.changed(), if config_source_alive => {
+                if changed.is_err() {
+                    error!("the configuration source stopped; the last configuration stays in force");
+                    config_source_alive = false;
+                    continue;
                 }
-                let Some(text) = changed_config(&args.config, &last_text) else { continue };
-                last_text = text;
-                match LocalConfig::parse(&last_text, &args.config) {
-                    Ok(config) => {
-                        let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
-                        info!(workloads = snapshot.workloads.len(), local = snapshot.local_workloads().count(), "configuration reloaded");
-                        // New connections see the new snapshot before capture changes,
-                        // so a newly enrolled pod's first flow already finds its workload.
-                        state_tx.send_replace(snapshot.clone());
-                        // Then the kernel's share of policy: userspace already
-                        // denies what it newly denies, so nothing slips through.
-                        sync_policy(&mut kernel.capture, &snapshot);
-                        let closed = tracker.recheck(&snapshot);
-                        if closed > 0 {
-                            info!(closed, "live connections closed by the policy update");
-                        }
-                        if let Err(e) = certs.refresh(&snapshot.local_identities()) {
-                            error!(error = %e, "issuing certificates failed; retrying");
-                        }
-                        match kernel.sync(&snapshot).await {
-                            Ok(capture_status) => {
-                                log_status(&capture_status, &snapshot);
-                                publish(&status, capture_status);
-                            }
-                            Err(e) => error!(error = %e, "capture sync failed"),
-                        }
+                let Some(config) = config_updates.borrow_and_update().clone() else { continue };
+                let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
+                info!(workloads = snapshot.workloads.len(), local = snapshot.local_workloads().count(), "configuration reloaded");
+                // New connections see the new snapshot before capture changes,
+                // so a newly enrolled pod's first flow already finds its workload.
+                state_tx.send_replace(snapshot.clone());
+                // Then the kernel's share of policy: userspace already
+                // denies what it newly denies, so nothing slips through.
+                sync_policy(&mut kernel.capture, &snapshot);
+                let closed = tracker.recheck(&snapshot);
+                if closed > 0 {
+                    info!(closed, "live connections closed by the policy update");
+                }
+                certs.maintain(&snapshot.local_identities());
+                match kernel.sync(&snapshot).await {
+                    Ok(capture_status) => {
+                        log_status(&capture_status, &snapshot);
+                        publish(&status, capture_status);
                     }
-                    // The previous configuration stays in force.
-                    Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+                    Err(e) => error!(error = %e, "capture sync failed"),
                 }
             }
             event = events.next() => match event {
@@ -456,6 +457,20 @@ fn publish(status: &Status, capture: CaptureStatus) {
     status.update_readiness();
 }
 
+/// Where certificates come from: the control plane's CA when there is one
+/// (no CA key is read then), else the local CA.
+fn ca_source(args: &Args) -> anyhow::Result<CaSource> {
+    match args.ca_endpoint() {
+        Some(endpoint) => {
+            std::fs::metadata(&endpoint.root_cert)
+                .map_err(|e| anyhow::anyhow!("CA_ROOT_CA {}: {e}", endpoint.root_cert.display()))?;
+            info!(address = %endpoint.address, "certificates come from the control plane's CA");
+            Ok(CaSource::Remote(CaClient::new(endpoint)))
+        }
+        None => Ok(CaSource::Local(load_ca(args)?)),
+    }
+}
+
 /// The CA: the one in --ca-dir, or the development root in the state directory.
 fn load_ca(args: &Args) -> anyhow::Result<LocalCa> {
     if let Some(dir) = &args.ca_dir {
@@ -473,29 +488,6 @@ pub async fn uninstall(args: &Args) -> anyhow::Result<()> {
     Netlink::connect()?.remove_capture_route().await?;
     info!(pin_dir = %pin_dir.display(), "capture removed");
     Ok(())
-}
-
-fn read_config(path: &PathBuf) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).map_err(|source| {
-        crate::config::local::ConfigError::Read {
-            path: path.clone(),
-            source,
-        }
-        .into()
-    })
-}
-
-/// The file's text if it differs from `last`. A file that cannot be read
-/// (mid-replace by an editor or a ConfigMap update) is tried again later.
-fn changed_config(path: &PathBuf, last: &str) -> Option<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if text != last => Some(text),
-        Ok(_) => None,
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot read configuration; keeping the previous one");
-            None
-        }
-    }
 }
 
 /// Compiles the identity-free part of authorization into the kernel tables.

@@ -2,8 +2,9 @@
 //! (Istio's ztunnel's variable names where it has one), and the local file.
 
 pub mod local;
+pub mod source;
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -18,9 +19,60 @@ use clap::{Parser, ValueEnum};
 pub struct Args {
     /// Local configuration (workloads, services, policies) in the schema
     /// Istio's ztunnel reads from LOCAL_XDS_PATH. Watched: edits apply
-    /// without a restart.
+    /// without a restart. Not with --xds-address.
     #[arg(long = "config", env = "LOCAL_XDS_PATH", value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+
+    /// The control plane's xDS service (istiod: https://istiod.istio-system.svc:15012).
+    /// Workloads, services and policies come from it instead of a file.
+    #[arg(long, env = "XDS_ADDRESS", value_name = "URL")]
+    pub xds_address: Option<String>,
+
+    /// The control plane's CA service (default: the xDS address). With
+    /// either set, certificates come from it and no CA key is read.
+    #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
+    pub ca_address: Option<String>,
+
+    /// Root certificate(s) the xDS server's certificate must chain to.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        value_name = "FILE",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: PathBuf,
+
+    /// Root certificate(s) the CA server's certificate must chain to.
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        value_name = "FILE",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub ca_root_ca: PathBuf,
+
+    /// File holding the token sent to the control plane as a bearer token
+    /// (re-read at each request: projected tokens rotate).
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        value_name = "FILE",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token: PathBuf,
+
+    /// Name to check the xDS server's certificate against, instead of the
+    /// address's host.
+    #[arg(long, env = "ALT_XDS_HOSTNAME", value_name = "NAME")]
+    pub alt_xds_hostname: Option<String>,
+
+    /// Name to check the CA server's certificate against.
+    #[arg(long, env = "ALT_CA_HOSTNAME", value_name = "NAME")]
+    pub alt_ca_hostname: Option<String>,
+
+    /// This cluster's id, sent to the control plane.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
 
     /// This node's name: workloads whose `node` equals it are local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
@@ -123,12 +175,83 @@ impl Args {
             .unwrap_or_else(|| crate::handover::run_dir_path(&self.pin_dir(), "admin.sock"))
     }
 
+    /// The xDS endpoint, when there is a control plane.
+    pub fn xds_endpoint(&self) -> Option<crate::grpc::ControlPlaneEndpoint> {
+        let address = self.xds_address.clone()?;
+        Some(self.endpoint(
+            address,
+            &self.xds_root_ca,
+            &self.alt_xds_hostname,
+            "XDS_HEADER_",
+        ))
+    }
+
+    /// The CA endpoint, when certificates come from the control plane.
+    pub fn ca_endpoint(&self) -> Option<crate::grpc::ControlPlaneEndpoint> {
+        let address = self
+            .ca_address
+            .clone()
+            .or_else(|| self.xds_address.clone())?;
+        Some(self.endpoint(
+            address,
+            &self.ca_root_ca,
+            &self.alt_ca_hostname,
+            "CA_HEADER_",
+        ))
+    }
+
+    fn endpoint(
+        &self,
+        address: String,
+        root: &std::path::Path,
+        alt: &Option<String>,
+        header_prefix: &str,
+    ) -> crate::grpc::ControlPlaneEndpoint {
+        crate::grpc::ControlPlaneEndpoint {
+            address,
+            root_cert: root.to_path_buf(),
+            alt_hostname: alt.clone(),
+            token: Some(self.auth_token.clone()),
+            cluster_id: self.cluster_id.clone(),
+            headers: prefixed_env(header_prefix).into_iter().collect(),
+        }
+    }
+
+    /// How this ztunnel names itself to istiod: Istio's ztunnel's node id
+    /// and metadata, from the downward API's variables.
+    pub fn node_identity(&self) -> crate::xds::NodeIdentity {
+        let var = |name: &str| std::env::var(name).unwrap_or_default();
+        let ip = std::env::var("INSTANCE_IP").unwrap_or_else(|_| "1.1.1.1".into());
+        let (pod, namespace) = (var("POD_NAME"), var("POD_NAMESPACE"));
+        let mut metadata = BTreeMap::from([
+            ("NAME".to_string(), pod.clone()),
+            ("NAMESPACE".to_string(), namespace.clone()),
+            ("INSTANCE_IPS".to_string(), ip.clone()),
+            ("NODE_NAME".to_string(), self.node_name.clone()),
+            ("CLUSTER_ID".to_string(), self.cluster_id.clone()),
+        ]);
+        metadata.extend(prefixed_env("ISTIO_META_"));
+        crate::xds::NodeIdentity {
+            id: format!("ztunnel~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local"),
+            metadata,
+        }
+    }
+
     /// The pin directory in effect.
     pub fn pin_dir(&self) -> PathBuf {
         self.bpf_pin_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ztunnel").join(&self.node_name))
     }
+}
+
+/// Environment variables starting with `prefix`, without it (`XDS_HEADER_`,
+/// `CA_HEADER_`, `ISTIO_META_`), as Istio reads them.
+fn prefixed_env(prefix: &str) -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v)))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 /// Parses a duration: Go's format as Istio writes it (`300ms`, `1.5h`,

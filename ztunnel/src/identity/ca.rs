@@ -17,8 +17,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -53,6 +54,10 @@ pub struct WorkloadCert {
     /// Leaf first, then intermediates.
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivatePkcs8KeyDer<'static>,
+    /// The trust anchors peers' certificates must chain to, as the issuing
+    /// CA gave them with this certificate: a new trust bundle arrives with
+    /// the next certificate, no restart needed.
+    pub roots: Vec<CertificateDer<'static>>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     /// Hex serial, for logs.
@@ -64,7 +69,8 @@ impl WorkloadCert {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 
-    /// When to replace it: half way through its life, as Istio does.
+    /// Half way through its life: when Istio replaces a certificate (the
+    /// manager adds jitter).
     pub fn refresh_at(&self) -> SystemTime {
         let life = self
             .not_after
@@ -161,6 +167,96 @@ impl LocalCa {
             message,
         };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let signed = self.sign(identity, &key, ttl)?;
+        let mut chain = vec![signed.leaf];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            roots: self.roots.clone(),
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+            serial: signed.serial,
+        })
+    }
+
+    /// Signs a PKCS#10 request (PEM) for a workload, as a CA service does:
+    /// only the request's key and its single SPIFFE id are taken from it,
+    /// and `authorize` decides on the id before anything is signed. Returns
+    /// the identity and the chain to send back: the leaf, the
+    /// intermediates, the roots last.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        ttl: Duration,
+        authorize: impl FnOnce(&Identity) -> Result<(), IdentityError>,
+    ) -> Result<(Identity, Vec<CertificateDer<'static>>), IdentityError> {
+        let bad = |message: String| IdentityError::Issue {
+            identity: "(unknown)".into(),
+            message,
+        };
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| bad(format!("not a valid, signed certificate request: {e}")))?;
+        let ids: Vec<&SanType> = csr.params.subject_alt_names.iter().collect();
+        let identity: Identity = match ids.as_slice() {
+            [SanType::URI(uri)] => uri.as_str().parse()?,
+            _ => {
+                return Err(bad(
+                    "the request must name exactly one SPIFFE id (a URI SAN) and nothing else"
+                        .into(),
+                ))
+            }
+        };
+        authorize(&identity)?;
+        let signed = self.sign(&identity, &csr.public_key, ttl)?;
+        let mut chain = vec![signed.leaf];
+        chain.extend(self.intermediates.iter().cloned());
+        chain.extend(self.roots.iter().cloned());
+        Ok((identity, chain))
+    }
+
+    /// A serving certificate for a control plane reachable as `names` (DNS
+    /// names or IP addresses), with its key: PEM chain (leaf and
+    /// intermediates) and PEM key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), IdentityError> {
+        let err = |message: String| IdentityError::Issue {
+            identity: names.join(","),
+            message,
+        };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| err(e.to_string()))?;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err(e.to_string()))?;
+        let mut chain = cert.pem();
+        for c in &self.intermediates {
+            chain.push_str(&pem_cert(c));
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// Signs a workload certificate for `identity` over `public_key`.
+    fn sign(
+        &self,
+        identity: &Identity,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+    ) -> Result<Signed, IdentityError> {
+        let err = |message: String| IdentityError::Issue {
+            identity: identity.to_string(),
+            message,
+        };
         let mut params = CertificateParams::default();
         let uri = identity
             .to_string()
@@ -185,19 +281,57 @@ impl LocalCa {
         let serial: [u8; 16] = random_serial();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| err(e.to_string()))?;
-        let mut chain = vec![cert.der().clone()];
-        chain.extend(self.intermediates.iter().cloned());
-        Ok(WorkloadCert {
-            identity: identity.clone(),
-            chain,
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        Ok(Signed {
+            leaf: cert.der().clone(),
             not_before,
             not_after,
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
         })
     }
+}
+
+/// A freshly signed leaf.
+struct Signed {
+    leaf: CertificateDer<'static>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: String,
+}
+
+/// A certificate in PEM.
+pub fn pem_cert(cert: &CertificateDer<'_>) -> String {
+    use std::fmt::Write;
+    const LINE: usize = 64;
+    let b64 = base64_encode(cert.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(LINE) {
+        let _ = writeln!(out, "{}", String::from_utf8_lossy(chunk));
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn random_serial() -> [u8; 16] {

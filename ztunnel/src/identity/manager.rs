@@ -1,90 +1,243 @@
-//! Certificates per identity: issued on first use, replaced half way through
-//! their life. A replaced certificate is only used for new handshakes;
-//! established connections keep theirs, so rotation drops nothing.
+//! Certificates per identity, from the local CA or the control plane's.
+//!
+//! - A certificate is fetched the first time an identity needs it (or
+//!   ahead of that, for the local workloads); every caller waiting for the
+//!   same identity shares the one request in flight.
+//! - It is renewed at about half its life, with jitter, so a node's
+//!   certificates do not all renew at the same instant.
+//! - A failed request is retried with exponential backoff; meanwhile the
+//!   current certificate keeps serving until it expires.
+//! - A replaced certificate is only used for new handshakes; established
+//!   connections keep theirs, so rotation drops nothing.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
-use tracing::info;
+use futures_util::{
+    future::{BoxFuture, Shared},
+    FutureExt,
+};
+use tracing::{info, warn};
 
-use super::{Identity, IdentityError, LocalCa, WorkloadCert};
+use super::{caclient::CaClient, Identity, IdentityError, LocalCa, WorkloadCert};
 
-/// Issues and caches workload certificates.
+/// First retry after a failed request; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Where certificates come from.
+pub enum CaSource {
+    /// A CA whose key this process holds (`--ca-dir`, development root).
+    Local(LocalCa),
+    /// The control plane's CA: the key stays there.
+    Remote(CaClient),
+}
+
+impl CaSource {
+    async fn issue(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<WorkloadCert, IdentityError> {
+        match self {
+            CaSource::Local(ca) => ca.issue(identity, ttl),
+            CaSource::Remote(client) => client.fetch(identity, ttl).await,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            CaSource::Local(_) => "local CA".into(),
+            CaSource::Remote(client) => format!("CA at {}", client.address()),
+        }
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Arc<WorkloadCert>, String>>>;
+
+/// What is known of one identity's certificate.
+#[derive(Default)]
+struct Entry {
+    current: Option<Arc<WorkloadCert>>,
+    /// When to replace `current` (half its life, minus jitter).
+    renew_at: Option<SystemTime>,
+    inflight: Option<Fetch>,
+    failures: u32,
+    /// No new request before this, after a failure.
+    retry_at: Option<Instant>,
+}
+
+impl Entry {
+    fn may_request(&self) -> bool {
+        self.inflight.is_none() && self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+}
+
+/// Issues, caches and renews workload certificates.
 pub struct CertManager {
-    ca: LocalCa,
+    source: CaSource,
     ttl: Duration,
-    certs: RwLock<HashMap<Identity, Arc<WorkloadCert>>>,
+    entries: Mutex<HashMap<Identity, Entry>>,
 }
 
 impl CertManager {
-    pub fn new(ca: LocalCa, ttl: Duration) -> Self {
-        CertManager {
-            ca,
+    pub fn new(source: CaSource, ttl: Duration) -> Arc<Self> {
+        Arc::new(CertManager {
+            source,
             ttl,
-            certs: RwLock::new(HashMap::new()),
-        }
+            entries: Mutex::new(HashMap::new()),
+        })
     }
 
-    pub fn ca(&self) -> &LocalCa {
-        &self.ca
-    }
-
-    /// A current certificate for `identity`, issuing one if there is none or
-    /// the one cached is due for rotation.
-    pub fn fetch(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
-        let now = SystemTime::now();
-        if let Some(cert) = self.cached(identity) {
-            if cert.refresh_at() > now {
-                return Ok(cert);
+    /// A current certificate for `identity`, fetching one if there is none.
+    pub async fn get(
+        self: &Arc<Self>,
+        identity: &Identity,
+    ) -> Result<Arc<WorkloadCert>, IdentityError> {
+        let fetch = {
+            let mut entries = self.lock();
+            let entry = entries.entry(identity.clone()).or_default();
+            match &entry.current {
+                Some(cert) if cert.not_after > SystemTime::now() => {
+                    let cert = cert.clone();
+                    if entry.renew_at.is_some_and(|t| SystemTime::now() >= t) && entry.may_request()
+                    {
+                        // The request runs as its own task; the current
+                        // certificate serves meanwhile.
+                        drop(self.start(entry, identity));
+                    }
+                    return Ok(cert);
+                }
+                _ => match &entry.inflight {
+                    Some(fetch) => fetch.clone(),
+                    None if entry.may_request() => self.start(entry, identity),
+                    // Backing off after a failure: no request per connection.
+                    None => {
+                        return Err(IdentityError::Issue {
+                            identity: identity.to_string(),
+                            message: format!(
+                                "no certificate yet; {} failed request(s), retrying",
+                                entry.failures
+                            ),
+                        })
+                    }
+                },
             }
-        }
-        self.issue(identity)
-    }
-
-    fn cached(&self, identity: &Identity) -> Option<Arc<WorkloadCert>> {
-        self.certs.read().ok()?.get(identity).cloned()
-    }
-
-    fn issue(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
-        let cert = Arc::new(self.ca.issue(identity, self.ttl)?);
-        let previous = match self.certs.write() {
-            Ok(mut certs) => certs.insert(identity.clone(), cert.clone()),
-            // A poisoned lock only means another issuer panicked; the map is
-            // still a map of valid certificates.
-            Err(poisoned) => poisoned.into_inner().insert(identity.clone(), cert.clone()),
         };
-        match previous {
-            Some(old) => {
-                info!(%identity, serial = %cert.serial, previous = %old.serial, "certificate rotated")
-            }
-            None => info!(%identity, serial = %cert.serial, "certificate issued"),
-        }
-        Ok(cert)
+        fetch.await.map_err(|message| IdentityError::Issue {
+            identity: identity.to_string(),
+            message,
+        })
     }
 
-    /// Makes sure every identity in `identities` has a certificate that is
-    /// not due for rotation, and forgets identities no longer in use.
-    /// Returns the earliest time one will be due again.
-    pub fn refresh(&self, identities: &[Identity]) -> Result<SystemTime, IdentityError> {
-        let mut next = SystemTime::now() + self.ttl / 2;
+    /// Starts a request for `identity`; the caller holds the lock.
+    fn start(self: &Arc<Self>, entry: &mut Entry, identity: &Identity) -> Fetch {
+        let this = self.clone();
+        let id = identity.clone();
+        let task = tokio::spawn(async move { this.fetch(id).await });
+        let fetch = async move {
+            task.await
+                .map_err(|e| format!("certificate request task failed: {e}"))?
+        }
+        .boxed()
+        .shared();
+        entry.inflight = Some(fetch.clone());
+        fetch
+    }
+
+    async fn fetch(self: Arc<Self>, identity: Identity) -> Result<Arc<WorkloadCert>, String> {
+        let result = self.source.issue(&identity, self.ttl).await;
+        let mut entries = self.lock();
+        let entry = entries.entry(identity.clone()).or_default();
+        entry.inflight = None;
+        match result {
+            Ok(cert) => {
+                let cert = Arc::new(cert);
+                match &entry.current {
+                    Some(old) => {
+                        info!(%identity, serial = %cert.serial, previous = %old.serial, "certificate rotated")
+                    }
+                    None => info!(%identity, serial = %cert.serial, "certificate issued"),
+                }
+                entry.renew_at = Some(renewal_time(&cert));
+                entry.current = Some(cert.clone());
+                entry.failures = 0;
+                entry.retry_at = None;
+                Ok(cert)
+            }
+            Err(e) => {
+                entry.failures += 1;
+                let wait = crate::xds::client::jittered(
+                    FIRST_RETRY
+                        .saturating_mul(1 << entry.failures.min(16).saturating_sub(1))
+                        .min(MAX_RETRY),
+                );
+                entry.retry_at = Some(Instant::now() + wait);
+                let keeps = entry
+                    .current
+                    .as_ref()
+                    .filter(|c| c.not_after > SystemTime::now())
+                    .map(|c| c.serial.clone());
+                warn!(
+                    %identity,
+                    source = %self.source.describe(),
+                    error = %e,
+                    failures = entry.failures,
+                    retry_in = ?wait,
+                    still_serving = ?keeps,
+                    "certificate request failed"
+                );
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Keeps the certificates of `identities` (this node's workloads) ready:
+    /// requests the missing ones, renews those due, drops the expired, and
+    /// forgets identities no longer in use. Called about once a second.
+    pub fn maintain(self: &Arc<Self>, identities: &[Identity]) {
+        let now = SystemTime::now();
+        let mut entries = self.lock();
+        entries.retain(|id, entry| identities.contains(id) || entry.inflight.is_some());
         for identity in identities {
-            let cert = self.fetch(identity)?;
-            next = next.min(cert.refresh_at());
+            let entry = entries.entry(identity.clone()).or_default();
+            if entry.current.as_ref().is_some_and(|c| c.not_after <= now) {
+                warn!(%identity, "certificate expired before it could be renewed");
+                entry.current = None;
+            }
+            let due = match &entry.current {
+                None => true,
+                Some(_) => entry.renew_at.is_some_and(|t| now >= t),
+            };
+            if due && entry.may_request() {
+                drop(self.start(entry, identity));
+            }
         }
-        if let Ok(mut certs) = self.certs.write() {
-            certs.retain(|id, _| identities.contains(id));
-        }
-        Ok(next)
     }
 
     /// The certificates held now, for status pages and readiness.
     pub fn snapshot(&self) -> Vec<Arc<WorkloadCert>> {
-        self.certs
-            .read()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default()
+        self.lock()
+            .values()
+            .filter_map(|e| e.current.clone())
+            .collect()
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Entry>> {
+        // A poisoned lock only means a holder panicked; the map is still a
+        // map of valid certificates.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Half way through the certificate's life, minus up to a tenth of it.
+fn renewal_time(cert: &WorkloadCert) -> SystemTime {
+    let life = cert
+        .not_after
+        .duration_since(cert.not_before)
+        .unwrap_or_default();
+    cert.not_before + life.mul_f64(0.5 - fastrand::f64() * 0.1)
 }

@@ -3,16 +3,20 @@
 //! - [`Identity`]: a SPIFFE id, `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`;
 //! - [`ca`]: the local CA (Istio's plug-in layout, or a generated
 //!   development root) that issues short-lived workload certificates;
-//! - [`manager`]: per-identity certificates, issued on demand and rotated
+//! - [`caclient`]: the client of the control plane's CA (Istio's
+//!   certificate service), used instead when there is a control plane;
+//! - [`manager`]: per-identity certificates, fetched on demand and renewed
 //!   before they expire.
 
 pub mod ca;
+pub mod caclient;
 pub mod manager;
 
 use std::{fmt, path::PathBuf, str::FromStr};
 
 pub use ca::{LocalCa, WorkloadCert};
-pub use manager::CertManager;
+pub use caclient::CaClient;
+pub use manager::{CaSource, CertManager};
 
 /// The default trust domain, as Istio's.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

@@ -33,26 +33,30 @@ pub enum TlsError {
     Config(String),
 }
 
-/// Builds TLS configurations from current workload certificates.
+/// Builds TLS configurations from current workload certificates. Peers are
+/// checked against the trust roots that came with the local certificate of
+/// the handshake, so a new trust bundle applies with the next certificate.
 pub struct TlsContext {
     certs: Arc<CertManager>,
-    roots: Arc<RootCertStore>,
     trust_domain: String,
     /// Server configurations by identity, with the serial they were built for.
     servers: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
 }
 
+fn root_store(cert: &WorkloadCert) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for root in &cert.roots {
+        roots
+            .add(root.clone())
+            .map_err(|e| TlsError::Config(format!("trust root: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
 impl TlsContext {
     pub fn new(certs: Arc<CertManager>, trust_domain: &str) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for root in certs.ca().roots() {
-            roots
-                .add(root.clone())
-                .map_err(|e| TlsError::Config(format!("trust root: {e}")))?;
-        }
         Ok(TlsContext {
             certs,
-            roots: Arc::new(roots),
             trust_domain: trust_domain.to_string(),
             servers: Mutex::new(HashMap::new()),
         })
@@ -69,8 +73,8 @@ impl TlsContext {
     /// The server side of a handshake for the local workload `identity`:
     /// serves its certificate, requires a client certificate from our trust
     /// domain.
-    pub fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
-        let cert = self.certs.fetch(identity)?;
+    pub async fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
+        let cert = self.certs.get(identity).await?;
         if let Ok(servers) = self.servers.lock() {
             if let Some((serial, config)) = servers.get(identity) {
                 if *serial == cert.serial {
@@ -78,7 +82,7 @@ impl TlsContext {
                 }
             }
         }
-        let verifier = verify::SpiffeClientVerifier::new(self.roots.clone(), &self.trust_domain)
+        let verifier = verify::SpiffeClientVerifier::new(root_store(&cert)?, &self.trust_domain)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -99,13 +103,13 @@ impl TlsContext {
 
     /// The client side of a handshake from the local workload `source` to a
     /// destination that must prove one of the `expected` identities.
-    pub fn client_config(
+    pub async fn client_config(
         &self,
         source: &Identity,
         expected: Vec<Identity>,
     ) -> Result<(Arc<ClientConfig>, Arc<WorkloadCert>), TlsError> {
-        let cert = self.certs.fetch(source)?;
-        let verifier = verify::SpiffeServerVerifier::new(self.roots.clone(), expected);
+        let cert = self.certs.get(source).await?;
+        let verifier = verify::SpiffeServerVerifier::new(root_store(&cert)?, expected);
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?

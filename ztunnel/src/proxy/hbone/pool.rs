@@ -173,7 +173,10 @@ impl Pool {
     }
 
     async fn connect_inner(&self, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {
-        let (config, cert) = self.tls.client_config(&key.src_id, key.dst_id.clone())?;
+        let (config, cert) = self
+            .tls
+            .client_config(&key.src_id, key.dst_id.clone())
+            .await?;
         // From the source pod's address, so the destination sees the real client.
         let tcp = socket::connect(Some(key.src), key.dst)
             .await

@@ -105,7 +105,7 @@ async fn serve_connection(
         return;
     };
     let identity = state.identity_of(&workload);
-    let config = match tls.server_config(&identity) {
+    let config = match tls.server_config(&identity).await {
         Ok(config) => config,
         Err(e) => {
             warn!(%peer, %dst, %identity, error = %e, "refused: no certificate to serve");
