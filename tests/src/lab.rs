@@ -338,7 +338,7 @@ impl Drop for Lab {
         self.pods.clear();
         for node in &self.nodes {
             let _ = std::fs::remove_dir_all(&node.pin_dir);
-            remove_sockets(&node.ns.name().to_string());
+            remove_sockets(node.ns.name());
         }
         let _ = std::fs::remove_dir_all(&self.ca_dir);
     }

@@ -234,7 +234,7 @@ fn stopped_ztunnel_leaves_enrolled_pods_unable_to_connect() -> Result<()> {
     // published, nothing is delivered through it.
     let rules = s.lab.node("node1").ns.ip(&["rule", "show"])?;
     assert!(
-        rules.contains("1539"),
+        rules.contains("81:"),
         "capture rule removed by a clean shutdown:\n{rules}"
     );
 
@@ -340,5 +340,31 @@ fn a_port_reused_right_away_is_not_stalled_by_time_wait() -> Result<()> {
     greeter
         .join()
         .map_err(|_| anyhow::anyhow!("greeter panicked"))?;
+    Ok(())
+}
+
+#[test]
+fn connections_complete_when_every_syn_is_answered_with_a_cookie() -> Result<()> {
+    // What a SYN flood on ztunnel's listeners brings about: no request
+    // sockets, only cookies. The client's ACK finds no socket of its own and
+    // must still reach the listener, not be forwarded to the pod.
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    for node in ["node1", "node2"] {
+        s.lab.node(node).ns.sysctl("net.ipv4.tcp_syncookies", "2")?;
+    }
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
+    let client = s.lab.pod("client");
+    let server_pod = s.lab.pod("server");
+    let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    for _ in 0..3 {
+        let report = request(&client.ns, server.addr, 64 * 1024)?;
+        assert_eq!(report.peer.ip(), ip(client));
+    }
+    // Plaintext into an enrolled pod, from another node.
+    let inbound = Server::start(&client.ns, client.addr(9090))?;
+    let plain = s.lab.pod("plain");
+    let report = request(&plain.ns, inbound.addr, 64 * 1024)?;
+    assert_eq!(report.peer.ip(), ip(plain));
     Ok(())
 }

@@ -30,7 +30,7 @@ fn refused(yaml: &str, expect_field: &str) -> Result<()> {
     );
     let rules = node.ns.ip(&["rule", "show"])?;
     assert!(
-        !rules.contains("1539"),
+        !rules.contains("0x5390000"),
         "routing rule installed for a refused config"
     );
     Ok(())

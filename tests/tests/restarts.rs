@@ -431,3 +431,29 @@ fn maps_of_another_layout_are_set_aside_and_refilled() -> Result<()> {
     assert_eq!(c.outbound_captured, 1, "{c:?}");
     Ok(())
 }
+
+#[test]
+fn a_new_ztunnel_that_dies_before_it_serves_leaves_the_old_one_in_charge() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    let client = s.lab.pod("client");
+    let plain = s.lab.pod("plain");
+    let server = Server::start(&plain.ns, plain.addr(8080))?;
+    // The new one takes the listeners over, then dies while still starting.
+    let mut new = s.spawn_ztunnel("node1", &[], &[("ZTUNNEL_TEST_STARTUP_HOLD", "2s")])?;
+    new.wait_for_log("took the listeners over", Duration::from_secs(30))?;
+    new.kill();
+    zt1.wait_for_log(
+        "did not confirm; this one keeps serving",
+        Duration::from_secs(10),
+    )?;
+    // The old one still serves, and a later handover still works.
+    for _ in 0..5 {
+        request(&client.ns, server.addr, 1024)?;
+    }
+    let newer = s.ztunnel("node1", &[])?;
+    assert!(newer.log_text().contains("took the listeners over"));
+    zt1.wait_exit(Duration::from_secs(40))?;
+    request(&client.ns, server.addr, 1024)?;
+    Ok(())
+}

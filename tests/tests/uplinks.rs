@@ -175,7 +175,7 @@ fn a_veth_capture_has_not_seen_cannot_reach_an_enrolled_pod() -> Result<()> {
     // With ztunnel gone and the catch-all rule removed (as a CNI flushing
     // rules would), the egress guard still drops it.
     zt1.kill();
-    node1.ns.ip(&["rule", "del", "priority", "1541"])?;
+    node1.ns.ip(&["rule", "del", "priority", "83"])?;
     attempt()?;
     let c = counters(node1, neighbor.spec.ip)?.context("neighbor counters")?;
     assert!(

@@ -32,8 +32,11 @@ pub const CAPTURE_MARK: u32 = 0x0539_0000;
 pub const CAPTURE_MARK_MASK: u32 = 0xffff_0000;
 /// Routing table holding the `local` route for marked packets.
 pub const CAPTURE_ROUTE_TABLE: u32 = 0x539;
-/// Priority of the `ip rule` selecting [`CAPTURE_ROUTE_TABLE`].
-pub const CAPTURE_RULE_PRIORITY: u32 = 1539;
+/// Priority of the `ip rule` selecting [`CAPTURE_ROUTE_TABLE`]. ztunnel's
+/// rules come early (80-84), before the rules CNIs install (AWS VPC CNI's at
+/// 512 and 1536, for example), which would otherwise route captured packets
+/// away before ztunnel's are consulted.
+pub const CAPTURE_RULE_PRIORITY: u32 = 81;
 
 /// The mark the TC programs set on packets to an enrolled pod that belong
 /// to a flow older than capture (no SYN, no ztunnel socket): they are left
@@ -47,13 +50,13 @@ pub const BYPASS_MARK: u32 = 0x0538_0000;
 pub const CATCHALL_ROUTE_TABLE: u32 = 0x53a;
 /// Priorities of ztunnel's other rules, around [`CAPTURE_RULE_PRIORITY`]:
 /// locally originated packets (and the kernel's reverse-path checks of
-/// locally delivered ones) skip all of ztunnel's rules (1538); packets
-/// marked [`BYPASS_MARK`] skip the catch-all (1540); TCP looks up
-/// [`CATCHALL_ROUTE_TABLE`] (1541); the last is the target of the skips.
-pub const SKIP_LOCAL_RULE_PRIORITY: u32 = 1538;
-pub const SKIP_BYPASS_RULE_PRIORITY: u32 = 1540;
-pub const CATCHALL_RULE_PRIORITY: u32 = 1541;
-pub const RULES_END_PRIORITY: u32 = 1542;
+/// locally delivered ones) skip all of ztunnel's rules (80); packets marked
+/// [`BYPASS_MARK`] skip the catch-all (82); TCP looks up
+/// [`CATCHALL_ROUTE_TABLE`] (83); the last is the target of the skips.
+pub const SKIP_LOCAL_RULE_PRIORITY: u32 = 80;
+pub const SKIP_BYPASS_RULE_PRIORITY: u32 = 82;
+pub const CATCHALL_RULE_PRIORITY: u32 = 83;
+pub const RULES_END_PRIORITY: u32 = 84;
 
 /// Names of the maps, as the eBPF object declares and pins them.
 pub mod maps {
@@ -68,6 +71,12 @@ pub mod maps {
     pub const POLICY_TABLES: [&str; 2] = ["ZT_POLICY_A", "ZT_POLICY_B"];
     /// One `u32`: the index of the live policy table.
     pub const POLICY_ACTIVE: &str = "ZT_POLICY_ACTIVE";
+    /// The flows capture took, by their SYN's [`super::FlowKey`] (LRU).
+    /// A later packet of such a flow that finds no ztunnel socket (ztunnel
+    /// crashed, or closed it for policy; or the SYN was answered with a
+    /// cookie) must not be forwarded in clear: it goes to the local stack,
+    /// which completes a cookie handshake or answers with a reset.
+    pub const CAPTURED_FLOWS: &str = "ZT_CAPTURED_FLOWS";
     /// ztunnel's listening sockets, by [`super::listener_index`]: what the
     /// kernel delivers captured SYNs to. Pinned, so the TC programs see
     /// whether a ztunnel is ready to receive whatever process is running:
@@ -150,6 +159,20 @@ pub mod verdict {
 /// Capacity of the enrolled-pods map; one node rarely runs more than a few
 /// hundred pods.
 pub const MAX_PODS: u32 = 4096;
+
+/// Capacity of the captured-flows map (least recently used flows go first).
+pub const MAX_CAPTURED_FLOWS: u32 = 65536;
+
+/// A TCP flow as its SYN named it, addresses and ports in network byte
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
 
 /// Key of the per-pod maps: the pod's IPv4 address in network byte order, as
 /// it appears in the packet (so the kernel side never converts).
@@ -239,4 +262,5 @@ mod user {
     unsafe impl aya::Pod for super::PodCounters {}
     unsafe impl aya::Pod for super::PolicyTuple {}
     unsafe impl aya::Pod for super::PolicyVerdict {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }

@@ -19,9 +19,11 @@
 //! 7. Before rule 5 hands a plaintext SYN (not to 15008) to userspace, the
 //!    policy tables may drop it: they hold only what userspace would deny
 //!    without knowing an identity, which a plaintext connection never has.
-//! 8. A packet to or from an enrolled pod that none of the above took
-//!    belongs to a flow older than capture: it is marked to bypass the
-//!    catch-all route (which delivers TCP to enrolled pods locally, for
+//! 8. A packet to or from an enrolled pod that no ztunnel socket owns: if
+//!    capture took its flow's SYN (remembered in an LRU map), it goes to
+//!    the local stack (a cookie handshake, or a reset), never out in clear;
+//!    otherwise its flow is older than capture, and it is marked to bypass
+//!    the catch-all route (which delivers TCP to enrolled pods locally, for
 //!    flows whose destination DNAT rewrote after this program ran) and
 //!    forwarded.
 //! 9. Everything else is left to the next program or the kernel.
@@ -33,7 +35,10 @@ use aya_ebpf::{
 use ztunnel_common::{listener_index, ports, BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
-    maps::{count, enrolled_pod, is_enrolled, listener_ready, policy_denies, Counter},
+    maps::{
+        count, enrolled_pod, is_enrolled, listener_ready, policy_denies, remember_flow,
+        was_captured, Counter,
+    },
     packet::{parse, Packet, TcpFlow, ETH_HLEN},
     socket::owner_of,
 };
@@ -68,16 +73,12 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         return verdict;
     }
     if !flow.is_syn {
-        // A flow older than capture, to or from an enrolled pod: forwarded
-        // as before, past the catch-all route (and, with the veth's
-        // src_valid_mark, past it in the kernel's reverse-path check of an
-        // enrolled source too).
-        set_mark(ctx, BYPASS_MARK);
-        return TC_NEXT;
+        return ownerless(ctx, &flow);
     }
     if src.is_some() {
         return to_listener(
             ctx,
+            &flow,
             listener_index::OUTBOUND,
             flow.saddr,
             Counter::OutboundCaptured,
@@ -107,10 +108,26 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
         return verdict;
     }
     if !flow.is_syn {
-        set_mark(ctx, BYPASS_MARK);
-        return TC_NEXT;
+        return ownerless(ctx, &flow);
     }
     inbound(ctx, &flow)
+}
+
+/// Rule 8: a packet of a flow no ztunnel socket owns. If capture took the
+/// flow's SYN, ztunnel's socket is gone (a crash, a connection closed for
+/// policy) or the SYN was answered with a cookie: the packet goes to the
+/// local stack, which completes the cookie handshake or answers with a
+/// reset (or drops it, with no ztunnel listening), and is never forwarded
+/// in clear. Otherwise the flow is older than capture: forwarded as before,
+/// marked to skip the catch-all route.
+#[inline(always)]
+fn ownerless(ctx: &TcContext, flow: &TcpFlow) -> i32 {
+    if was_captured(&flow.key()) {
+        set_mark(ctx, CAPTURE_MARK);
+        return TC_ACT_OK as i32;
+    }
+    set_mark(ctx, BYPASS_MARK);
+    TC_NEXT
 }
 
 /// The packet's TCP flow, or the verdict for a packet that is not one:
@@ -160,7 +177,7 @@ fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
         }
         listener_index::INBOUND_PLAINTEXT
     };
-    to_listener(ctx, slot, flow.daddr, Counter::InboundCaptured)
+    to_listener(ctx, flow, slot, flow.daddr, Counter::InboundCaptured)
 }
 
 /// Rule 3: hands the packet to the socket that owns its flow, if there is one.
@@ -181,12 +198,13 @@ fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
 /// picked by the netns's sk_lookup program (see `lookup`), so the kernel's
 /// TIME_WAIT handling sees the SYN.
 #[inline(always)]
-fn to_listener(ctx: &TcContext, slot: u32, pod_be: u32, counter: Counter) -> i32 {
+fn to_listener(ctx: &TcContext, flow: &TcpFlow, slot: u32, pod_be: u32, counter: Counter) -> i32 {
     if !listener_ready(slot) {
         count(pod_be, Counter::DroppedNoListener);
         return TC_DROP;
     }
     count(pod_be, counter);
+    remember_flow(&flow.key());
     set_mark(ctx, CAPTURE_MARK);
     TC_ACT_OK as i32
 }
@@ -194,7 +212,11 @@ fn to_listener(ctx: &TcContext, slot: u32, pod_be: u32, counter: Counter) -> i32
 /// Sets ztunnel's part of the packet's mark: [`CAPTURE_MARK`] for the
 /// policy route that delivers it locally, [`BYPASS_MARK`] to skip the
 /// catch-all route.
-#[inline(always)]
+///
+/// A function of its own (a BPF subprogram): inlined, the optimiser may
+/// add the field's offset to the context pointer itself and store through
+/// the modified pointer, which the verifier refuses.
+#[inline(never)]
 fn set_mark(ctx: &TcContext, value: u32) {
     // Whole-word volatile accesses: the verifier only allows 4-byte access
     // to `mark`, and the optimiser would otherwise store just the changed half.

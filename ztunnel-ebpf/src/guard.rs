@@ -8,7 +8,7 @@
 //! synced yet, a device ztunnel does not know, or a routing rule that went
 //! missing. It is dropped and counted, as are fragments and truncated
 //! segments that did the same. Locally originated packets (ztunnel's own
-//! connections, the node's health probes) carry their socket and pass.
+//! connections, the node's health probes) came in on no device and pass.
 
 use aya_ebpf::programs::TcContext;
 
@@ -20,10 +20,12 @@ use crate::{
 
 #[inline(always)]
 pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
-    // SAFETY: reading the context field the kernel gave this program. The
-    // kernel orphans every received packet before routing it (tproxy's
-    // rule in ip_rcv), so a forwarded packet has no socket here.
-    let originated_here = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
+    // SAFETY: reading the context field the kernel gave this program. A
+    // packet this node received (and now forwards, routed or bridged or
+    // redirected) carries the index of the device it came in on; only one
+    // a local socket originated has none. (A received packet may still hold
+    // its sender's socket when it skipped IP input, so that is no test.)
+    let originated_here = unsafe { (*ctx.skb.skb).ingress_ifindex == 0 };
     if originated_here {
         return TC_NEXT;
     }

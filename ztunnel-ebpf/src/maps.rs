@@ -7,12 +7,12 @@ use aya_ebpf::{
     macros::map,
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, PerCpuHashMap, SockMap,
+        Array, HashMap, LruHashMap, PerCpuHashMap, SockMap,
     },
 };
 use ztunnel_common::{
-    pod_flags, verdict, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_PODS,
-    MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
+    pod_flags, verdict, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict,
+    MAX_CAPTURED_FLOWS, MAX_PODS, MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
 };
 
 #[map(name = "ZT_ENROLLED_PODS")]
@@ -35,6 +35,28 @@ static ZT_POLICY_ACTIVE: Array<u32> = Array::pinned(1, 0);
 /// slot itself when the socket closes.
 #[map(name = "ZT_LISTENERS")]
 pub static ZT_LISTENERS: SockMap = SockMap::pinned(3, 0);
+
+#[map(name = "ZT_CAPTURED_FLOWS")]
+static ZT_CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(MAX_CAPTURED_FLOWS, 0);
+
+/// Remembers that capture took the flow this SYN opens.
+#[inline(always)]
+pub fn remember_flow(key: &FlowKey) {
+    let _ = ZT_CAPTURED_FLOWS.insert(key, &1, 0);
+}
+
+/// Whether capture took this flow (seen in either direction).
+#[inline(always)]
+pub fn was_captured(key: &FlowKey) -> bool {
+    let reverse = FlowKey {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+    };
+    // SAFETY: only the presence of a plain value is read.
+    unsafe { ZT_CAPTURED_FLOWS.get(key).is_some() || ZT_CAPTURED_FLOWS.get(&reverse).is_some() }
+}
 
 /// Whether authorization policy denies a plaintext connection from `src`
 /// to `dst:port` (all network byte order) whatever else userspace learns.

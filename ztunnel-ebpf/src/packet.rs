@@ -33,6 +33,17 @@ pub struct TcpFlow {
     pub is_syn: bool,
 }
 
+impl TcpFlow {
+    pub fn key(&self) -> ztunnel_common::FlowKey {
+        ztunnel_common::FlowKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+        }
+    }
+}
+
 /// What a packet is, as far as capture is concerned.
 pub enum Packet {
     /// Not IPv4 TCP: left alone.
@@ -99,8 +110,13 @@ fn parse_inner<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         return unjudgeable(true);
     }
     // The IP header's own length, not the skb's: Ethernet pads short
-    // frames, and the padding is not TCP header.
-    let total_len = u16::from_be(ctx.load::<u16>(L2 + 2).ok()?);
+    // frames, and the padding is not TCP header. A GSO packet larger than
+    // 64 KiB (BIG TCP) says 0 there; its length is the skb's.
+    let mut total_len = u16::from_be(ctx.load::<u16>(L2 + 2).ok()?);
+    // SAFETY: reading a context field the kernel gave this program.
+    if total_len == 0 && unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        total_len = u16::try_from(ctx.len() as usize - L2).unwrap_or(u16::MAX);
+    }
     let tcp = L2 + ip_header_len;
     let Some(tcp_room) = total_len.checked_sub(ip_header_len as u16) else {
         return unjudgeable(false);

@@ -1,17 +1,23 @@
 //! Zero-downtime restarts: a new ztunnel takes the listening sockets over
 //! from the running one through a local Unix socket (`SCM_RIGHTS`), so the
 //! kernel keeps delivering captured flows to the very same sockets and their
-//! accept queues carry over; the old process stops accepting and serves its
-//! established connections until they end or its drain deadline passes.
+//! accept queues carry over.
 //!
-//! The wire exchange is one line each way: the new process sends
-//! `ztunnel-takeover v1\n`; the old one answers `ztunnel-listeners v1
-//! <name>,<name>,...\n` with the file descriptors attached, in that order,
-//! or `ztunnel-draining v1\n` once a drain has begun (its listeners are
-//! being closed; the new process binds its own).
+//! Two phases, so that a new ztunnel that fails to start leaves the running
+//! one in charge:
+//! 1. the new process sends `ztunnel-takeover v1\n`; the old one answers
+//!    `ztunnel-listeners v1 <name>,<name>,...\n` with the descriptors
+//!    attached, in that order (or `ztunnel-draining v1\n` once a drain has
+//!    begun: its listeners are being closed, the new one binds its own),
+//!    and keeps serving;
+//! 2. once the new process has everything in place and has published the
+//!    listeners to the kernel, it sends `ztunnel-ready v1\n`; only then
+//!    does the old one stop accepting and drain. If the new one dies or
+//!    stays silent for a minute, the old one carries on.
 //!
-//! Only a peer with this process's user id, in this network namespace, gets
-//! the listeners: they are the node's captured traffic.
+//! Only a peer with this process's user id (and, when its pid is visible,
+//! in this network namespace) gets the listeners: they are the node's
+//! captured traffic.
 
 use std::{
     io::{IoSlice, IoSliceMut, Read, Write},
@@ -36,6 +42,9 @@ use tracing::{info, warn};
 const REQUEST: &[u8] = b"ztunnel-takeover v1\n";
 const REPLY_PREFIX: &str = "ztunnel-listeners v1 ";
 const DRAINING: &str = "ztunnel-draining v1";
+const READY: &[u8] = b"ztunnel-ready v1\n";
+/// How long the old process waits for the new one to say it serves.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a new process waits for the running one to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// More listeners than this in one reply is a protocol error.
@@ -64,9 +73,26 @@ pub fn run_dir_path(pin_dir: &Path, suffix: &str) -> PathBuf {
     PathBuf::from("/run/ztunnel").join(format!("{name}.{suffix}"))
 }
 
+/// Listeners received from the running ztunnel, which keeps serving until
+/// [`Takeover::confirm`].
+pub struct Takeover {
+    pub listeners: Vec<(String, OwnedFd)>,
+    stream: UnixStream,
+}
+
+impl Takeover {
+    /// Tells the old ztunnel this one serves now: it stops accepting and
+    /// drains.
+    pub fn confirm(mut self) -> Result<(), HandoverError> {
+        self.stream
+            .write_all(READY)
+            .map_err(|e| HandoverError::Protocol(format!("confirming the takeover: {e}")))
+    }
+}
+
 /// Asks a running ztunnel for its listeners. `Ok(None)` when there is none
 /// (no socket, nobody listening on it, or it is draining).
-pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, HandoverError> {
+pub fn take_over(path: &Path) -> Result<Option<Takeover>, HandoverError> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -130,14 +156,20 @@ pub fn take_over(path: &Path) -> Result<Option<Vec<(String, OwnedFd)>>, Handover
             fds.len()
         )));
     }
-    Ok(Some(names.into_iter().zip(fds).collect()))
+    Ok(Some(Takeover {
+        listeners: names.into_iter().zip(fds).collect(),
+        stream,
+    }))
 }
 
 /// What the handover server still offers.
 enum Offer {
     /// Its own copies of the listeners, ready to send.
     Listeners(Vec<(String, OwnedFd)>),
-    /// Sent: the new ztunnel owns them.
+    /// Sent; waiting for the new ztunnel to say it serves. The copies are
+    /// kept, to offer again if it does not.
+    Pending(Vec<(String, OwnedFd)>),
+    /// The new ztunnel serves with them.
     HandedOver,
     /// A drain began: nothing to offer.
     Closed,
@@ -183,19 +215,19 @@ impl HandoverServer {
     }
 
     /// Stops offering the listeners (a drain is closing them). Returns
-    /// whether a new ztunnel took them over before that: it owns them, and
-    /// capture, then.
+    /// whether a new ztunnel took them over before that, or is taking them
+    /// over now: it owns them, and capture, then, and nothing may be
+    /// withdrawn from the kernel.
     pub fn close(&self) -> bool {
         let handed_over = match self.offer.lock() {
-            Ok(mut offer) => {
-                if matches!(*offer, Offer::HandedOver) {
-                    true
-                } else {
+            Ok(mut offer) => match *offer {
+                Offer::HandedOver | Offer::Pending(_) => true,
+                Offer::Listeners(_) | Offer::Closed => {
                     // Our copies of the listeners go with the offer.
                     *offer = Offer::Closed;
                     false
                 }
-            }
+            },
             Err(_) => false,
         };
         if !handed_over {
@@ -239,36 +271,88 @@ fn serve(listener: &UnixListener, offer: &Mutex<Offer>) -> bool {
             warn!("ignored a malformed handover request");
             continue;
         }
-        let Ok(mut offer) = offer.lock() else {
-            return false;
-        };
-        let fds = match &*offer {
-            Offer::Listeners(fds) => fds,
-            Offer::Closed => {
-                let _ = stream.write_all(format!("{DRAINING}\n").as_bytes());
-                info!("told a new ztunnel this one is draining: it binds its own listeners");
-                return false;
+        match send(&mut stream, offer) {
+            Sent::Draining => return false,
+            Sent::Failed => continue,
+            Sent::Listeners(names) => {
+                info!(listeners = %names, "listeners sent to a new ztunnel; serving on until it confirms");
+                let confirmed = confirmation(&mut stream);
+                let Ok(mut offer) = offer.lock() else {
+                    return false;
+                };
+                let pending = std::mem::replace(&mut *offer, Offer::HandedOver);
+                match (confirmed, pending) {
+                    (Ok(()), _) => {
+                        info!("the new ztunnel serves: listeners handed over");
+                        return true;
+                    }
+                    (Err(why), Offer::Pending(fds)) => {
+                        warn!(reason = %why, "the new ztunnel did not confirm; this one keeps serving");
+                        *offer = Offer::Listeners(fds);
+                    }
+                    // Closed meanwhile (a drain began): nothing to go back to.
+                    (Err(_), _) => return false,
+                }
             }
-            Offer::HandedOver => return true,
-        };
-        let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
-        let line = format!("{REPLY_PREFIX}{}\n", names.join(","));
-        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-        let cmsg = [ControlMessage::ScmRights(&raw)];
-        match sendmsg::<()>(
-            stream.as_raw_fd(),
-            &[IoSlice::new(line.as_bytes())],
-            &cmsg,
-            MsgFlags::empty(),
-            None,
-        ) {
-            Ok(_) => {
-                info!(listeners = %names.join(","), "listeners handed over to a new ztunnel");
-                *offer = Offer::HandedOver;
-                return true;
-            }
-            Err(e) => warn!(error = %e, "handing the listeners over failed; still serving"),
         }
+    }
+}
+
+/// What sending the listeners did.
+enum Sent {
+    Listeners(String),
+    Failed,
+    Draining,
+}
+
+/// Sends the listeners (or says a drain has begun), leaving the offer
+/// pending.
+fn send(stream: &mut UnixStream, offer: &Mutex<Offer>) -> Sent {
+    let Ok(mut offer) = offer.lock() else {
+        return Sent::Draining;
+    };
+    let fds = match std::mem::replace(&mut *offer, Offer::Closed) {
+        Offer::Listeners(fds) => fds,
+        other => {
+            *offer = other;
+            let _ = stream.write_all(format!("{DRAINING}\n").as_bytes());
+            info!("told a new ztunnel this one is draining: it binds its own listeners");
+            return Sent::Draining;
+        }
+    };
+    let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+    let line = format!("{REPLY_PREFIX}{}\n", names.join(","));
+    let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let result = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(line.as_bytes())],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    );
+    let names = names.join(",");
+    match result {
+        Ok(_) => {
+            *offer = Offer::Pending(fds);
+            Sent::Listeners(names)
+        }
+        Err(e) => {
+            warn!(error = %e, "handing the listeners over failed; still serving");
+            *offer = Offer::Listeners(fds);
+            Sent::Failed
+        }
+    }
+}
+
+/// Waits for the new ztunnel to say it serves.
+fn confirmation(stream: &mut UnixStream) -> Result<(), String> {
+    let _ = stream.set_read_timeout(Some(CONFIRM_TIMEOUT));
+    let mut ready = [0u8; READY.len()];
+    match stream.read_exact(&mut ready) {
+        Ok(()) if ready == READY => Ok(()),
+        Ok(()) => Err(format!("unexpected {:?}", String::from_utf8_lossy(&ready))),
+        Err(e) => Err(format!("no confirmation within {CONFIRM_TIMEOUT:?}: {e}")),
     }
 }
 

@@ -116,17 +116,12 @@ impl Kernel {
         Ok(status)
     }
 
-    /// Puts the capture rules back if something removed one.
+    /// Puts the capture rules and route back if something removed them.
     async fn ensure_route(&self) {
-        match self.netlink.capture_rule_present().await {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!("a capture routing rule was removed; reinstalling it");
-                if let Err(e) = self.netlink.install_capture_route().await {
-                    error!(error = %e, "reinstalling the capture route failed");
-                }
-            }
-            Err(e) => warn!(error = %e, "checking the capture route"),
+        match self.netlink.repair_capture_route().await {
+            Ok(false) => {}
+            Ok(true) => warn!("ztunnel's capture routing was removed; reinstalled it"),
+            Err(e) => error!(error = %e, "checking or reinstalling the capture routing failed"),
         }
     }
 }
@@ -162,20 +157,28 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     tokio::task::block_in_place(|| capture.sync_pods(&plan, &topology))?;
     sync_policy(&mut capture, &snapshot);
     hold.stage("programs loaded, maps filled").await;
+    // The running ztunnel's listeners, if there is one: the very sockets
+    // the programs already deliver to, so they go into our listener map
+    // (a new one, after a map layout change) before our programs take the
+    // links over. The running ztunnel serves on until we confirm.
+    let mut takeover = tokio::task::block_in_place(|| handover::take_over(&handover_path))?;
+    let taken = match &mut takeover {
+        Some(t) => {
+            info!(socket = %handover_path.display(), "took the listeners over from the running ztunnel");
+            let sockets = Sockets::from_handover(std::mem::take(&mut t.listeners))?;
+            tokio::task::block_in_place(|| capture.publish_listeners(&sockets.capture_slots()))?;
+            Some(sockets)
+        }
+        None => None,
+    };
     // An earlier ztunnel's programs are replaced before we bind anything,
-    // so no program but ours ever judges our sockets.
+    // so no program but ours ever judges fresh sockets of ours.
     for e in tokio::task::block_in_place(|| capture.readopt(&topology)) {
         warn!(error = %e, "re-adopting a pinned link");
     }
     hold.stage("pinned links re-adopted").await;
-
-    // The listening sockets: the running ztunnel's if there is one (the
-    // kernel keeps delivering to them throughout), else fresh ones.
-    let sockets = match tokio::task::block_in_place(|| handover::take_over(&handover_path))? {
-        Some(fds) => {
-            info!(socket = %handover_path.display(), "took the listeners over from the running ztunnel");
-            Sockets::from_handover(fds)?
-        }
+    let sockets = match taken {
+        Some(sockets) => sockets,
         None => bind_patiently().await?,
     };
     hold.stage("listeners bound").await;
@@ -255,9 +258,11 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         drain: drain.clone(),
     });
     let tracker = proxy.tracker.clone();
-    let proxy_task = tokio::spawn(sockets.proxy.serve(state_rx, proxy));
-    // Ready to receive: from here on the kernel delivers captured SYNs.
+    // Ready to receive: from here on the kernel delivers captured SYNs (they
+    // wait in the accept queues for the instant until the proxy accepts).
+    // Published while this function still owns the sockets.
     tokio::task::block_in_place(|| kernel.capture.publish_listeners(&capture_slots))?;
+    let proxy_task = tokio::spawn(sockets.proxy.serve(state_rx, proxy));
     hold.stage("listeners published").await;
 
     // The next ztunnel asks here for our listeners.
@@ -265,6 +270,12 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     let handover_server = HandoverServer::start(&handover_path, handover_copies, move || {
         let _ = handed_over_tx.send(());
     })?;
+    // Everything is in place: the ztunnel we took over from may stop.
+    if let Some(takeover) = takeover {
+        if let Err(e) = takeover.confirm() {
+            warn!(error = %e, "could not confirm the takeover to the previous ztunnel (gone already?)");
+        }
+    }
 
     info!(
         node = %args.node_name,
@@ -325,7 +336,15 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
                         (Instant::now() + EVENT_DEBOUNCE).max(last_event_sync + EVENT_SYNC_INTERVAL)
                     });
                 }
-                Some(Event::RuleRemoved) => kernel.ensure_route().await,
+                Some(Event::RoutingRemoved) => {
+                    kernel.ensure_route().await;
+                    resync_due.get_or_insert_with(Instant::now);
+                }
+                Some(Event::Lost) => {
+                    warn!("kernel events were lost; resyncing capture");
+                    kernel.ensure_route().await;
+                    resync_due.get_or_insert_with(Instant::now);
+                }
                 None => {
                     warn!(every = ?RESYNC, "kernel link and route events stopped; capture resyncs on a timer only");
                     events = Box::pin(futures_util::stream::pending());
@@ -357,6 +376,8 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     // they, and capture, are its own.
     let handed_over = handover_server.close() || matches!(stop, Stop::HandedOver);
     if !handed_over {
+        // Now, not at exit: a ztunnel started during the drain binds its own.
+        let _ = std::fs::remove_file(&admin_socket);
         // From here the kernel drops new captured SYNs, before the
         // listeners close under any of them.
         if let Err(e) = tokio::task::block_in_place(|| kernel.capture.unpublish_listeners()) {
@@ -385,7 +406,6 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     } else {
         // The capture route stays: without published listeners it delivers
         // nothing, and the next ztunnel needs it.
-        let _ = std::fs::remove_file(&admin_socket);
         info!("exiting; capture stays attached and fails closed until ztunnel returns");
     }
     Ok(())
@@ -484,15 +504,18 @@ fn load_ca(args: &Args) -> anyhow::Result<LocalCa> {
 /// Removes everything this instance installed in the kernel.
 pub async fn uninstall(args: &Args) -> anyhow::Result<()> {
     let pin_dir = args.pin_dir();
-    redirect::remove_pins(&pin_dir)?;
+    // Routing first: with the listener lookup gone, a catch-all route would
+    // hand connections to pods to node services instead.
     Netlink::connect()?.remove_capture_route().await?;
+    redirect::remove_pins(&pin_dir)?;
     info!(pin_dir = %pin_dir.display(), "capture removed");
     Ok(())
 }
 
 /// Compiles the identity-free part of authorization into the kernel tables.
-/// On failure the kernel keeps its previous tables; userspace enforces the
-/// new policy regardless, so the only cost is work the kernel does not save.
+/// On failure the kernel gets an empty table instead (its previous entries
+/// would keep denying what the new policies may allow); userspace enforces
+/// the policy regardless, so the only cost is work the kernel does not save.
 fn sync_policy(capture: &mut Capture, snapshot: &Snapshot) {
     let started = std::time::Instant::now();
     let entries = authz::kernel::compile(snapshot);
@@ -504,7 +527,10 @@ fn sync_policy(capture: &mut Capture, snapshot: &Snapshot) {
             "kernel policy tables updated"
         ),
         Err(e) => {
-            error!(error = %e, "updating the kernel policy tables failed; userspace still enforces the policy")
+            error!(error = %e, "updating the kernel policy tables failed; the kernel now leaves every decision to userspace, which enforces the policy");
+            if let Err(e) = tokio::task::block_in_place(|| capture.clear_policy()) {
+                error!(error = %e, "clearing the kernel policy tables failed too");
+            }
         }
     }
 }

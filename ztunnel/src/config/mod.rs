@@ -294,7 +294,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                 )))
             }
         };
-        total += Duration::try_from_secs_f64(value * unit_seconds).map_err(|_| bad("too large"))?;
+        let part =
+            Duration::try_from_secs_f64(value * unit_seconds).map_err(|_| bad("too large"))?;
+        total = total.checked_add(part).ok_or_else(|| bad("too large"))?;
         rest = tail;
     }
     positive(text, total)
@@ -322,7 +324,18 @@ mod tests {
         ok("1h30m", Duration::from_secs(5400));
         ok("1.5h", Duration::from_secs(5400));
         ok("2d", Duration::from_secs(172800));
-        for bad in ["", "0", "0s", "10x", "h", "5 s", "-1s", "1e3s"] {
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "10x",
+            "h",
+            "5 s",
+            "-1s",
+            "1e3s",
+            "10000000000000000000s10000000000000000000s",
+            "99999999999999999999",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }

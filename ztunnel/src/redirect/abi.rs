@@ -17,7 +17,8 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 use ztunnel_common::{
-    maps, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_PODS, MAX_POLICY_ENTRIES,
+    maps, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_CAPTURED_FLOWS,
+    MAX_PODS, MAX_POLICY_ENTRIES,
 };
 
 use super::RedirectError;
@@ -31,7 +32,7 @@ struct Shape {
     max_entries: u32,
 }
 
-fn shapes() -> [Shape; 6] {
+fn shapes() -> [Shape; 7] {
     let [policy_a, policy_b] = maps::POLICY_TABLES;
     // An LPM trie key is the prefix length (u32) and the data.
     let lpm_key = size_of::<u32>() + size_of::<PolicyTuple>();
@@ -77,6 +78,13 @@ fn shapes() -> [Shape; 6] {
             key: size_of::<u32>(),
             value: size_of::<u32>(),
             max_entries: 3,
+        },
+        Shape {
+            name: maps::CAPTURED_FLOWS,
+            kind: MapType::LruHash,
+            key: size_of::<FlowKey>(),
+            value: size_of::<u8>(),
+            max_entries: MAX_CAPTURED_FLOWS,
         },
     ]
 }

@@ -343,8 +343,11 @@ impl Capture {
                 pod_ifaces.push(iface.index);
                 attached = true;
                 if let Err(e) = sysctl::enable_src_valid_mark(&iface.name) {
-                    attached = false;
-                    status.errors.push(format!("pod {}: {e}", pod.ip));
+                    // Capture works without it; flows that predate a pod's
+                    // enrollment do not.
+                    status
+                        .errors
+                        .push(format!("pod {}: src_valid_mark: {e}", pod.ip));
                 }
                 for role in [Role::Pod, Role::Guard] {
                     match self.ensure_link(role, iface, LinkLayer::Ethernet) {
@@ -530,6 +533,14 @@ impl Capture {
         Ok(entries.len())
     }
 
+    /// Switches the kernel to an empty policy table: it then denies nothing
+    /// and leaves every decision to userspace. For when the tables cannot
+    /// hold a new policy set: stale entries would keep denying what the new
+    /// policies allow.
+    pub fn clear_policy(&mut self) -> Result<(), RedirectError> {
+        self.set_policy(&[]).map(|_| ())
+    }
+
     /// The live policy table's verdict for a plaintext connection, looked up
     /// in the kernel's own map exactly as the datapath does (for checks).
     pub fn policy_verdict(
@@ -566,6 +577,15 @@ impl Capture {
             }
         }
         Ok(None)
+    }
+
+    /// The addresses the enrolled-pods map holds now.
+    pub fn enrolled_addresses(&self) -> BTreeSet<Ipv4Addr> {
+        self.enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| Ipv4Addr::from(k.octets()))
+            .collect()
     }
 
     /// A pod's kernel counters, summed over CPUs.

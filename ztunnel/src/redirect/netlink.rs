@@ -97,15 +97,15 @@ impl Netlink {
     }
 
     /// Installs ztunnel's policy routing, what is missing of it:
-    /// - 1538 `iif lo goto END`: locally originated packets, and the
+    /// - 80 `iif lo goto END`: locally originated packets, and the
     ///   reverse-path checks of locally delivered ones, skip the rest;
-    /// - 1539 `fwmark CAPTURE_MARK/CAPTURE_MARK_MASK lookup
+    /// - 81 `fwmark CAPTURE_MARK/CAPTURE_MARK_MASK lookup
     ///   CAPTURE_ROUTE_TABLE`, whose table holds `local 0.0.0.0/0 dev lo`:
     ///   captured packets are delivered locally;
-    /// - 1540 `fwmark BYPASS_MARK goto END`: flows older than capture;
-    /// - 1541 `ipproto tcp lookup CATCHALL_ROUTE_TABLE`, whose table holds
+    /// - 82 `fwmark BYPASS_MARK goto END`: flows older than capture;
+    /// - 83 `ipproto tcp lookup CATCHALL_ROUTE_TABLE`, whose table holds
     ///   a local route per enrolled pod ([`Netlink::set_catchall`]);
-    /// - 1542 (END) `nop`.
+    /// - 84 (END) `nop`.
     ///
     /// Idempotent, so a restart after a crash finds them in place.
     pub async fn install_capture_route(&self) -> Result<(), NetlinkError> {
@@ -151,12 +151,22 @@ impl Netlink {
         Ok(())
     }
 
-    /// Whether every capture rule is in place.
-    pub async fn capture_rule_present(&self) -> Result<bool, NetlinkError> {
+    /// Puts back whatever of the capture rules and route is missing.
+    /// Returns whether something was.
+    pub async fn repair_capture_route(&self) -> Result<bool, NetlinkError> {
         let present = self.our_rules().await?;
-        Ok(wanted_rules()
+        let rules_complete = wanted_rules()
             .iter()
-            .all(|w| present.iter().any(|r| w.matches(r))))
+            .all(|w| present.iter().any(|r| w.matches(r)));
+        let route_present =
+            self.routes().await?.iter().any(|r| {
+                route_table(r) == CAPTURE_ROUTE_TABLE && r.header.kind == RouteType::Local
+            });
+        if rules_complete && route_present {
+            return Ok(false);
+        }
+        self.install_capture_route().await?;
+        Ok(true)
     }
 
     /// Removes the rules and routes installed by
@@ -179,26 +189,8 @@ impl Netlink {
 
     /// Makes the catch-all table hold a local route for exactly `pods`.
     pub async fn set_catchall(&self, pods: &BTreeSet<Ipv4Addr>) -> Result<(), NetlinkError> {
+        let present = self.prune_catchall(pods).await?;
         let lo = self.loopback_index().await?;
-        let routes = self.routes().await?;
-        let mut present = BTreeSet::new();
-        for route in routes
-            .into_iter()
-            .filter(|r| route_table(r) == CATCHALL_ROUTE_TABLE)
-        {
-            match route_destination(&route) {
-                Some(ip) if pods.contains(&ip) && route.header.destination_prefix_length == 32 => {
-                    present.insert(ip);
-                }
-                _ => self
-                    .handle
-                    .route()
-                    .del(route)
-                    .execute()
-                    .await
-                    .map_err(request("deleting a catch-all route"))?,
-            }
-        }
         for pod in pods.difference(&present) {
             self.handle
                 .route()
@@ -211,7 +203,37 @@ impl Netlink {
         Ok(())
     }
 
-    /// ztunnel's rules, as the kernel holds them now.
+    /// Removes the catch-all routes of addresses not in `keep`; returns the
+    /// addresses whose routes remain.
+    pub async fn prune_catchall(
+        &self,
+        keep: &BTreeSet<Ipv4Addr>,
+    ) -> Result<BTreeSet<Ipv4Addr>, NetlinkError> {
+        let mut present = BTreeSet::new();
+        for route in self
+            .routes()
+            .await?
+            .into_iter()
+            .filter(|r| route_table(r) == CATCHALL_ROUTE_TABLE)
+        {
+            match route_destination(&route) {
+                Some(ip) if keep.contains(&ip) && route.header.destination_prefix_length == 32 => {
+                    present.insert(ip);
+                }
+                _ => self
+                    .handle
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .map_err(request("deleting a catch-all route"))?,
+            }
+        }
+        Ok(present)
+    }
+
+    /// ztunnel's rules, as the kernel holds them now: exactly the ones it
+    /// installs, never another program's rule at the same priority.
     async fn our_rules(&self) -> Result<Vec<RuleMessage>, NetlinkError> {
         let rules: Vec<RuleMessage> = self
             .handle
@@ -223,11 +245,7 @@ impl Netlink {
             .map_err(request("dumping rules"))?;
         Ok(rules
             .into_iter()
-            .filter(|r| {
-                wanted_rules()
-                    .iter()
-                    .any(|w| w.priority == rule_priority(r))
-            })
+            .filter(|r| wanted_rules().iter().any(|w| w.matches(r)))
             .collect())
     }
 
@@ -255,16 +273,25 @@ pub fn events() -> Result<impl Stream<Item = Event>, NetlinkError> {
     .map_err(NetlinkError::Socket)?;
     tokio::spawn(connection);
     Ok(messages.filter_map(|(message, _)| async move {
+        use RouteNetlinkMessage::{DelLink, DelRoute, DelRule, NewLink, NewRoute};
         match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRule(_)) => {
-                Some(Event::RuleRemoved)
+            // Events were lost: everything may have changed.
+            NetlinkPayload::Overrun(_) => Some(Event::Lost),
+            NetlinkPayload::InnerMessage(DelRule(_)) => Some(Event::RoutingRemoved),
+            NetlinkPayload::InnerMessage(NewLink(_) | DelLink(_)) => Some(Event::TopologyChanged),
+            // Only the main table says where pods and uplinks are. ztunnel's
+            // own tables change with every enrollment and must not echo,
+            // but a capture route someone else deleted is put back.
+            NetlinkPayload::InnerMessage(NewRoute(route) | DelRoute(route))
+                if route_table(&route) == RouteHeader::RT_TABLE_MAIN as u32 =>
+            {
+                Some(Event::TopologyChanged)
             }
-            NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::NewLink(_)
-                | RouteNetlinkMessage::DelLink(_)
-                | RouteNetlinkMessage::NewRoute(_)
-                | RouteNetlinkMessage::DelRoute(_),
-            ) => Some(Event::TopologyChanged),
+            NetlinkPayload::InnerMessage(DelRoute(route))
+                if route_table(&route) == CAPTURE_ROUTE_TABLE =>
+            {
+                Some(Event::RoutingRemoved)
+            }
             _ => None,
         }
     }))
@@ -275,8 +302,10 @@ pub fn events() -> Result<impl Stream<Item = Event>, NetlinkError> {
 pub enum Event {
     /// A link or route appeared, changed or went away.
     TopologyChanged,
-    /// A policy rule was deleted (perhaps ours).
-    RuleRemoved,
+    /// A policy rule, or the capture route, was deleted (perhaps ours).
+    RoutingRemoved,
+    /// The kernel dropped events (a full socket buffer).
+    Lost,
 }
 
 /// `local 0.0.0.0/0 dev lo table CAPTURE_ROUTE_TABLE`.
