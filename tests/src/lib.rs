@@ -1,6 +1,7 @@
 //! Test support for kernel-level tests: the lab (network namespaces wired as
 //! a two-node cluster), ztunnel processes inside it, and test traffic.
 
+pub mod controlplane;
 pub mod http;
 pub mod lab;
 pub mod load;

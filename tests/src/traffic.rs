@@ -263,3 +263,86 @@ impl Connection {
 pub fn request(ns: &Netns, dst: SocketAddr, len: u64) -> Result<Report> {
     Connection::open(ns, dst, Duration::from_secs(5))?.exchange(len)
 }
+
+/// New connections from a pod, one after another, until stopped: each
+/// sends `len` bytes and checks the server's report.
+pub struct Stream {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<(Vec<Report>, Vec<String>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Stream {
+    pub fn start(ns: &Netns, dst: SocketAddr, len: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let name = ns.name().to_string();
+        let thread = {
+            let (stop, results) = (stop.clone(), results.clone());
+            std::thread::spawn(move || {
+                let mut ns = Netns::existing(&name);
+                ns.keep();
+                while !stop.load(Ordering::SeqCst) {
+                    let attempt = Connection::open(&ns, dst, Duration::from_millis(300))
+                        .and_then(|c| c.exchange(len));
+                    let Ok(mut r) = results.lock() else { return };
+                    match attempt {
+                        Ok(report) => r.0.push(report),
+                        Err(e) => {
+                            r.1.push(format!("{e:#}"));
+                            drop(r);
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })
+        };
+        Stream {
+            stop,
+            results,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops, and returns the reports of the connections that worked and
+    /// the errors of those that did not.
+    pub fn finish(mut self) -> (Vec<Report>, Vec<String>) {
+        self.stop_thread();
+        self.results.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Stops, and fails unless every connection worked and there were more
+    /// than `min` of them (fewer is too little traffic to judge `during`).
+    /// Returns how many there were.
+    pub fn finish_unbroken(self, during: &str, min: usize) -> Result<usize> {
+        let (reports, failures) = self.finish();
+        if !failures.is_empty() {
+            anyhow::bail!(
+                "{} of {} connections failed {during}; the first: {:?}",
+                failures.len(),
+                failures.len() + reports.len(),
+                &failures[..failures.len().min(5)]
+            );
+        }
+        if reports.len() <= min {
+            anyhow::bail!(
+                "only {} connections {during}: too little traffic to judge",
+                reports.len()
+            );
+        }
+        Ok(reports.len())
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}

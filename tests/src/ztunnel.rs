@@ -16,17 +16,23 @@ use crate::lab::Node;
 /// The ztunnel binary under test: `$ZTUNNEL_BIN`, else the one cargo built
 /// next to this test executable.
 pub fn binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("ZTUNNEL_BIN") {
+    built_binary("ztunnel", "ZTUNNEL_BIN")
+}
+
+/// A binary of the workspace: `$env_var`, else the one cargo built next to
+/// this test executable.
+pub fn built_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(bin));
     }
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1) {
-        let candidate = dir.join("ztunnel");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    bail!("no ztunnel binary found: run `cargo build -p ztunnel` or set ZTUNNEL_BIN")
+    bail!("no {name} binary found: run `cargo build --workspace --bins` or set {env_var}")
 }
 
 /// One running ztunnel. Killed on drop; its log is printed if the test is
@@ -40,15 +46,20 @@ pub struct Ztunnel {
 /// The command that runs ztunnel for `node` with `config`, issuing
 /// certificates from the lab's CA in `ca_dir`.
 pub fn command(node: &Node, config: &Path, ca_dir: &Path) -> Result<Command> {
+    let mut cmd = base_command(node)?;
+    cmd.arg("--config").arg(config).arg("--ca-dir").arg(ca_dir);
+    Ok(cmd)
+}
+
+/// The command that runs ztunnel for `node`, with no source of
+/// configuration or certificates yet (the control plane's come as
+/// environment variables).
+pub fn base_command(node: &Node) -> Result<Command> {
     let mut cmd = node.ns.command(binary()?);
-    cmd.arg("--config")
-        .arg(config)
-        .arg("--node-name")
+    cmd.arg("--node-name")
         .arg(node.name)
         .arg("--bpf-pin-dir")
         .arg(&node.pin_dir)
-        .arg("--ca-dir")
-        .arg(ca_dir)
         .env("RUST_LOG", "info");
     Ok(cmd)
 }
@@ -83,13 +94,23 @@ impl Ztunnel {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::spawn_command(node, command(node, config, ca_dir)?, extra, env)
+    }
+
+    /// Starts `cmd` (a ztunnel command line for `node`) without waiting.
+    pub fn spawn_command(
+        node: &Node,
+        mut cmd: Command,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "{}-ztunnel-{}.log",
             node.ns.name(),
             unique_suffix()
         ));
         let log_file = File::create(&log)?;
-        let child = command(node, config, ca_dir)?
+        let child = cmd
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

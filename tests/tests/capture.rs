@@ -297,11 +297,9 @@ fn start_greeter(
 ) -> Result<std::thread::JoinHandle<()>> {
     let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
     Ok(std::thread::spawn(move || {
-        for stream in listener.incoming().take(2) {
-            if let Ok(mut s) = stream {
-                use std::io::Write;
-                let _ = s.write_all(b"hello\n");
-            }
+        for mut s in listener.incoming().take(2).flatten() {
+            use std::io::Write;
+            let _ = s.write_all(b"hello\n");
         }
     }))
 }

@@ -3,23 +3,14 @@
 //! or land on a socket that is not ztunnel's, and only a root peer gets the
 //! listeners handed over.
 
-use std::{
-    net::SocketAddr,
-    process::Command,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::{Context, Result};
 use ztunnel_tests::{
     lab::{self, Node},
-    netns::Netns,
     setup::Setup,
     sniff::Sniffer,
-    traffic::{request, Connection, Report, Server},
+    traffic::{request, Connection, Server, Stream},
     ztunnel::{binary, counters},
 };
 
@@ -110,58 +101,6 @@ fn a_half_started_ztunnel_lets_nothing_through_after_a_crash() -> Result<()> {
     half_started(true)
 }
 
-/// New connections from a pod, one after another, until stopped.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    reports: Arc<Mutex<Vec<Report>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Stream {
-    fn start(ns: &Netns, dst: SocketAddr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let reports = Arc::new(Mutex::new(Vec::new()));
-        let name = ns.name().to_string();
-        let thread = {
-            let (stop, reports) = (stop.clone(), reports.clone());
-            std::thread::spawn(move || {
-                let mut ns = Netns::existing(&name);
-                ns.keep();
-                while !stop.load(Ordering::SeqCst) {
-                    let attempt = Connection::open(&ns, dst, Duration::from_millis(300))
-                        .and_then(|c| c.exchange(256));
-                    match attempt {
-                        Ok(report) => reports.lock().unwrap().push(report),
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            })
-        };
-        Stream {
-            stop,
-            reports,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> Vec<Report> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.reports.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn starts_stops_crashes_and_handovers_under_new_connections_leak_nothing() -> Result<()> {
     let s = Setup::new(&lab::config_yaml(&[]))?;
@@ -173,7 +112,7 @@ fn starts_stops_crashes_and_handovers_under_new_connections_leak_nothing() -> Re
     let node1 = s.lab.node("node1");
     let service = host_service(node1, 8080)?;
     let underlay = Sniffer::start(node1, "eth0")?;
-    let stream = Stream::start(&client.ns, server.addr);
+    let stream = Stream::start(&client.ns, server.addr, 256);
     // Each start is held between its stages, widening any window in which
     // a half-started ztunnel could let a SYN through.
     let hold = [("ZTUNNEL_TEST_STARTUP_HOLD", "300ms")];
@@ -194,7 +133,7 @@ fn starts_stops_crashes_and_handovers_under_new_connections_leak_nothing() -> Re
     );
     zt1.wait_exit(Duration::from_secs(15))?;
     std::thread::sleep(Duration::from_millis(500));
-    let reports = stream.finish();
+    let (reports, _failures) = stream.finish();
 
     let pcap = underlay.stop()?;
     assert_eq!(

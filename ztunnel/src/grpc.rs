@@ -141,3 +141,29 @@ impl tonic::service::Interceptor for Authenticator {
         Ok(request)
     }
 }
+
+/// A gRPC failure in words an operator can act on: the code, the message,
+/// the transport's cause, and what to check. `root_var` and `hostname_var`
+/// name the settings that decide whether the server is trusted.
+pub fn describe(status: &tonic::Status, root_var: &str, hostname_var: &str) -> String {
+    use std::error::Error;
+    let mut message = format!("{:?}: {}", status.code(), status.message());
+    let mut source = status.source();
+    while let Some(cause) = source {
+        // Transport errors repeat their cause in their own text.
+        let cause_text = cause.to_string();
+        if !message.contains(&cause_text) {
+            message.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    if status.code() == tonic::Code::Unauthenticated {
+        format!("the control plane refused this node ({message}); check AUTH_TOKEN")
+    } else if status.code() == tonic::Code::PermissionDenied {
+        format!("the control plane refused the request ({message})")
+    } else if message.contains("invalid peer certificate") {
+        format!("{message}; the control plane's certificate is not trusted: check {root_var} (and {hostname_var} if it is reached by another name)")
+    } else {
+        message
+    }
+}

@@ -9,6 +9,8 @@ use ztunnel::config::{Args, LogFormat};
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let log_control = init_logging(args.log_format);
+    // One crypto provider for every TLS context, the control plane's included.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     raise_fd_limit();
     let result = if args.uninstall {
         tokio::runtime::Builder::new_current_thread()

@@ -117,11 +117,19 @@ impl Status {
             }
         }
         if let Ok(mut readiness) = self.readiness.write() {
-            *readiness = if reasons.is_empty() {
+            let next = if reasons.is_empty() {
                 Ok(())
             } else {
                 Err(reasons.join("; "))
             };
+            // Transitions only: the probe's state is in the log when it
+            // changes, not every tick.
+            match (&*readiness, &next) {
+                (Err(_), Ok(())) => tracing::info!("readiness probe passes"),
+                (Ok(()), Err(why)) => tracing::warn!(reason = %why, "readiness probe fails"),
+                _ => {}
+            }
+            *readiness = next;
         }
     }
 }

@@ -283,7 +283,10 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         admin_socket = %admin_socket.display(),
         workloads = snapshot.workloads.len(),
         local = snapshot.local_workloads().count(),
-        ready = status.readiness.read().map(|r| r.is_ok()).unwrap_or(false),
+        probe = %status.readiness.read().map(|r| match &*r {
+            Ok(()) => "passes".to_string(),
+            Err(why) => format!("not yet: {why}"),
+        }).unwrap_or_default(),
         "ready"
     );
 

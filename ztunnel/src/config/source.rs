@@ -80,7 +80,9 @@ fn file(path: PathBuf) -> anyhow::Result<Feed> {
         })?;
     let initial = Arc::new(LocalConfig::parse(&text, &path)?);
     let (tx, updates) = watch::channel(Some(initial.clone()));
-    tokio::spawn(watch_file(path, text, tx));
+    tokio::spawn(watch_file(path, text, FILE_POLL, move |config| {
+        tx.send(Some(Arc::new(config))).is_ok()
+    }));
     Ok(Feed {
         initial,
         updates,
@@ -88,11 +90,17 @@ fn file(path: PathBuf) -> anyhow::Result<Feed> {
     })
 }
 
-/// Sends the file's configuration each time it changes. A file that cannot
-/// be read (mid-replace by an editor or a ConfigMap update) is tried again;
-/// one that does not parse is refused and the previous one stays.
-async fn watch_file(path: PathBuf, mut last: String, tx: watch::Sender<Option<Arc<LocalConfig>>>) {
-    let mut tick = tokio::time::interval(FILE_POLL);
+/// Hands `apply` the file's configuration each time its text differs from
+/// `last` (checked every `poll`), until `apply` returns false. A file that
+/// cannot be read (mid-replace by an editor or a ConfigMap update) is tried
+/// again; one that does not parse is refused and the previous one stays.
+pub async fn watch_file(
+    path: PathBuf,
+    mut last: String,
+    poll: Duration,
+    mut apply: impl FnMut(LocalConfig) -> bool,
+) {
+    let mut tick = tokio::time::interval(poll);
     loop {
         tick.tick().await;
         let text = match std::fs::read_to_string(&path) {
@@ -105,7 +113,8 @@ async fn watch_file(path: PathBuf, mut last: String, tx: watch::Sender<Option<Ar
         };
         match LocalConfig::parse(&text, &path) {
             Ok(config) => {
-                if tx.send(Some(Arc::new(config))).is_err() {
+                info!(path = %path.display(), "configuration changed");
+                if !apply(config) {
                     return;
                 }
             }

@@ -68,16 +68,6 @@ impl WorkloadCert {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
-
-    /// Half way through its life: when Istio replaces a certificate (the
-    /// manager adds jitter).
-    pub fn refresh_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
-    }
 }
 
 fn read(dir: &Path, name: &str) -> Result<(PathBuf, String), IdentityError> {

@@ -78,10 +78,9 @@ impl CaClient {
             .await
             .map_err(|status| {
                 err(format!(
-                    "the CA at {} refused: {:?}: {}",
+                    "the CA at {}: {}",
                     self.endpoint.address,
-                    status.code(),
-                    status.message()
+                    crate::grpc::describe(&status, "CA_ROOT_CA", "ALT_CA_HOSTNAME")
                 ))
             })?
             .into_inner();

@@ -233,11 +233,11 @@ impl CertManager {
     }
 }
 
-/// Half way through the certificate's life, minus up to a tenth of it.
+/// Half way through what is left of the certificate's life now (its start
+/// is backdated for clock skew, so not from there), minus up to a tenth of
+/// it, so that certificates issued together do not renew together.
 fn renewal_time(cert: &WorkloadCert) -> SystemTime {
-    let life = cert
-        .not_after
-        .duration_since(cert.not_before)
-        .unwrap_or_default();
-    cert.not_before + life.mul_f64(0.5 - fastrand::f64() * 0.1)
+    let now = SystemTime::now();
+    let left = cert.not_after.duration_since(now).unwrap_or_default();
+    now + left.mul_f64(0.5 - fastrand::f64() * 0.1)
 }

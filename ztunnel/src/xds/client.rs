@@ -205,7 +205,16 @@ impl XdsClient {
             .await
         {
             Ok(response) => response.into_inner(),
-            Err(status) => return (SessionEnd::Connect(describe(&status)), false),
+            Err(status) => {
+                return (
+                    SessionEnd::Connect(crate::grpc::describe(
+                        &status,
+                        "XDS_ROOT_CA",
+                        "ALT_XDS_HOSTNAME",
+                    )),
+                    false,
+                )
+            }
         };
         info!(address = %self.endpoint.address, "xDS stream open");
         self.update(|s| {
@@ -217,7 +226,16 @@ impl XdsClient {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
                 Ok(None) => return (SessionEnd::Closed, received),
-                Err(status) => return (SessionEnd::Stream(describe(&status)), received),
+                Err(status) => {
+                    return (
+                        SessionEnd::Stream(crate::grpc::describe(
+                            &status,
+                            "XDS_ROOT_CA",
+                            "ALT_XDS_HOSTNAME",
+                        )),
+                        received,
+                    )
+                }
             };
             received = true;
             let reply = self.handle(&response);
@@ -334,23 +352,6 @@ fn nack(response: &DeltaDiscoveryResponse, message: String) -> DeltaDiscoveryReq
             details: Vec::new(),
         }),
         ..DeltaDiscoveryRequest::default()
-    }
-}
-
-/// A gRPC failure in words an operator can act on.
-fn describe(status: &tonic::Status) -> String {
-    use std::error::Error;
-    let mut message = format!("{:?}: {}", status.code(), status.message());
-    let mut source = status.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    match status.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            format!("the control plane refused this node ({message}); check AUTH_TOKEN")
-        }
-        _ => message,
     }
 }
 
