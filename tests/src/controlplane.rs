@@ -25,9 +25,88 @@ pub const PORT: u16 = 15012;
 /// The name in the control plane's serving certificate.
 pub const SERVER_NAME: &str = "istiod.istio-system.svc";
 
-/// Where the control plane of a lab keeps its tokens and log.
-fn state_dir(lab: &Lab) -> PathBuf {
+/// Where the control plane of a lab keeps its tokens and log (removed with
+/// the control plane, or by [`crate::lab::teardown`]).
+pub fn state_dir(lab: &Lab) -> PathBuf {
     std::env::temp_dir().join(format!("{}-controlplane", lab.prefix))
+}
+
+/// The address the control plane of `lab` serves on: node1's underlay.
+pub fn address(lab: &Lab) -> SocketAddr {
+    SocketAddr::from((lab.node("node1").underlay_ip, PORT))
+}
+
+/// The command that runs the control plane of `lab` in node1's namespace,
+/// serving `config` with the lab's CA on [`address`], `extra` flags
+/// appended. Writes the nodes' tokens first if they do not exist.
+pub fn command(lab: &Lab, config: &Path, extra: &[String]) -> Result<std::process::Command> {
+    Launch::new(lab, config, extra).command()
+}
+
+/// What starting the control plane of a lab takes, kept to start it again.
+struct Launch {
+    node_ns: PathBuf,
+    ca_dir: PathBuf,
+    dir: PathBuf,
+    address: SocketAddr,
+    config: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Launch {
+    fn new(lab: &Lab, config: &Path, extra: &[String]) -> Self {
+        Launch {
+            node_ns: lab.node("node1").ns.path(),
+            ca_dir: lab.ca_dir.clone(),
+            dir: state_dir(lab),
+            address: address(lab),
+            config: config.to_path_buf(),
+            extra: extra.to_vec(),
+        }
+    }
+
+    fn command(&self) -> Result<std::process::Command> {
+        write_tokens(&self.dir)?;
+        let bin = built_binary("ztunnel-controlplane", "ZTUNNEL_CONTROLPLANE_BIN")?;
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node_ns.display()))
+            .arg("--")
+            .arg(bin)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--ca-dir")
+            .arg(&self.ca_dir)
+            .arg("--listen")
+            .arg(self.address.to_string())
+            .args(&self.extra)
+            .env("RUST_LOG", "info");
+        for node in NODES {
+            cmd.arg("--token")
+                .arg(format!("{node}={}", token_file(&self.dir, node).display()));
+        }
+        Ok(cmd)
+    }
+}
+
+/// Waits until something listens on `address` in `ns`.
+pub fn wait_listening(
+    ns: &crate::netns::Netns,
+    address: SocketAddr,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let up = ns.run(move || {
+            std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok()
+        })?;
+        if up {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {address} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The token file of `node`.
@@ -35,10 +114,14 @@ fn token_file(dir: &Path, node: &str) -> PathBuf {
     dir.join(format!("{node}.token"))
 }
 
-/// Writes a fresh random token per node.
+/// Writes a fresh random token per node that has none yet (they are kept
+/// across restarts of the control plane: the nodes hold them).
 fn write_tokens(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     for node in NODES {
+        if token_file(dir, node).exists() {
+            continue;
+        }
         let token: String = (0..32)
             .map(|_| format!("{:x}", fastrand_u8() & 0x0f))
             .collect();
@@ -79,56 +162,34 @@ pub struct ControlPlane {
     child: Option<Child>,
     pub address: SocketAddr,
     pub log: PathBuf,
-    config: PathBuf,
-    lab_prefix: String,
-    node_ns: PathBuf,
-    ca_dir: PathBuf,
-    dir: PathBuf,
-    extra: Vec<String>,
+    launch: Launch,
+    node1: crate::netns::Netns,
 }
 
 impl ControlPlane {
     /// Starts it serving `config`, and waits until it listens.
     pub fn start(lab: &Lab, config: &Path, extra: &[&str]) -> Result<Self> {
-        let dir = state_dir(lab);
-        write_tokens(&dir)?;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let launch = Launch::new(lab, config, &extra);
+        let mut node1 = crate::netns::Netns::existing(lab.node("node1").ns.name());
+        node1.keep();
         let mut cp = ControlPlane {
             child: None,
-            address: SocketAddr::from((lab.node("node1").underlay_ip, PORT)),
-            log: dir.join("controlplane.log"),
-            config: config.to_path_buf(),
-            lab_prefix: lab.prefix.clone(),
-            node_ns: lab.node("node1").ns.path(),
-            ca_dir: lab.ca_dir.clone(),
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            address: launch.address,
+            log: launch.dir.join("controlplane.log"),
+            launch,
+            node1,
         };
         cp.spawn()?;
         Ok(cp)
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let bin = built_binary("ztunnel-controlplane", "ZTUNNEL_CONTROLPLANE_BIN")?;
+        let mut cmd = self.launch.command()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.node_ns.display()))
-            .arg("--")
-            .arg(bin)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--ca-dir")
-            .arg(&self.ca_dir)
-            .arg("--listen")
-            .arg(self.address.to_string())
-            .args(&self.extra)
-            .env("RUST_LOG", "info");
-        for node in NODES {
-            cmd.arg("--token")
-                .arg(format!("{node}={}", token_file(&self.dir, node).display()));
-        }
         let before = self.log_text().matches("serving xDS and the CA").count();
         self.child = Some(
             cmd.stdin(Stdio::null())
@@ -142,30 +203,9 @@ impl ControlPlane {
             before + 1,
             Duration::from_secs(30),
         )?;
-        // It logs before it binds; wait until the port takes connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let ns = crate::netns::Netns::existing(&format!("{}-node1", self.lab_prefix));
-        let address = self.address;
-        let reachable = ns.run(move || {
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200))
-                    .is_ok()
-                {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            false
-        });
-        std::mem::forget(ns);
-        if !reachable? {
-            bail!(
-                "the control plane does not listen on {}:\n{}",
-                self.address,
-                self.log_text()
-            );
-        }
-        Ok(())
+        // It logs before it binds.
+        wait_listening(&self.node1, self.address, Duration::from_secs(10))
+            .with_context(|| format!("the control plane does not listen:\n{}", self.log_text()))
     }
 
     /// SIGKILL.
@@ -216,7 +256,7 @@ impl Drop for ControlPlane {
         if std::thread::panicking() {
             eprintln!("---- control plane log ----\n{}", self.log_text());
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.launch.dir);
     }
 }
 
@@ -237,7 +277,7 @@ impl InProcess {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let config = ztunnel::config::local::LocalConfig::load(config)?;
         let control_plane = ztunnel_controlplane::ControlPlane::new(config);
-        let address = SocketAddr::from((lab.node("node1").underlay_ip, PORT));
+        let address = address(lab);
         let mut tokens = Vec::new();
         for node in NODES {
             let token = std::fs::read_to_string(token_file(&dir, node))?;
@@ -266,21 +306,8 @@ impl InProcess {
                 }
             })
         })?;
-        // Until it listens.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let ns = &lab.node("node1").ns;
-        loop {
-            let up = ns.run(move || {
-                std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok()
-            })?;
-            if up {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the in-process control plane does not listen on {address}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(&lab.node("node1").ns, address, Duration::from_secs(10))
+            .context("the in-process control plane")?;
         Ok(InProcess {
             control_plane,
             address,

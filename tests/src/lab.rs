@@ -363,7 +363,10 @@ pub fn teardown(prefix: &str) -> Result<Vec<String>> {
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(prefix) && name.ends_with("-ca") {
+            // The lab's CA, and its control plane's tokens and log.
+            if name.starts_with(prefix)
+                && (name.ends_with("-ca") || name.ends_with("-controlplane"))
+            {
                 let _ = std::fs::remove_dir_all(entry.path());
                 removed.push(entry.path().display().to_string());
             }

@@ -1,44 +1,28 @@
-//! ztunnels that outlive `cargo xtask lab up`, tracked by pid files so
+//! ztunnels (and the control plane) that outlive `cargo xtask lab up`, tracked by pid files so
 //! `cargo xtask lab down` can stop them.
 
 use std::{
     fs::File,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use ztunnel_tests::lab::Node;
+use ztunnel_tests::{
+    controlplane,
+    lab::{Lab, Node},
+};
 
 fn state_dir() -> PathBuf {
     std::env::temp_dir().join("ztlab-state")
 }
 
-/// Starts ztunnel in `node`'s namespace, detached, and waits until it is ready.
-/// Returns its log file.
-pub fn start_ztunnel(
-    prefix: &str,
-    node: &Node,
-    bin: &Path,
-    config: &Path,
-    ca_dir: &Path,
-) -> Result<PathBuf> {
-    std::fs::create_dir_all(state_dir())?;
-    let base = state_dir().join(format!("{prefix}-{}", node.name));
-    let log = base.with_extension("log");
-    let log_file = File::create(&log)?;
-    std::env::set_var("ZTUNNEL_BIN", bin);
-    let child = ztunnel_tests::ztunnel::command(node, config, ca_dir)?
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        // Its own process group: it must not die with this command's terminal.
-        .process_group(0)
-        .spawn()
-        .context("starting ztunnel")?;
-    std::fs::write(base.with_extension("pid"), child.id().to_string())?;
+/// Starts `cmd` (a ztunnel command line for `node`) detached, and waits
+/// until it is ready. Returns its log file.
+pub fn start_ztunnel(prefix: &str, node: &Node, cmd: Command) -> Result<PathBuf> {
+    let log = start_detached(&format!("{prefix}-{}", node.name), cmd)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&log)?.contains("ready") {
         if Instant::now() > deadline {
@@ -50,6 +34,38 @@ pub fn start_ztunnel(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(log)
+}
+
+/// Starts the lab's control plane detached, serving `config`, and waits
+/// until it listens. Returns its log file.
+pub fn start_controlplane(lab: &Lab, config: &Path) -> Result<PathBuf> {
+    let cmd = controlplane::command(lab, config, &[])?;
+    let log = start_detached(&format!("{}-controlplane", lab.prefix), cmd)?;
+    controlplane::wait_listening(
+        &lab.node("node1").ns,
+        controlplane::address(lab),
+        Duration::from_secs(30),
+    )
+    .with_context(|| format!("see {}", log.display()))?;
+    Ok(log)
+}
+
+/// Spawns `cmd` in its own process group (it must not die with this
+/// command's terminal), logging to `<name>.log` and tracked by `<name>.pid`.
+fn start_detached(name: &str, mut cmd: Command) -> Result<PathBuf> {
+    std::fs::create_dir_all(state_dir())?;
+    let base = state_dir().join(name);
+    let log = base.with_extension("log");
+    let log_file = File::create(&log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    std::fs::write(base.with_extension("pid"), child.id().to_string())?;
     Ok(log)
 }
 
@@ -69,7 +85,7 @@ pub fn stop_all(prefix: &str) -> Result<Vec<String>> {
             unsafe {
                 libc::kill(pid, libc::SIGTERM);
             }
-            stopped.push(format!("ztunnel {name}"));
+            stopped.push(name.trim_end_matches(".pid").to_string());
         }
         let _ = std::fs::remove_file(entry.path());
     }

@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: the lab, two ztunnels, and traffic that shows what
-//! capture does, printed as it happens.
+//! `cargo xtask demo`: the lab, the control plane, two ztunnels that get
+//! their workloads, policies and certificates from it, and traffic that
+//! shows what capture does, printed as it happens.
 
 use std::{
     net::SocketAddr,
@@ -9,15 +10,32 @@ use std::{
 
 use anyhow::{Context, Result};
 use ztunnel_tests::{
+    controlplane::{self, ControlPlane},
+    http,
     lab::{Lab, Node},
     traffic::{Connection, Server},
-    ztunnel::{counters, ztunnel_owns, Ztunnel},
+    ztunnel::{counters, ztunnel_owns},
 };
 
-pub fn run(bin: &Path, config: &Path) -> Result<()> {
-    std::env::set_var("ZTUNNEL_BIN", bin);
+/// ztunnel's admin port, in each node's namespace.
+const ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
+
+/// Runs the demo with the binaries [`crate::build_release`] pointed the
+/// harness at, serving `example` (copied: the demo pushes a change).
+pub fn run(example: &Path) -> Result<()> {
     println!("== bringing up the lab: 2 nodes, 5 pods (network namespaces)");
     let lab = Lab::up()?;
+    let config = std::env::temp_dir().join(format!("{}-demo.yaml", lab.prefix));
+    let original = std::fs::read_to_string(example)
+        .with_context(|| format!("reading {}", example.display()))?;
+    std::fs::write(&config, &original)?;
+    let result = run_in(&lab, &config, &original, example);
+    let _ = std::fs::remove_file(&config);
+    result
+}
+
+fn run_in(lab: &Lab, config: &Path, original: &str, example: &Path) -> Result<()> {
     for pod in &lab.pods {
         println!(
             "   {:10} {:13} on {}  {}",
@@ -31,9 +49,20 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
             }
         );
     }
-    println!("== starting ztunnel on each node with {}", config.display());
-    let mut zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
-    let zt2 = Ztunnel::start(lab.node("node2"), config, &lab.ca_dir)?;
+    println!(
+        "== starting the control plane on {} (it stands in for istiod): it serves {} over\n   Delta ADS and signs certificates; it alone holds the CA key",
+        controlplane::address(lab),
+        example.display()
+    );
+    let cp = ControlPlane::start(lab, config, &[])?;
+    println!(
+        "== starting ztunnel on each node, pointed at it (XDS_ADDRESS, CA_ADDRESS, AUTH_TOKEN)"
+    );
+    let mut zt1 = controlplane::ztunnel(lab, cp.address, "node1", &[], &[])?;
+    let zt2 = controlplane::ztunnel(lab, cp.address, "node2", &[], &[])?;
+    for node in ["node1", "node2"] {
+        show_from_control_plane(lab.node(node))?;
+    }
 
     let server = lab.pod("server");
     let plain = lab.pod("plain");
@@ -53,35 +82,86 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
         "flow", "owned by ztunnel on", "server saw", "result"
     );
     flow(
-        &lab,
+        lab,
         "client -> server (other node)",
         FlowFrom::Pod("client"),
         server.addr(8080),
     )?;
     flow(
-        &lab,
+        lab,
         "client -> neighbor (same node)",
         FlowFrom::Pod("client"),
         neighbor.addr(8080),
     )?;
     flow(
-        &lab,
+        lab,
         "plain -> client (into enrolled)",
         FlowFrom::Pod("plain"),
         client_pod.addr(8080),
     )?;
     flow(
-        &lab,
+        lab,
         "bystander -> plain (neither)",
         FlowFrom::Pod("bystander"),
         plain.addr(8080),
     )?;
     flow(
-        &lab,
+        lab,
         "node1 -> client (health probe)",
         FlowFrom::Node("node1"),
         client_pod.addr(8080),
     )?;
+
+    println!("\n== pushing a policy: deny the client's identity on every workload of `default`");
+    let pushed = format!(
+        "{}{}- name: deny-client\n  namespace: default\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  rules: [[[{{principals: [!Exact cluster.local/ns/default/sa/client]}}]]]\n",
+        original,
+        if original.contains("\npolicies:") { "" } else { "policies:\n" }
+    );
+    let edited = Instant::now();
+    write_atomically(config, &pushed)?;
+    let took = wait_until(Duration::from_secs(5), || {
+        Connection::open(
+            &lab.pod("client").ns,
+            server.addr(8080),
+            Duration::from_secs(1),
+        )
+        .and_then(|c| c.exchange(16))
+        .is_err()
+    });
+    println!(
+        "   file edited -> control plane pushed -> node2 enforces: {}",
+        match took {
+            Some(_) => format!(
+                "{:?} after the edit (the control plane checks the file every 200 ms)",
+                edited.elapsed()
+            ),
+            None => "not within 5 s".into(),
+        }
+    );
+    flow(
+        lab,
+        "client -> server (denied)",
+        FlowFrom::Pod("client"),
+        server.addr(8080),
+    )?;
+    flow(
+        lab,
+        "neighbor -> server (allowed)",
+        FlowFrom::Pod("neighbor"),
+        server.addr(8080),
+    )?;
+    write_atomically(config, original)?;
+    wait_until(Duration::from_secs(5), || {
+        Connection::open(
+            &lab.pod("client").ns,
+            server.addr(8080),
+            Duration::from_secs(1),
+        )
+        .and_then(|c| c.exchange(16))
+        .is_ok()
+    });
+    println!("   policy removed: the client gets through again");
 
     println!("\n== kernel counters (read with bpftool from the pinned maps)");
     for (node, pod) in [
@@ -101,21 +181,21 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
     println!("\n== killing ztunnel on node1: capture stays in the kernel and fails closed");
     zt1.kill();
     flow(
-        &lab,
+        lab,
         "client -> server (ztunnel down)",
         FlowFrom::Pod("client"),
         server.addr(8080),
     )?;
     flow(
-        &lab,
+        lab,
         "bystander -> plain (ztunnel down)",
         FlowFrom::Pod("bystander"),
         plain.addr(8080),
     )?;
     println!("== restarting it: pinned programs and maps are re-adopted");
-    let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
+    let zt1 = controlplane::ztunnel(lab, cp.address, "node1", &[], &[])?;
     flow(
-        &lab,
+        lab,
         "client -> server (ztunnel back)",
         FlowFrom::Pod("client"),
         server.addr(8080),
@@ -133,6 +213,7 @@ pub fn run(bin: &Path, config: &Path) -> Result<()> {
         println!("   {}", line.trim());
     }
     drop(zt2);
+    drop(cp);
     println!("\n== tearing the lab down");
     Ok(())
 }
@@ -172,7 +253,18 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
         .map(|n| n.name)
         .collect();
     let started = Instant::now();
-    let report = conn.exchange(1 << 20).context("exchange")?;
+    let report = match conn.exchange(1 << 20) {
+        Ok(report) => report,
+        Err(e) => {
+            println!(
+                "   {label:34} {:26} {:17} closed by ztunnel ({})",
+                owners.join(" + "),
+                "nothing",
+                root_cause(&e)
+            );
+            return Ok(());
+        }
+    };
     println!(
         "   {label:34} {:26} {:17} ok, {} bytes intact in {:?}",
         if owners.is_empty() {
@@ -189,4 +281,60 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
 
 fn root_cause(e: &anyhow::Error) -> String {
     e.root_cause().to_string()
+}
+
+/// What a node's ztunnel got from the control plane, from its
+/// `/config_dump`.
+fn show_from_control_plane(node: &Node) -> Result<()> {
+    // Certificates are fetched once the workloads are known: give them a
+    // moment.
+    let started = Instant::now();
+    let dump = loop {
+        let r = http::get(&node.ns, ADMIN, "/config_dump")?;
+        let dump: serde_json::Value = serde_json::from_str(&r.body).context("config_dump")?;
+        let fetched = dump["certificates"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty());
+        if fetched || started.elapsed() > Duration::from_secs(5) {
+            break dump;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let xds = &dump["source"]["xds"];
+    let count = |t: &str| xds["types"][t]["resources"].as_u64().unwrap_or(0);
+    println!(
+        "   {}: xDS connected={} addresses={} authorizations={}",
+        node.name,
+        xds["connected"],
+        count(ztunnel::xds::ADDRESS_TYPE),
+        count(ztunnel::xds::AUTHORIZATION_TYPE),
+    );
+    for cert in dump["certificates"].as_array().into_iter().flatten() {
+        println!(
+            "      certificate {} serial {} expires in {}s",
+            cert["identity"].as_str().unwrap_or("?"),
+            cert["serial"].as_str().unwrap_or("?"),
+            cert["expires_in_seconds"]
+        );
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Polls `check` until it holds; how long that took, or `None`.
+fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ztunnel_tests::lab;
+use ztunnel_tests::{controlplane, lab};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -93,6 +93,11 @@ enum LabAction {
         /// Only the namespaces; no ztunnel.
         #[arg(long)]
         no_ztunnel: bool,
+        /// Serve examples/lab.yaml and the certificates from the repo's
+        /// control plane (as istiod would) instead of giving each ztunnel
+        /// the file and the CA.
+        #[arg(long, conflicts_with = "no_ztunnel")]
+        control_plane: bool,
     },
     /// Remove labs (by default every lab: names starting with `ztlab`).
     Down {
@@ -111,15 +116,25 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Lab {
-            action: LabAction::Up { prefix, no_ztunnel },
+            action:
+                LabAction::Up {
+                    prefix,
+                    no_ztunnel,
+                    control_plane,
+                },
         } => {
             require_root()?;
-            let bin = if no_ztunnel {
+            let mode = if no_ztunnel {
                 None
             } else {
-                Some(build_release()?)
+                build_release()?;
+                Some(if control_plane {
+                    Source::ControlPlane
+                } else {
+                    Source::LocalFile
+                })
             };
-            lab_up(&prefix, bin.as_deref())
+            lab_up(&prefix, mode)
         }
         Cmd::Lab {
             action: LabAction::Down { prefix },
@@ -173,8 +188,8 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             require_root()?;
             bootstrap()?;
-            let bin = build_release()?;
-            demo::run(&bin, &root().join("examples/lab.yaml"))
+            build_release()?;
+            demo::run(&root().join("examples/lab.yaml"))
         }
         Cmd::Bench { smoke } => {
             require_root()?;
@@ -220,7 +235,14 @@ fn main() -> Result<()> {
                 "--",
                 "--test",
             ])?;
-            cargo(&["build", "--package", "ztunnel", "--bins"])?;
+            cargo(&[
+                "build",
+                "--package",
+                "ztunnel",
+                "--package",
+                "ztunnel-controlplane",
+                "--bins",
+            ])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             cargo_test(&test_args)
@@ -338,18 +360,63 @@ fn build_ebpf() -> Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/ztunnel"))
 }
 
+/// Builds ztunnel and the control plane (release), and points the lab's
+/// harness at them. Returns ztunnel's path.
 fn build_release() -> Result<PathBuf> {
-    cargo(&["build", "--release", "--package", "ztunnel", "--bins"])?;
-    Ok(root().join("target/release/ztunnel"))
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "ztunnel",
+        "--package",
+        "ztunnel-controlplane",
+        "--bins",
+    ])?;
+    let bin = root().join("target/release/ztunnel");
+    std::env::set_var("ZTUNNEL_BIN", &bin);
+    std::env::set_var(
+        "ZTUNNEL_CONTROLPLANE_BIN",
+        root().join("target/release/ztunnel-controlplane"),
+    );
+    Ok(bin)
 }
 
-fn lab_up(prefix: &str, ztunnel: Option<&Path>) -> Result<()> {
+/// Where a lab's ztunnels get the mesh from.
+enum Source {
+    /// examples/lab.yaml and the lab's CA, on each node.
+    LocalFile,
+    /// The repo's control plane, serving examples/lab.yaml.
+    ControlPlane,
+}
+
+fn lab_up(prefix: &str, ztunnels: Option<Source>) -> Result<()> {
     let mut lab = lab::Lab::up_named(prefix)?;
     lab.keep();
-    if let Some(bin) = ztunnel {
-        let config = root().join("examples/lab.yaml");
+    let config = root().join("examples/lab.yaml");
+    if let Some(source) = &ztunnels {
+        if let Source::ControlPlane = source {
+            let log = background::start_controlplane(&lab, &config)?;
+            println!(
+                "control plane serving {} on {} (log: {})",
+                config.display(),
+                controlplane::address(&lab),
+                log.display()
+            );
+        }
         for node in &lab.nodes {
-            let log = background::start_ztunnel(prefix, node, bin, &config, &lab.ca_dir)?;
+            let cmd = match source {
+                Source::LocalFile => ztunnel_tests::ztunnel::command(node, &config, &lab.ca_dir)?,
+                Source::ControlPlane => {
+                    let mut cmd = ztunnel_tests::ztunnel::base_command(node)?;
+                    cmd.envs(controlplane::environment(
+                        &lab,
+                        controlplane::address(&lab),
+                        node.name,
+                    ));
+                    cmd
+                }
+            };
+            let log = background::start_ztunnel(prefix, node, cmd)?;
             println!("ztunnel running on {} (log: {})", node.name, log.display());
         }
     }
@@ -396,7 +463,7 @@ fn lab_up(prefix: &str, ztunnel: Option<&Path>) -> Result<()> {
         node_ns = node.ns.name(),
         node = node.name,
     );
-    if ztunnel.is_none() {
+    if ztunnels.is_none() {
         println!(
             "run a ztunnel on {}:\n  nsenter --net=/run/netns/{} target/release/ztunnel --config examples/lab.yaml --node-name {} --bpf-pin-dir {}",
             node.name,
