@@ -549,3 +549,21 @@ fn a_node_asking_for_another_nodes_identity_is_refused_on_both_sides() -> Result
         .any(|l| l.contains("certificate signed") && l.contains("sa/server")));
     Ok(())
 }
+
+#[test]
+fn a_node_with_a_control_plane_refuses_to_hold_a_ca_key() -> Result<()> {
+    let (s, cp) = lab_and_control_plane()?;
+    let node1 = s.lab.node("node1");
+    let mut cmd = base_command(node1)?;
+    cmd.arg("--ca-dir").arg(&s.lab.ca_dir);
+    let mut zt = controlplane::spawn(&s.lab, cp.address, "node1", cmd, &[])?.start()?;
+    let status = zt.wait_exit(Duration::from_secs(10))?;
+    assert!(!status.success());
+    let log = zt.log_text();
+    assert!(
+        log.contains("must not hold a CA key"),
+        "the refusal does not say why:\n{log}"
+    );
+    assert!(!node1.pin_dir.exists(), "a refused start left pins behind");
+    Ok(())
+}

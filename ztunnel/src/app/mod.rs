@@ -57,6 +57,8 @@ use crate::{
     tls::TlsContext,
 };
 
+/// How long a start waits for its first certificates before it says ready.
+const FIRST_CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
 /// How often certificates are checked for renewal (and readiness redone).
 const CERT_TICK: Duration = Duration::from_secs(1);
 /// Capture follows the kernel's link and route events; this slower pass is
@@ -131,6 +133,7 @@ impl Kernel {
 pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()> {
     // Everything that can be refused is checked before the kernel is touched.
     // With a control plane, this waits for its first complete push.
+    let ca = ca_source(&args)?;
     let feed = source::start(&args).await?;
     let mut config_updates = feed.updates;
     let snapshot = Arc::new(Snapshot::new(
@@ -139,7 +142,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         &feed.initial,
     ));
     let pin_dir = args.pin_dir();
-    let certs = CertManager::new(ca_source(&args)?, args.workload_cert_ttl);
+    let certs = CertManager::new(ca, args.workload_cert_ttl);
     let handover_path = args.handover_path();
     let admin_socket = args.admin_socket_path();
     let hold = StartupHold::from_env();
@@ -277,6 +280,13 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         }
     }
 
+    // The first certificates before the word "ready", so that a probe right
+    // after it passes. Bounded: a CA that does not answer must not hold the
+    // start (the readiness probe says what is missing).
+    certs
+        .prefetch(&snapshot.local_identities(), FIRST_CERTIFICATES_WAIT)
+        .await;
+    status.update_readiness();
     info!(
         node = %args.node_name,
         pin_dir = %pin_dir.display(),
@@ -484,6 +494,9 @@ fn publish(status: &Status, capture: CaptureStatus) {
 /// (no CA key is read then), else the local CA.
 fn ca_source(args: &Args) -> anyhow::Result<CaSource> {
     match args.ca_endpoint() {
+        Some(_) if args.ca_dir.is_some() => anyhow::bail!(
+            "--ca-dir (ZTUNNEL_CA_DIR) and a control plane's CA (CA_ADDRESS or XDS_ADDRESS) are alternatives: a node that gets its certificates from the control plane must not hold a CA key"
+        ),
         Some(endpoint) => {
             std::fs::metadata(&endpoint.root_cert)
                 .map_err(|e| anyhow::anyhow!("CA_ROOT_CA {}: {e}", endpoint.root_cert.display()))?;

@@ -218,6 +218,15 @@ impl CertManager {
         }
     }
 
+    /// Waits, at most `limit`, until each of `identities` has a certificate
+    /// or its request failed: a start that says "ready" then has them.
+    pub async fn prefetch(self: &Arc<Self>, identities: &[Identity], limit: Duration) {
+        let all = futures_util::future::join_all(identities.iter().map(|id| self.get(id)));
+        if tokio::time::timeout(limit, all).await.is_err() {
+            warn!(waited = ?limit, "the first certificates are late; serving while they are fetched");
+        }
+    }
+
     /// The certificates held now, for status pages and readiness.
     pub fn snapshot(&self) -> Vec<Arc<WorkloadCert>> {
         self.lock()
