@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use ztunnel::{
     config::local::LocalConfig,
-    identity::{ca::pem_cert, Identity, IdentityError, LocalCa},
+    identity::{Identity, IdentityError, LocalCa},
     protos::istio::v1::auth::{
         istio_certificate_service_server::IstioCertificateService, IstioCertificateRequest,
         IstioCertificateResponse,
@@ -37,15 +37,13 @@ impl Ca {
     fn authorize(&self, node: &str, identity: &Identity) -> Result<(), String> {
         let config = self.config.borrow().clone();
         let runs_it = config.workloads.iter().any(|w| {
-            let trust_domain = if w.trust_domain.is_empty() {
-                &self.trust_domain
-            } else {
-                &w.trust_domain
-            };
             w.node == node
-                && *trust_domain == identity.trust_domain
-                && w.namespace == identity.namespace
-                && w.service_account == identity.service_account
+                && Identity::of_workload(
+                    &w.trust_domain,
+                    &self.trust_domain,
+                    &w.namespace,
+                    &w.service_account,
+                ) == *identity
         });
         if runs_it {
             Ok(())
@@ -101,7 +99,7 @@ impl IstioCertificateService for Ca {
             Ok((identity, chain)) => {
                 info!(%node, %identity, ttl = ?ttl, "certificate signed");
                 Ok(Response::new(IstioCertificateResponse {
-                    cert_chain: chain.iter().map(pem_cert).collect(),
+                    cert_chain: chain,
                 }))
             }
             Err(e) => {

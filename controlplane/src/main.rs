@@ -60,7 +60,7 @@ fn tokens(specs: &[String]) -> anyhow::Result<Nodes> {
             .with_context(|| format!("--token {spec}: reading {file}"))?;
         pairs.push((node.to_string(), token.trim().to_string()));
     }
-    Ok(Nodes::new(pairs))
+    Nodes::new(pairs).map_err(|e| anyhow::anyhow!("--token: {e}"))
 }
 
 #[tokio::main]

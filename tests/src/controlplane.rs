@@ -117,25 +117,29 @@ fn token_file(dir: &Path, node: &str) -> PathBuf {
 /// Writes a fresh random token per node that has none yet (they are kept
 /// across restarts of the control plane: the nodes hold them).
 fn write_tokens(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     for node in NODES {
         if token_file(dir, node).exists() {
             continue;
         }
-        let token: String = (0..32)
-            .map(|_| format!("{:x}", fastrand_u8() & 0x0f))
-            .collect();
-        std::fs::write(token_file(dir, node), token)?;
+        let mut random = [0u8; 16];
+        rustls::crypto::aws_lc_rs::default_provider()
+            .secure_random
+            .fill(&mut random)
+            .map_err(|e| anyhow::anyhow!("no random bytes for a token: {e:?}"))?;
+        let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(token_file(dir, node))?;
+        std::io::Write::write_all(&mut file, token.as_bytes())?;
     }
     Ok(())
-}
-
-fn fastrand_u8() -> u8 {
-    let mut b = [0u8; 1];
-    let _ = rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut b);
-    b[0]
 }
 
 /// What points a ztunnel on `node` at a control plane of `lab` listening at
@@ -287,7 +291,7 @@ impl InProcess {
             listen: address,
             ca: ztunnel::identity::LocalCa::load(&lab.ca_dir)?,
             server_names: vec![SERVER_NAME.into()],
-            nodes: ztunnel_controlplane::Nodes::new(tokens),
+            nodes: ztunnel_controlplane::Nodes::new(tokens).map_err(anyhow::Error::msg)?,
             trust_domain: ztunnel::identity::DEFAULT_TRUST_DOMAIN.into(),
             max_cert_ttl: Duration::from_secs(24 * 3600),
         };

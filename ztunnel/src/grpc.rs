@@ -125,12 +125,19 @@ impl tonic::service::Interceptor for Authenticator {
         let metadata = request.metadata_mut();
         if let Some(path) = &self.token {
             // Re-read each time: projected tokens are rotated on disk.
+            // A local problem, not the server's answer: not Unauthenticated.
             let token = std::fs::read_to_string(path).map_err(|e| {
-                Status::unauthenticated(format!("reading the token {}: {e}", path.display()))
+                Status::failed_precondition(format!(
+                    "reading the token AUTH_TOKEN {}: {e}",
+                    path.display()
+                ))
             })?;
             let value =
                 AsciiMetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
-                    Status::unauthenticated(format!("the token in {} is not ASCII", path.display()))
+                    Status::failed_precondition(format!(
+                        "the token in AUTH_TOKEN {} is not ASCII",
+                        path.display()
+                    ))
                 })?;
             metadata.insert("authorization", value);
         }

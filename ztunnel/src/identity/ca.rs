@@ -174,14 +174,15 @@ impl LocalCa {
     /// Signs a PKCS#10 request (PEM) for a workload, as a CA service does:
     /// only the request's key and its single SPIFFE id are taken from it,
     /// and `authorize` decides on the id before anything is signed. Returns
-    /// the identity and the chain to send back: the leaf, the
-    /// intermediates, the roots last.
+    /// the identity and the chain to send back as istiod sends it: the leaf
+    /// and each intermediate as a PEM element, then every root together in
+    /// the last element.
     pub fn sign_csr(
         &self,
         csr_pem: &str,
         ttl: Duration,
         authorize: impl FnOnce(&Identity) -> Result<(), IdentityError>,
-    ) -> Result<(Identity, Vec<CertificateDer<'static>>), IdentityError> {
+    ) -> Result<(Identity, Vec<String>), IdentityError> {
         let bad = |message: String| IdentityError::Issue {
             identity: "(unknown)".into(),
             message,
@@ -200,9 +201,9 @@ impl LocalCa {
         };
         authorize(&identity)?;
         let signed = self.sign(&identity, &csr.public_key, ttl)?;
-        let mut chain = vec![signed.leaf];
-        chain.extend(self.intermediates.iter().cloned());
-        chain.extend(self.roots.iter().cloned());
+        let mut chain = vec![pem_cert(&signed.leaf)];
+        chain.extend(self.intermediates.iter().map(pem_cert));
+        chain.push(self.roots.iter().map(pem_cert).collect());
         Ok((identity, chain))
     }
 

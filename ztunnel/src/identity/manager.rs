@@ -138,9 +138,20 @@ impl CertManager {
         let this = self.clone();
         let id = identity.clone();
         let task = tokio::spawn(async move { this.fetch(id).await });
+        let (this, id) = (self.clone(), identity.clone());
         let fetch = async move {
-            task.await
-                .map_err(|e| format!("certificate request task failed: {e}"))?
+            match task.await {
+                Ok(result) => result,
+                Err(e) => {
+                    // The task ended without clearing its entry (a panic):
+                    // clear it here, or the identity would never be asked
+                    // for again.
+                    if let Some(entry) = this.lock().get_mut(&id) {
+                        entry.inflight = None;
+                    }
+                    Err(format!("certificate request task failed: {e}"))
+                }
+            }
         }
         .boxed()
         .shared();

@@ -38,6 +38,29 @@ impl Identity {
         }
     }
 
+    /// A workload's identity from its fields as configured: an empty trust
+    /// domain is `default_trust_domain`, an empty service account is
+    /// `default` (as Kubernetes runs such a pod). One definition for every
+    /// side that derives it: the proxy, the certificate manager, the CA.
+    pub fn of_workload(
+        trust_domain: &str,
+        default_trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Self {
+        let td = if trust_domain.is_empty() {
+            default_trust_domain
+        } else {
+            trust_domain
+        };
+        let sa = if service_account.is_empty() {
+            "default"
+        } else {
+            service_account
+        };
+        Identity::new(td, namespace, sa)
+    }
+
     /// The id without its `spiffe://` scheme, as authorization policies
     /// compare principals.
     pub fn principal(&self) -> String {

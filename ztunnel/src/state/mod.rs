@@ -139,17 +139,12 @@ impl Snapshot {
 
     /// A workload's SPIFFE identity.
     pub fn identity_of(&self, w: &Workload) -> Identity {
-        let td = if w.trust_domain.is_empty() {
-            &self.trust_domain
-        } else {
-            &w.trust_domain
-        };
-        let sa = if w.service_account.is_empty() {
-            "default"
-        } else {
-            &w.service_account
-        };
-        Identity::new(td, &w.namespace, sa)
+        Identity::of_workload(
+            &w.trust_domain,
+            &self.trust_domain,
+            &w.namespace,
+            &w.service_account,
+        )
     }
 
     /// Where a connection to `dst` goes: the workload at that address, or one

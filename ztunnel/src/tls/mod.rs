@@ -15,7 +15,7 @@ use rustls::{crypto::CryptoProvider, ClientConfig, RootCertStore, ServerConfig};
 
 use crate::identity::{CertManager, Identity, IdentityError, WorkloadCert};
 
-pub use verify::spiffe_ids;
+pub use verify::{not_after, spiffe_ids};
 
 /// HBONE's ALPN protocol.
 pub const ALPN_H2: &[u8] = b"h2";

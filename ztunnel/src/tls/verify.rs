@@ -36,6 +36,13 @@ pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Vec<Identity> {
         .collect()
 }
 
+/// When a certificate expires; `None` if it cannot be read.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 // Debug prints the message: rustls shows the cause of a certificate error
 // with `{:?}`, and that is what ends up in the log line naming the peer.
 #[derive(thiserror::Error)]

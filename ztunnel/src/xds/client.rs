@@ -36,6 +36,8 @@ use crate::{
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The largest response accepted, as Istio's ztunnel.
+const MAX_RESPONSE_BYTES: usize = 200 * 1024 * 1024;
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -94,7 +96,8 @@ pub struct XdsStatus {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TypeStatus {
     pub resources: usize,
-    /// The control plane's `system_version_info` of the last response.
+    /// The control plane's `system_version_info` of the last response
+    /// accepted whole (a NACKed one is in `last_nack`).
     pub version: String,
     pub responses: u64,
     /// Bytes of resources received, for `istio_xds_message_bytes_total`.
@@ -192,7 +195,11 @@ impl XdsClient {
             Ok(c) => c,
             Err(e) => return (SessionEnd::Connect(e.to_string()), false),
         };
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        // istiod sends a whole mesh in its first response: tonic's 4 MiB
+        // default would refuse it in a mid-size cluster, and every reconnect
+        // would fail the same way. Istio's ztunnel allows as much.
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let (requests, outbox) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         for type_url in TYPES {
             let initial = self.initial_request(type_url);
@@ -266,6 +273,15 @@ impl XdsClient {
 
     /// Applies a response and builds the ACK or NACK for it.
     fn handle(&self, response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        if !TYPES.contains(&response.type_url.as_str()) {
+            // Refused before it costs anything: no status entry, no metric
+            // label, nothing held for a type the server made up.
+            warn!(type_url = %response.type_url, "NACK: a push of a type ztunnel did not subscribe to");
+            return nack(
+                response,
+                format!("ztunnel does not subscribe to {}", response.type_url),
+            );
+        }
         let bytes: u64 = response
             .resources
             .iter()
@@ -300,7 +316,9 @@ impl XdsClient {
             s.complete = complete;
             let t = s.types.entry(response.type_url.clone()).or_default();
             t.resources = count;
-            t.version = response.system_version_info.clone();
+            if error.is_none() {
+                t.version = response.system_version_info.clone();
+            }
             t.responses += 1;
             t.bytes += bytes;
             match &error {

@@ -299,17 +299,46 @@ pub fn authorization_from_proto(a: &pb_sec::Authorization) -> Result<Authorizati
     Ok(Authorization {
         name: a.name.clone(),
         namespace: a.namespace.clone(),
-        scope: match enum_value::<pb_sec::Scope>("scope", a.scope)? {
-            pb_sec::Scope::Global => RbacScope::Global,
-            pb_sec::Scope::Namespace => RbacScope::Namespace,
-            pb_sec::Scope::WorkloadSelector => RbacScope::WorkloadSelector,
-        },
-        action: match enum_value::<pb_sec::Action>("action", a.action)? {
-            pb_sec::Action::Allow => RbacAction::Allow,
-            pb_sec::Action::Deny => RbacAction::Deny,
-        },
+        scope: rbac_scope(a.scope)?,
+        action: rbac_action(a.action)?,
         rules,
         dry_run: a.dry_run,
+    })
+}
+
+/// What stands in for a new policy that cannot be enforced as written: the
+/// same name, scope and action, erring towards refusal. A `Deny` denies
+/// every connection in its scope (one empty rule matches everything); an
+/// `Allow` allows nothing (no rule ever matches), so in its scope only the
+/// other `Allow` policies let anything through. `None` when even the scope
+/// or the action cannot be read.
+pub fn fail_closed_stand_in(a: &pb_sec::Authorization) -> Option<Authorization> {
+    let action = rbac_action(a.action).ok()?;
+    Some(Authorization {
+        name: a.name.clone(),
+        namespace: a.namespace.clone(),
+        scope: rbac_scope(a.scope).ok()?,
+        action,
+        rules: match action {
+            RbacAction::Allow => Vec::new(),
+            RbacAction::Deny => vec![Vec::new()],
+        },
+        dry_run: a.dry_run,
+    })
+}
+
+fn rbac_scope(value: i32) -> Result<RbacScope, ConvertError> {
+    Ok(match enum_value::<pb_sec::Scope>("scope", value)? {
+        pb_sec::Scope::Global => RbacScope::Global,
+        pb_sec::Scope::Namespace => RbacScope::Namespace,
+        pb_sec::Scope::WorkloadSelector => RbacScope::WorkloadSelector,
+    })
+}
+
+fn rbac_action(value: i32) -> Result<RbacAction, ConvertError> {
+    Ok(match enum_value::<pb_sec::Action>("action", value)? {
+        pb_sec::Action::Allow => RbacAction::Allow,
+        pb_sec::Action::Deny => RbacAction::Deny,
     })
 }
 

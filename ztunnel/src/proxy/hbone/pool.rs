@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -44,11 +44,21 @@ struct PooledConn {
     active: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
     last_used: Mutex<Instant>,
+    /// When the first of the two certificates it was opened with (ours and
+    /// the peer's) expires. TLS checks them only at the handshake; from
+    /// then on new streams go on a connection opened with current ones,
+    /// while the streams already on it finish.
+    valid_until: SystemTime,
 }
 
 impl PooledConn {
+    fn expired(&self) -> bool {
+        SystemTime::now() >= self.valid_until
+    }
+
     fn usable(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
+            && !self.expired()
             && self.active.load(Ordering::Acquire) < settings::CLIENT_MAX_STREAMS
     }
 }
@@ -151,7 +161,7 @@ impl Pool {
     fn take_slot(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamSlot)> {
         let mut conns = self.conns.lock().ok()?;
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        list.retain(|c| !c.closed.load(Ordering::Acquire) && !c.expired());
         let conn = list.iter().find(|c| c.usable())?;
         conn.active.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut t) = conn.last_used.lock() {
@@ -189,6 +199,13 @@ impl Pool {
             .connect(ServerName::IpAddress(key.dst.ip().into()), tcp)
             .await
             .map_err(|e| HboneError::Tls(key.dst, e.to_string()))?;
+        let peer_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(crate::tls::not_after);
+        let valid_until = peer_not_after.map_or(cert.not_after, |p| p.min(cert.not_after));
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(settings::STREAM_WINDOW)
             .initial_connection_window_size(settings::CONNECTION_WINDOW)
@@ -218,6 +235,7 @@ impl Pool {
             active: Arc::new(AtomicUsize::new(0)),
             closed,
             last_used: Mutex::new(Instant::now()),
+            valid_until,
         }))
     }
 
