@@ -140,7 +140,11 @@ impl Pool {
         if let Some(found) = self.take_slot(key) {
             return Ok(found);
         }
-        let conn = self.connect(key).await?;
+        // Boxed: dialing (certificate, TCP, TLS and HTTP/2 handshakes) is a
+        // large future, and most streams find a pooled connection. Inline, it
+        // would size every stream's open for the rare dial; the allocation
+        // is short-lived, but at thousands of opens its size shows in RSS.
+        let conn = Box::pin(self.connect(key)).await?;
         conn.active.fetch_add(1, Ordering::AcqRel);
         let found = (
             conn.send.clone(),
