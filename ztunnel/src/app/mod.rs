@@ -95,7 +95,28 @@ impl Kernel {
     async fn sync(&mut self, snapshot: &Snapshot) -> anyhow::Result<CaptureStatus> {
         let topology = self.netlink.topology().await?;
         let plan = snapshot.capture_plan(&self.uplinks);
+        let mut mark_errors = Vec::new();
+        for pod in &plan.pods {
+            let Some(link) = topology
+                .pod_interface(pod.ip)
+                .and_then(|i| topology.link_by_index(i.index))
+            else {
+                continue;
+            };
+            if !link.src_valid_mark {
+                if let Err(e) = self
+                    .netlink
+                    .enable_src_valid_mark(link.interface.index)
+                    .await
+                {
+                    // Capture works without it; flows that predate a pod's
+                    // enrollment do not.
+                    mark_errors.push(format!("pod {}: src_valid_mark: {e}", pod.ip));
+                }
+            }
+        }
         let mut status = tokio::task::block_in_place(|| self.capture.sync(&plan, &topology));
+        status.errors.extend(mark_errors);
         // After the maps, so a pod's address is delivered locally only
         // once the listener lookup knows it as enrolled.
         let enrolled = plan

@@ -14,7 +14,6 @@ mod abi;
 mod attach;
 pub mod bpffs;
 pub mod netlink;
-mod sysctl;
 pub mod topology;
 
 use std::{
@@ -342,13 +341,6 @@ impl Capture {
             if let Some(iface) = &iface {
                 pod_ifaces.push(iface.index);
                 attached = true;
-                if let Err(e) = sysctl::enable_src_valid_mark(&iface.name) {
-                    // Capture works without it; flows that predate a pod's
-                    // enrollment do not.
-                    status
-                        .errors
-                        .push(format!("pod {}: src_valid_mark: {e}", pod.ip));
-                }
                 for role in [Role::Pod, Role::Guard] {
                     match self.ensure_link(role, iface, LinkLayer::Ethernet) {
                         Ok(name) => {

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags, LinkMessage},
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
             RouteType,
@@ -19,7 +19,7 @@ use rtnetlink::{
         rule::{RuleAction, RuleAttribute, RuleMessage},
         AddressFamily, IpProtocol, RouteNetlinkMessage,
     },
-    Handle, IpVersion, MulticastGroup, RouteMessageBuilder,
+    Handle, IpVersion, LinkUnspec, MulticastGroup, RouteMessageBuilder,
 };
 use ztunnel_common::{
     BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY,
@@ -185,6 +185,33 @@ impl Netlink {
         // Nothing else uses this table: an error here means it is gone.
         let _ = self.handle.route().del(route).execute().await;
         self.set_catchall(&BTreeSet::new()).await
+    }
+
+    /// Turns on IPv4 `src_valid_mark` on the link `index`.
+    ///
+    /// The catch-all table makes every enrolled pod's address local for
+    /// TCP. When an enrolled pod's flow older than capture is forwarded, the
+    /// kernel's reverse-path check looks its source up, would find that
+    /// local route, and drop the packet as a martian. The TC program marks
+    /// such packets to skip the catch-all, and `src_valid_mark` lets the
+    /// check see the mark (as wg-quick sets it for WireGuard's marked
+    /// routing). Set over netlink, not `/proc/sys`, which a container sees
+    /// read-only unless it is privileged: with this, CAP_NET_ADMIN is enough.
+    pub async fn enable_src_valid_mark(&self, index: u32) -> Result<(), NetlinkError> {
+        // A request carries only the non-zero settings: this one alone.
+        let mut conf = InetDevConf::default();
+        conf.src_vmark = 1;
+        let message = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(conf),
+            ])]))
+            .build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(request("setting src_valid_mark"))
     }
 
     /// Makes the catch-all table hold a local route for exactly `pods`.
@@ -456,6 +483,15 @@ fn link(message: &LinkMessage) -> Option<Link> {
         },
         layer: LinkLayer::from_arphrd(u16::from(message.header.link_layer_type)),
         loopback: message.header.flags.contains(LinkFlags::Loopback),
+        src_valid_mark: message.attributes.iter().any(|a| match a {
+            LinkAttribute::AfSpecUnspec(specs) => specs.iter().any(|s| match s {
+                AfSpecUnspec::Inet(inet) => inet
+                    .iter()
+                    .any(|i| matches!(i, AfSpecInet::DevConf(conf) if conf.src_vmark != 0)),
+                _ => false,
+            }),
+            _ => false,
+        }),
     })
 }
 

@@ -52,6 +52,8 @@ pub struct Link {
     pub interface: Interface,
     pub layer: LinkLayer,
     pub loopback: bool,
+    /// Its IPv4 `src_valid_mark` setting (see [`super::netlink`]).
+    pub src_valid_mark: bool,
 }
 
 /// A unicast route of the main table, reduced to what capture uses.
@@ -126,6 +128,7 @@ mod tests {
             },
             layer,
             loopback: name == "lo",
+            src_valid_mark: false,
         }
     }
 
