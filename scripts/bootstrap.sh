@@ -8,8 +8,11 @@ LLVM_VERSION=22
 BPF_LINKER_VERSION=0.13
 DEB_PACKAGES=(
   "llvm-${LLVM_VERSION}-dev" "libpolly-${LLVM_VERSION}-dev" libzstd-dev
-  iproute2 iperf3 bpftool tcpdump procps ethtool curl nftables
+  iproute2 iperf3 bpftool tcpdump procps ethtool curl nftables python3-venv
 )
+# Validates deploy/'s manifests offline against Kubernetes' schema.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+TOOLS_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/ztunnel/venv"
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 
@@ -54,6 +57,15 @@ if ! "$CARGO_BIN/bpf-linker" --version 2>/dev/null | grep -q "bpf-linker ${BPF_L
       --no-default-features --features "llvm-${LLVM_VERSION}"
 else
   log "bpf-linker present"
+fi
+
+if ! "$TOOLS_VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+  log "installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} into $TOOLS_VENV"
+  python3 -m venv "$TOOLS_VENV"
+  "$TOOLS_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+else
+  log "kubernetes-validate present"
 fi
 
 # The lab's and tests' bpffs: ztunnel mounts it itself when missing, but

@@ -1,11 +1,12 @@
 //! What ztunnel needs from the kernel, as the DaemonSet grants it: root with
-//! only CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON, and `/proc/sys` read-only
-//! (as a container that is not privileged sees it). With that much the mesh
-//! works; with less it refuses to start and says why.
+//! only the capabilities `deploy/kubernetes/daemonset.yaml` adds (read from
+//! that file), and `/proc/sys` read-only, as a container that is not
+//! privileged sees it. With that much the mesh works; with less it refuses
+//! to start and says why.
 
 use std::{path::Path, process::Command, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ztunnel_tests::{
     lab::{self, Node},
     setup::Setup,
@@ -13,8 +14,35 @@ use ztunnel_tests::{
     ztunnel::{binary, Ztunnel},
 };
 
-/// The capabilities `deploy/` grants the ztunnel container.
-const DAEMONSET_CAPABILITIES: &str = "+net_admin,+bpf,+perfmon";
+/// The capabilities the shipped DaemonSet grants, as a `setpriv` bounding
+/// set (`+net_admin,+bpf,+perfmon`); it must drop every other and not be
+/// privileged.
+fn daemonset_capabilities() -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let daemonset: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let context = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(
+        context["privileged"],
+        serde_yaml::Value::Bool(false),
+        "{context:?}"
+    );
+    let drop: Vec<&str> = context["capabilities"]["drop"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert_eq!(drop, ["ALL"]);
+    let add: Vec<String> = context["capabilities"]["add"]
+        .as_sequence()
+        .context("no capabilities added")?
+        .iter()
+        .filter_map(|c| c.as_str())
+        .map(|c| format!("+{}", c.to_ascii_lowercase()))
+        .collect();
+    Ok(add.join(","))
+}
 
 /// ztunnel for `node`, confined as a container is: a mount namespace of its
 /// own whose `/proc/sys` is read-only, and a bounding set of `capabilities`
@@ -57,7 +85,7 @@ fn the_mesh_runs_with_the_daemonsets_capabilities_and_a_read_only_proc_sys() -> 
     let mut ztunnels = Vec::new();
     for node in ["node1", "node2"] {
         let n = s.lab.node(node);
-        let cmd = confined(n, &s.config, &s.lab.ca_dir, DAEMONSET_CAPABILITIES)?;
+        let cmd = confined(n, &s.config, &s.lab.ca_dir, &daemonset_capabilities()?)?;
         ztunnels.push(Ztunnel::spawn_command(n, cmd, &[], &[])?.ready()?);
     }
     let server_pod = s.lab.pod("server");
@@ -81,7 +109,9 @@ fn the_mesh_runs_with_the_daemonsets_capabilities_and_a_read_only_proc_sys() -> 
 fn without_cap_perfmon_ztunnel_refuses_to_start_and_says_why() -> Result<()> {
     let s = Setup::new(&lab::config_yaml(&[]))?;
     let n = s.lab.node("node1");
-    let cmd = confined(n, &s.config, &s.lab.ca_dir, "+net_admin,+bpf")?;
+    let without = daemonset_capabilities()?.replace(",+perfmon", "");
+    assert!(!without.contains("perfmon"));
+    let cmd = confined(n, &s.config, &s.lab.ca_dir, &without)?;
     let mut zt = Ztunnel::spawn_command(n, cmd, &[], &[])?;
     let status = zt.wait_exit(Duration::from_secs(20))?;
     assert!(!status.success());

@@ -3,6 +3,7 @@
 mod background;
 mod bench;
 mod demo;
+mod deploy;
 
 use std::{
     path::{Path, PathBuf},
@@ -75,6 +76,8 @@ enum Cmd {
         listen: std::net::SocketAddr,
         to: std::net::SocketAddr,
     },
+    /// Validate deploy/kubernetes offline against Kubernetes' schema.
+    CheckDeploy,
     /// Bootstrap, build, and run every test (needs root).
     Test {
         /// Extra arguments for `cargo test`.
@@ -207,6 +210,7 @@ fn main() -> Result<()> {
                 &bench::out_dir(&root()),
             )
         }
+        Cmd::CheckDeploy => deploy::check(&root()),
         Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
         Cmd::Forward { listen, to } => ztunnel_tests::load::forward_forever(listen, to),
         Cmd::Test { args } => {
@@ -224,6 +228,9 @@ fn main() -> Result<()> {
                 &smoke_dir,
             )
             .map_err(|e| anyhow::anyhow!("benchmark smoke run failed: {e:#}"))?;
+            // The manifests of deploy/, offline; the release binary the
+            // image would hold was built just above.
+            deploy::check(&root())?;
             // The authorization benchmark, once each (criterion's test mode):
             // as root, so its kernel-table part runs too.
             cargo(&[

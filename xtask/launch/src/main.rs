@@ -21,6 +21,7 @@ const NEEDS_BOOTSTRAP: &[&str] = &[
     "demo",
     "bench",
     "test",
+    "check-deploy",
 ];
 
 fn workspace_root() -> PathBuf {
