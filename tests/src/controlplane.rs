@@ -269,9 +269,7 @@ impl Drop for ControlPlane {
 pub struct InProcess {
     pub control_plane: Arc<ztunnel_controlplane::ControlPlane>,
     pub address: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<Result<()>>>>,
-    dir: PathBuf,
+    _server: crate::served::Served,
 }
 
 impl InProcess {
@@ -295,42 +293,19 @@ impl InProcess {
             trust_domain: ztunnel::identity::DEFAULT_TRUST_DOMAIN.into(),
             max_cert_ttl: Duration::from_secs(24 * 3600),
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = control_plane.clone();
-        // Its sockets must belong to node1's namespace: a single-threaded
-        // runtime on a thread that entered it.
-        let thread = lab.node("node1").ns.spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                tokio::select! {
-                    result = served.serve(settings) => result,
-                    _ = stopped => Ok(()),
-                }
-            })
-        })?;
-        wait_listening(&lab.node("node1").ns, address, Duration::from_secs(10))
-            .context("the in-process control plane")?;
+        let server = crate::served::Served::start(
+            &lab.node("node1").ns,
+            address,
+            dir,
+            "the in-process control plane",
+            move || async move { served.serve(settings).await },
+        )?;
         Ok(InProcess {
             control_plane,
             address,
-            stop: Some(stop),
-            thread: Some(thread),
-            dir,
+            _server: server,
         })
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -339,7 +339,12 @@ pub struct Counters {
 
 /// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
 pub fn counters(node: &Node, pod_ip: Ipv4Addr) -> Result<Option<Counters>> {
-    let map = node.pin_dir.join("maps/ZT_POD_COUNTERS");
+    counters_at(&node.pin_dir, pod_ip)
+}
+
+/// Like [`counters`], for the node whose pins are under `pin_dir`.
+pub fn counters_at(pin_dir: &Path, pod_ip: Ipv4Addr) -> Result<Option<Counters>> {
+    let map = pin_dir.join("maps/ZT_POD_COUNTERS");
     let out = crate::netns::run(
         Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])

@@ -15,6 +15,7 @@ pub mod config;
 pub mod grpc;
 pub mod handover;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod protos;
 pub mod proxy;

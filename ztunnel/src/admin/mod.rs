@@ -91,6 +91,9 @@ pub struct Status {
     pub admin_socket: PathBuf,
     /// The xDS client, when the configuration comes from a control plane.
     pub xds: Option<Arc<crate::xds::XdsClient>>,
+    /// The pod addresses capture is attached for now (the pod watcher
+    /// annotates a pod only once its addresses are here).
+    pub captured: watch::Sender<std::collections::BTreeSet<std::net::Ipv4Addr>>,
 }
 
 impl Status {

@@ -22,6 +22,8 @@ mod hold;
 mod sockets;
 
 use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
     path::Path,
     pin::Pin,
     sync::{Arc, RwLock},
@@ -155,7 +157,13 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     // Everything that can be refused is checked before the kernel is touched.
     // With a control plane, this waits for its first complete push.
     let ca = ca_source(&args)?;
+    let (captured_tx, captured_rx) = watch::channel(BTreeSet::new());
     let feed = source::start(&args).await?;
+    let feed = if args.enroll_pods {
+        crate::k8s::enroll(&args.node_name, feed, captured_rx).await?
+    } else {
+        feed
+    };
     let mut config_updates = feed.updates;
     let snapshot = Arc::new(Snapshot::new(
         &args.node_name,
@@ -241,6 +249,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         shutdown: shutdown.clone(),
         admin_socket: admin_socket.clone(),
         xds: feed.xds.clone(),
+        captured: captured_tx,
     });
     certs.maintain(&snapshot.local_identities());
     publish(&status, capture_status);
@@ -505,10 +514,21 @@ fn bind_admin_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 }
 
 fn publish(status: &Status, capture: CaptureStatus) {
+    let captured: BTreeSet<Ipv4Addr> = capture
+        .pods
+        .iter()
+        .filter(|p| p.enrolled && p.captured)
+        .map(|p| p.ip)
+        .collect();
     if let Ok(mut c) = status.capture.write() {
         *c = capture;
     }
     status.update_readiness();
+    status.captured.send_if_modified(|c| {
+        let differs = *c != captured;
+        *c = captured;
+        differs
+    });
 }
 
 /// Where certificates come from: the control plane's CA when there is one

@@ -148,6 +148,15 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// Enroll pods from the Kubernetes API, as istio-cni's node agent does:
+    /// the pods of this node in namespaces labelled
+    /// `istio.io/dataplane-mode=ambient` (or labelled so themselves, and not
+    /// `none`) are captured, then annotated
+    /// `ambient.istio.io/redirection: enabled`, which istiod waits for. The
+    /// API is found as kubectl finds it: `KUBECONFIG`, or in-cluster.
+    #[arg(long, env = "ZTUNNEL_ENROLL_PODS")]
+    pub enroll_pods: bool,
+
     /// Remove this instance's capture (links, maps, routing rule) and exit.
     /// A normal stop leaves capture attached, failing closed.
     #[arg(long)]
