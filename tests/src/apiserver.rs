@@ -5,7 +5,6 @@
 //! namespace on the underlay address, where both nodes' ztunnels reach it,
 //! as they would reach a real API server.
 
-use crate::served::Served;
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -22,7 +21,12 @@ use hyper::{body::Frame, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::lab::{Lab, PodSpec, NODES};
+use crate::{
+    lab::{Lab, PodSpec, NODES, PODS},
+    served::Served,
+    setup::Setup,
+    ztunnel::Ztunnel,
+};
 
 /// The port it serves on.
 pub const PORT: u16 = 6443;
@@ -180,9 +184,19 @@ impl ApiServer {
     /// Creates or replaces the pod of lab pod `spec` in `default`, with
     /// `labels`; annotations already on it stay.
     pub fn set_pod(&self, spec: &PodSpec, labels: &[(&str, &str)]) {
+        self.put_pod("default", spec, labels, true)
+    }
+
+    /// A pod scheduled to its node whose sandbox is being set up: `Pending`,
+    /// no address yet (what the API shows while the CNI plugins run).
+    pub fn set_new_pod(&self, namespace: &str, spec: &PodSpec, labels: &[(&str, &str)]) {
+        self.put_pod(namespace, spec, labels, false)
+    }
+
+    fn put_pod(&self, namespace: &str, spec: &PodSpec, labels: &[(&str, &str)], running: bool) {
         let mut s = lock(&self.state);
         let rv = s.bump();
-        let key = ("default".to_string(), spec.name.to_string());
+        let key = (namespace.to_string(), spec.name.to_string());
         let annotations = s
             .pods
             .get(&key)
@@ -190,12 +204,15 @@ impl ApiServer {
             .unwrap_or_else(|| json!({}));
         let object = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": spec.name, "namespace": "default", "uid": format!("pod-{}", spec.name),
+            "metadata": {"name": spec.name, "namespace": namespace, "uid": format!("pod-{}", spec.name),
                          "resourceVersion": rv, "labels": labels_json(labels), "annotations": annotations},
             "spec": {"nodeName": NODES[spec.node], "serviceAccountName": spec.service_account,
                      "containers": [{"name": "app", "image": "app"}]},
-            "status": {"phase": "Running", "podIP": spec.ip.to_string(),
-                       "podIPs": [{"ip": spec.ip.to_string()}]},
+            "status": if running {
+                json!({"phase": "Running", "podIP": spec.ip.to_string(), "podIPs": [{"ip": spec.ip.to_string()}]})
+            } else {
+                json!({"phase": "Pending"})
+            },
         });
         let event = if s.pods.contains_key(&key) {
             "MODIFIED"
@@ -429,4 +446,87 @@ pub fn capture_in_place(ns: &Path, veth: &str, pin_dir: &Path, pod: std::net::Ip
     let attached = crate::tcx::programs(ns, veth, aya::programs::tc::TcAttachType::Ingress)
         .is_ok_and(|p| p.iter().any(|name| name == "zt_pod_ingress"));
     attached && crate::ztunnel::counters_at(pin_dir, pod).is_ok_and(|c| c.is_some())
+}
+
+/// The API server with namespace `default` in ambient mode and every
+/// standard lab pod, `plain` opted out. Each PATCH records whether the
+/// pod's capture was in the kernel when it arrived (`attached`), for the
+/// standard pods and `more` (pods a test adds to the lab later).
+pub fn api_server(lab: &Lab, more: &[PodSpec]) -> Result<ApiServer> {
+    let api = ApiServer::start(lab)?;
+    api.set_namespace("default", &[(MODE_LABEL, "ambient")]);
+    for spec in &PODS {
+        let labels: &[(&str, &str)] = if spec.name == "plain" {
+            &[(MODE_LABEL, "none")]
+        } else {
+            &[]
+        };
+        api.set_pod(spec, labels);
+    }
+    let places: Vec<Place> = PODS
+        .iter()
+        .chain(more)
+        .map(|spec| Place {
+            pod: spec.name.to_string(),
+            ip: spec.ip,
+            ns: lab.nodes[spec.node].ns.path(),
+            // As the lab names them.
+            veth: format!("vz{}", spec.name),
+            pin_dir: lab.nodes[spec.node].pin_dir.clone(),
+        })
+        .collect();
+    api.on_patch(move |_, name| match places.iter().find(|p| p.pod == name) {
+        Some(p) if capture_in_place(&p.ns, &p.veth, &p.pin_dir, p.ip) => "attached".into(),
+        Some(_) => "not attached".into(),
+        None => "unknown pod".into(),
+    });
+    Ok(api)
+}
+
+/// The label namespaces and pods opt in and out with.
+pub const MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// The annotation istiod waits for.
+pub const REDIRECTION: &str = "ambient.istio.io/redirection";
+
+impl PatchRecord {
+    /// Whether it sets the redirection annotation.
+    pub fn sets_redirection(&self) -> bool {
+        self.body["metadata"]["annotations"][REDIRECTION] == "enabled"
+    }
+
+    /// Whether it removes the redirection annotation.
+    pub fn removes_redirection(&self) -> bool {
+        self.body["metadata"]["annotations"]
+            .as_object()
+            .is_some_and(|a| a.get(REDIRECTION).is_some_and(|v| v.is_null()))
+    }
+}
+
+/// Where a pod's capture lives: its veth in the node's namespace and the
+/// node's pinned maps.
+struct Place {
+    pod: String,
+    ip: std::net::Ipv4Addr,
+    ns: PathBuf,
+    veth: String,
+    pin_dir: PathBuf,
+}
+
+/// A ztunnel on `node` that enrolls pods from the API at `kubeconfig`.
+pub fn enrolling_ztunnel(
+    s: &Setup,
+    node: &str,
+    kubeconfig: &Path,
+    extra: &[&str],
+) -> Result<Ztunnel> {
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut flags = vec!["--enroll-pods"];
+    flags.extend_from_slice(extra);
+    Ztunnel::start_env(
+        s.lab.node(node),
+        &s.config,
+        &s.lab.ca_dir,
+        &flags,
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
 }

@@ -2,6 +2,7 @@
 //! a two-node cluster), ztunnel processes inside it, and test traffic.
 
 pub mod apiserver;
+pub mod cni;
 pub mod controlplane;
 pub mod http;
 pub mod lab;

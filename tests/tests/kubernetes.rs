@@ -3,95 +3,28 @@
 //! istiod, never the other way round; pods that leave ambient mode lose the
 //! annotation and their capture; a restart does not flap annotations.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::Result;
 use ztunnel_tests::{
-    apiserver::{capture_in_place, ApiServer, PatchRecord},
-    lab::{self, Lab, PODS},
+    apiserver::{
+        api_server, enrolling_ztunnel as ztunnel, MODE_LABEL as MODE, REDIRECTION as ANNOTATION,
+    },
+    lab::{self, PODS},
     setup::Setup,
     traffic::{request, Server},
-    ztunnel::{counters, Ztunnel},
+    wait::eventually,
+    ztunnel::counters,
 };
-
-const ANNOTATION: &str = "ambient.istio.io/redirection";
-const MODE: &str = "istio.io/dataplane-mode";
-
-/// The API server with namespace `default` in ambient mode and every lab
-/// pod, `plain` opted out; each PATCH records whether the pod's capture was
-/// attached when it arrived.
-fn api_server(lab: &Lab) -> Result<ApiServer> {
-    let api = ApiServer::start(lab)?;
-    api.set_namespace("default", &[(MODE, "ambient")]);
-    for spec in &PODS {
-        let labels: &[(&str, &str)] = if spec.name == "plain" {
-            &[(MODE, "none")]
-        } else {
-            &[]
-        };
-        api.set_pod(spec, labels);
-    }
-    let places: Vec<Place> = lab
-        .pods
-        .iter()
-        .map(|p| Place {
-            pod: p.spec.name.to_string(),
-            ip: p.spec.ip,
-            ns: lab.nodes[p.spec.node].ns.path(),
-            veth: p.veth.clone(),
-            pin_dir: lab.nodes[p.spec.node].pin_dir.clone(),
-        })
-        .collect();
-    api.on_patch(move |_, name| match places.iter().find(|p| p.pod == name) {
-        Some(p) if capture_in_place(&p.ns, &p.veth, &p.pin_dir, p.ip) => "attached".into(),
-        Some(_) => "not attached".into(),
-        None => "unknown pod".into(),
-    });
-    Ok(api)
-}
-
-/// Where a pod's capture lives: its veth in the node's namespace and the
-/// node's pinned maps.
-struct Place {
-    pod: String,
-    ip: std::net::Ipv4Addr,
-    ns: PathBuf,
-    veth: String,
-    pin_dir: PathBuf,
-}
-
-fn ztunnel(s: &Setup, node: &str, kubeconfig: &Path) -> Result<Ztunnel> {
-    let kubeconfig = kubeconfig.display().to_string();
-    Ztunnel::start_env(
-        s.lab.node(node),
-        &s.config,
-        &s.lab.ca_dir,
-        &["--enroll-pods"],
-        &[("KUBECONFIG", kubeconfig.as_str())],
-    )
-}
-
-fn sets(p: &PatchRecord) -> bool {
-    p.body["metadata"]["annotations"][ANNOTATION] == "enabled"
-}
-
-fn removes(p: &PatchRecord) -> bool {
-    p.body["metadata"]["annotations"]
-        .as_object()
-        .is_some_and(|a| a.get(ANNOTATION).is_some_and(|v| v.is_null()))
-}
 
 #[test]
 fn ambient_pods_are_captured_then_annotated_and_released_when_they_leave() -> Result<()> {
     // The file leaves `bystander` out of the mesh: only the API puts it in.
     let s = Setup::new(&lab::config_yaml(&[]))?;
-    let api = api_server(&s.lab)?;
+    let api = api_server(&s.lab, &[])?;
     let kubeconfig = api.kubeconfig()?;
-    let mut zt1 = ztunnel(&s, "node1", &kubeconfig)?;
-    let zt2 = ztunnel(&s, "node2", &kubeconfig)?;
+    let mut zt1 = ztunnel(&s, "node1", &kubeconfig, &[])?;
+    let zt2 = ztunnel(&s, "node2", &kubeconfig, &[])?;
 
     let enrolled = ["client", "bystander", "neighbor", "server"];
     let patches = api.wait_for_patches(
@@ -100,11 +33,11 @@ fn ambient_pods_are_captured_then_annotated_and_released_when_they_leave() -> Re
         |p| {
             enrolled
                 .iter()
-                .all(|name| p.iter().any(|r| r.name == *name && sets(r)))
+                .all(|name| p.iter().any(|r| r.name == *name && r.sets_redirection()))
         },
     )?;
     for p in &patches {
-        assert!(sets(p), "an unexpected patch: {p:?}");
+        assert!(p.sets_redirection(), "an unexpected patch: {p:?}");
         assert_eq!(
             p.note, "attached",
             "{} was annotated before its capture was attached",
@@ -132,7 +65,7 @@ fn ambient_pods_are_captured_then_annotated_and_released_when_they_leave() -> Re
     // A restart neither removes nor re-adds annotations.
     let before = api.patches().len();
     zt1.stop()?;
-    let _zt1 = ztunnel(&s, "node1", &kubeconfig)?;
+    let _zt1 = ztunnel(&s, "node1", &kubeconfig, &[])?;
     std::thread::sleep(Duration::from_secs(2));
     let after = api.patches();
     assert_eq!(
@@ -148,17 +81,12 @@ fn ambient_pods_are_captured_then_annotated_and_released_when_they_leave() -> Re
     api.wait_for_patches("annotations removed", Duration::from_secs(10), |p| {
         enrolled
             .iter()
-            .all(|name| p.iter().any(|r| r.name == *name && removes(r)))
+            .all(|name| p.iter().any(|r| r.name == *name && r.removes_redirection()))
     })?;
     let bystander = s.lab.pod("bystander").spec.ip;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while counters(s.lab.node("node1"), bystander)?.is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bystander is still captured"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("bystander released", Duration::from_secs(5), || {
+        Ok(counters(s.lab.node("node1"), bystander)?.is_none())
+    })?;
     // The file keeps `client` in the mesh whatever the API says.
     assert!(counters(s.lab.node("node1"), s.lab.pod("client").spec.ip)?.is_some());
     Ok(())
@@ -167,11 +95,12 @@ fn ambient_pods_are_captured_then_annotated_and_released_when_they_leave() -> Re
 #[test]
 fn a_pod_that_opts_out_loses_its_annotation_and_its_capture() -> Result<()> {
     let s = Setup::new(&lab::config_yaml(&[]))?;
-    let api = api_server(&s.lab)?;
+    let api = api_server(&s.lab, &[])?;
     let kubeconfig = api.kubeconfig()?;
-    let _zt1 = ztunnel(&s, "node1", &kubeconfig)?;
+    let _zt1 = ztunnel(&s, "node1", &kubeconfig, &[])?;
     api.wait_for_patches("bystander annotated", Duration::from_secs(10), |p| {
-        p.iter().any(|r| r.name == "bystander" && sets(r))
+        p.iter()
+            .any(|r| r.name == "bystander" && r.sets_redirection())
     })?;
     let bystander = PODS.iter().find(|p| p.name == "bystander").copied();
     let bystander = bystander.ok_or_else(|| anyhow::anyhow!("no bystander in the lab"))?;
@@ -179,16 +108,14 @@ fn a_pod_that_opts_out_loses_its_annotation_and_its_capture() -> Result<()> {
     api.wait_for_patches(
         "the opted-out pod's annotation removed",
         Duration::from_secs(10),
-        |p| p.iter().any(|r| r.name == "bystander" && removes(r)),
+        |p| {
+            p.iter()
+                .any(|r| r.name == "bystander" && r.removes_redirection())
+        },
     )?;
     assert!(api.annotations("bystander").get(ANNOTATION).is_none());
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while counters(s.lab.node("node1"), bystander.ip)?.is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the opted-out pod is still captured"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("the opted-out pod released", Duration::from_secs(5), || {
+        Ok(counters(s.lab.node("node1"), bystander.ip)?.is_none())
+    })?;
     Ok(())
 }

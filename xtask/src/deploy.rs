@@ -42,43 +42,18 @@ fn validate(bin: &Path, version: &str, files: &[PathBuf]) -> Result<(bool, Strin
     Ok((out.status.success(), text))
 }
 
+/// The kustomizations under `deploy/`, each validated file by file and as
+/// `kubectl apply -k` renders it.
+const KUSTOMIZATIONS: [&str; 2] = ["deploy/kubernetes", "deploy/cleanup-cni"];
+
 pub fn check(root: &Path) -> Result<()> {
     let bin = validator()?;
-    let dir = root.join("deploy/kubernetes");
     let out_dir = root.join("target/deploy");
     std::fs::create_dir_all(&out_dir)?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "yaml")
-                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
-        })
-        .collect();
-    files.sort();
-    // The kustomization as `kubectl apply -k` renders it.
-    let rendered = out_dir.join("rendered.yaml");
-    let kustomized = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .context("running `kubectl kustomize` (kubectl must be installed)")?;
-    if !kustomized.status.success() {
-        bail!(
-            "kubectl kustomize {}: {}",
-            dir.display(),
-            String::from_utf8_lossy(&kustomized.stderr)
-        );
+    for kustomization in KUSTOMIZATIONS {
+        check_kustomization(&bin, root, kustomization, &out_dir)?;
     }
-    std::fs::write(&rendered, &kustomized.stdout)?;
-    files.push(rendered);
-    for version in KUBERNETES_VERSIONS {
-        let (ok, text) = validate(&bin, version, &files)?;
-        print!("{text}");
-        if !ok {
-            bail!("deploy/kubernetes does not validate against Kubernetes {version}");
-        }
-    }
+    let dir = root.join("deploy/kubernetes");
     // The validator must be able to say no: a misspelled field fails.
     let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml"))?;
     let broken = daemonset.replacen(
@@ -100,8 +75,46 @@ pub fn check(root: &Path) -> Result<()> {
         bail!("the validator accepted a misspelled field; it checks nothing:\n{text}");
     }
     println!(
-        "deploy/kubernetes: valid against Kubernetes {}; a misspelled field is rejected",
+        "{}: valid against Kubernetes {}; a misspelled field is rejected",
+        KUSTOMIZATIONS.join(" and "),
         KUBERNETES_VERSIONS.join(" and ")
     );
+    Ok(())
+}
+
+fn check_kustomization(bin: &Path, root: &Path, name: &str, out_dir: &Path) -> Result<()> {
+    let dir = root.join(name);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    files.sort();
+    // The kustomization as `kubectl apply -k` renders it.
+    let rendered = out_dir.join(format!("{}.rendered.yaml", name.replace('/', "-")));
+    let kustomized = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .context("running `kubectl kustomize` (kubectl must be installed)")?;
+    if !kustomized.status.success() {
+        bail!(
+            "kubectl kustomize {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&kustomized.stderr)
+        );
+    }
+    std::fs::write(&rendered, &kustomized.stdout)?;
+    files.push(rendered);
+    for version in KUBERNETES_VERSIONS {
+        let (ok, text) = validate(bin, version, &files)?;
+        print!("{text}");
+        if !ok {
+            bail!("{name} does not validate against Kubernetes {version}");
+        }
+    }
     Ok(())
 }

@@ -248,6 +248,8 @@ fn main() -> Result<()> {
                 "ztunnel",
                 "--package",
                 "ztunnel-controlplane",
+                "--package",
+                "ztunnel-cni",
                 "--bins",
             ])?;
             let mut test_args = vec!["test", "--workspace"];
@@ -381,6 +383,8 @@ fn build_release() -> Result<PathBuf> {
         "ztunnel",
         "--package",
         "ztunnel-controlplane",
+        "--package",
+        "ztunnel-cni",
         "--bins",
     ])?;
     let bin = root().join("target/release/ztunnel");

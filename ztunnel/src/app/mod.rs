@@ -158,11 +158,16 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     // With a control plane, this waits for its first complete push.
     let ca = ca_source(&args)?;
     let (captured_tx, captured_rx) = watch::channel(BTreeSet::new());
+    let watcher = match args.enroll_pods {
+        true => {
+            Some(crate::k8s::start(&args.node_name, captured_rx, args.cni_socket.clone()).await?)
+        }
+        false => None,
+    };
     let feed = source::start(&args).await?;
-    let feed = if args.enroll_pods {
-        crate::k8s::enroll(&args.node_name, feed, captured_rx).await?
-    } else {
-        feed
+    let feed = match watcher {
+        Some(watcher) => crate::k8s::enroll(&args.node_name, feed, watcher).await?,
+        None => feed,
     };
     let mut config_updates = feed.updates;
     let snapshot = Arc::new(Snapshot::new(
@@ -421,6 +426,11 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     if !handed_over {
         // Now, not at exit: a ztunnel started during the drain binds its own.
         let _ = std::fs::remove_file(&admin_socket);
+        if let Some(cni_socket) = &args.cni_socket {
+            // New pods now fail their setup (and are retried) until a
+            // ztunnel is back.
+            let _ = std::fs::remove_file(cni_socket);
+        }
         // From here the kernel drops new captured SYNs, before the
         // listeners close under any of them.
         if let Err(e) = tokio::task::block_in_place(|| kernel.capture.unpublish_listeners()) {

@@ -157,6 +157,16 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_ENROLL_PODS")]
     pub enroll_pods: bool,
 
+    /// With `--enroll-pods`: where the CNI plugin (`ztunnel-cni`) asks
+    /// whether a new pod is captured yet. Root-only. Off when unset.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CNI_SOCKET",
+        value_name = "PATH",
+        requires = "enroll_pods"
+    )]
+    pub cni_socket: Option<PathBuf>,
+
     /// Remove this instance's capture (links, maps, routing rule) and exit.
     /// A normal stop leaves capture attached, failing closed.
     #[arg(long)]

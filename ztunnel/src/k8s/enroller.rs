@@ -1,10 +1,16 @@
 //! The pod watcher: this node's pods and every namespace, from the
-//! Kubernetes API. It says which pod addresses ambient mode captures, and
-//! once capture is attached for a pod it annotates the pod so istiod treats
-//! it as a mesh workload; a pod that leaves ambient mode loses the
+//! Kubernetes API. It says which pod addresses ambient mode captures (from
+//! the pods' status, and from the CNI plugin before the status has them),
+//! and once capture is attached for a pod it annotates the pod so istiod
+//! treats it as a mesh workload; a pod that leaves ambient mode loses the
 //! annotation.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -24,46 +30,151 @@ use super::ambient::{self, REDIRECTION_ANNOTATION, REDIRECTION_ENABLED};
 /// Annotations that failed are tried again at least this often.
 const RETRY: Duration = Duration::from_secs(5);
 
-/// Runs until the process ends: keeps `wanted` (the addresses of this
-/// node's ambient pods) current, and the pods' annotations in line with
-/// `captured` (the addresses capture is attached for).
+/// What enrollment needs to know of an ambient pod to stand in for its
+/// workload until the configuration source has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmbientPod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// The addresses ambient mode captures on this node, and whose they are.
+pub type Wanted = BTreeMap<Ipv4Addr, AmbientPod>;
+
+/// `namespace/name`.
+pub type PodName = (String, String);
+
+/// The watcher's view, shared with the CNI server.
+pub struct Enrollment {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    /// Addresses the CNI plugin announced for pods whose status does not
+    /// list them yet.
+    announced: Mutex<HashMap<PodName, Vec<Ipv4Addr>>>,
+    changed: Arc<Notify>,
+    /// The addresses capture is attached for.
+    pub captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
+}
+
+impl Enrollment {
+    /// Starts watching this node's pods and every namespace.
+    pub fn watch(
+        client: &Client,
+        node: &str,
+        captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    ) -> Arc<Self> {
+        let changed = Arc::new(Notify::new());
+        let pods = reflect(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            changed.clone(),
+        );
+        let namespaces = reflect(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+        );
+        Arc::new(Enrollment {
+            pods,
+            namespaces,
+            announced: Mutex::new(HashMap::new()),
+            changed,
+            captured,
+        })
+    }
+
+    /// The pod `namespace/name` as the API last showed it, if it did.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        self.pods.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Whether `pod` is in ambient mode, with its namespace as last seen.
+    pub fn wants_capture(&self, pod: &Pod) -> bool {
+        let ns = self
+            .namespaces
+            .get(&ObjectRef::new(&pod.namespace().unwrap_or_default()));
+        ambient::wants_capture(pod, ns.as_deref())
+    }
+
+    /// Adds (`Some`) or forgets (`None`) addresses the CNI plugin gave for
+    /// a pod, and wakes the watcher.
+    pub fn announce(&self, pod: PodName, ips: Option<Vec<Ipv4Addr>>) {
+        {
+            let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+            match ips {
+                Some(ips) => announced.insert(pod, ips),
+                None => announced.remove(&pod),
+            };
+        }
+        self.changed.notify_one();
+    }
+
+    /// The pod's addresses: its status's, and what the plugin announced.
+    fn addresses(&self, pod: &Pod) -> Vec<Ipv4Addr> {
+        let mut ips = ambient::ipv4_addresses(pod);
+        let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+        if let Some(more) = self
+            .announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            ips.extend(more);
+        }
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
+    /// Forgets announcements for pods the API no longer shows.
+    fn prune(&self) {
+        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        announced.retain(|(ns, name), _| self.pods.get(&ObjectRef::new(name).within(ns)).is_some());
+    }
+}
+
+/// Runs until the process ends: keeps `wanted` (this node's ambient pods
+/// by address) current, and the pods' annotations in line with what
+/// capture is attached for.
 pub async fn run(
     client: Client,
     node: String,
-    wanted: watch::Sender<Option<BTreeSet<Ipv4Addr>>>,
-    mut captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    enrollment: Arc<Enrollment>,
+    wanted: watch::Sender<Option<Wanted>>,
 ) {
-    let changed = Arc::new(Notify::new());
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-        changed.clone(),
-    );
-    let namespaces = reflect(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-    );
-    if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
+    let e = &enrollment;
+    if e.pods.wait_until_ready().await.is_err() || e.namespaces.wait_until_ready().await.is_err() {
         return;
     }
-    info!(%node, pods = pods.len(), namespaces = namespaces.len(), "Kubernetes pods listed");
+    info!(%node, pods = e.pods.len(), namespaces = e.namespaces.len(), "Kubernetes pods listed");
+    let mut captured = e.captured.clone();
     let mut retry = tokio::time::interval(RETRY);
     loop {
-        let state = pods.state();
-        let mut addresses = BTreeSet::new();
-        let mut decided = Vec::with_capacity(state.len());
-        for pod in state {
-            let ns = namespaces.get(&ObjectRef::new(&pod.namespace().unwrap_or_default()));
-            let wants = ambient::wants_capture(&pod, ns.as_deref());
-            let ips = ambient::ipv4_addresses(&pod);
+        e.prune();
+        let mut addresses = Wanted::new();
+        let mut decided = Vec::new();
+        for pod in e.pods.state() {
+            let wants = e.wants_capture(&pod);
+            let ips = e.addresses(&pod);
             if wants {
-                addresses.extend(ips.iter().copied());
+                let who = AmbientPod {
+                    uid: pod.uid().unwrap_or_default(),
+                    name: pod.name_any(),
+                    namespace: pod.namespace().unwrap_or_default(),
+                    service_account: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_else(|| "default".into()),
+                };
+                addresses.extend(ips.iter().map(|ip| (*ip, who.clone())));
             }
             decided.push((pod, wants, ips));
         }
         wanted.send_if_modified(|w| {
-            let new = Some(addresses.clone());
+            let new = Some(addresses);
             let differs = *w != new;
             *w = new;
             differs
@@ -83,7 +194,7 @@ pub async fn run(
             annotate(&client, &pod, value).await;
         }
         tokio::select! {
-            _ = changed.notified() => {}
+            _ = e.changed.notified() => {}
             r = captured.changed() => if r.is_err() { return },
             _ = retry.tick() => {}
         }

@@ -6,36 +6,67 @@
 //! and sign its certificates.
 
 pub mod ambient;
+mod cni;
 mod enroller;
 
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use enroller::{AmbientPod, Wanted};
+
 use crate::config::{
-    local::{InboundProtocol, LocalConfig},
+    local::{Authorization, InboundProtocol, LocalConfig, LocalWorkload, RbacAction, RbacScope},
     source::Feed,
 };
 
 /// How often a start still waiting for the API says so.
 const WAITING_LOG: Duration = Duration::from_secs(10);
+/// The policy that holds a pod known only from the API (its workload not
+/// yet in the configuration source) at deny-all inbound: its own policies
+/// are not known yet, and an ALLOW among them would otherwise fail open.
+const PENDING_POLICY: &str = "ztunnel-pending-workload";
 
-/// Wraps `feed` so that every configuration it gives also enrolls this
-/// node's ambient pods, and starts the watcher (annotating pods as
-/// `captured`, the addresses capture is attached for, allows). Waits for
-/// the first list of pods and namespaces: until then capture would release
-/// pods enrolled before a restart.
-pub async fn enroll(
+/// The pod watcher, started ahead of the configuration source.
+pub struct Watcher {
+    wanted: watch::Receiver<Option<Wanted>>,
+}
+
+/// Starts the watcher (annotating pods as `captured`, the addresses
+/// capture is attached for, allows) and, with `cni_socket`, the CNI
+/// plugin's server. Both start before the configuration source has
+/// answered: a node whose istiod is not up yet (istiod's own pod, say)
+/// still answers the plugin for pods outside ambient mode.
+pub async fn start(
     node: &str,
-    feed: Feed,
     captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
-) -> anyhow::Result<Feed> {
+    cni_socket: Option<PathBuf>,
+) -> anyhow::Result<Watcher> {
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!("--enroll-pods: no Kubernetes API (KUBECONFIG, or in-cluster): {e}")
     })?;
-    let (wanted_tx, mut wanted) = watch::channel(None);
-    tokio::spawn(enroller::run(client, node.to_string(), wanted_tx, captured));
+    let enrollment = enroller::Enrollment::watch(&client, node, captured);
+    if let Some(path) = cni_socket {
+        let listener = cni::bind(&path)?;
+        tokio::spawn(cni::serve(listener, path, enrollment.clone()));
+    }
+    let (wanted_tx, wanted) = watch::channel(None);
+    tokio::spawn(enroller::run(
+        client,
+        node.to_string(),
+        enrollment,
+        wanted_tx,
+    ));
+    Ok(Watcher { wanted })
+}
+
+/// Wraps `feed` so that every configuration it gives also enrolls this
+/// node's ambient pods. Waits for the watcher's first list of pods and
+/// namespaces: until then capture would release pods enrolled before a
+/// restart.
+pub async fn enroll(node: &str, feed: Feed, watcher: Watcher) -> anyhow::Result<Feed> {
+    let mut wanted = watcher.wanted;
     info!("waiting for the Kubernetes API's pods and namespaces");
     let first = loop {
         match tokio::time::timeout(WAITING_LOG, wanted.wait_for(Option::is_some)).await {
@@ -77,17 +108,72 @@ pub async fn enroll(
 }
 
 /// `config` with this node's workloads at `enrolled` addresses enrolled
-/// (`protocol: HBONE`), whatever the source said.
-pub fn overlay(config: &LocalConfig, node: &str, enrolled: &BTreeSet<Ipv4Addr>) -> LocalConfig {
+/// (`protocol: HBONE`), whatever the source said. An address no workload
+/// has yet (a pod the CNI plugin announced before istiod lists it) gets a
+/// workload made from its pod, denied all inbound until the source has it.
+pub fn overlay(config: &LocalConfig, node: &str, enrolled: &Wanted) -> LocalConfig {
     let mut config = config.clone();
-    for w in config.workloads.iter_mut().filter(|w| w.node == node) {
-        let ours = w.workload_ips.iter().any(|ip| match ip {
-            std::net::IpAddr::V4(v4) => enrolled.contains(v4),
-            std::net::IpAddr::V6(_) => false,
-        });
-        if ours {
+    let mut known = BTreeSet::new();
+    for w in config.workloads.iter_mut() {
+        let ips: Vec<Ipv4Addr> = w
+            .workload_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
+        known.extend(ips.iter().copied());
+        if w.node == node && ips.iter().any(|ip| enrolled.contains_key(ip)) {
             w.protocol = InboundProtocol::HBONE;
         }
     }
+    let mut pending: BTreeSet<String> = BTreeSet::new();
+    for (ip, pod) in enrolled.iter().filter(|(ip, _)| !known.contains(ip)) {
+        config.workloads.push(stand_in(*ip, pod, node));
+        pending.insert(pod.namespace.clone());
+    }
+    for namespace in pending {
+        config.policies.push(Authorization {
+            name: PENDING_POLICY.into(),
+            namespace,
+            scope: RbacScope::WorkloadSelector,
+            action: RbacAction::Deny,
+            // One rule with no clauses: it matches every connection.
+            rules: vec![Vec::new()],
+            dry_run: false,
+        });
+    }
     config
+}
+
+/// The workload of a pod known only from the API.
+fn stand_in(ip: Ipv4Addr, pod: &AmbientPod, node: &str) -> LocalWorkload {
+    LocalWorkload {
+        workload_ips: vec![ip.into()],
+        waypoint: None,
+        network_gateway: None,
+        protocol: InboundProtocol::HBONE,
+        network_mode: Default::default(),
+        uid: pod.uid.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        trust_domain: String::new(),
+        service_account: pod.service_account.clone(),
+        network: String::new(),
+        workload_name: pod.name.clone(),
+        workload_type: "pod".into(),
+        canonical_name: String::new(),
+        canonical_revision: String::new(),
+        hostname: String::new(),
+        node: node.to_string(),
+        native_tunnel: false,
+        application_tunnel: None,
+        authorization_policies: vec![format!("{}/{PENDING_POLICY}", pod.namespace)],
+        status: Default::default(),
+        cluster_id: String::new(),
+        locality: None,
+        capacity: None,
+        services: Default::default(),
+    }
 }

@@ -1,0 +1,162 @@
+//! The server side of the CNI plugin (`ztunnel-cni`): a root-only Unix
+//! socket where the plugin, run by the container runtime for each new pod,
+//! waits until the pod's capture is attached. Until this answers, the pod's
+//! sandbox is not set up and none of its containers run.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    time::Instant,
+};
+use tracing::{info, warn};
+use ztunnel_cni::protocol::{Command, Reply, Request, MAX_MESSAGE};
+
+use super::enroller::Enrollment;
+
+/// The longest a plugin may ask ztunnel to try.
+const MAX_WAIT: Duration = Duration::from_secs(120);
+/// Answer this much before the plugin's own deadline, so it hears why.
+const MARGIN: Duration = Duration::from_millis(500);
+/// How long a peer may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a handler looks again for a pod the API has not shown yet.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Binds the socket: root only (mode 0600 in a private directory).
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| anyhow::anyhow!("CNI socket {}: {e}", path.display());
+    crate::handover::private_dir(path).map_err(err)?;
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves the plugin until the task is dropped.
+pub async fn serve(listener: UnixListener, path: PathBuf, enrollment: Arc<Enrollment>) {
+    info!(socket = %path.display(), "CNI plugin socket listening");
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "CNI socket: accept failed");
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        // Only root may hold a pod's setup or announce addresses.
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), pid = ?cred.pid(), "CNI socket: refused a peer that is not root");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "CNI socket: refused a peer whose credentials cannot be read");
+                continue;
+            }
+        }
+        tokio::spawn(connection(stream, enrollment.clone()));
+    }
+}
+
+async fn connection(stream: UnixStream, enrollment: Arc<Enrollment>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_MESSAGE as u64));
+    let reply =
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+            Err(_) => return, // A peer that says nothing is dropped.
+            Ok(Err(e)) => Reply::Failed {
+                message: format!("reading the request: {e}"),
+            },
+            Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => handle(&enrollment, request).await,
+                Err(e) => Reply::Failed {
+                    message: format!("not a request: {e}"),
+                },
+            },
+        };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+}
+
+async fn handle(enrollment: &Enrollment, request: Request) -> Reply {
+    let who = format!("{}/{}", request.namespace, request.pod);
+    let key = (request.namespace.clone(), request.pod.clone());
+    match request.command {
+        Command::Del => {
+            enrollment.announce(key, None);
+            Reply::Released
+        }
+        Command::Add => {
+            let wait = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
+            let deadline = Instant::now() + wait.saturating_sub(MARGIN);
+            let reply = add(enrollment, &request, key, deadline).await;
+            match &reply {
+                Reply::Captured => {
+                    info!(pod = %who, ips = ?request.ips, "CNI: new pod captured before it starts")
+                }
+                Reply::Failed { message } => {
+                    warn!(pod = %who, ips = ?request.ips, error = %message, "CNI: new pod not captured; its setup fails")
+                }
+                _ => {}
+            }
+            reply
+        }
+    }
+}
+
+async fn add(
+    enrollment: &Enrollment,
+    request: &Request,
+    key: (String, String),
+    deadline: Instant,
+) -> Reply {
+    if request.ips.is_empty() {
+        return Reply::Failed {
+            message: "no IPv4 address given".into(),
+        };
+    }
+    // The pod was created before its sandbox, but the watch may lag.
+    let pod = loop {
+        if let Some(pod) = enrollment.pod(&request.namespace, &request.pod) {
+            break pod;
+        }
+        if Instant::now() >= deadline {
+            return Reply::Failed {
+                message: "the Kubernetes API has not shown this pod on this node".into(),
+            };
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    if !enrollment.wants_capture(&pod) {
+        return Reply::NotAmbient;
+    }
+    let ips: BTreeSet<Ipv4Addr> = request.ips.iter().copied().collect();
+    enrollment.announce(key, Some(request.ips.clone()));
+    let mut captured = enrollment.captured.clone();
+    let in_place = async { captured.wait_for(|c| ips.is_subset(c)).await.map(|_| ()) };
+    match tokio::time::timeout_at(deadline, in_place).await {
+        Ok(Ok(())) => Reply::Captured,
+        Ok(Err(_)) => Reply::Failed {
+            message: "ztunnel is stopping".into(),
+        },
+        Err(_) => Reply::Failed {
+            message: format!(
+                "capture was not in place within {:.1}s",
+                request.timeout_ms as f64 / 1000.0
+            ),
+        },
+    }
+}
