@@ -223,6 +223,31 @@ impl ApiServer {
         s.broadcast(Kind::Pod, event, &object);
     }
 
+    /// Sets (`Some`) or removes an annotation of pod `default/name`, as a
+    /// user's `kubectl annotate` would.
+    pub fn annotate(&self, name: &str, key: &str, value: Option<&str>) {
+        let mut s = lock(&self.state);
+        let rv = s.bump();
+        let Some(pod) = s.pods.get_mut(&("default".to_string(), name.to_string())) else {
+            return;
+        };
+        let annotations = &mut pod["metadata"]["annotations"];
+        if !annotations.is_object() {
+            *annotations = json!({});
+        }
+        match value {
+            Some(v) => annotations[key] = Value::String(v.to_string()),
+            None => {
+                if let Some(map) = annotations.as_object_mut() {
+                    map.remove(key);
+                }
+            }
+        }
+        pod["metadata"]["resourceVersion"] = json!(rv);
+        let object = pod.clone();
+        s.broadcast(Kind::Pod, "MODIFIED", &object);
+    }
+
     /// Every PATCH so far.
     pub fn patches(&self) -> Vec<PatchRecord> {
         lock(&self.state).patches.clone()

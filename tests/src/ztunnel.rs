@@ -335,6 +335,8 @@ pub struct Counters {
     /// SYNs about to be forwarded past capture (a veth not synced yet, an
     /// uplink ztunnel does not know), dropped on the way out.
     pub dropped_uncaptured: u64,
+    /// New outbound flows the pod's exclusions left uncaptured.
+    pub outbound_excluded: u64,
 }
 
 /// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
@@ -374,6 +376,7 @@ pub fn counters_at(pin_dir: &Path, pod_ip: Ipv4Addr) -> Result<Option<Counters>>
             total.dropped_truncated += word(5);
             total.dropped_spoofed += word(6);
             total.dropped_uncaptured += word(7);
+            total.outbound_excluded += word(8);
         }
         return Ok(Some(total));
     }

@@ -84,6 +84,9 @@ pub mod maps {
     /// emptied at a clean stop, and emptied by the kernel itself when the
     /// socket closes (a crash). An empty slot means "drop the SYN".
     pub const LISTENERS: &str = "ZT_LISTENERS";
+    /// Outbound destinations pods opted out of capture (an LPM trie of
+    /// [`super::ExclusionKey`] -> `u8`). Empty unless a pod asks.
+    pub const OUTBOUND_EXCLUSIONS: &str = "ZT_OUTBOUND_EXCLUSIONS";
 }
 
 /// Slots of the listener map.
@@ -146,6 +149,28 @@ pub struct PolicyVerdict {
     /// [`verdict::DENY`] or [`verdict::PASS`].
     pub verdict: u32,
 }
+
+/// Capacity of the outbound exclusion table (all pods together).
+pub const MAX_EXCLUSIONS: u32 = 16384;
+
+/// A destination a pod's outbound flows skip capture for. An LPM trie key:
+/// the pod and port are exact (the first [`EXCLUSION_FIXED_BITS`]) and the
+/// destination a prefix. Port 0 means any port; an excluded port is the
+/// destination `0.0.0.0/0` on that port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExclusionKey {
+    /// The pod, network byte order.
+    pub pod_ipv4_be: u32,
+    /// Destination port, network byte order, or 0.
+    pub dst_port_be: u16,
+    pub _pad: u16,
+    /// Destination address, network byte order.
+    pub dst_ipv4_be: u32,
+}
+
+/// Bits of [`ExclusionKey`] before the destination address.
+pub const EXCLUSION_FIXED_BITS: u32 = 64;
 
 /// Values of [`PolicyVerdict::verdict`].
 pub mod verdict {
@@ -236,6 +261,9 @@ pub struct PodCounters {
     /// SYNs to or from the pod about to be forwarded past capture, dropped
     /// on the way out (see `GUARD_EGRESS`).
     pub dropped_uncaptured: u64,
+    /// New outbound flows left uncaptured because the pod excludes their
+    /// destination ([`maps::OUTBOUND_EXCLUSIONS`]).
+    pub outbound_excluded: u64,
 }
 
 impl PodCounters {
@@ -250,6 +278,7 @@ impl PodCounters {
             dropped_truncated: self.dropped_truncated + other.dropped_truncated,
             dropped_spoofed: self.dropped_spoofed + other.dropped_spoofed,
             dropped_uncaptured: self.dropped_uncaptured + other.dropped_uncaptured,
+            outbound_excluded: self.outbound_excluded + other.outbound_excluded,
         }
     }
 }
@@ -263,4 +292,5 @@ mod user {
     unsafe impl aya::Pod for super::PolicyTuple {}
     unsafe impl aya::Pod for super::PolicyVerdict {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ExclusionKey {}
 }

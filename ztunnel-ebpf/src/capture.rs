@@ -26,7 +26,12 @@
 //!    the catch-all route (which delivers TCP to enrolled pods locally, for
 //!    flows whose destination DNAT rewrote after this program ran) and
 //!    forwarded.
-//! 9. Everything else is left to the next program or the kernel.
+//! 9. A SYN from an enrolled pod to a destination the pod excluded (a port,
+//!    or an address range; never another enrolled pod of this node) is left
+//!    uncaptured, counted, and marked to skip the catch-all route; the
+//!    egress guard lets it out. Its later packets are ownerless and never
+//!    captured (rule 8).
+//! 10. Everything else is left to the next program or the kernel.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -36,8 +41,8 @@ use ztunnel_common::{listener_index, ports, BYPASS_MARK, CAPTURE_MARK, CAPTURE_M
 
 use crate::{
     maps::{
-        count, enrolled_pod, is_enrolled, listener_ready, policy_denies, remember_flow,
-        was_captured, Counter,
+        count, enrolled_pod, excluded, is_enrolled, listener_ready, policy_denies,
+        remember_flow, was_captured, Counter,
     },
     packet::{parse, Packet, TcpFlow, ETH_HLEN},
     socket::owner_of,
@@ -76,6 +81,11 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         return ownerless(ctx, &flow);
     }
     if src.is_some() {
+        if !dst_enrolled && excluded(flow.saddr, flow.daddr, flow.dport) {
+            count(flow.saddr, Counter::OutboundExcluded);
+            set_mark(ctx, BYPASS_MARK);
+            return TC_NEXT;
+        }
         return to_listener(
             ctx,
             &flow,

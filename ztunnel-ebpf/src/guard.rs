@@ -7,14 +7,15 @@
 //! enrolled pod got past capture: it entered through a veth capture has not
 //! synced yet, a device ztunnel does not know, or a routing rule that went
 //! missing. It is dropped and counted, as are fragments and truncated
-//! segments that did the same. Locally originated packets (ztunnel's own
+//! segments that did the same. A SYN a pod excluded from capture (capture
+//! rule 9) passes. Locally originated packets (ztunnel's own
 //! connections, the node's health probes) came in on no device and pass.
 
 use aya_ebpf::programs::TcContext;
 
 use crate::{
     capture::{drop_unjudgeable, TC_DROP, TC_NEXT},
-    maps::{count, is_enrolled, Counter},
+    maps::{count, excluded, is_enrolled, Counter},
     packet::{parse, Packet},
 };
 
@@ -40,6 +41,10 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             let pod = if is_enrolled(flow.daddr) {
                 flow.daddr
             } else if is_enrolled(flow.saddr) {
+                if excluded(flow.saddr, flow.daddr, flow.dport) {
+                    // The pod's own exclusion: capture let it pass too.
+                    return TC_NEXT;
+                }
                 flow.saddr
             } else {
                 return TC_NEXT;

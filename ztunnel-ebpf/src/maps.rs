@@ -11,8 +11,9 @@ use aya_ebpf::{
     },
 };
 use ztunnel_common::{
-    pod_flags, verdict, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict,
-    MAX_CAPTURED_FLOWS, MAX_PODS, MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
+    pod_flags, verdict, ExclusionKey, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple,
+    PolicyVerdict, EXCLUSION_FIXED_BITS, MAX_CAPTURED_FLOWS, MAX_EXCLUSIONS, MAX_PODS,
+    MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
 };
 
 #[map(name = "ZT_ENROLLED_PODS")]
@@ -38,6 +39,30 @@ pub static ZT_LISTENERS: SockMap = SockMap::pinned(3, 0);
 
 #[map(name = "ZT_CAPTURED_FLOWS")]
 static ZT_CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(MAX_CAPTURED_FLOWS, 0);
+
+#[map(name = "ZT_OUTBOUND_EXCLUSIONS")]
+static ZT_OUTBOUND_EXCLUSIONS: LpmTrie<ExclusionKey, u8> = LpmTrie::pinned(MAX_EXCLUSIONS, 0);
+
+/// Whether the pod `pod` (network byte order) excludes new flows to
+/// `dst:port` from capture: by the port, or by a range holding `dst`.
+#[inline(always)]
+pub fn excluded(pod: u32, dst: u32, port: u16) -> bool {
+    for port in [port, 0] {
+        let key = Key::new(
+            EXCLUSION_FIXED_BITS + 32,
+            ExclusionKey {
+                pod_ipv4_be: pod,
+                dst_port_be: port,
+                _pad: 0,
+                dst_ipv4_be: dst,
+            },
+        );
+        if ZT_OUTBOUND_EXCLUSIONS.get(&key).is_some() {
+            return true;
+        }
+    }
+    false
+}
 
 /// Remembers that capture took the flow this SYN opens.
 #[inline(always)]
@@ -130,6 +155,7 @@ pub enum Counter {
     DroppedTruncated,
     DroppedSpoofed,
     DroppedUncaptured,
+    OutboundExcluded,
 }
 
 /// Bumps a pod's counter. Userspace creates the entry when it enrolls the pod;
@@ -148,6 +174,7 @@ pub fn count(ipv4_be: u32, counter: Counter) {
                 Counter::DroppedTruncated => (*c).dropped_truncated += 1,
                 Counter::DroppedSpoofed => (*c).dropped_spoofed += 1,
                 Counter::DroppedUncaptured => (*c).dropped_uncaptured += 1,
+                Counter::OutboundExcluded => (*c).outbound_excluded += 1,
             }
         }
     }

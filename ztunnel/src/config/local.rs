@@ -102,6 +102,33 @@ pub struct LocalWorkload {
     pub capacity: Option<u32>,
     /// `namespace/hostname` -> service port -> target port.
     pub services: BTreeMap<NamespacedHostname, BTreeMap<u16, u16>>,
+    /// Outbound destinations this pod's traffic skips capture for (this
+    /// ztunnel's extension: from the pod's annotations with
+    /// `--enroll-pods`, or written here). Empty: everything is captured.
+    #[serde(default, skip_serializing_if = "CaptureExclusions::is_empty")]
+    pub capture_exclusions: CaptureExclusions,
+}
+
+/// Outbound flows a pod opts out of capture, enforced in the kernel. They
+/// never cover another enrolled pod of the same node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaptureExclusions {
+    /// Destination ports, to any address.
+    #[serde(default)]
+    pub outbound_ports: Vec<u16>,
+    /// Destination IPv4 ranges, on any port.
+    #[serde(default)]
+    pub outbound_ip_ranges: Vec<ipnet::Ipv4Net>,
+}
+
+impl CaptureExclusions {
+    /// At most this many ports and this many ranges per pod.
+    pub const MAX_PER_KIND: usize = 32;
+
+    pub fn is_empty(&self) -> bool {
+        self.outbound_ports.is_empty() && self.outbound_ip_ranges.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

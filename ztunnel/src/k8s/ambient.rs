@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+use crate::config::local::CaptureExclusions;
+
 /// Namespaces opt in with it set to `ambient`; pods opt in with
 /// `ambient` or out with `none`.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -14,6 +16,12 @@ pub const DATAPLANE_MODE_NONE: &str = "none";
 /// What istiod waits for before it marks a pod HBONE and signs for it.
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 pub const REDIRECTION_ENABLED: &str = "enabled";
+/// A pod's opt-outs from outbound capture: comma-separated ports, and
+/// comma-separated IPv4 ranges (CIDR). Named after Istio's sidecar
+/// annotations, under this ztunnel's own prefix: those are ignored, so a
+/// pod moved from sidecar to ambient mode does not bypass by surprise.
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.ztunnel.dev/excludeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.ztunnel.dev/excludeOutboundIPRanges";
 /// Set on pods that have a sidecar: those stay out of ambient mode.
 const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 
@@ -76,6 +84,64 @@ pub fn ipv4_addresses(pod: &Pod) -> Vec<Ipv4Addr> {
     ips
 }
 
+/// The pod's outbound exclusions, from its annotations. A bad value is an
+/// error naming the annotation and the entry; the caller then captures
+/// everything (failing closed).
+pub fn exclusions(pod: &Pod) -> Result<CaptureExclusions, String> {
+    let annotations = pod.metadata.annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    let mut out = CaptureExclusions::default();
+    let entries = |value: &str| -> Vec<String> {
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    if let Some(value) = get(EXCLUDE_OUTBOUND_PORTS) {
+        for entry in entries(value) {
+            match entry.parse::<u16>() {
+                Ok(port) if port > 0 => out.outbound_ports.push(port),
+                _ => {
+                    return Err(format!(
+                        "{EXCLUDE_OUTBOUND_PORTS}: `{entry}` is not a port (1-65535)"
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(value) = get(EXCLUDE_OUTBOUND_IP_RANGES) {
+        for entry in entries(value) {
+            let range = entry
+                .parse::<ipnet::Ipv4Net>()
+                .or_else(|_| entry.parse::<Ipv4Addr>().map(ipnet::Ipv4Net::from))
+                .map_err(|_| {
+                    format!(
+                        "{EXCLUDE_OUTBOUND_IP_RANGES}: `{entry}` is not an IPv4 address or range"
+                    )
+                })?;
+            out.outbound_ip_ranges.push(range.trunc());
+        }
+    }
+    for (key, n) in [
+        (EXCLUDE_OUTBOUND_PORTS, out.outbound_ports.len()),
+        (EXCLUDE_OUTBOUND_IP_RANGES, out.outbound_ip_ranges.len()),
+    ] {
+        if n > CaptureExclusions::MAX_PER_KIND {
+            return Err(format!(
+                "{key}: {n} entries, at most {} are allowed",
+                CaptureExclusions::MAX_PER_KIND
+            ));
+        }
+    }
+    out.outbound_ports.sort();
+    out.outbound_ports.dedup();
+    out.outbound_ip_ranges.sort();
+    out.outbound_ip_ranges.dedup();
+    Ok(out)
+}
+
 /// Whether the pod carries the annotation istiod waits for.
 pub fn is_annotated(pod: &Pod) -> bool {
     pod.metadata
@@ -134,6 +200,41 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    fn annotated(pairs: &[(&str, &str)]) -> Pod {
+        let mut p = pod(None);
+        p.metadata.annotations = labels(pairs);
+        p
+    }
+
+    #[test]
+    fn exclusions_are_read_from_the_annotations_and_checked() {
+        assert!(exclusions(&pod(None)).unwrap().is_empty());
+        let e = exclusions(&annotated(&[
+            (EXCLUDE_OUTBOUND_PORTS, "5432, 6379,5432"),
+            (
+                EXCLUDE_OUTBOUND_IP_RANGES,
+                "10.9.0.0/16,192.0.2.7,10.9.1.2/16",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(e.outbound_ports, vec![5432, 6379]);
+        let ranges: Vec<String> = e.outbound_ip_ranges.iter().map(|r| r.to_string()).collect();
+        assert_eq!(ranges, vec!["10.9.0.0/16", "192.0.2.7/32"]);
+        let bad = exclusions(&annotated(&[(EXCLUDE_OUTBOUND_PORTS, "80,http")])).unwrap_err();
+        assert!(
+            bad.contains("`http`") && bad.contains(EXCLUDE_OUTBOUND_PORTS),
+            "{bad}"
+        );
+        let zero = exclusions(&annotated(&[(EXCLUDE_OUTBOUND_PORTS, "0")])).unwrap_err();
+        assert!(zero.contains("`0`"), "{zero}");
+        let v6 = exclusions(&annotated(&[(EXCLUDE_OUTBOUND_IP_RANGES, "fd00::/8")])).unwrap_err();
+        assert!(v6.contains("`fd00::/8`"), "{v6}");
+        let many: Vec<String> = (1..=40).map(|p| p.to_string()).collect();
+        let too_many =
+            exclusions(&annotated(&[(EXCLUDE_OUTBOUND_PORTS, &many.join(","))])).unwrap_err();
+        assert!(too_many.contains("at most 32"), "{too_many}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use super::ambient::{self, REDIRECTION_ANNOTATION, REDIRECTION_ENABLED};
+use crate::config::local::CaptureExclusions;
 
 /// Annotations that failed are tried again at least this often.
 const RETRY: Duration = Duration::from_secs(5);
@@ -38,6 +39,9 @@ pub struct AmbientPod {
     pub name: String,
     pub namespace: String,
     pub service_account: String,
+    /// What its annotations exclude from outbound capture (nothing when
+    /// they are invalid: see [`ambient::exclusions`]).
+    pub exclusions: CaptureExclusions,
 }
 
 /// The addresses ambient mode captures on this node, and whose they are.
@@ -151,6 +155,8 @@ pub async fn run(
     info!(%node, pods = e.pods.len(), namespaces = e.namespaces.len(), "Kubernetes pods listed");
     let mut captured = e.captured.clone();
     let mut retry = tokio::time::interval(RETRY);
+    // Bad exclusion annotations already reported, so each is logged once.
+    let mut reported: HashMap<PodName, String> = HashMap::new();
     loop {
         e.prune();
         let mut addresses = Wanted::new();
@@ -159,6 +165,20 @@ pub async fn run(
             let wants = e.wants_capture(&pod);
             let ips = e.addresses(&pod);
             if wants {
+                let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+                let exclusions = match ambient::exclusions(&pod) {
+                    Ok(x) => {
+                        reported.remove(&key);
+                        x
+                    }
+                    Err(error) => {
+                        if reported.get(&key) != Some(&error) {
+                            warn!(pod = %format!("{}/{}", key.0, key.1), %error, "ignoring the pod's capture exclusions: all its traffic is captured");
+                            reported.insert(key, error);
+                        }
+                        CaptureExclusions::default()
+                    }
+                };
                 let who = AmbientPod {
                     uid: pod.uid().unwrap_or_default(),
                     name: pod.name_any(),
@@ -168,6 +188,7 @@ pub async fn run(
                         .as_ref()
                         .and_then(|s| s.service_account_name.clone())
                         .unwrap_or_else(|| "default".into()),
+                    exclusions,
                 };
                 addresses.extend(ips.iter().map(|ip| (*ip, who.clone())));
             }

@@ -124,8 +124,15 @@ pub fn overlay(config: &LocalConfig, node: &str, enrolled: &Wanted) -> LocalConf
             })
             .collect();
         known.extend(ips.iter().copied());
-        if w.node == node && ips.iter().any(|ip| enrolled.contains_key(ip)) {
+        if w.node != node {
+            continue;
+        }
+        if let Some(pod) = ips.iter().find_map(|ip| enrolled.get(ip)) {
             w.protocol = InboundProtocol::HBONE;
+            // The pod's annotations, when it has any, over the source's.
+            if !pod.exclusions.is_empty() {
+                w.capture_exclusions = pod.exclusions.clone();
+            }
         }
     }
     let mut pending: BTreeSet<String> = BTreeSet::new();
@@ -175,5 +182,6 @@ fn stand_in(ip: Ipv4Addr, pod: &AmbientPod, node: &str) -> LocalWorkload {
         locality: None,
         capacity: None,
         services: Default::default(),
+        capture_exclusions: pod.exclusions.clone(),
     }
 }

@@ -60,6 +60,14 @@ impl KernelCounters {
         family(
             out,
             &pods,
+            "ztunnel_kernel_flows_excluded_total",
+            "New outbound TCP flows the kernel left uncaptured because the pod excludes their destination (a port or an address range it opted out).",
+            "direction",
+            |c| [("outbound", c.outbound_excluded)].to_vec(),
+        );
+        family(
+            out,
+            &pods,
             "ztunnel_kernel_syn_dropped_total",
             "SYNs the kernel dropped: denied by policy, or no ztunnel listening (fail closed).",
             "reason",

@@ -17,8 +17,8 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 use ztunnel_common::{
-    maps, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, MAX_CAPTURED_FLOWS,
-    MAX_PODS, MAX_POLICY_ENTRIES,
+    maps, ExclusionKey, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict,
+    MAX_CAPTURED_FLOWS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES,
 };
 
 use super::RedirectError;
@@ -32,7 +32,7 @@ struct Shape {
     max_entries: u32,
 }
 
-fn shapes() -> [Shape; 7] {
+fn shapes() -> [Shape; 8] {
     let [policy_a, policy_b] = maps::POLICY_TABLES;
     // An LPM trie key is the prefix length (u32) and the data.
     let lpm_key = size_of::<u32>() + size_of::<PolicyTuple>();
@@ -85,6 +85,13 @@ fn shapes() -> [Shape; 7] {
             key: size_of::<FlowKey>(),
             value: size_of::<u8>(),
             max_entries: MAX_CAPTURED_FLOWS,
+        },
+        Shape {
+            name: maps::OUTBOUND_EXCLUSIONS,
+            kind: MapType::LpmTrie,
+            key: size_of::<u32>() + size_of::<ExclusionKey>(),
+            value: size_of::<u8>(),
+            max_entries: MAX_EXCLUSIONS,
         },
     ]
 }

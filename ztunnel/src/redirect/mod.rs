@@ -32,8 +32,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ztunnel_common::{
-    listener_index, maps, pod_flags, programs, PodCounters, PodInfo, PodKey, PolicyTuple,
-    PolicyVerdict,
+    listener_index, maps, pod_flags, programs, ExclusionKey, PodCounters, PodInfo, PodKey,
+    PolicyTuple, PolicyVerdict, EXCLUSION_FIXED_BITS,
 };
 
 pub use attach::{Attached, Role};
@@ -90,6 +90,8 @@ pub struct PlannedPod {
     pub ip: Ipv4Addr,
     /// Captured (a local workload with `protocol: HBONE`).
     pub enrolled: bool,
+    /// Outbound destinations the pod's traffic skips capture for.
+    pub exclusions: crate::config::local::CaptureExclusions,
 }
 
 /// What should be captured on this node.
@@ -138,6 +140,7 @@ pub struct Capture {
     counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
     policy_tables: [LpmTrie<MapData, PolicyTuple, PolicyVerdict>; 2],
     policy_active: Array<MapData, u32>,
+    exclusions: LpmTrie<MapData, ExclusionKey, u8>,
     /// ztunnel's listening sockets, as the kernel sees them (pinned).
     listeners: SockMap<MapData>,
     /// Links this process attached or re-adopted; others are re-adopted on
@@ -185,6 +188,7 @@ impl Capture {
         ];
         let policy_active = take_map(&mut ebpf, maps::POLICY_ACTIVE, Array::try_from)?;
         let listeners = take_map(&mut ebpf, maps::LISTENERS, SockMap::try_from)?;
+        let exclusions = take_map(&mut ebpf, maps::OUTBOUND_EXCLUSIONS, LpmTrie::try_from)?;
         Ok(Capture {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -193,6 +197,7 @@ impl Capture {
             counters,
             policy_tables,
             policy_active,
+            exclusions,
             listeners,
             owned_links: HashSet::new(),
             retired_maps,
@@ -333,6 +338,11 @@ impl Capture {
                 false
             }
         };
+        // A failure leaves the rest captured: exclusions only ever let less
+        // through capture.
+        if let Err(e) = self.sync_exclusions(plan) {
+            status.errors.push(format!("outbound exclusions: {e}"));
+        }
         let mut wanted_links = BTreeSet::new();
         let mut pod_ifaces = Vec::new();
         for pod in &plan.pods {
@@ -497,6 +507,31 @@ impl Capture {
         Ok(())
     }
 
+    /// Brings the exclusion table to exactly the enrolled pods' exclusions.
+    fn sync_exclusions(&mut self, plan: &CapturePlan) -> Result<(), RedirectError> {
+        let map_err = |source| RedirectError::Map {
+            map: maps::OUTBOUND_EXCLUSIONS,
+            source,
+        };
+        let wanted = exclusion_entries(plan);
+        let present: Vec<LpmKey<ExclusionKey>> =
+            self.exclusions.keys().filter_map(Result::ok).collect();
+        let present_set: BTreeSet<(u32, ExclusionKey)> =
+            present.iter().map(|k| (k.prefix_len(), k.data())).collect();
+        for key in present
+            .iter()
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+        {
+            self.exclusions.remove(key).map_err(map_err)?;
+        }
+        for (prefix_len, data) in wanted.difference(&present_set) {
+            self.exclusions
+                .insert(&LpmKey::new(*prefix_len, *data), 1, 0)
+                .map_err(map_err)?;
+        }
+        Ok(())
+    }
+
     /// Replaces the kernel's policy entries with `entries`, atomically from
     /// the datapath's point of view: the idle table is rewritten, then the
     /// switch flips to it. Returns how many entries are live.
@@ -621,6 +656,34 @@ fn take_map<T>(
         .take_map(name)
         .ok_or_else(|| RedirectError::Load(format!("map {name} missing from the object")))?;
     convert(map).map_err(|source| RedirectError::Map { map: name, source })
+}
+
+/// The exclusion table's entries for `plan`'s enrolled pods: an excluded
+/// port is any destination on that port, a range any port.
+fn exclusion_entries(plan: &CapturePlan) -> BTreeSet<(u32, ExclusionKey)> {
+    let mut out = BTreeSet::new();
+    for pod in plan.pods.iter().filter(|p| p.enrolled) {
+        let pod_ipv4_be = u32::from_ne_bytes(pod.ip.octets());
+        for port in &pod.exclusions.outbound_ports {
+            let key = ExclusionKey {
+                pod_ipv4_be,
+                dst_port_be: port.to_be(),
+                _pad: 0,
+                dst_ipv4_be: 0,
+            };
+            out.insert((EXCLUSION_FIXED_BITS, key));
+        }
+        for range in &pod.exclusions.outbound_ip_ranges {
+            let key = ExclusionKey {
+                pod_ipv4_be,
+                dst_port_be: 0,
+                _pad: 0,
+                dst_ipv4_be: u32::from_ne_bytes(range.network().octets()),
+            };
+            out.insert((EXCLUSION_FIXED_BITS + u32::from(range.prefix_len()), key));
+        }
+    }
+    out
 }
 
 /// Removes everything one ztunnel instance pinned: links (detaching the

@@ -13,8 +13,8 @@ use std::{
 use crate::{
     authz::PolicyStore,
     config::local::{
-        Authorization, HealthStatus, InboundProtocol, LocalConfig, LocalWorkload,
-        NamespacedHostname, Service,
+        Authorization, CaptureExclusions, HealthStatus, InboundProtocol, LocalConfig,
+        LocalWorkload, NamespacedHostname, Service,
     },
     identity::Identity,
     redirect::{CapturePlan, PlannedPod},
@@ -45,6 +45,8 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub cluster_id: String,
+    /// Outbound destinations its traffic skips capture for.
+    pub capture_exclusions: CaptureExclusions,
 }
 
 impl From<&LocalWorkload> for Workload {
@@ -66,6 +68,7 @@ impl From<&LocalWorkload> for Workload {
             canonical_name: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
             cluster_id: w.cluster_id.clone(),
+            capture_exclusions: w.capture_exclusions.clone(),
         }
     }
 }
@@ -244,6 +247,7 @@ impl Snapshot {
                     pods.push(PlannedPod {
                         ip: *ip,
                         enrolled: w.hbone,
+                        exclusions: w.capture_exclusions.clone(),
                     });
                 }
             }

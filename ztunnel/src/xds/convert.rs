@@ -151,6 +151,8 @@ pub fn workload_from_proto(w: &pb::Workload) -> Result<LocalWorkload, ConvertErr
         }),
         capacity: w.capacity,
         services,
+        // Not in Istio's schema: from the pod watcher or the file only.
+        capture_exclusions: Default::default(),
     })
 }
 
