@@ -66,6 +66,9 @@ const CERT_TICK: Duration = Duration::from_secs(1);
 /// Capture follows the kernel's link and route events; this slower pass is
 /// a safety net for an event lost to a full netlink buffer.
 const RESYNC: Duration = Duration::from_secs(30);
+/// How often capture checks it still runs first at each hook it holds (no
+/// kernel event says another program was attached in front of it).
+const ORDER_CHECK: Duration = Duration::from_secs(2);
 /// Events come in bursts (a pod's veth, its state, its route): one sync per
 /// burst, and at most one per [`EVENT_SYNC_INTERVAL`] under churn (a sync
 /// reads every link and route). Until it runs, the egress guard and the
@@ -341,6 +344,8 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     let mut config_source_alive = true;
     let mut cert_tick = tokio::time::interval(CERT_TICK);
     let mut resync_tick = tokio::time::interval(RESYNC);
+    let mut order_tick = tokio::time::interval(ORDER_CHECK);
+    let mut order_errors: Vec<String> = Vec::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut handed_over_rx = handed_over_rx;
     let stop = loop {
@@ -406,6 +411,13 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
             _ = resync_tick.tick() => {
                 kernel.ensure_route().await;
                 resync(&mut kernel, &state_tx, &status).await;
+            }
+            _ = order_tick.tick() => {
+                let (_, errors) = tokio::task::block_in_place(|| kernel.capture.keep_first());
+                for e in errors.iter().filter(|e| !order_errors.contains(e)) {
+                    warn!(error = %e, "capture could not be put back in front of another program");
+                }
+                order_errors = errors;
             }
             _ = tokio::signal::ctrl_c() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,

@@ -129,19 +129,7 @@ pub fn attach(
             Ok(Attached::Readopted)
         }
         Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-            let id = program
-                .attach_with_options(
-                    &iface.name,
-                    role.hook(),
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .map_err(|e| err(format!("attaching TCX {:?}: {e}", role.hook())))?;
-            let link = program.take_link(id).map_err(|e| err(e.to_string()))?;
-            let fd_link = FdLink::try_from(link).map_err(|e| {
-                err(format!(
-                    "kernel attached without TCX ({e}); ztunnel needs kernel >= 6.6"
-                ))
-            })?;
+            let fd_link = attach_first(program, role, iface)?;
             fd_link
                 .pin(&path)
                 .map_err(|e| err(format!("pinning link at {}: {e}", path.display())))?;
@@ -149,6 +137,69 @@ pub fn attach(
         }
         Err(e) => Err(err(format!("opening pinned link {}: {e}", path.display()))),
     }
+}
+
+/// The ids of the programs at `role`'s hook of `ifname`, in the order the
+/// kernel runs them.
+pub fn chain(ifname: &str, role: Role) -> Result<Vec<u32>, RedirectError> {
+    let (_, programs) =
+        SchedClassifier::query_tcx(ifname, role.hook()).map_err(|e| RedirectError::Attach {
+            iface: ifname.to_string(),
+            message: format!("querying TCX {:?}: {e}", role.hook()),
+        })?;
+    Ok(programs.iter().map(|p| p.id()).collect())
+}
+
+/// Puts `program` back in front of `role`'s hook of `iface`, where another
+/// program (a CNI's, re-attached with "before all") has taken first place:
+/// a new first link is made and pinned over the old link's pin, whose
+/// link then goes. Until the swap both run our program, which is harmless.
+pub fn move_to_front(
+    program: &mut SchedClassifier,
+    links_dir: &Path,
+    role: Role,
+    iface: &Interface,
+) -> Result<(), RedirectError> {
+    let err = |message: String| RedirectError::Attach {
+        iface: iface.name.clone(),
+        message,
+    };
+    let fd_link = attach_first(program, role, iface)?;
+    // Not a pin name `parse_pin_name` accepts, so a crash here leaves
+    // nothing a later ztunnel would take for a link of its own.
+    let staged = links_dir.join("moving");
+    let _ = std::fs::remove_file(&staged);
+    fd_link
+        .pin(&staged)
+        .map_err(|e| err(format!("pinning at {}: {e}", staged.display())))?;
+    let path = links_dir.join(pin_name(role, iface));
+    std::fs::rename(&staged, &path).map_err(|source| RedirectError::PinDir { path, source })
+}
+
+/// A new TCX link running `program` first at `role`'s hook of `iface`,
+/// owned by the caller (detached when dropped, unless pinned).
+fn attach_first(
+    program: &mut SchedClassifier,
+    role: Role,
+    iface: &Interface,
+) -> Result<FdLink, RedirectError> {
+    let err = |message: String| RedirectError::Attach {
+        iface: iface.name.clone(),
+        message,
+    };
+    let id = program
+        .attach_with_options(
+            &iface.name,
+            role.hook(),
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .map_err(|e| err(format!("attaching TCX {:?}: {e}", role.hook())))?;
+    let link = program.take_link(id).map_err(|e| err(e.to_string()))?;
+    FdLink::try_from(link).map_err(|e| {
+        err(format!(
+            "kernel attached without TCX ({e}); ztunnel needs kernel >= 6.6"
+        ))
+    })
 }
 
 /// The pin names present in `links_dir`.

@@ -146,6 +146,9 @@ pub struct Capture {
     /// Links this process attached or re-adopted; others are re-adopted on
     /// first sight, then left alone.
     owned_links: HashSet<String>,
+    /// This process's TC programs by id (copies included), to find them
+    /// in a hook's chain.
+    our_programs: std::collections::HashMap<u32, &'static str>,
     /// Maps of an incompatible earlier ztunnel, kept pinned (and serving its
     /// programs) until every link runs this process's programs.
     retired_maps: Option<PathBuf>,
@@ -169,10 +172,16 @@ impl Capture {
             .default_map_pin_directory(&maps_dir)
             .load(EBPF_OBJECT)
             .map_err(|e| RedirectError::Load(e.to_string()))?;
+        let mut our_programs = std::collections::HashMap::new();
         for name in CLASSIFIERS {
-            classifier(&mut ebpf, name)?
+            let program = classifier(&mut ebpf, name)?;
+            program
                 .load()
                 .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
+            let info = program
+                .info()
+                .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
+            our_programs.insert(info.id(), name);
         }
         lookup_program(&mut ebpf)?
             .load()
@@ -200,6 +209,7 @@ impl Capture {
             exclusions,
             listeners,
             owned_links: HashSet::new(),
+            our_programs,
             retired_maps,
         })
     }
@@ -437,6 +447,81 @@ impl Capture {
             Err(e) => status.errors.push(e.to_string()),
         }
         status
+    }
+
+    /// Keeps capture first at every hook it holds: a program another agent
+    /// attached in front of ours (a CNI re-attaching with "before all")
+    /// could redirect pod traffic past capture. Other programs stay where
+    /// they are, behind ours. Returns the interfaces where ours was moved
+    /// back, and what could not be checked.
+    pub fn keep_first(&mut self) -> (Vec<String>, Vec<String>) {
+        let (mut moved, mut errors) = (Vec::new(), Vec::new());
+        let Ok(pins) = attach::pinned_links(&self.links_dir) else {
+            return (moved, errors);
+        };
+        for pin in pins {
+            let Some((role, ifname, index)) = attach::parse_pin_name(&pin) else {
+                continue;
+            };
+            let chain = match attach::chain(ifname, role) {
+                Ok(chain) => chain,
+                // A device that went away: the next sync removes its pin.
+                Err(_) => continue,
+            };
+            let Some(position) = chain
+                .iter()
+                .position(|id| self.our_programs.contains_key(id))
+            else {
+                continue;
+            };
+            if position == 0 {
+                continue;
+            }
+            let iface = Interface {
+                name: ifname.to_string(),
+                index,
+            };
+            match self.move_to_front(chain[position], role, &iface) {
+                Ok(()) => {
+                    tracing::warn!(iface = %ifname, ?role, ahead = position, "another program had moved ahead of capture; capture is first again");
+                    moved.push(ifname.to_string());
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        (moved, errors)
+    }
+
+    /// Attaches the program with id `ours` again, first at `role`'s hook of
+    /// `iface`, replacing its link there. The kernel refuses one program
+    /// twice on a hook, so the new link runs a fresh copy of it (same code,
+    /// same pinned maps), loaded for the purpose.
+    fn move_to_front(
+        &mut self,
+        ours: u32,
+        role: Role,
+        iface: &Interface,
+    ) -> Result<(), RedirectError> {
+        let name = *self
+            .our_programs
+            .get(&ours)
+            .ok_or_else(|| RedirectError::Load(format!("program {ours} is not ours")))?;
+        let mut copy = EbpfLoader::new()
+            .default_map_pin_directory(bpffs::maps_dir(&self.pin_dir))
+            .load(EBPF_OBJECT)
+            .map_err(|e| RedirectError::Load(e.to_string()))?;
+        let program = classifier(&mut copy, name)?;
+        program
+            .load()
+            .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
+        let id = program
+            .info()
+            .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?
+            .id();
+        attach::move_to_front(program, &self.links_dir, role, iface)?;
+        // The link holds the copy from now on.
+        self.our_programs.insert(id, name);
+        Ok(())
     }
 
     fn ensure_link(
