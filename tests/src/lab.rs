@@ -88,6 +88,11 @@ pub const PODS: [PodSpec; 5] = [
 
 /// The pods' default gateway (never assigned to anything).
 const GATEWAY: &str = "169.254.1.1";
+/// The bridge of bridged pods (flannel's and the bridge plugin's `cni0`),
+/// its subnet and its address, the pods' gateway.
+pub const BRIDGE: &str = "zcni0";
+pub const BRIDGE_SUBNET: &str = "198.18.3.0/24";
+pub const BRIDGE_GATEWAY: &str = "198.18.3.1";
 
 fn link_mac(ns: &Netns, link: &str) -> Result<String> {
     let out = ns.ip(&["-j", "link", "show", link])?;
@@ -250,12 +255,61 @@ impl Lab {
         Ok(())
     }
 
-    fn add_pod(&self, spec: PodSpec) -> Result<Pod> {
-        self.add_pod_routed(spec, true)
+    /// Creates a pod wired as flannel and the bridge plugin wire them: its
+    /// host-side veth a port of the node's bridge [`BRIDGE`] (created with
+    /// the first such pod, gateway [`BRIDGE_GATEWAY`] on [`BRIDGE_SUBNET`]),
+    /// no host route of its own. The pod then greets its gateway, so the
+    /// node has learned its neighbour and forwarding entries, as it has
+    /// for any pod that has sent anything.
+    pub fn add_bridged_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let node = &self.nodes[spec.node];
+        if node.ns.ip(&["link", "show", BRIDGE]).is_err() {
+            node.ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+            node.ns.ip(&[
+                "addr",
+                "add",
+                &format!("{BRIDGE_GATEWAY}/24"),
+                "dev",
+                BRIDGE,
+            ])?;
+            node.ns.ip(&["link", "set", BRIDGE, "up"])?;
+            // The other node reaches the bridge's subnet through this one.
+            for other in self.nodes.iter().filter(|n| n.name != node.name) {
+                other.ns.ip(&[
+                    "route",
+                    "add",
+                    BRIDGE_SUBNET,
+                    "via",
+                    &node.underlay_ip.to_string(),
+                ])?;
+            }
+        }
+        let (ns, veth) = self.pod_netns(node, &spec)?;
+        node.ns.ip(&["link", "set", &veth, "master", BRIDGE])?;
+        node.ns.ip(&["link", "set", &veth, "up"])?;
+        ns.ip(&["addr", "add", &format!("{}/24", spec.ip), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", BRIDGE_GATEWAY])?;
+        // Any packet to the gateway does (ARP first); a refused connection
+        // is enough.
+        let gateway = std::net::SocketAddr::from((
+            BRIDGE_GATEWAY
+                .parse::<Ipv4Addr>()
+                .context("bridge gateway")?,
+            9,
+        ));
+        ns.run(move || {
+            let _ =
+                std::net::TcpStream::connect_timeout(&gateway, std::time::Duration::from_secs(2));
+        })
+        .context("the bridged pod greeting its gateway")?;
+        self.pods.push(Pod { spec, ns, veth });
+        Ok(())
     }
 
-    fn add_pod_routed(&self, spec: PodSpec, routed: bool) -> Result<Pod> {
-        let node = &self.nodes[spec.node];
+    /// The pod's namespace, and a veth pair between it (`eth0`) and the
+    /// node (`vz<name>`, returned).
+    fn pod_netns(&self, node: &Node, spec: &PodSpec) -> Result<(Netns, String)> {
         let ns = Netns::create(&format!("{}-{}", self.prefix, spec.name))?;
         let veth = format!("vz{}", spec.name);
         node.ns.ip(&[
@@ -270,6 +324,16 @@ impl Lab {
             "netns",
             ns.name(),
         ])?;
+        Ok((ns, veth))
+    }
+
+    fn add_pod(&self, spec: PodSpec) -> Result<Pod> {
+        self.add_pod_routed(spec, true)
+    }
+
+    fn add_pod_routed(&self, spec: PodSpec, routed: bool) -> Result<Pod> {
+        let node = &self.nodes[spec.node];
+        let (ns, veth) = self.pod_netns(node, &spec)?;
         node.ns
             .sysctl(&format!("net.ipv4.conf.{veth}.proxy_arp"), "1")?;
         node.ns

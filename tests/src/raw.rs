@@ -109,6 +109,14 @@ pub fn fragmented_syn(
     vec![first, second]
 }
 
+/// A whole SYN from `src` to `dst`, whatever address `src` claims.
+pub fn syn(src: SocketAddrV4, dst: SocketAddrV4, id: u16) -> Vec<u8> {
+    let tcp = tcp_header(src, dst, 0x3000_0000 ^ id as u32, TCP_SYN);
+    let mut packet = ipv4_header(*src.ip(), *dst.ip(), id, false, 0, tcp.len());
+    packet.extend_from_slice(&tcp);
+    packet
+}
+
 /// A packet whose IP payload holds only the first `len` bytes of a SYN's
 /// TCP header: too short for the flags (or the whole header) to be read.
 pub fn truncated_syn(src: SocketAddrV4, dst: SocketAddrV4, id: u16, len: usize) -> Vec<u8> {

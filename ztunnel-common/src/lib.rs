@@ -42,6 +42,11 @@ pub const CAPTURE_RULE_PRIORITY: u32 = 81;
 /// to a flow older than capture (no SYN, no ztunnel socket): they are left
 /// to normal forwarding, past the catch-all route.
 pub const BYPASS_MARK: u32 = 0x0538_0000;
+/// The mark a bridge port's program sets on a packet from an enrolled pod
+/// that came in on that pod's own port: the bridge device's program, which
+/// cannot see the port, captures a packet with an enrolled source only if
+/// it carries this mark.
+pub const PORT_CHECKED_MARK: u32 = 0x0537_0000;
 /// Routing table of the catch-all: a `local` route for every enrolled pod's
 /// address. TCP to an enrolled pod that capture did not take at ingress
 /// (its destination was rewritten by DNAT after TC saw it: a Kubernetes
@@ -106,6 +111,13 @@ pub mod programs {
     /// [`UPLINK_INGRESS`] for L3 devices (IPIP, WireGuard, TUN), whose
     /// packets start at the IP header.
     pub const UPLINK_INGRESS_L3: &str = "zt_uplink_ingress_l3";
+    /// TC ingress on every port of a bridge that enrolled pods sit behind
+    /// (`cni0`): checks a pod's source address against its port, and sends
+    /// TCP between two ports to the bridge device itself, where capture
+    /// happens (assigning a socket on a bridge port does not deliver).
+    pub const PORT_INGRESS: &str = "zt_port_ingress";
+    /// TC ingress on such a bridge device: capture for its pods.
+    pub const BRIDGE_INGRESS: &str = "zt_bridge_ingress";
     /// TC egress on every pod veth and uplink: drops a forwarded SYN (or a
     /// fragment) to or from an enrolled pod, which capture must have taken
     /// at ingress; one that got this far came in where capture was not
@@ -225,6 +237,8 @@ impl PodKey {
 pub mod pod_flags {
     /// The pod's traffic is captured (it is a local workload with `protocol: HBONE`).
     pub const ENROLLED: u32 = 1;
+    /// The pod sits behind a bridge ([`super::PodInfo::bridge`]).
+    pub const BRIDGED: u32 = 2;
 }
 
 /// What the kernel knows about a local pod.
@@ -235,8 +249,13 @@ pub struct PodInfo {
     pub flags: u32,
     /// Host-side veth ifindex: the only interface the pod's own packets may
     /// arrive on. 0 while the veth is not known yet (nothing may claim the
-    /// pod's address then).
+    /// pod's address then). For a bridged pod, its port on the bridge.
     pub ifindex: u32,
+    /// For a bridged pod ([`pod_flags::BRIDGED`]): the bridge's ifindex and
+    /// MAC address, where TCP to or from the pod is sent to be captured.
+    pub bridge: u32,
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Counters the TC programs keep per pod (per CPU; userspace sums them).

@@ -74,13 +74,22 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
             return TC_DROP;
         }
     }
+    from_pods(ctx, &flow, src.is_some(), dst_enrolled)
+}
+
+/// Rules 3-9 for a packet a local pod sent, its source already checked
+/// against where it came in: on the pod's veth (routed wiring) or, for
+/// bridged wiring, on its bridge port (see `bridge`).
+#[inline(always)]
+pub fn from_pods(ctx: &TcContext, flow: &TcpFlow, src_enrolled: bool, dst_enrolled: bool) -> i32 {
+    let flow = *flow;
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
     }
     if !flow.is_syn {
         return ownerless(ctx, &flow);
     }
-    if src.is_some() {
+    if src_enrolled {
         if !dst_enrolled && excluded(flow.saddr, flow.daddr, flow.dport) {
             count(flow.saddr, Counter::OutboundExcluded);
             set_mark(ctx, BYPASS_MARK);
@@ -143,7 +152,7 @@ fn ownerless(ctx: &TcContext, flow: &TcpFlow) -> i32 {
 /// The packet's TCP flow, or the verdict for a packet that is not one:
 /// left alone if not TCP, dropped by rule 1 if it cannot be judged.
 #[inline(always)]
-fn tcp_flow<const L2: usize>(ctx: &TcContext) -> Result<TcpFlow, i32> {
+pub fn tcp_flow<const L2: usize>(ctx: &TcContext) -> Result<TcpFlow, i32> {
     match parse::<L2>(ctx) {
         Packet::Other => Err(TC_NEXT),
         Packet::Unjudgeable {
@@ -227,7 +236,7 @@ fn to_listener(ctx: &TcContext, flow: &TcpFlow, slot: u32, pod_be: u32, counter:
 /// add the field's offset to the context pointer itself and store through
 /// the modified pointer, which the verifier refuses.
 #[inline(never)]
-fn set_mark(ctx: &TcContext, value: u32) {
+pub fn set_mark(ctx: &TcContext, value: u32) {
     // Whole-word volatile accesses: the verifier only allows 4-byte access
     // to `mark`, and the optimiser would otherwise store just the changed half.
     // SAFETY: the skb pointer is the one this program was given.

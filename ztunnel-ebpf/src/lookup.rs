@@ -14,7 +14,7 @@
 //! every address.
 
 use aya_ebpf::{bindings::sk_action, programs::SkLookupContext};
-use ztunnel_common::{listener_index, ports};
+use ztunnel_common::{listener_index, pod_flags, ports, PodInfo};
 
 use crate::maps::{enrolled_pod, is_enrolled, ZT_LISTENERS};
 
@@ -41,10 +41,18 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
     if family != AF_INET || protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
-    // Outbound only for what arrived on the pod's own veth: ztunnel's own
-    // connections from a pod's address to a node-local service come in on
-    // loopback and must reach that service.
-    let slot = if enrolled_pod(remote).is_some_and(|pod| pod.ifindex == ingress) {
+    // Outbound only for what arrived on the pod's own veth (or, for a
+    // bridged pod, on its bridge, whose program checked the port): ztunnel's
+    // own connections from a pod's address to a node-local service come in
+    // on loopback and must reach that service.
+    let from_pod = |pod: PodInfo| {
+        if pod.flags & pod_flags::BRIDGED != 0 {
+            pod.bridge == ingress
+        } else {
+            pod.ifindex == ingress
+        }
+    };
+    let slot = if enrolled_pod(remote).is_some_and(from_pod) {
         listener_index::OUTBOUND
     } else if is_enrolled(local) {
         if local_port == ports::INBOUND_HBONE as u32 {

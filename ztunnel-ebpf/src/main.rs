@@ -3,11 +3,13 @@
 //! listener lookup that delivers captured SYNs.
 //!
 //! The entry points stay thin: parsing lives in [`packet`], socket lookups in
-//! [`socket`], the shared maps in [`maps`], the capture rules in [`capture`],
+//! [`socket`], the shared maps in [`maps`], the capture rules in [`capture`]
+//! (split in two for bridged pods in [`bridge`]),
 //! the egress guard in [`guard`] and listener selection in [`lookup`].
 #![no_std]
 #![no_main]
 
+mod bridge;
 mod capture;
 mod guard;
 mod lookup;
@@ -27,6 +29,20 @@ use packet::{ETH_HLEN, L3_HLEN};
 #[classifier]
 pub fn zt_pod_ingress(ctx: TcContext) -> i32 {
     capture::from_pod(&ctx)
+}
+
+/// Attached at the TC ingress of every port of a bridge enrolled pods sit
+/// behind: source checks, and pod-to-pod TCP sent up to the bridge.
+#[classifier]
+pub fn zt_port_ingress(ctx: TcContext) -> i32 {
+    bridge::port_ingress(&ctx)
+}
+
+/// Attached at the TC ingress of such a bridge device: capture for the
+/// pods behind it.
+#[classifier]
+pub fn zt_bridge_ingress(ctx: TcContext) -> i32 {
+    bridge::bridge_ingress(&ctx)
 }
 
 /// Attached at the TC ingress of an Ethernet uplink: sees what other nodes

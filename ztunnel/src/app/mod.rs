@@ -53,7 +53,7 @@ use crate::{
     redirect::{
         self,
         netlink::{self, Event, Netlink},
-        Capture, CaptureStatus,
+        Capture, CapturePlan, CaptureStatus, Topology,
     },
     state::Snapshot,
     tls::TlsContext,
@@ -92,18 +92,26 @@ struct Kernel {
     uplinks: Vec<String>,
     /// Errors of the last sync, so each is logged when it appears.
     last_errors: Vec<String>,
+    /// Bridged pods' ports, as found so far (see `Topology::learned_ports`).
+    learned_ports: std::collections::BTreeMap<Ipv4Addr, u32>,
 }
 
 impl Kernel {
     /// Reads the node's links and routes and brings capture in line with
     /// `snapshot`.
     async fn sync(&mut self, snapshot: &Snapshot) -> anyhow::Result<CaptureStatus> {
-        let topology = self.netlink.topology().await?;
+        let mut topology = self.netlink.topology().await?;
+        topology.learned_ports = self.learned_ports.clone();
         let plan = snapshot.capture_plan(&self.uplinks);
+        topology.learn_ports(plan.pods.iter().map(|p| p.ip), &mut self.learned_ports);
+        solicit_unknown_ports(&topology, &plan);
         let mut mark_errors = Vec::new();
         for pod in &plan.pods {
+            // The device the pod's packets enter the node's routing on: its
+            // veth, or the bridge it sits behind.
             let Some(link) = topology
                 .pod_interface(pod.ip)
+                .or_else(|| topology.bridged_pod(pod.ip).map(|b| b.bridge))
                 .and_then(|i| topology.link_by_index(i.index))
             else {
                 continue;
@@ -184,7 +192,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     let admin_socket = args.admin_socket_path();
     let hold = StartupHold::from_env();
     let netlink = Netlink::connect()?;
-    let topology = netlink.topology().await?;
+    let mut topology = netlink.topology().await?;
     for name in &args.uplinks {
         if topology.link_by_name(name).is_none() {
             anyhow::bail!("--uplink {name}: no such interface in this network namespace");
@@ -193,6 +201,10 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
 
     // Programs loaded; maps filled before any program of ours reads them.
     let mut capture = tokio::task::block_in_place(|| Capture::open(&pin_dir))?;
+    // The ports of bridged pods an earlier ztunnel found: the node may
+    // have forgotten the neighbour entries that named them.
+    let learned_ports = capture.bridged_ports();
+    topology.learned_ports = learned_ports.clone();
     let plan = snapshot.capture_plan(&args.uplinks);
     tokio::task::block_in_place(|| capture.sync_pods(&plan, &topology))?;
     sync_policy(&mut capture, &snapshot);
@@ -231,6 +243,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         netlink,
         uplinks: args.uplinks.clone(),
         last_errors: Vec::new(),
+        learned_ports,
     };
     let capture_status = kernel.sync(&snapshot).await?;
     log_status(&capture_status, &snapshot);
@@ -630,4 +643,29 @@ fn log_status(status: &CaptureStatus, snapshot: &Snapshot) {
         guarded = status.guarded.len(),
         "capture in sync"
     );
+}
+
+/// Makes the node resolve bridged pods whose port is not known (their
+/// neighbour entry was flushed or collected): until it is, the pod's own
+/// packets are refused as coming from nowhere. An empty UDP datagram to
+/// the discard port makes the kernel ARP for the pod; its answer creates
+/// the neighbour and forwarding entries, whose events bring a resync.
+fn solicit_unknown_ports(topology: &Topology, plan: &CapturePlan) {
+    let unknown: Vec<Ipv4Addr> = plan
+        .pods
+        .iter()
+        .filter(|p| p.enrolled && topology.pod_interface(p.ip).is_none())
+        .filter(|p| topology.bridged_pod(p.ip).is_some_and(|b| b.port.is_none()))
+        .map(|p| p.ip)
+        .collect();
+    if unknown.is_empty() {
+        return;
+    }
+    let Ok(socket) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return;
+    };
+    let _ = socket.set_nonblocking(true);
+    for ip in unknown {
+        let _ = socket.send_to(&[], (ip, 9));
+    }
 }

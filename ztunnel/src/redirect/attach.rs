@@ -34,6 +34,10 @@ pub enum Role {
     Uplink,
     /// Egress of every pod veth and uplink: the fail-closed backstop.
     Guard,
+    /// A port of a bridge pods sit behind, ingress: source checks.
+    Port,
+    /// Such a bridge device, ingress: capture for its pods.
+    Bridge,
 }
 
 impl Role {
@@ -42,18 +46,26 @@ impl Role {
             Role::Pod => "pod",
             Role::Uplink => "uplink",
             Role::Guard => "guard",
+            Role::Port => "port",
+            Role::Bridge => "bridge",
         }
     }
 
     fn from_prefix(prefix: &str) -> Option<Self> {
-        [Role::Pod, Role::Uplink, Role::Guard]
-            .into_iter()
-            .find(|r| r.prefix() == prefix)
+        [
+            Role::Pod,
+            Role::Uplink,
+            Role::Guard,
+            Role::Port,
+            Role::Bridge,
+        ]
+        .into_iter()
+        .find(|r| r.prefix() == prefix)
     }
 
     fn hook(self) -> TcAttachType {
         match self {
-            Role::Pod | Role::Uplink => TcAttachType::Ingress,
+            Role::Pod | Role::Uplink | Role::Port | Role::Bridge => TcAttachType::Ingress,
             Role::Guard => TcAttachType::Egress,
         }
     }
@@ -70,6 +82,10 @@ impl Role {
             (Role::Uplink, LinkLayer::L3) => Some(programs::UPLINK_INGRESS_L3),
             (Role::Guard, LinkLayer::Ethernet) => Some(programs::GUARD_EGRESS),
             (Role::Guard, LinkLayer::L3) => Some(programs::GUARD_EGRESS_L3),
+            (Role::Port, LinkLayer::Ethernet) => Some(programs::PORT_INGRESS),
+            (Role::Bridge, LinkLayer::Ethernet) => Some(programs::BRIDGE_INGRESS),
+            // Bridges and their ports carry Ethernet frames.
+            (Role::Port | Role::Bridge, LinkLayer::L3) => None,
         }
     }
 }
@@ -262,7 +278,13 @@ mod tests {
             name: "vz-pod-a".into(),
             index: 42,
         };
-        for role in [Role::Pod, Role::Uplink, Role::Guard] {
+        for role in [
+            Role::Pod,
+            Role::Uplink,
+            Role::Guard,
+            Role::Port,
+            Role::Bridge,
+        ] {
             let name = pin_name(role, &iface);
             assert_eq!(parse_pin_name(&name), Some((role, "vz-pod-a", 42)));
         }

@@ -43,8 +43,10 @@ pub use topology::{Interface, LinkLayer, Topology};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel.bpf.o"));
 
 /// Every TC program in the object.
-const CLASSIFIERS: [&str; 5] = [
+const CLASSIFIERS: [&str; 7] = [
     programs::POD_INGRESS,
+    programs::PORT_INGRESS,
+    programs::BRIDGE_INGRESS,
     programs::UPLINK_INGRESS,
     programs::UPLINK_INGRESS_L3,
     programs::GUARD_EGRESS,
@@ -310,14 +312,22 @@ impl Capture {
             .iter()
             .filter(|pod| pod.enrolled)
             .map(|pod| {
-                let ifindex = topology.pod_interface(pod.ip).map(|i| i.index).unwrap_or(0);
-                (
-                    PodKey::from_octets(pod.ip.octets()),
-                    PodInfo {
-                        flags: pod_flags::ENROLLED,
-                        ifindex,
-                    },
-                )
+                let mut info = PodInfo {
+                    flags: pod_flags::ENROLLED,
+                    ifindex: 0,
+                    bridge: 0,
+                    bridge_mac: [0; 6],
+                    _pad: [0; 2],
+                };
+                if let Some(veth) = topology.pod_interface(pod.ip) {
+                    info.ifindex = veth.index;
+                } else if let Some(bridged) = topology.bridged_pod(pod.ip) {
+                    info.flags |= pod_flags::BRIDGED;
+                    info.ifindex = bridged.port.map(|p| p.index).unwrap_or(0);
+                    info.bridge = bridged.bridge.index;
+                    info.bridge_mac = bridged.bridge_mac;
+                }
+                (PodKey::from_octets(pod.ip.octets()), info)
             })
             .collect()
     }
@@ -355,6 +365,9 @@ impl Capture {
         }
         let mut wanted_links = BTreeSet::new();
         let mut pod_ifaces = Vec::new();
+        // Bridges pods sit behind, and whether their programs are in place.
+        let mut bridges: BTreeMap<u32, bool> = BTreeMap::new();
+        let mut bridged_pods = Vec::new();
         for pod in &plan.pods {
             let iface = topology.pod_interface(pod.ip);
             let mut attached = false;
@@ -362,18 +375,29 @@ impl Capture {
                 pod_ifaces.push(iface.index);
                 attached = true;
                 for role in [Role::Pod, Role::Guard] {
-                    match self.ensure_link(role, iface, LinkLayer::Ethernet) {
-                        Ok(name) => {
-                            wanted_links.insert(name);
-                        }
-                        Err(e) => {
-                            // Whatever is attached there stays.
-                            wanted_links.insert(attach::pin_name(role, iface));
-                            attached = false;
-                            status.errors.push(format!("pod {}: {e}", pod.ip));
-                        }
+                    if !self.ensure_role(
+                        role,
+                        iface,
+                        LinkLayer::Ethernet,
+                        &mut wanted_links,
+                        &mut status.errors,
+                    ) {
+                        attached = false;
                     }
                 }
+            } else if let Some(bridged) = topology.bridged_pod(pod.ip) {
+                bridges.insert(bridged.bridge.index, true);
+                bridged_pods.push(status.pods.len());
+                status.pods.push(PodCapture {
+                    ip: pod.ip,
+                    enrolled: pod.enrolled,
+                    interface: bridged.port.as_ref().map(|i| i.name.clone()),
+                    ifindex: bridged.port.as_ref().map(|i| i.index),
+                    // Settled below, with the bridge's own programs.
+                    attached: bridged.port.is_some(),
+                    captured: false,
+                });
+                continue;
             }
             status.pods.push(PodCapture {
                 ip: pod.ip,
@@ -384,10 +408,50 @@ impl Capture {
                 captured: pod.enrolled && attached && maps_synced,
             });
         }
+        // Bridged wiring: capture at the bridge's ingress, source checks at
+        // every port's ingress, the guard at every port's egress.
+        for (index, ok) in bridges.iter_mut() {
+            let Some(bridge) = topology.link_by_index(*index) else {
+                *ok = false;
+                continue;
+            };
+            *ok &= self.ensure_role(
+                Role::Bridge,
+                &bridge.interface,
+                bridge.layer,
+                &mut wanted_links,
+                &mut status.errors,
+            );
+            for port in topology.bridge_ports(*index) {
+                pod_ifaces.push(port.interface.index);
+                for role in [Role::Port, Role::Guard] {
+                    *ok &= self.ensure_role(
+                        role,
+                        &port.interface,
+                        port.layer,
+                        &mut wanted_links,
+                        &mut status.errors,
+                    );
+                }
+            }
+        }
+        for i in bridged_pods {
+            let pod = &mut status.pods[i];
+            let bridge_ok = topology
+                .bridged_pod(pod.ip)
+                .is_some_and(|b| bridges.get(&b.bridge.index).copied().unwrap_or(false));
+            pod.attached &= bridge_ok;
+            pod.captured = pod.enrolled && pod.attached && maps_synced;
+        }
 
         let route_devices = topology.route_devices(&pod_ifaces);
         let uplinks: Vec<topology::Link> = if plan.uplinks.is_empty() {
-            route_devices.clone()
+            // A bridge pods sit behind has its own program, not the uplink's.
+            route_devices
+                .iter()
+                .filter(|l| !bridges.contains_key(&l.interface.index))
+                .cloned()
+                .collect()
         } else {
             plan.uplinks
                 .iter()
@@ -447,6 +511,17 @@ impl Capture {
             Err(e) => status.errors.push(e.to_string()),
         }
         status
+    }
+
+    /// The ports of the bridged pods in the pinned enrolled-pods map (as an
+    /// earlier ztunnel found them).
+    pub fn bridged_ports(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.enrolled
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, info)| info.flags & pod_flags::BRIDGED != 0 && info.ifindex != 0)
+            .map(|(key, info)| (Ipv4Addr::from(key.octets()), info.ifindex))
+            .collect()
     }
 
     /// Keeps capture first at every hook it holds: a program another agent
@@ -522,6 +597,30 @@ impl Capture {
         // The link holds the copy from now on.
         self.our_programs.insert(id, name);
         Ok(())
+    }
+
+    /// [`Capture::ensure_link`], recording the link as wanted (also when it
+    /// failed: whatever is attached there stays) and the error, if any.
+    /// Returns whether it is in place.
+    fn ensure_role(
+        &mut self,
+        role: Role,
+        iface: &Interface,
+        layer: LinkLayer,
+        wanted: &mut BTreeSet<String>,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        match self.ensure_link(role, iface, layer) {
+            Ok(name) => {
+                wanted.insert(name);
+                true
+            }
+            Err(e) => {
+                wanted.insert(attach::pin_name(role, iface));
+                errors.push(format!("{}: {e}", iface.name));
+                false
+            }
+        }
     }
 
     fn ensure_link(

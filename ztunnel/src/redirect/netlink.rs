@@ -11,7 +11,11 @@ use ipnet::Ipv4Net;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
-        link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags, LinkMessage},
+        link::{
+            AfSpecInet, AfSpecUnspec, InetDevConf, InfoKind, LinkAttribute, LinkFlags, LinkInfo,
+            LinkMessage,
+        },
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
             RouteType,
@@ -27,7 +31,7 @@ use ztunnel_common::{
     SKIP_LOCAL_RULE_PRIORITY,
 };
 
-use super::topology::{Interface, Link, LinkLayer, Route, Topology};
+use super::topology::{FdbEntry, Interface, Link, LinkLayer, Neighbour, Route, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -62,15 +66,85 @@ impl Netlink {
 
     /// The links and main-table IPv4 unicast routes, read now.
     pub async fn topology(&self) -> Result<Topology, NetlinkError> {
+        let links = self.links().await?;
+        // Neighbours and forwarding entries only matter behind a bridge.
+        let (neighbours, fdb) = if links.iter().any(|l| l.bridge) {
+            (self.neighbours().await?, self.fdb().await?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(Topology {
-            links: self.links().await?,
+            links,
             routes: self
                 .routes()
                 .await?
                 .iter()
                 .filter_map(main_unicast_route)
                 .collect(),
+            neighbours,
+            fdb,
+            learned_ports: Default::default(),
         })
+    }
+
+    /// IPv4 neighbour entries that name a MAC address.
+    async fn neighbours(&self) -> Result<Vec<Neighbour>, NetlinkError> {
+        let entries: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("dumping neighbours"))?;
+        Ok(entries
+            .iter()
+            .filter(|n| {
+                !matches!(
+                    n.header.state,
+                    NeighbourState::Failed | NeighbourState::Incomplete
+                )
+            })
+            .filter_map(|n| {
+                let ip = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                Some(Neighbour {
+                    ip,
+                    mac: neighbour_mac(n)?,
+                    ifindex: n.header.ifindex,
+                })
+            })
+            .collect())
+    }
+
+    /// Bridge forwarding entries: which port each learned MAC is behind.
+    async fn fdb(&self) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let entries: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("dumping bridge forwarding entries"))?;
+        Ok(entries
+            .iter()
+            .filter_map(|n| {
+                let bridge = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Controller(index) => Some(*index),
+                    _ => None,
+                })?;
+                Some(FdbEntry {
+                    mac: neighbour_mac(n)?,
+                    port: n.header.ifindex,
+                    bridge,
+                })
+            })
+            .collect())
     }
 
     async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
@@ -288,40 +362,86 @@ impl Netlink {
     }
 }
 
-/// The kernel's link, IPv4 route and IPv4 rule events: each item says
-/// something changed (and whether a rule went away), so capture resyncs
-/// at once instead of at the next poll.
+/// The kernel's link, IPv4 route, IPv4 rule and neighbour events: each item
+/// says something changed (and whether a rule went away), so capture
+/// resyncs at once instead of at the next poll. Neighbour entries (which
+/// tell a bridged pod's port) count only when one appears, moves or goes:
+/// their state changes all the time.
 pub fn events() -> Result<impl Stream<Item = Event>, NetlinkError> {
     let (connection, _, messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv4Rule,
+        MulticastGroup::Neigh,
     ])
     .map_err(NetlinkError::Socket)?;
     tokio::spawn(connection);
-    Ok(messages.filter_map(|(message, _)| async move {
-        use RouteNetlinkMessage::{DelLink, DelRoute, DelRule, NewLink, NewRoute};
-        match message.payload {
-            // Events were lost: everything may have changed.
-            NetlinkPayload::Overrun(_) => Some(Event::Lost),
-            NetlinkPayload::InnerMessage(DelRule(_)) => Some(Event::RoutingRemoved),
-            NetlinkPayload::InnerMessage(NewLink(_) | DelLink(_)) => Some(Event::TopologyChanged),
-            // Only the main table says where pods and uplinks are. ztunnel's
-            // own tables change with every enrollment and must not echo,
-            // but a capture route someone else deleted is put back.
-            NetlinkPayload::InnerMessage(NewRoute(route) | DelRoute(route))
-                if route_table(&route) == RouteHeader::RT_TABLE_MAIN as u32 =>
-            {
-                Some(Event::TopologyChanged)
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    Ok(messages.filter_map(move |(message, _)| {
+        let seen = seen.clone();
+        async move {
+            use RouteNetlinkMessage::{
+                DelLink, DelNeighbour, DelRoute, DelRule, NewLink, NewNeighbour, NewRoute,
+            };
+            match message.payload {
+                NetlinkPayload::InnerMessage(NewNeighbour(n)) => {
+                    let key = (
+                        u8::from(n.header.family),
+                        n.header.ifindex,
+                        neighbour_key(&n),
+                    );
+                    let mac = neighbour_mac(&n);
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    (mac.is_some() && seen.insert(key, mac) != Some(mac))
+                        .then_some(Event::TopologyChanged)
+                }
+                NetlinkPayload::InnerMessage(DelNeighbour(n)) => {
+                    let key = (
+                        u8::from(n.header.family),
+                        n.header.ifindex,
+                        neighbour_key(&n),
+                    );
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    seen.remove(&key).map(|_| Event::TopologyChanged)
+                }
+                // Events were lost: everything may have changed.
+                NetlinkPayload::Overrun(_) => Some(Event::Lost),
+                NetlinkPayload::InnerMessage(DelRule(_)) => Some(Event::RoutingRemoved),
+                NetlinkPayload::InnerMessage(NewLink(_) | DelLink(_)) => {
+                    Some(Event::TopologyChanged)
+                }
+                // Only the main table says where pods and uplinks are. ztunnel's
+                // own tables change with every enrollment and must not echo,
+                // but a capture route someone else deleted is put back.
+                NetlinkPayload::InnerMessage(NewRoute(route) | DelRoute(route))
+                    if route_table(&route) == RouteHeader::RT_TABLE_MAIN as u32 =>
+                {
+                    Some(Event::TopologyChanged)
+                }
+                NetlinkPayload::InnerMessage(DelRoute(route))
+                    if route_table(&route) == CAPTURE_ROUTE_TABLE =>
+                {
+                    Some(Event::RoutingRemoved)
+                }
+                _ => None,
             }
-            NetlinkPayload::InnerMessage(DelRoute(route))
-                if route_table(&route) == CAPTURE_ROUTE_TABLE =>
-            {
-                Some(Event::RoutingRemoved)
-            }
-            _ => None,
         }
     }))
+}
+
+/// What a neighbour entry is for: its IP address, or (bridge forwarding
+/// entries) its MAC address.
+fn neighbour_key(n: &NeighbourMessage) -> Vec<u8> {
+    n.attributes
+        .iter()
+        .find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                Some(ip.octets().to_vec())
+            }
+            _ => None,
+        })
+        .or_else(|| neighbour_mac(n).map(|m| m.to_vec()))
+        .unwrap_or_default()
 }
 
 /// What a kernel event means for capture.
@@ -471,6 +591,13 @@ fn route_destination(route: &RouteMessage) -> Option<Ipv4Addr> {
     })
 }
 
+fn neighbour_mac(n: &NeighbourMessage) -> Option<[u8; 6]> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
 fn link(message: &LinkMessage) -> Option<Link> {
     let name = message.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(name.clone()),
@@ -491,6 +618,20 @@ fn link(message: &LinkMessage) -> Option<Link> {
                 _ => false,
             }),
             _ => false,
+        }),
+        bridge: message.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+            _ => false,
+        }),
+        controller: message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Controller(index) => Some(*index),
+            _ => None,
+        }),
+        mac: message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
+            _ => None,
         }),
     })
 }

@@ -3,7 +3,7 @@
 //! whether a device's packets carry an Ethernet header. Pure data, read
 //! from the kernel by [`super::netlink`].
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
@@ -54,6 +54,12 @@ pub struct Link {
     pub loopback: bool,
     /// Its IPv4 `src_valid_mark` setting (see [`super::netlink`]).
     pub src_valid_mark: bool,
+    /// A bridge device (`cni0`).
+    pub bridge: bool,
+    /// The device it is enslaved to (a bridge port's bridge).
+    pub controller: Option<u32>,
+    /// Its MAC address, for Ethernet devices.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A unicast route of the main table, reduced to what capture uses.
@@ -64,11 +70,44 @@ pub struct Route {
     pub devices: Vec<u32>,
 }
 
-/// One reading of the node's links and main-table IPv4 unicast routes.
+/// An IPv4 neighbour entry: who has an address on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// A bridge forwarding entry: which port a MAC address is behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub mac: [u8; 6],
+    pub port: u32,
+    pub bridge: u32,
+}
+
+/// A pod wired to a bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgedPod {
+    pub bridge: Interface,
+    pub bridge_mac: [u8; 6],
+    /// Its port, once the bridge has learned the pod's MAC address behind
+    /// one (the pod's first frame, usually its ARP for the gateway).
+    pub port: Option<Interface>,
+}
+
+/// One reading of the node's links and main-table IPv4 unicast routes,
+/// and, for bridged wiring, neighbours and bridge forwarding entries.
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
     pub links: Vec<Link>,
     pub routes: Vec<Route>,
+    pub neighbours: Vec<Neighbour>,
+    pub fdb: Vec<FdbEntry>,
+    /// Bridged pods' ports found in earlier readings. The neighbour entry
+    /// that names a pod's MAC is flushed when the bridge's address changes
+    /// and collected when idle, while the pod still sits on the same port.
+    pub learned_ports: BTreeMap<Ipv4Addr, u32>,
 }
 
 impl Topology {
@@ -90,6 +129,71 @@ impl Topology {
             return None;
         };
         self.link_by_index(index).map(|l| l.interface.clone())
+    }
+
+    /// The bridge `pod_ip` sits behind, for bridged wiring: a bridge the
+    /// main table routes the address's subnet through (no host route of
+    /// its own), and the pod's port on it when the neighbour and forwarding
+    /// entries name one.
+    pub fn bridged_pod(&self, pod_ip: Ipv4Addr) -> Option<BridgedPod> {
+        let bridge = self
+            .routes
+            .iter()
+            .filter(|r| r.destination.contains(&pod_ip) && r.destination.prefix_len() < 32)
+            .max_by_key(|r| r.destination.prefix_len())
+            .and_then(|r| match r.devices[..] {
+                [index] => self.link_by_index(index),
+                _ => None,
+            })
+            .filter(|l| l.bridge)?;
+        let bridge_mac = bridge.mac?;
+        let index = bridge.interface.index;
+        let port = self
+            .neighbours
+            .iter()
+            .find(|n| n.ip == pod_ip && n.ifindex == index)
+            .and_then(|n| {
+                self.fdb
+                    .iter()
+                    .find(|f| f.mac == n.mac && f.bridge == index && f.port != index)
+            })
+            .map(|f| f.port)
+            .or_else(|| self.learned_ports.get(&pod_ip).copied())
+            .and_then(|port| self.link_by_index(port))
+            .filter(|l| l.controller == Some(index))
+            .map(|l| l.interface.clone());
+        Some(BridgedPod {
+            bridge: bridge.interface.clone(),
+            bridge_mac,
+            port,
+        })
+    }
+
+    /// Remembers the ports of the bridged pods at `ips` this reading found,
+    /// and forgets ports that are gone, for the next reading.
+    pub fn learn_ports(
+        &self,
+        ips: impl Iterator<Item = Ipv4Addr>,
+        learned: &mut BTreeMap<Ipv4Addr, u32>,
+    ) {
+        for ip in ips {
+            if let Some(port) = self.bridged_pod(ip).and_then(|b| b.port) {
+                learned.insert(ip, port.index);
+            }
+        }
+        learned.retain(|_, port| {
+            self.link_by_index(*port)
+                .is_some_and(|l| l.controller.is_some())
+        });
+    }
+
+    /// The ports of bridge `index`.
+    pub fn bridge_ports(&self, index: u32) -> Vec<Link> {
+        self.links
+            .iter()
+            .filter(|l| l.controller == Some(index))
+            .cloned()
+            .collect()
     }
 
     /// Devices that carry traffic into the node from anything but a known
@@ -129,6 +233,9 @@ mod tests {
             layer,
             loopback: name == "lo",
             src_valid_mark: false,
+            bridge: name.starts_with("cni"),
+            controller: None,
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
         }
     }
 
@@ -150,6 +257,9 @@ mod tests {
                 link("bond0", 6, LinkLayer::Ethernet),
                 link("bond1", 7, LinkLayer::Ethernet),
             ],
+            neighbours: Vec::new(),
+            fdb: Vec::new(),
+            learned_ports: BTreeMap::new(),
             routes: vec![
                 route("198.18.0.0/24", &[2]),
                 route("198.18.2.0/24", &[3]),
@@ -176,6 +286,49 @@ mod tests {
             "not a host route"
         );
         assert_eq!(t.pod_interface("198.18.1.99".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_bridged_pod_is_found_behind_its_port() {
+        let mut t = topology();
+        let mut port = link("veth1", 9, LinkLayer::Ethernet);
+        port.controller = Some(8);
+        t.links.push(link("cni0", 8, LinkLayer::Ethernet));
+        t.links.push(port);
+        t.routes.push(route("10.244.1.0/24", &[8]));
+        let ip = "10.244.1.5".parse().unwrap();
+        let found = t.bridged_pod(ip).unwrap();
+        assert_eq!(found.bridge.name, "cni0");
+        assert_eq!(found.port, None, "no neighbour entry yet");
+        let mac = [0x0a, 0, 0, 0, 0, 5];
+        t.neighbours.push(Neighbour {
+            ip,
+            mac,
+            ifindex: 8,
+        });
+        t.fdb.push(FdbEntry {
+            mac,
+            port: 9,
+            bridge: 8,
+        });
+        assert_eq!(t.bridged_pod(ip).unwrap().port.unwrap().name, "veth1");
+        assert_eq!(t.bridge_ports(8).len(), 1);
+        // The neighbour entry is flushed; the port learned earlier stays.
+        let mut learned = BTreeMap::new();
+        t.learn_ports([ip].into_iter(), &mut learned);
+        t.neighbours.clear();
+        assert_eq!(t.bridged_pod(ip).unwrap().port, None);
+        t.learned_ports = learned.clone();
+        assert_eq!(t.bridged_pod(ip).unwrap().port.unwrap().name, "veth1");
+        // Until the port goes.
+        t.links.retain(|l| l.interface.name != "veth1");
+        t.learn_ports(std::iter::empty(), &mut learned);
+        assert!(learned.is_empty());
+        assert_eq!(
+            t.bridged_pod("198.18.1.10".parse().unwrap()),
+            None,
+            "routed"
+        );
     }
 
     #[test]

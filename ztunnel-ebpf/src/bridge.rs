@@ -1,0 +1,75 @@
+//! Capture for pods wired to a bridge (`cni0`: flannel, the bridge plugin).
+//! A socket assigned at a bridge port's ingress is never delivered (the
+//! bridge takes the frame first); assigned at the bridge device's own
+//! ingress it is. So capture is split in two:
+//!
+//! - at each port's ingress (`port_ingress`), a packet from an enrolled pod
+//!   must come in on that pod's port (else it is dropped as spoofed) and is
+//!   marked as checked; TCP with an enrolled pod at either end that is
+//!   addressed to another port (pod to pod on the same bridge, which would
+//!   never reach the bridge device) is re-addressed to the bridge's MAC;
+//! - at the bridge device's ingress (`bridge_ingress`), the capture rules of
+//!   a routed veth apply, with the port's mark standing in for the veth: an
+//!   enrolled source without it came in on a port capture does not know.
+
+use aya_ebpf::programs::TcContext;
+use ztunnel_common::{pod_flags, PodInfo, CAPTURE_MARK_MASK, PORT_CHECKED_MARK};
+
+use crate::{
+    capture::{from_pods, set_mark, tcp_flow, TC_DROP, TC_NEXT},
+    maps::{count, enrolled_pod, Counter},
+    packet::ETH_HLEN,
+};
+
+#[inline(always)]
+pub fn port_ingress(ctx: &TcContext) -> i32 {
+    let flow = match tcp_flow::<ETH_HLEN>(ctx) {
+        Ok(flow) => flow,
+        Err(verdict) => return verdict,
+    };
+    let src = enrolled_pod(flow.saddr);
+    let dst = enrolled_pod(flow.daddr);
+    if let Some(pod) = src {
+        // SAFETY: reading the context field the kernel gave this program.
+        let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        if pod.ifindex != ingress {
+            count(flow.saddr, Counter::DroppedSpoofed);
+            return TC_DROP;
+        }
+        set_mark(ctx, PORT_CHECKED_MARK);
+    }
+    let bridged = |p: &PodInfo| p.flags & pod_flags::BRIDGED != 0;
+    let Some(bridge) = src.filter(bridged).or(dst.filter(bridged)) else {
+        return TC_NEXT;
+    };
+    if let Ok(dst_mac) = ctx.load::<[u8; 6]>(0) {
+        if dst_mac != bridge.bridge_mac && ctx.store(0, &bridge.bridge_mac, 0).is_err() {
+            // Left as it is, the frame would go from port to port unseen;
+            // the guard would drop its SYN, but nothing else.
+            return TC_DROP;
+        }
+    }
+    TC_NEXT
+}
+
+#[inline(always)]
+pub fn bridge_ingress(ctx: &TcContext) -> i32 {
+    let flow = match tcp_flow::<ETH_HLEN>(ctx) {
+        Ok(flow) => flow,
+        Err(verdict) => return verdict,
+    };
+    let src_enrolled = enrolled_pod(flow.saddr).is_some();
+    let dst_enrolled = enrolled_pod(flow.daddr).is_some();
+    if !src_enrolled && !dst_enrolled {
+        return TC_NEXT;
+    }
+    if src_enrolled {
+        // SAFETY: reading the context field the kernel gave this program.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        if mark & CAPTURE_MARK_MASK != PORT_CHECKED_MARK {
+            count(flow.saddr, Counter::DroppedSpoofed);
+            return TC_DROP;
+        }
+    }
+    from_pods(ctx, &flow, src_enrolled, dst_enrolled)
+}
