@@ -61,6 +61,15 @@ fn invoke(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String, 
         })
         .to_string());
     }
+    if command == "DEL" {
+        // A DEL never fails: a runtime that cannot tear a pod down is stuck.
+        // Whatever ztunnel does not hear of, it forgets when the pod leaves
+        // the API.
+        if let Ok(conf) = serde_json::from_slice::<NetConf>(stdin) {
+            del(env, &conf);
+        }
+        return Ok(String::new());
+    }
     let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
         CniError::new(
             "1.0.0",
@@ -83,10 +92,6 @@ fn invoke(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String, 
     }
     match command.as_str() {
         "ADD" => add(env, &conf),
-        "DEL" => {
-            del(env, &conf);
-            Ok(String::new())
-        }
         // Nothing of ours to verify or collect beyond what ztunnel keeps in
         // sync itself.
         "CHECK" | "GC" | "STATUS" => Ok(String::new()),
@@ -298,6 +303,9 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(code_of(run(&add, b"{not json")), 6);
+        let del = env(&[("CNI_COMMAND", "DEL")]);
+        assert!(run(&del, b"{not json").success, "a DEL never fails");
+        assert!(run(&del, br#"{"cniVersion":"0.1.0","type":"ztunnel-cni"}"#).success);
         assert_eq!(
             code_of(run(&add, br#"{"cniVersion":"0.2.0","type":"ztunnel-cni"}"#)),
             1

@@ -109,12 +109,14 @@ pub fn pod_network(prev: &Value) -> Result<PodNetwork, String> {
             .map_err(|e| format!("prevResult.ips[{i}].address `{address}`: {e}"))?;
         out.push(parsed);
     }
+    // The last one: the bridge plugin lists its bridge first, then the
+    // pod's veth; routed plugins list only the veth.
     let host_interface = prev
         .get("interfaces")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .find(|i| {
+        .rfind(|i| {
             i.get("sandbox")
                 .and_then(Value::as_str)
                 .is_none_or(str::is_empty)
@@ -136,8 +138,9 @@ mod tests {
         let prev = serde_json::json!({
             "cniVersion": "1.0.0",
             "interfaces": [
-                {"name": "eth0", "sandbox": "/var/run/netns/x"},
-                {"name": "cali1234"}
+                {"name": "cni0"},
+                {"name": "veth1234"},
+                {"name": "eth0", "sandbox": "/var/run/netns/x"}
             ],
             "ips": [
                 {"address": "10.1.2.3/32", "interface": 0},
@@ -146,7 +149,11 @@ mod tests {
         });
         let net = pod_network(&prev).unwrap();
         assert_eq!(net.ips, vec![Ipv4Addr::new(10, 1, 2, 3)]);
-        assert_eq!(net.host_interface.as_deref(), Some("cali1234"));
+        assert_eq!(
+            net.host_interface.as_deref(),
+            Some("veth1234"),
+            "not the bridge"
+        );
     }
 
     #[test]

@@ -354,7 +354,14 @@ async fn handle(state: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Re
                 .and_then(|s| s.strip_prefix("spec.nodeName=").map(str::to_string));
             list_or_watch(state, Kind::Pod, node, watch.then(|| since(&query)))
         }
-        (Method::PATCH, ["api", "v1", "namespaces", namespace, "pods", name]) => {
+        // What deploy/kubernetes/rbac.yaml grants: the status subresource
+        // only (which takes metadata too), not the pod itself.
+        (Method::PATCH, ["api", "v1", "namespaces", _, "pods", _]) => reply(
+            StatusCode::FORBIDDEN,
+            json!({"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+                   "message": "pods is forbidden: ztunnel may patch pods/status only"}),
+        ),
+        (Method::PATCH, ["api", "v1", "namespaces", namespace, "pods", name, "status"]) => {
             let (namespace, name) = (namespace.to_string(), name.to_string());
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),

@@ -126,6 +126,60 @@ pub fn truncated_syn(src: SocketAddrV4, dst: SocketAddrV4, id: u16, len: usize) 
     packet
 }
 
+/// `packet` (an IPv4 packet) in an Ethernet frame from `src_mac` to
+/// `dst_mac` under two VLAN tags, 802.1ad outside and 802.1Q inside, both
+/// VLAN 0: what a pod with `CAP_NET_RAW` can hand a bridge.
+pub fn double_tagged(dst_mac: [u8; 6], src_mac: [u8; 6], packet: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(22 + packet.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&[0x88, 0xa8, 0, 0, 0x81, 0x00, 0, 0, 0x08, 0x00]);
+    frame.extend_from_slice(packet);
+    frame
+}
+
+/// Sends whole Ethernet frames out of `iface` inside `ns` (AF_PACKET).
+pub fn send_frames(ns: &Netns, iface: &str, frames: Vec<Vec<u8>>) -> Result<()> {
+    let iface = std::ffi::CString::new(iface)?;
+    ns.run(move || -> Result<()> {
+        // SAFETY: socket(2); the descriptor is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("packet socket");
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error()).context("if_nametoindex");
+        }
+        for frame in &frames {
+            // SAFETY: an all-zero sockaddr_ll is valid; fields set below.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            // SAFETY: the buffer and address are valid for the call.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    frame.as_ptr() as *const libc::c_void,
+                    frame.len(),
+                    0,
+                    &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error()).context("sending a frame");
+            }
+        }
+        Ok(())
+    })?
+}
+
 /// Sends whole IPv4 packets (header included) from inside `ns`, as a raw
 /// socket with `IP_HDRINCL` does: the kernel sends them as they are.
 pub fn send_packets(ns: &Netns, packets: Vec<Vec<u8>>) -> Result<()> {

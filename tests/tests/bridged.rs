@@ -13,7 +13,8 @@ use anyhow::Result;
 use aya::programs::tc::TcAttachType;
 use ztunnel_tests::{
     lab::{self, PodSpec, BRIDGE},
-    raw::{send_packets, syn},
+    netns::Netns,
+    raw::{double_tagged, send_frames, send_packets, syn, TcpWatch},
     setup::Setup,
     tcx::programs,
     traffic::{request, Server},
@@ -43,6 +44,20 @@ const OUTSIDER: PodSpec = PodSpec {
     enrolled: false,
     service_account: "outsider",
 };
+
+/// The MAC address of `eth0` in `ns`.
+fn mac_of(ns: &Netns) -> Result<[u8; 6]> {
+    let out = ns.ip(&["-j", "link", "show", "eth0"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let text = v[0]["address"].as_str().unwrap_or("");
+    let bytes: Vec<u8> = text
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("no MAC address in {text:?}"))
+}
 
 fn count(s: &Setup, pod: &PodSpec) -> Result<Counters> {
     Ok(counters(s.lab.node("node1"), pod.ip)?.unwrap_or_default())
@@ -137,6 +152,24 @@ fn bridged_pods_are_captured_on_every_path() -> Result<()> {
         Duration::from_secs(2),
         || Ok(count(&s, &WEB)?.dropped_spoofed > before.dropped_spoofed),
     )?;
+
+    // The outsider hides a SYN to peer under two VLAN tags, which the
+    // bridge would forward to peer's port and peer's kernel would unwrap:
+    // dropped at the outsider's port, it never arrives.
+    let watch = TcpWatch::start(&peer.ns)?;
+    let hidden = syn(
+        SocketAddrV4::new(OUTSIDER.ip, 40001),
+        SocketAddrV4::new(PEER.ip, 8080),
+        8,
+    );
+    let frame = double_tagged(mac_of(&peer.ns)?, mac_of(&outsider.ns)?, &hidden);
+    send_frames(&outsider.ns, "eth0", vec![frame])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let arrived = watch.matching(|seg| seg.src.port() == 40001);
+    assert!(
+        arrived.is_empty(),
+        "a VLAN-tagged SYN slipped past capture: {arrived:?}"
+    );
 
     // A restart after the node forgot every neighbour on the bridge (as
     // when the bridge's address changes): the ports the pinned map holds,

@@ -47,6 +47,8 @@ fn validate(bin: &Path, version: &str, files: &[PathBuf]) -> Result<(bool, Strin
 const KUSTOMIZATIONS: [&str; 2] = ["deploy/kubernetes", "deploy/uninstall"];
 
 pub fn check(root: &Path) -> Result<()> {
+    let plugin = build_cni(root)?;
+    println!("{}: statically linked", plugin.display());
     let bin = validator()?;
     let out_dir = root.join("target/deploy");
     std::fs::create_dir_all(&out_dir)?;
@@ -117,4 +119,79 @@ fn check_kustomization(bin: &Path, root: &Path, name: &str, out_dir: &Path) -> R
         }
     }
     Ok(())
+}
+
+/// Builds `ztunnel-cni` statically linked (glibc's static archive, as Rust
+/// links it with `+crt-static`), copies it to `target/cni/`, and checks
+/// that it asks for no dynamic loader. Returns its path.
+pub fn build_cni(root: &Path) -> Result<PathBuf> {
+    let host = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    let host = String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV names no host")?;
+    // An explicit target keeps the flag off build scripts and proc macros.
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--package",
+            "ztunnel-cni",
+            "--bin",
+            "ztunnel-cni",
+            "--target",
+            &host,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(root)
+        .status()
+        .context("building ztunnel-cni")?;
+    if !status.success() {
+        bail!("building ztunnel-cni statically failed ({status})");
+    }
+    let built = root.join("target").join(&host).join("release/ztunnel-cni");
+    let out_dir = root.join("target/cni");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("ztunnel-cni");
+    std::fs::copy(&built, &out).with_context(|| format!("copying {}", built.display()))?;
+    let elf = std::fs::read(&out)?;
+    if has_interpreter(&elf).context("reading the plugin's ELF header")? {
+        bail!(
+            "{} is dynamically linked: it would not run on hosts with another C library",
+            out.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Whether a 64-bit little-endian ELF file has a `PT_INTERP` program header
+/// (it needs a dynamic loader).
+fn has_interpreter(elf: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    if elf.get(..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+        return None;
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let phoff = u64::from_le_bytes(elf.get(0x20..0x28)?.try_into().ok()?) as usize;
+    let (size, count) = (u16_at(0x36)? as usize, u16_at(0x38)? as usize);
+    (0..count).try_fold(false, |found, i| {
+        let at = phoff + i * size;
+        let kind = u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?);
+        Some(found || kind == PT_INTERP)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_dynamically_linked_binary_has_an_interpreter() {
+        // This test binary is linked dynamically, as Rust links by default.
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        assert_eq!(super::has_interpreter(&me), Some(true));
+        assert_eq!(super::has_interpreter(b"not an ELF file"), None);
+    }
 }

@@ -76,8 +76,12 @@ enum Cmd {
         listen: std::net::SocketAddr,
         to: std::net::SocketAddr,
     },
-    /// Validate deploy/kubernetes offline against Kubernetes' schema.
+    /// Validate deploy/'s manifests offline against Kubernetes' schema,
+    /// and build the statically linked CNI plugin the image ships.
     CheckDeploy,
+    /// Build the CNI plugin statically linked, into target/cni/ztunnel-cni
+    /// (it runs on the host, whatever its C library).
+    BuildCni,
     /// Bootstrap, build, and run every test (needs root).
     Test {
         /// Extra arguments for `cargo test`.
@@ -211,6 +215,7 @@ fn main() -> Result<()> {
             )
         }
         Cmd::CheckDeploy => deploy::check(&root()),
+        Cmd::BuildCni => deploy::build_cni(&root()).map(|p| println!("{}", p.display())),
         Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
         Cmd::Forward { listen, to } => ztunnel_tests::load::forward_forever(listen, to),
         Cmd::Test { args } => {

@@ -3,7 +3,8 @@
 //! bridge takes the frame first); assigned at the bridge device's own
 //! ingress it is. So capture is split in two:
 //!
-//! - at each port's ingress (`port_ingress`), a packet from an enrolled pod
+//! - at each port's ingress (`port_ingress`), VLAN-tagged frames are
+//!   dropped (they would hide TCP from this program); a packet from an enrolled pod
 //!   must come in on that pod's port (else it is dropped as spoofed) and is
 //!   marked as checked; TCP with an enrolled pod at either end that is
 //!   addressed to another port (pod to pod on the same bridge, which would
@@ -21,8 +22,22 @@ use crate::{
     packet::ETH_HLEN,
 };
 
+/// 802.1Q and 802.1ad.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
 #[inline(always)]
 pub fn port_ingress(ctx: &TcContext) -> i32 {
+    // A pod has no business tagging frames, and a tagged frame is one this
+    // program cannot read: the bridge would forward it to another port,
+    // whose pod's kernel strips the tags and accepts what is inside,
+    // capture never having seen it.
+    // SAFETY: reading a context field the kernel gave this program.
+    let vlan_present = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+    let ether_type = ctx.load::<u16>(12).map(u16::from_be).unwrap_or(0);
+    if vlan_present || ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        return TC_DROP;
+    }
     let flow = match tcp_flow::<ETH_HLEN>(ctx) {
         Ok(flow) => flow,
         Err(verdict) => return verdict,

@@ -12,6 +12,7 @@
 //! connections, the node's health probes) came in on no device and pass.
 
 use aya_ebpf::programs::TcContext;
+use ztunnel_common::{BYPASS_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
     capture::{drop_unjudgeable, TC_DROP, TC_NEXT},
@@ -41,8 +42,11 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             let pod = if is_enrolled(flow.daddr) {
                 flow.daddr
             } else if is_enrolled(flow.saddr) {
-                if excluded(flow.saddr, flow.daddr, flow.dport) {
-                    // The pod's own exclusion: capture let it pass too.
+                // The pod's own exclusion, which capture let pass and
+                // marked so; unmarked, it came in where capture was not.
+                // SAFETY: reading a context field the kernel gave this program.
+                let mark = unsafe { (*ctx.skb.skb).mark } & CAPTURE_MARK_MASK;
+                if mark == BYPASS_MARK && excluded(flow.saddr, flow.daddr, flow.dport) {
                     return TC_NEXT;
                 }
                 flow.saddr

@@ -212,3 +212,26 @@ fn a_policy_defined_twice_is_refused() {
     ));
     assert!(e.contains("policies[1].name"), "{e}");
 }
+
+#[test]
+fn capture_exclusions_are_checked_like_the_annotations() {
+    let with = |x: &str| {
+        FULL.replacen(
+            "workloadIps: [\"10.1.0.5\"]",
+            &format!("workloadIps: [\"10.1.0.5\"]\n  captureExclusions: {x}"),
+            1,
+        )
+    };
+    let ok = parse(&with(
+        "{outboundPorts: [5432], outboundIpRanges: [\"10.9.0.0/16\"]}",
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
+    let e = error_of(&with("{outboundPorts: [5432, 0]}"));
+    assert!(
+        e.contains("workloads[0].captureExclusions.outboundPorts[1]"),
+        "{e}"
+    );
+    let many: Vec<String> = (1..=33).map(|p| p.to_string()).collect();
+    let e = error_of(&with(&format!("{{outboundPorts: [{}]}}", many.join(", "))));
+    assert!(e.contains("at most 32"), "{e}");
+}

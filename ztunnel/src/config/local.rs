@@ -484,6 +484,27 @@ impl LocalConfig {
                     ));
                 }
             }
+            let x = &w.capture_exclusions;
+            if let Some(j) = x.outbound_ports.iter().position(|p| *p == 0) {
+                return Err(field_err(
+                    format!("workloads[{i}].captureExclusions.outboundPorts[{j}]"),
+                    "port 0 is not a destination port".into(),
+                ));
+            }
+            for (name, n) in [
+                ("outboundPorts", x.outbound_ports.len()),
+                ("outboundIpRanges", x.outbound_ip_ranges.len()),
+            ] {
+                if n > CaptureExclusions::MAX_PER_KIND {
+                    return Err(field_err(
+                        format!("workloads[{i}].captureExclusions.{name}"),
+                        format!(
+                            "{n} entries, at most {} are allowed",
+                            CaptureExclusions::MAX_PER_KIND
+                        ),
+                    ));
+                }
+            }
         }
         let mut policy_keys = BTreeMap::new();
         for (i, p) in self.policies.iter().enumerate() {

@@ -96,7 +96,7 @@ async fn handle(enrollment: &Enrollment, request: Request) -> Reply {
     let key = (request.namespace.clone(), request.pod.clone());
     match request.command {
         Command::Del => {
-            enrollment.announce(key, None);
+            enrollment.announce(key, &request.container_id, None);
             Reply::Released
         }
         Command::Add => {
@@ -128,14 +128,26 @@ async fn add(
             message: "no IPv4 address given".into(),
         };
     }
-    // The pod was created before its sandbox, but the watch may lag.
+    // The pod and its namespace were created before its sandbox, but the
+    // watch may lag (or not have listed anything yet, just after a start):
+    // an unknown namespace would read as "not ambient".
     let pod = loop {
-        if let Some(pod) = enrollment.pod(&request.namespace, &request.pod) {
-            break pod;
+        if enrollment.ready() {
+            if let Some(pod) = enrollment.pod(&request.namespace, &request.pod) {
+                if enrollment.namespace(&request.namespace).is_some() {
+                    break pod;
+                }
+            }
         }
         if Instant::now() >= deadline {
+            let why = match enrollment.ready() {
+                false => "the Kubernetes API has not listed pods and namespaces yet",
+                true => {
+                    "the Kubernetes API has not shown this pod (and its namespace) on this node"
+                }
+            };
             return Reply::Failed {
-                message: "the Kubernetes API has not shown this pod on this node".into(),
+                message: why.into(),
             };
         }
         tokio::time::sleep(POLL).await;
@@ -144,7 +156,7 @@ async fn add(
         return Reply::NotAmbient;
     }
     let ips: BTreeSet<Ipv4Addr> = request.ips.iter().copied().collect();
-    enrollment.announce(key, Some(request.ips.clone()));
+    enrollment.announce(key, &request.container_id, Some(request.ips.clone()));
     let mut captured = enrollment.captured.clone();
     let in_place = async { captured.wait_for(|c| ips.is_subset(c)).await.map(|_| ()) };
     match tokio::time::timeout_at(deadline, in_place).await {

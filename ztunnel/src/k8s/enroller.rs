@@ -30,6 +30,8 @@ use crate::config::local::CaptureExclusions;
 
 /// Annotations that failed are tried again at least this often.
 const RETRY: Duration = Duration::from_secs(5);
+/// How long one annotation may take.
+const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What enrollment needs to know of an ambient pod to stand in for its
 /// workload until the configuration source has it.
@@ -55,9 +57,11 @@ pub struct Enrollment {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     /// Addresses the CNI plugin announced for pods whose status does not
-    /// list them yet.
-    announced: Mutex<HashMap<PodName, Vec<Ipv4Addr>>>,
+    /// list them yet, with the sandbox (container id) they were set up for.
+    announced: Mutex<HashMap<PodName, (String, Vec<Ipv4Addr>)>>,
     changed: Arc<Notify>,
+    /// Set once pods and namespaces have been listed.
+    ready: std::sync::atomic::AtomicBool,
     /// The addresses capture is attached for.
     pub captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
 }
@@ -85,6 +89,7 @@ impl Enrollment {
             namespaces,
             announced: Mutex::new(HashMap::new()),
             changed,
+            ready: std::sync::atomic::AtomicBool::new(false),
             captured,
         })
     }
@@ -103,16 +108,34 @@ impl Enrollment {
     }
 
     /// Adds (`Some`) or forgets (`None`) addresses the CNI plugin gave for
-    /// a pod, and wakes the watcher.
-    pub fn announce(&self, pod: PodName, ips: Option<Vec<Ipv4Addr>>) {
+    /// a pod's sandbox `container`, and wakes the watcher. Forgetting is
+    /// for that sandbox only: a late DEL of an earlier sandbox of the same
+    /// pod leaves the new one's addresses in place.
+    pub fn announce(&self, pod: PodName, container: &str, ips: Option<Vec<Ipv4Addr>>) {
         {
             let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
             match ips {
-                Some(ips) => announced.insert(pod, ips),
-                None => announced.remove(&pod),
-            };
+                Some(ips) => {
+                    announced.insert(pod, (container.to_string(), ips));
+                }
+                None => {
+                    if announced.get(&pod).is_some_and(|(c, _)| c == container) {
+                        announced.remove(&pod);
+                    }
+                }
+            }
         }
         self.changed.notify_one();
+    }
+
+    /// Whether the watch has listed pods and namespaces once.
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The namespace as last seen.
+    pub fn namespace(&self, name: &str) -> Option<Arc<Namespace>> {
+        self.namespaces.get(&ObjectRef::new(name))
     }
 
     /// The pod's addresses: its status's, and what the plugin announced.
@@ -125,7 +148,7 @@ impl Enrollment {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            ips.extend(more);
+            ips.extend(&more.1);
         }
         ips.sort();
         ips.dedup();
@@ -152,6 +175,7 @@ pub async fn run(
     if e.pods.wait_until_ready().await.is_err() || e.namespaces.wait_until_ready().await.is_err() {
         return;
     }
+    e.ready.store(true, std::sync::atomic::Ordering::Release);
     info!(%node, pods = e.pods.len(), namespaces = e.namespaces.len(), "Kubernetes pods listed");
     let mut captured = e.captured.clone();
     let mut retry = tokio::time::interval(RETRY);
@@ -256,10 +280,19 @@ async fn annotate(client: &Client, pod: &Pod, value: Option<&str>) {
     let patch = serde_json::json!({
         "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } }
     });
-    match api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
+    // Bounded: a slow API server must not hold up enrollment, which the
+    // CNI plugin waits on. A patch that did not finish is tried again.
+    let patched = tokio::time::timeout(
+        PATCH_TIMEOUT,
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(kube::Error::Service(
+            format!("no answer within {PATCH_TIMEOUT:?}").into(),
+        ))
+    });
+    match patched {
         Ok(_) => match value {
             Some(_) => {
                 info!(pod = %format!("{namespace}/{name}"), "pod captured; annotated for istiod")

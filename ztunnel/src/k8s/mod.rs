@@ -108,13 +108,24 @@ pub async fn enroll(node: &str, feed: Feed, watcher: Watcher) -> anyhow::Result<
 }
 
 /// `config` with this node's workloads at `enrolled` addresses enrolled
-/// (`protocol: HBONE`), whatever the source said. An address no workload
+/// (`protocol: HBONE`), whatever the source said, if they are the same pod
+/// (namespace and name). An address no workload
 /// has yet (a pod the CNI plugin announced before istiod lists it) gets a
 /// workload made from its pod, denied all inbound until the source has it.
 pub fn overlay(config: &LocalConfig, node: &str, enrolled: &Wanted) -> LocalConfig {
     let mut config = config.clone();
     let mut known = BTreeSet::new();
     for w in config.workloads.iter_mut() {
+        // An address of an ambient pod held by another workload in the
+        // source (a pod that had it before, not yet removed there) is the
+        // pod's now: the stale workload loses it, so the pod is never
+        // given that workload's identity.
+        w.workload_ips.retain(|ip| match ip {
+            std::net::IpAddr::V4(v4) => enrolled
+                .get(v4)
+                .is_none_or(|pod| pod.namespace == w.namespace && pod.name == w.name),
+            std::net::IpAddr::V6(_) => true,
+        });
         let ips: Vec<Ipv4Addr> = w
             .workload_ips
             .iter()
@@ -135,6 +146,9 @@ pub fn overlay(config: &LocalConfig, node: &str, enrolled: &Wanted) -> LocalConf
             }
         }
     }
+    config
+        .workloads
+        .retain(|w| !w.workload_ips.is_empty() || !w.hostname.is_empty());
     let mut pending: BTreeSet<String> = BTreeSet::new();
     for (ip, pod) in enrolled.iter().filter(|(ip, _)| !known.contains(ip)) {
         config.workloads.push(stand_in(*ip, pod, node));
@@ -183,5 +197,64 @@ fn stand_in(ip: Ipv4Addr, pod: &AmbientPod, node: &str) -> LocalWorkload {
         capacity: None,
         services: Default::default(),
         capture_exclusions: pod.exclusions.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str) -> AmbientPod {
+        AmbientPod {
+            uid: format!("uid-{name}"),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: name.into(),
+            exclusions: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_stale_workload_at_a_pods_address_does_not_lend_it_its_identity() {
+        let ip: Ipv4Addr = "10.0.0.7".parse().unwrap();
+        let mut old = stand_in(ip, &pod("old"), "node1");
+        old.protocol = InboundProtocol::TCP;
+        old.authorization_policies.clear();
+        let config = LocalConfig {
+            workloads: vec![old],
+            ..Default::default()
+        };
+        let wanted = Wanted::from([(ip, pod("new"))]);
+        let out = overlay(&config, "node1", &wanted);
+        let at_ip: Vec<&LocalWorkload> = out
+            .workloads
+            .iter()
+            .filter(|w| w.workload_ips.contains(&ip.into()))
+            .collect();
+        assert_eq!(at_ip.len(), 1);
+        assert_eq!(at_ip[0].name, "new");
+        assert_eq!(at_ip[0].service_account, "new");
+        assert!(at_ip[0].authorization_policies[0].ends_with(PENDING_POLICY));
+        assert!(
+            !out.workloads.iter().any(|w| w.name == "old"),
+            "the emptied stale workload goes"
+        );
+
+        // The same pod in the source: enrolled as it is, no stand-in.
+        let mut same = stand_in(ip, &pod("new"), "node1");
+        same.protocol = InboundProtocol::TCP;
+        same.authorization_policies = vec!["default/allow-web".into()];
+        let config = LocalConfig {
+            workloads: vec![same],
+            ..Default::default()
+        };
+        let out = overlay(&config, "node1", &wanted);
+        assert_eq!(out.workloads.len(), 1);
+        assert_eq!(out.workloads[0].protocol, InboundProtocol::HBONE);
+        assert_eq!(
+            out.workloads[0].authorization_policies,
+            ["default/allow-web"]
+        );
+        assert!(out.policies.is_empty());
     }
 }

@@ -43,6 +43,11 @@ pub use topology::{Interface, LinkLayer, Topology};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel.bpf.o"));
 
 /// Every TC program in the object.
+/// How often capture is moved back in front at one hook within
+/// [`MOVES_WINDOW`] before it gives up there until the window ends.
+const MAX_MOVES: u32 = 5;
+const MOVES_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
 const CLASSIFIERS: [&str; 7] = [
     programs::POD_INGRESS,
     programs::PORT_INGRESS,
@@ -151,6 +156,10 @@ pub struct Capture {
     /// This process's TC programs by id (copies included), to find them
     /// in a hook's chain.
     our_programs: std::collections::HashMap<u32, &'static str>,
+    /// The programs loaded at start (not copies).
+    original_programs: HashSet<u32>,
+    /// How often each hook (by pin name) had capture moved back in front.
+    moves: std::collections::HashMap<String, (u32, std::time::Instant)>,
     /// Maps of an incompatible earlier ztunnel, kept pinned (and serving its
     /// programs) until every link runs this process's programs.
     retired_maps: Option<PathBuf>,
@@ -185,6 +194,7 @@ impl Capture {
                 .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?;
             our_programs.insert(info.id(), name);
         }
+        let original_programs = our_programs.keys().copied().collect();
         lookup_program(&mut ebpf)?
             .load()
             .map_err(|e| RedirectError::Load(format!("{}: {e}", programs::LISTENER_LOOKUP)))?;
@@ -212,6 +222,8 @@ impl Capture {
             listeners,
             owned_links: HashSet::new(),
             our_programs,
+            moves: Default::default(),
+            original_programs,
             retired_maps,
         })
     }
@@ -552,6 +564,23 @@ impl Capture {
             if position == 0 {
                 continue;
             }
+            // An agent that insists on going first too would have us
+            // reload a program every check, forever: after a few rounds
+            // capture stays where it is, and the operator is told.
+            let now = std::time::Instant::now();
+            let (moves, since) = self.moves.entry(pin.clone()).or_insert((0, now));
+            if now.duration_since(*since) > MOVES_WINDOW {
+                (*moves, *since) = (0, now);
+            }
+            *moves += 1;
+            if *moves > MAX_MOVES {
+                if *moves == MAX_MOVES + 1 {
+                    errors.push(format!(
+                        "{ifname}: another program keeps putting itself in front of capture ({MAX_MOVES} times in {} s); leaving it there for now", MOVES_WINDOW.as_secs()
+                    ));
+                }
+                continue;
+            }
             let iface = Interface {
                 name: ifname.to_string(),
                 index,
@@ -594,8 +623,12 @@ impl Capture {
             .map_err(|e| RedirectError::Load(format!("{name}: {e}")))?
             .id();
         attach::move_to_front(program, &self.links_dir, role, iface)?;
-        // The link holds the copy from now on.
+        // The link holds the copy from now on. A copy it replaced runs
+        // nowhere else (the originals may, on other hooks).
         self.our_programs.insert(id, name);
+        if !self.original_programs.contains(&ours) {
+            self.our_programs.remove(&ours);
+        }
         Ok(())
     }
 

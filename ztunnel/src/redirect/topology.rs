@@ -104,9 +104,10 @@ pub struct Topology {
     pub routes: Vec<Route>,
     pub neighbours: Vec<Neighbour>,
     pub fdb: Vec<FdbEntry>,
-    /// Bridged pods' ports found in earlier readings. The neighbour entry
-    /// that names a pod's MAC is flushed when the bridge's address changes
-    /// and collected when idle, while the pod still sits on the same port.
+    /// Bridged pods' ports found in earlier readings, which win over the
+    /// neighbour entries: those are flushed when the bridge's address
+    /// changes, collected when idle, and rewritten by any pod that sends
+    /// ARP for another's address, while the pod still sits on its port.
     pub learned_ports: BTreeMap<Ipv4Addr, u32>,
 }
 
@@ -148,20 +149,30 @@ impl Topology {
             .filter(|l| l.bridge)?;
         let bridge_mac = bridge.mac?;
         let index = bridge.interface.index;
+        let on_bridge = |port: u32| {
+            self.link_by_index(port)
+                .filter(|l| l.controller == Some(index))
+                .map(|l| l.interface.clone())
+        };
+        // A port once found is kept while it exists: any pod on the bridge
+        // can answer or send ARP for another pod's address and so rewrite
+        // the neighbour entry, which must not move that pod's identity to
+        // the sender's port.
         let port = self
-            .neighbours
-            .iter()
-            .find(|n| n.ip == pod_ip && n.ifindex == index)
-            .and_then(|n| {
-                self.fdb
+            .learned_ports
+            .get(&pod_ip)
+            .and_then(|port| on_bridge(*port))
+            .or_else(|| {
+                self.neighbours
                     .iter()
-                    .find(|f| f.mac == n.mac && f.bridge == index && f.port != index)
-            })
-            .map(|f| f.port)
-            .or_else(|| self.learned_ports.get(&pod_ip).copied())
-            .and_then(|port| self.link_by_index(port))
-            .filter(|l| l.controller == Some(index))
-            .map(|l| l.interface.clone());
+                    .find(|n| n.ip == pod_ip && n.ifindex == index)
+                    .and_then(|n| {
+                        self.fdb
+                            .iter()
+                            .find(|f| f.mac == n.mac && f.bridge == index && f.port != index)
+                    })
+                    .and_then(|f| on_bridge(f.port))
+            });
         Some(BridgedPod {
             bridge: bridge.interface.clone(),
             bridge_mac,
@@ -319,6 +330,22 @@ mod tests {
         t.neighbours.clear();
         assert_eq!(t.bridged_pod(ip).unwrap().port, None);
         t.learned_ports = learned.clone();
+        assert_eq!(t.bridged_pod(ip).unwrap().port.unwrap().name, "veth1");
+        // Another pod claims the address by ARP: the known port stays.
+        let mut intruder = link("veth2", 10, LinkLayer::Ethernet);
+        intruder.controller = Some(8);
+        t.links.push(intruder);
+        let forged = [0x0a, 0, 0, 0, 0, 6];
+        t.neighbours.push(Neighbour {
+            ip,
+            mac: forged,
+            ifindex: 8,
+        });
+        t.fdb.push(FdbEntry {
+            mac: forged,
+            port: 10,
+            bridge: 8,
+        });
         assert_eq!(t.bridged_pod(ip).unwrap().port.unwrap().name, "veth1");
         // Until the port goes.
         t.links.retain(|l| l.interface.name != "veth1");
