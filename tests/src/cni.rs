@@ -26,6 +26,9 @@ pub struct Call<'a> {
     pub exclude_namespaces: &'a [&'a str],
     /// Run as this uid instead of root.
     pub uid: Option<u32>,
+    /// The bridge, for a pod the previous plugin wired to one (the bridge
+    /// plugin lists it before the pod's veth).
+    pub bridge: Option<&'a str>,
 }
 
 /// What the plugin did.
@@ -47,6 +50,7 @@ impl<'a> Call<'a> {
             timeout_seconds: 10,
             exclude_namespaces: &[],
             uid: None,
+            bridge: None,
         }
     }
 
@@ -57,15 +61,20 @@ impl<'a> Call<'a> {
     }
 
     /// What a routed CNI (ptp, Calico) reports: the host-side veth, the
-    /// pod's `eth0`, and its /32.
+    /// pod's `eth0`, and its /32; the bridge plugin lists its bridge first.
     pub fn prev_result(&self) -> Value {
+        let mut interfaces = Vec::new();
+        if let Some(bridge) = self.bridge {
+            interfaces.push(json!({"name": bridge, "mac": "02:00:00:00:00:00"}));
+        }
+        interfaces
+            .push(json!({"name": format!("vz{}", self.pod.name), "mac": "02:00:00:00:00:01"}));
+        interfaces.push(json!({"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": self.netns}));
+        let pod_interface = interfaces.len() - 1;
         json!({
             "cniVersion": "1.0.0",
-            "interfaces": [
-                {"name": format!("vz{}", self.pod.name), "mac": "02:00:00:00:00:01"},
-                {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": self.netns},
-            ],
-            "ips": [{"address": format!("{}/32", self.pod.ip), "interface": 1}],
+            "interfaces": interfaces,
+            "ips": [{"address": format!("{}/32", self.pod.ip), "interface": pod_interface}],
             "routes": [{"dst": "0.0.0.0/0"}],
             "dns": {}
         })

@@ -185,3 +185,91 @@ fn bridged_pods_are_captured_on_every_path() -> Result<()> {
     request(&web.ns, on_peer.addr, 4096)?;
     Ok(())
 }
+
+/// A bridged pod set up through the CNI plugin, on a node whose neighbour
+/// entry for its address was forged by another pod (ARP lies are free on a
+/// bridge): capture takes the pod's port from the runtime's report, so the
+/// pod's traffic flows and the forger cannot use its address.
+#[test]
+fn the_cni_report_of_a_bridged_pods_veth_beats_a_forged_neighbour_entry() -> Result<()> {
+    use ztunnel_tests::{
+        apiserver::{api_server, enrolling_ztunnel},
+        cni::Call,
+    };
+    const FRESH: PodSpec = PodSpec {
+        name: "fresh",
+        node: 0,
+        ip: Ipv4Addr::new(198, 18, 3, 20),
+        enrolled: false,
+        service_account: "fresh",
+    };
+    let mut s = Setup::new(&lab::config_yaml_extra(&[], &[], &[OUTSIDER], ""))?;
+    s.lab.add_bridged_pod(OUTSIDER)?;
+    let api = api_server(&s.lab, &[FRESH])?;
+    api.set_new_pod("default", &FRESH, &[]);
+    let socket = format!("/run/ztunnel/{}-node1.cni.sock", s.lab.prefix);
+    let kubeconfig = api.kubeconfig()?;
+    let _zt1 = enrolling_ztunnel(&s, "node1", &kubeconfig, &["--cni-socket", &socket])?;
+    let mut zt2 = s.ztunnel("node2", &[])?;
+
+    s.lab.add_bridged_pod(FRESH)?;
+    // The outsider's lie, as the node would have taken it from its ARP.
+    let node1 = &s.lab.node("node1").ns;
+    let outsider_mac = mac_of(&s.lab.pod("outsider").ns)?;
+    let mac_text: Vec<String> = outsider_mac.iter().map(|b| format!("{b:02x}")).collect();
+    node1.ip(&[
+        "neigh",
+        "replace",
+        &FRESH.ip.to_string(),
+        "lladdr",
+        &mac_text.join(":"),
+        "dev",
+        BRIDGE,
+    ])?;
+
+    let fresh = s.lab.pod("fresh");
+    let mut call = Call::add("default", &FRESH, &socket).for_lab_pod(fresh);
+    call.bridge = Some(BRIDGE);
+    let out = call.run()?;
+    assert!(out.success, "ADD failed: {}", out.stdout);
+
+    // While the node still believes the lie, the forger cannot use the
+    // address: the pod's port came from the runtime's report.
+    let server_pod = s.lab.pod("server");
+    let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let before = count(&s, &FRESH)?;
+    let forged = syn(
+        SocketAddrV4::new(FRESH.ip, 40002),
+        SocketAddrV4::new(server_pod.spec.ip, 8080),
+        9,
+    );
+    send_packets(&s.lab.pod("outsider").ns, vec![forged])?;
+    eventually(
+        "the forger's SYN dropped as spoofed",
+        Duration::from_secs(2),
+        || Ok(count(&s, &FRESH)?.dropped_spoofed > before.dropped_spoofed),
+    )?;
+
+    // The pod's own ARP sets the node right (a lie misroutes replies with
+    // or without a mesh); its traffic is then captured with its identity.
+    let fresh_mac: Vec<String> = mac_of(&fresh.ns)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    node1.ip(&[
+        "neigh",
+        "replace",
+        &FRESH.ip.to_string(),
+        "lladdr",
+        &fresh_mac.join(":"),
+        "dev",
+        BRIDGE,
+    ])?;
+    let report = request(&fresh.ns, server.addr, 4096)?;
+    assert_eq!(report.peer.ip(), FRESH.ip);
+    zt2.wait_for_log(
+        "src_identity=spiffe://cluster.local/ns/default/sa/fresh",
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}

@@ -94,6 +94,9 @@ struct Kernel {
     last_errors: Vec<String>,
     /// Bridged pods' ports, as found so far (see `Topology::learned_ports`).
     learned_ports: std::collections::BTreeMap<Ipv4Addr, u32>,
+    /// New pods' veths as the CNI plugin reported them; they override what
+    /// was learned.
+    host_veths: watch::Receiver<crate::k8s::HostVeths>,
 }
 
 impl Kernel {
@@ -101,6 +104,14 @@ impl Kernel {
     /// `snapshot`.
     async fn sync(&mut self, snapshot: &Snapshot) -> anyhow::Result<CaptureStatus> {
         let mut topology = self.netlink.topology().await?;
+        for (ip, veth) in self.host_veths.borrow().iter() {
+            if let Some(port) = topology
+                .link_by_name(veth)
+                .filter(|l| l.controller.is_some())
+            {
+                self.learned_ports.insert(*ip, port.interface.index);
+            }
+        }
         topology.learned_ports = self.learned_ports.clone();
         let plan = snapshot.capture_plan(&self.uplinks);
         topology.learn_ports(plan.pods.iter().map(|p| p.ip), &mut self.learned_ports);
@@ -169,10 +180,17 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     // With a control plane, this waits for its first complete push.
     let ca = ca_source(&args)?;
     let (captured_tx, captured_rx) = watch::channel(BTreeSet::new());
+    let (host_veths_tx, host_veths) = watch::channel(crate::k8s::HostVeths::new());
     let watcher = match args.enroll_pods {
-        true => {
-            Some(crate::k8s::start(&args.node_name, captured_rx, args.cni_socket.clone()).await?)
-        }
+        true => Some(
+            crate::k8s::start(
+                &args.node_name,
+                captured_rx,
+                args.cni_socket.clone(),
+                host_veths_tx,
+            )
+            .await?,
+        ),
         false => None,
     };
     let feed = source::start(&args).await?;
@@ -244,6 +262,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         uplinks: args.uplinks.clone(),
         last_errors: Vec::new(),
         learned_ports,
+        host_veths,
     };
     let capture_status = kernel.sync(&snapshot).await?;
     log_status(&capture_status, &snapshot);

@@ -14,6 +14,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::watch,
     time::Instant,
 };
 use tracing::{info, warn};
@@ -42,7 +43,13 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves the plugin until the task is dropped.
-pub async fn serve(listener: UnixListener, path: PathBuf, enrollment: Arc<Enrollment>) {
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    enrollment: Arc<Enrollment>,
+    host_veths: watch::Sender<super::HostVeths>,
+) {
+    let host_veths = Arc::new(host_veths);
     info!(socket = %path.display(), "CNI plugin socket listening");
     loop {
         let stream = match listener.accept().await {
@@ -65,11 +72,15 @@ pub async fn serve(listener: UnixListener, path: PathBuf, enrollment: Arc<Enroll
                 continue;
             }
         }
-        tokio::spawn(connection(stream, enrollment.clone()));
+        tokio::spawn(connection(stream, enrollment.clone(), host_veths.clone()));
     }
 }
 
-async fn connection(stream: UnixStream, enrollment: Arc<Enrollment>) {
+async fn connection(
+    stream: UnixStream,
+    enrollment: Arc<Enrollment>,
+    host_veths: Arc<watch::Sender<super::HostVeths>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_MESSAGE as u64));
@@ -80,7 +91,7 @@ async fn connection(stream: UnixStream, enrollment: Arc<Enrollment>) {
                 message: format!("reading the request: {e}"),
             },
             Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(&enrollment, request).await,
+                Ok(request) => handle(&enrollment, &host_veths, request).await,
                 Err(e) => Reply::Failed {
                     message: format!("not a request: {e}"),
                 },
@@ -91,18 +102,30 @@ async fn connection(stream: UnixStream, enrollment: Arc<Enrollment>) {
     let _ = write.write_all(&out).await;
 }
 
-async fn handle(enrollment: &Enrollment, request: Request) -> Reply {
+async fn handle(
+    enrollment: &Enrollment,
+    host_veths: &watch::Sender<super::HostVeths>,
+    request: Request,
+) -> Reply {
     let who = format!("{}/{}", request.namespace, request.pod);
     let key = (request.namespace.clone(), request.pod.clone());
     match request.command {
         Command::Del => {
             enrollment.announce(key, &request.container_id, None);
+            host_veths.send_if_modified(|v| {
+                let before = v.len();
+                v.retain(|ip, veth| {
+                    !(request.ips.contains(ip)
+                        && request.host_interface.as_ref().is_none_or(|h| h == veth))
+                });
+                v.len() != before
+            });
             Reply::Released
         }
         Command::Add => {
             let wait = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
             let deadline = Instant::now() + wait.saturating_sub(MARGIN);
-            let reply = add(enrollment, &request, key, deadline).await;
+            let reply = add(enrollment, host_veths, &request, key, deadline).await;
             match &reply {
                 Reply::Captured => {
                     info!(pod = %who, ips = ?request.ips, "CNI: new pod captured before it starts")
@@ -119,6 +142,7 @@ async fn handle(enrollment: &Enrollment, request: Request) -> Reply {
 
 async fn add(
     enrollment: &Enrollment,
+    host_veths: &watch::Sender<super::HostVeths>,
     request: &Request,
     key: (String, String),
     deadline: Instant,
@@ -156,6 +180,15 @@ async fn add(
         return Reply::NotAmbient;
     }
     let ips: BTreeSet<Ipv4Addr> = request.ips.iter().copied().collect();
+    // Before the addresses: capture must know the veth when it first
+    // enrolls them.
+    if let Some(veth) = &request.host_interface {
+        host_veths.send_modify(|v| {
+            for ip in &ips {
+                v.insert(*ip, veth.clone());
+            }
+        });
+    }
     enrollment.announce(key, &request.container_id, Some(request.ips.clone()));
     let mut captured = enrollment.captured.clone();
     let in_place = async { captured.wait_for(|c| ips.is_subset(c)).await.map(|_| ()) };

@@ -16,6 +16,11 @@ use tracing::{info, warn};
 
 pub use enroller::{AmbientPod, Wanted};
 
+/// The host-side veth of each address, as the CNI plugin reported it from
+/// the previous plugin's result: where a new pod's packets come from, said
+/// by the runtime rather than learned from ARP, which any pod can forge.
+pub type HostVeths = std::collections::BTreeMap<Ipv4Addr, String>;
+
 use crate::config::{
     local::{Authorization, InboundProtocol, LocalConfig, LocalWorkload, RbacAction, RbacScope},
     source::Feed,
@@ -42,6 +47,7 @@ pub async fn start(
     node: &str,
     captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
     cni_socket: Option<PathBuf>,
+    host_veths: watch::Sender<HostVeths>,
 ) -> anyhow::Result<Watcher> {
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!("--enroll-pods: no Kubernetes API (KUBECONFIG, or in-cluster): {e}")
@@ -49,7 +55,7 @@ pub async fn start(
     let enrollment = enroller::Enrollment::watch(&client, node, captured);
     if let Some(path) = cni_socket {
         let listener = cni::bind(&path)?;
-        tokio::spawn(cni::serve(listener, path, enrollment.clone()));
+        tokio::spawn(cni::serve(listener, path, enrollment.clone(), host_veths));
     }
     let (wanted_tx, wanted) = watch::channel(None);
     tokio::spawn(enroller::run(
