@@ -59,6 +59,14 @@ fn mac_of(ns: &Netns) -> Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("no MAC address in {text:?}"))
 }
 
+/// What the node believes about who has `ip` on the bridge.
+fn set_neighbour(node: &Netns, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+    let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    let (ip, mac) = (ip.to_string(), mac.join(":"));
+    node.ip(&["neigh", "replace", &ip, "lladdr", &mac, "dev", BRIDGE])?;
+    Ok(())
+}
+
 fn count(s: &Setup, pod: &PodSpec) -> Result<Counters> {
     Ok(counters(s.lab.node("node1"), pod.ip)?.unwrap_or_default())
 }
@@ -215,17 +223,7 @@ fn the_cni_report_of_a_bridged_pods_veth_beats_a_forged_neighbour_entry() -> Res
     s.lab.add_bridged_pod(FRESH)?;
     // The outsider's lie, as the node would have taken it from its ARP.
     let node1 = &s.lab.node("node1").ns;
-    let outsider_mac = mac_of(&s.lab.pod("outsider").ns)?;
-    let mac_text: Vec<String> = outsider_mac.iter().map(|b| format!("{b:02x}")).collect();
-    node1.ip(&[
-        "neigh",
-        "replace",
-        &FRESH.ip.to_string(),
-        "lladdr",
-        &mac_text.join(":"),
-        "dev",
-        BRIDGE,
-    ])?;
+    set_neighbour(node1, FRESH.ip, mac_of(&s.lab.pod("outsider").ns)?)?;
 
     let fresh = s.lab.pod("fresh");
     let mut call = Call::add("default", &FRESH, &socket).for_lab_pod(fresh);
@@ -252,19 +250,7 @@ fn the_cni_report_of_a_bridged_pods_veth_beats_a_forged_neighbour_entry() -> Res
 
     // The pod's own ARP sets the node right (a lie misroutes replies with
     // or without a mesh); its traffic is then captured with its identity.
-    let fresh_mac: Vec<String> = mac_of(&fresh.ns)?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    node1.ip(&[
-        "neigh",
-        "replace",
-        &FRESH.ip.to_string(),
-        "lladdr",
-        &fresh_mac.join(":"),
-        "dev",
-        BRIDGE,
-    ])?;
+    set_neighbour(node1, FRESH.ip, mac_of(&fresh.ns)?)?;
     let report = request(&fresh.ns, server.addr, 4096)?;
     assert_eq!(report.peer.ip(), FRESH.ip);
     zt2.wait_for_log(
