@@ -51,12 +51,12 @@ fn error_code(out: &Value) -> u64 {
     out["code"].as_u64().unwrap_or(0)
 }
 
-/// ADD for `fresh` with a 2 s deadline: ztunnel answers, and refuses
+/// ADD for `pod` with a 2 s deadline: ztunnel answers, and refuses
 /// (code 100) for the reason `why`.
-fn refused_within_2s(sock: &str, why: &str) -> Result<ztunnel_tests::cni::Outcome> {
+fn refused_within_2s(sock: &str, pod: &PodSpec, why: &str) -> Result<ztunnel_tests::cni::Outcome> {
     let out = Call {
         timeout_seconds: 2,
-        ..Call::add("default", &FRESH, sock)
+        ..Call::add("default", pod, sock)
     }
     .run()?;
     assert!(!out.success);
@@ -208,13 +208,26 @@ fn without_a_confirmation_from_ztunnel_the_setup_fails() -> Result<()> {
     let api = api_server(&s.lab, &[])?;
     let _zt1 = ztunnel(&s, &api)?;
     // A pod the API never showed on this node: refused, in time.
-    let ghost = refused_within_2s(&sock, "has not shown this pod")?;
+    let ghost = refused_within_2s(&sock, &FRESH, "has not shown this pod")?;
     assert!(ghost.took < Duration::from_secs(3), "took {:?}", ghost.took);
 
     // An ambient pod whose network capture cannot find (no route to it on
     // the node): its setup fails instead of it running uncaptured.
     api.set_new_pod("default", &FRESH, &[]);
-    refused_within_2s(&sock, "capture was not in place")?;
+    refused_within_2s(&sock, &FRESH, "capture was not in place")?;
+
+    // A new pod given an address capture still holds for an earlier pod
+    // (here `neighbor`'s, on its veth): the capture of the earlier pod's
+    // veth does not count for the new one's.
+    const SUCCESSOR: PodSpec = PodSpec {
+        name: "successor",
+        node: 0,
+        ip: Ipv4Addr::new(198, 18, 1, 12),
+        enrolled: false,
+        service_account: "successor",
+    };
+    api.set_new_pod("default", &SUCCESSOR, &[]);
+    refused_within_2s(&sock, &SUCCESSOR, "capture was not in place")?;
 
     // Only root may talk to ztunnel's CNI socket.
     let nobody = Call {

@@ -93,7 +93,7 @@ pub struct Status {
     pub xds: Option<Arc<crate::xds::XdsClient>>,
     /// The pod addresses capture is attached for now (the pod watcher
     /// annotates a pod only once its addresses are here).
-    pub captured: watch::Sender<std::collections::BTreeSet<std::net::Ipv4Addr>>,
+    pub captured: watch::Sender<crate::k8s::Captured>,
 }
 
 impl Status {

@@ -22,7 +22,6 @@ mod hold;
 mod sockets;
 
 use std::{
-    collections::BTreeSet,
     net::Ipv4Addr,
     path::Path,
     pin::Pin,
@@ -179,7 +178,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     // Everything that can be refused is checked before the kernel is touched.
     // With a control plane, this waits for its first complete push.
     let ca = ca_source(&args)?;
-    let (captured_tx, captured_rx) = watch::channel(BTreeSet::new());
+    let (captured_tx, captured_rx) = watch::channel(crate::k8s::Captured::new());
     let (host_veths_tx, host_veths) = watch::channel(crate::k8s::HostVeths::new());
     let watcher = match args.enroll_pods {
         true => Some(
@@ -568,11 +567,11 @@ fn bind_admin_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 }
 
 fn publish(status: &Status, capture: CaptureStatus) {
-    let captured: BTreeSet<Ipv4Addr> = capture
+    let captured: crate::k8s::Captured = capture
         .pods
         .iter()
         .filter(|p| p.enrolled && p.captured)
-        .map(|p| p.ip)
+        .map(|p| (p.ip, p.interface.clone()))
         .collect();
     if let Ok(mut c) = status.capture.write() {
         *c = capture;

@@ -191,7 +191,20 @@ async fn add(
     }
     enrollment.announce(key, &request.container_id, Some(request.ips.clone()));
     let mut captured = enrollment.captured.clone();
-    let in_place = async { captured.wait_for(|c| ips.is_subset(c)).await.map(|_| ()) };
+    // On this sandbox's veth when the plugin named it: capture left at the
+    // same address by an earlier pod does not count.
+    let veth = request.host_interface.clone();
+    let in_place = async {
+        captured
+            .wait_for(|c| {
+                ips.iter().all(|ip| {
+                    c.get(ip)
+                        .is_some_and(|on| veth.as_ref().is_none_or(|v| on.as_ref() == Some(v)))
+                })
+            })
+            .await
+            .map(|_| ())
+    };
     match tokio::time::timeout_at(deadline, in_place).await {
         Ok(Ok(())) => Reply::Captured,
         Ok(Err(_)) => Reply::Failed {

@@ -6,7 +6,7 @@
 //! annotation.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -63,7 +63,7 @@ pub struct Enrollment {
     /// Set once pods and namespaces have been listed.
     ready: std::sync::atomic::AtomicBool,
     /// The addresses capture is attached for.
-    pub captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    pub captured: watch::Receiver<super::Captured>,
 }
 
 impl Enrollment {
@@ -71,7 +71,7 @@ impl Enrollment {
     pub fn watch(
         client: &Client,
         node: &str,
-        captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
+        captured: watch::Receiver<super::Captured>,
     ) -> Arc<Self> {
         let changed = Arc::new(Notify::new());
         let pods = reflect(
@@ -226,7 +226,7 @@ pub async fn run(
         });
         let captured_now = captured.borrow_and_update().clone();
         for (pod, wants, ips) in decided {
-            let attached = !ips.is_empty() && ips.iter().all(|ip| captured_now.contains(ip));
+            let attached = !ips.is_empty() && ips.iter().all(|ip| captured_now.contains_key(ip));
             let annotated = ambient::is_annotated(&pod);
             // Annotated only once capture is in place; un-annotated only
             // when the pod leaves ambient mode (not while its capture is

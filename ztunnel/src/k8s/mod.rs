@@ -21,6 +21,10 @@ pub use enroller::{AmbientPod, Wanted};
 /// by the runtime rather than learned from ARP, which any pod can forge.
 pub type HostVeths = std::collections::BTreeMap<Ipv4Addr, String>;
 
+/// The addresses capture is attached for, each with the interface its
+/// packets are checked against (the veth, or the bridge port).
+pub type Captured = std::collections::BTreeMap<Ipv4Addr, Option<String>>;
+
 use crate::config::{
     local::{Authorization, InboundProtocol, LocalConfig, LocalWorkload, RbacAction, RbacScope},
     source::Feed,
@@ -45,7 +49,7 @@ pub struct Watcher {
 /// still answers the plugin for pods outside ambient mode.
 pub async fn start(
     node: &str,
-    captured: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    captured: watch::Receiver<Captured>,
     cni_socket: Option<PathBuf>,
     host_veths: watch::Sender<HostVeths>,
 ) -> anyhow::Result<Watcher> {
