@@ -138,43 +138,58 @@ pub fn double_tagged(dst_mac: [u8; 6], src_mac: [u8; 6], packet: &[u8]) -> Vec<u
     frame
 }
 
+/// A raw socket of `domain` and `protocol`, owned.
+fn raw_socket(domain: libc::c_int, protocol: libc::c_int, what: &str) -> Result<OwnedFd> {
+    // SAFETY: socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, protocol) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context(what.to_string());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// sendto(2) of `buf` to the socket address `addr` (a `sockaddr_*`).
+fn send_to<A>(fd: &OwnedFd, buf: &[u8], addr: &A, what: &str) -> Result<()> {
+    // SAFETY: the buffer and address are valid for the call, and `A` is
+    // the sockaddr type of the socket's family.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            0,
+            addr as *const A as *const libc::sockaddr,
+            std::mem::size_of::<A>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()).context(what.to_string());
+    }
+    Ok(())
+}
+
 /// Sends whole Ethernet frames out of `iface` inside `ns` (AF_PACKET).
 pub fn send_frames(ns: &Netns, iface: &str, frames: Vec<Vec<u8>>) -> Result<()> {
     let iface = std::ffi::CString::new(iface)?;
     ns.run(move || -> Result<()> {
-        // SAFETY: socket(2); the descriptor is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("packet socket");
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = raw_socket(libc::AF_PACKET, 0, "packet socket")?;
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
         if ifindex == 0 {
             return Err(std::io::Error::last_os_error()).context("if_nametoindex");
         }
         for frame in &frames {
+            let dst_mac = frame
+                .get(..6)
+                .context("a frame shorter than its MAC header")?;
             // SAFETY: an all-zero sockaddr_ll is valid; fields set below.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_ifindex = ifindex as i32;
             addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            // SAFETY: the buffer and address are valid for the call.
-            let n = unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    frame.as_ptr() as *const libc::c_void,
-                    frame.len(),
-                    0,
-                    &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error()).context("sending a frame");
-            }
+            addr.sll_addr[..6].copy_from_slice(dst_mac);
+            send_to(&fd, frame, &addr, "sending a frame")?;
         }
         Ok(())
     })?
@@ -184,13 +199,7 @@ pub fn send_frames(ns: &Netns, iface: &str, frames: Vec<Vec<u8>>) -> Result<()> 
 /// socket with `IP_HDRINCL` does: the kernel sends them as they are.
 pub fn send_packets(ns: &Netns, packets: Vec<Vec<u8>>) -> Result<()> {
     ns.run(move || -> Result<()> {
-        // SAFETY: socket(2); the descriptor is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("raw socket");
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = raw_socket(libc::AF_INET, libc::IPPROTO_RAW, "raw socket")?;
         for packet in &packets {
             let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
             let addr = libc::sockaddr_in {
@@ -201,20 +210,7 @@ pub fn send_packets(ns: &Netns, packets: Vec<Vec<u8>>) -> Result<()> {
                 },
                 sin_zero: [0; 8],
             };
-            // SAFETY: the buffer and address are valid for the call.
-            let n = unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    packet.as_ptr() as *const libc::c_void,
-                    packet.len(),
-                    0,
-                    &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error()).context("sending a raw packet");
-            }
+            send_to(&fd, packet, &addr, "sending a raw packet")?;
         }
         Ok(())
     })?

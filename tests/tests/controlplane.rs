@@ -44,6 +44,21 @@ fn deny_principal(sa: &str) -> String {
     format!("[[[{{principals: [!Exact cluster.local/ns/default/sa/{sa}]}}]]]")
 }
 
+/// The namespace policy `name` denying service account `sa`, as the
+/// control plane pushes it.
+fn pushed_deny(name: &str, sa: &str) -> Result<prost_types::Any> {
+    let config = parse(&lab::config_yaml_with(
+        &[],
+        &[],
+        &format!("policies:\n{}", policy(name, "Deny", &deny_principal(sa))),
+    ))?;
+    let proto = ztunnel::xds::convert::authorization_to_proto(&config.policies[0]);
+    Ok(prost_types::Any {
+        type_url: AUTHORIZATION_TYPE.into(),
+        value: proto.encode_to_vec(),
+    })
+}
+
 fn parse(yaml: &str) -> Result<LocalConfig> {
     Ok(LocalConfig::parse(
         yaml,
@@ -367,28 +382,14 @@ fn a_bad_push_is_refused_by_name_and_the_rest_applies() -> Result<()> {
 
     // One push: a broken version of the neighbor's policy, a broken
     // workload, and a good new policy that denies the client.
-    let deny_client = parse(&lab::config_yaml_with(
-        &[],
-        &[],
-        &format!(
-            "policies:\n{}",
-            policy("deny-client", "Deny", &deny_principal("client"))
-        ),
-    ))?;
-    let good = ztunnel::xds::convert::authorization_to_proto(&deny_client.policies[0]);
+    let good = pushed_deny("deny-client", "client")?;
     cp.control_plane.inject_all(vec![
         ("default/deny-neighbor".into(), bad_policy("deny-neighbor")),
         (
             "lab//v1/Pod/default/broken".into(),
             bad_workload("lab//v1/Pod/default/broken"),
         ),
-        (
-            "default/deny-client".into(),
-            prost_types::Any {
-                type_url: AUTHORIZATION_TYPE.into(),
-                value: good.encode_to_vec(),
-            },
-        ),
+        ("default/deny-client".into(), good),
     ]);
     zt2.wait_for_log_count(
         "NACK: a pushed resource was refused",
@@ -493,22 +494,8 @@ fn a_new_policy_that_cannot_be_enforced_fails_closed() -> Result<()> {
     );
 
     // A valid version replaces it (it denies only the neighbor).
-    let fixed = parse(&lab::config_yaml_with(
-        &[],
-        &[],
-        &format!(
-            "policies:\n{}",
-            policy("deny-unreadable", "Deny", &deny_principal("neighbor"))
-        ),
-    ))?;
-    let fixed = ztunnel::xds::convert::authorization_to_proto(&fixed.policies[0]);
-    cp.control_plane.inject(
-        "default/deny-unreadable",
-        prost_types::Any {
-            type_url: AUTHORIZATION_TYPE.into(),
-            value: fixed.encode_to_vec(),
-        },
-    );
+    let fixed = pushed_deny("deny-unreadable", "neighbor")?;
+    cp.control_plane.inject("default/deny-unreadable", fixed);
     within(
         Duration::from_secs(1),
         "a valid version replaces the stand-in",

@@ -247,16 +247,7 @@ fn main() -> Result<()> {
                 "--",
                 "--test",
             ])?;
-            cargo(&[
-                "build",
-                "--package",
-                "ztunnel",
-                "--package",
-                "ztunnel-controlplane",
-                "--package",
-                "ztunnel-cni",
-                "--bins",
-            ])?;
+            build_bins(&[])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             cargo_test(&test_args)
@@ -378,20 +369,22 @@ fn build_ebpf() -> Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/ztunnel"))
 }
 
+/// Builds the binaries the tests and the lab run (ztunnel, the control
+/// plane, the CNI plugin), with `profile` flags.
+fn build_bins(profile: &[&str]) -> Result<()> {
+    let mut args = vec!["build"];
+    args.extend_from_slice(profile);
+    for package in ["ztunnel", "ztunnel-controlplane", "ztunnel-cni"] {
+        args.extend(["--package", package]);
+    }
+    args.push("--bins");
+    cargo(&args)
+}
+
 /// Builds ztunnel and the control plane (release), and points the lab's
 /// harness at them. Returns ztunnel's path.
 fn build_release() -> Result<PathBuf> {
-    cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "ztunnel",
-        "--package",
-        "ztunnel-controlplane",
-        "--package",
-        "ztunnel-cni",
-        "--bins",
-    ])?;
+    build_bins(&["--release"])?;
     let bin = root().join("target/release/ztunnel");
     std::env::set_var("ZTUNNEL_BIN", &bin);
     std::env::set_var(

@@ -89,15 +89,9 @@ impl Netlink {
 
     /// IPv4 neighbour entries that name a MAC address.
     async fn neighbours(&self) -> Result<Vec<Neighbour>, NetlinkError> {
-        let entries: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("dumping neighbours"))?;
+        let entries = self
+            .dump_neighbours(AddressFamily::Inet, "dumping neighbours")
+            .await?;
         Ok(entries
             .iter()
             .filter(|n| {
@@ -107,12 +101,8 @@ impl Netlink {
                 )
             })
             .filter_map(|n| {
-                let ip = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-                    _ => None,
-                })?;
                 Some(Neighbour {
-                    ip,
+                    ip: neighbour_ip(n)?,
                     mac: neighbour_mac(n)?,
                     ifindex: n.header.ifindex,
                 })
@@ -120,17 +110,27 @@ impl Netlink {
             .collect())
     }
 
-    /// Bridge forwarding entries: which port each learned MAC is behind.
-    async fn fdb(&self) -> Result<Vec<FdbEntry>, NetlinkError> {
-        let entries: Vec<NeighbourMessage> = self
-            .handle
+    /// The neighbour table of `family` (`Bridge`: forwarding entries).
+    async fn dump_neighbours(
+        &self,
+        family: AddressFamily,
+        what: &'static str,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        self.handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Bridge)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
-            .map_err(request("dumping bridge forwarding entries"))?;
+            .map_err(request(what))
+    }
+
+    /// Bridge forwarding entries: which port each learned MAC is behind.
+    async fn fdb(&self) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let entries = self
+            .dump_neighbours(AddressFamily::Bridge, "dumping bridge forwarding entries")
+            .await?;
         Ok(entries
             .iter()
             .filter_map(|n| {
@@ -432,14 +432,8 @@ pub fn events() -> Result<impl Stream<Item = Event>, NetlinkError> {
 /// What a neighbour entry is for: its IP address, or (bridge forwarding
 /// entries) its MAC address.
 fn neighbour_key(n: &NeighbourMessage) -> Vec<u8> {
-    n.attributes
-        .iter()
-        .find_map(|a| match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                Some(ip.octets().to_vec())
-            }
-            _ => None,
-        })
+    neighbour_ip(n)
+        .map(|ip| ip.octets().to_vec())
         .or_else(|| neighbour_mac(n).map(|m| m.to_vec()))
         .unwrap_or_default()
 }
@@ -587,6 +581,13 @@ fn route_table(route: &RouteMessage) -> u32 {
 fn route_destination(route: &RouteMessage) -> Option<Ipv4Addr> {
     route.attributes.iter().find_map(|a| match a {
         RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+fn neighbour_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
         _ => None,
     })
 }
