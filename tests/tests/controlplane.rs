@@ -520,7 +520,13 @@ fn certificates_rotate_under_traffic_without_a_failed_connection() -> Result<()>
     // pooled tunnels outlive the certificates they were opened with.
     zt1.wait_for_log_count("certificate rotated", 3, Duration::from_secs(40))?;
     zt2.wait_for_log_count("certificate rotated", 3, Duration::from_secs(40))?;
-    std::thread::sleep(Duration::from_secs(2));
+    // Those rotations may be of other identities of the node: traffic
+    // goes on until the client's own certificates have rotated into use
+    // (checked below), or the deadline passes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while tunnel_serials(&zt1).len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let connections = stream.finish_unbroken("across certificate rotations", 50)?;
     for zt in [&zt1, &zt2] {
         let log = zt.log_text();
@@ -529,14 +535,7 @@ fn certificates_rotate_under_traffic_without_a_failed_connection() -> Result<()>
     }
     // The new certificates were used, not only fetched: tunnels opened
     // with at least three of the client's.
-    let serials: std::collections::BTreeSet<String> = zt1
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("HBONE connection established"))
-        .filter_map(|l| l.split("cert_serial=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
-        .collect();
+    let serials = tunnel_serials(&zt1);
     assert!(
         serials.len() >= 3,
         "tunnels were opened with only {} certificate(s): {serials:?}",
@@ -549,6 +548,17 @@ fn certificates_rotate_under_traffic_without_a_failed_connection() -> Result<()>
     );
     eprintln!("{connections} connections across {signed} signed certificates, none failed");
     Ok(())
+}
+
+/// The serials of the certificates `zt`'s HBONE tunnels were opened with.
+fn tunnel_serials(zt: &ztunnel_tests::ztunnel::Ztunnel) -> std::collections::BTreeSet<String> {
+    zt.log_text()
+        .lines()
+        .filter(|l| l.contains("HBONE connection established"))
+        .filter_map(|l| l.split("cert_serial=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// A lab with the standard configuration, served by a control plane.
