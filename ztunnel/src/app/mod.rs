@@ -203,6 +203,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         &args.trust_domain,
         &feed.initial,
     ));
+    report_waypoints(&snapshot);
     let pin_dir = args.pin_dir();
     let certs = CertManager::new(ca, args.workload_cert_ttl);
     let handover_path = args.handover_path();
@@ -395,6 +396,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
                 let Some(config) = config_updates.borrow_and_update().clone() else { continue };
                 let snapshot = Arc::new(Snapshot::new(&args.node_name, &args.trust_domain, &config));
                 info!(workloads = snapshot.workloads.len(), local = snapshot.local_workloads().count(), "configuration reloaded");
+                report_waypoints(&snapshot);
                 // New connections see the new snapshot before capture changes,
                 // so a newly enrolled pod's first flow already finds its workload.
                 state_tx.send_replace(snapshot.clone());
@@ -642,6 +644,14 @@ fn sync_policy(capture: &mut Capture, snapshot: &Snapshot) {
                 error!(error = %e, "clearing the kernel policy tables failed too");
             }
         }
+    }
+}
+
+/// Names every waypoint the configuration cannot resolve: the traffic of
+/// the services and workloads that name it is refused, not sent around it.
+fn report_waypoints(snapshot: &Snapshot) {
+    for problem in snapshot.waypoint_problems() {
+        error!(error = %problem, "waypoint cannot be reached; connections that must pass it are refused");
     }
 }
 

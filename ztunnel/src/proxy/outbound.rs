@@ -31,7 +31,7 @@ use super::{
 use crate::{
     authz::Connection,
     metrics::ConnectionLabels,
-    state::{Snapshot, Upstream},
+    state::{Snapshot, Upstream, Waypoint},
 };
 
 /// Serves the outbound listener.
@@ -81,6 +81,19 @@ async fn handle(
         .as_ref()
         .map(|w| w.name.clone())
         .unwrap_or_else(|| "-".into());
+    // A destination that names a waypoint is reached through it, or not
+    // at all: its L7 policy lives there.
+    match state.waypoint_for(src_workload.as_deref(), dst) {
+        Some(Ok(waypoint)) => {
+            return via_waypoint(proxy, downstream, src, dst, state, waypoint).await;
+        }
+        Some(Err(e)) => {
+            warn!(%src, %dst, error = %e, "refused: the destination's waypoint cannot be reached");
+            refuse(downstream);
+            return;
+        }
+        None => {}
+    }
     let resolved = state.resolve(dst);
     let service = service_of(&state, dst, resolved.as_ref());
     let Some(upstream) = resolved.clone().filter(|u| u.workload.hbone) else {
@@ -210,7 +223,7 @@ async fn handle(
             src,
             dst_id: dst_ids,
             authority: target,
-            hbone_port: ports::INBOUND_HBONE,
+            peer: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
             baggage: super::hbone::baggage(&src_workload),
             service_host: service.map(|(host, _, _)| host.to_string()),
         };
@@ -236,4 +249,78 @@ async fn handle(
             refuse(downstream);
         }
     }
+}
+
+/// Tunnels a connection to the waypoint its destination names. The CONNECT
+/// authority is what the client dialled (a service's `VIP:port`, or a pod's
+/// `IP:port`), so the waypoint applies that destination's routes and
+/// policies; the tunnel presents the client's identity, as any tunnel does.
+async fn via_waypoint(
+    proxy: Arc<Proxy>,
+    downstream: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    state: Arc<Snapshot>,
+    waypoint: Waypoint,
+) {
+    let Some(src_workload) = state
+        .local_workload_by_ip(src.ip())
+        .filter(|w| state.captures(w))
+        .cloned()
+    else {
+        warn!(%src, %dst, "refused: source is not a local mesh workload, so it has no identity to present to the waypoint");
+        refuse(downstream);
+        return;
+    };
+    let src_id = state.identity_of(&src_workload);
+    let waypoint_id = state.identity_of(&waypoint.workload);
+    let service = state
+        .service_by_vip(dst.ip())
+        .map(|s| (s.hostname.as_str(), s.namespace.as_str(), s.name.as_str()));
+    let opened = {
+        let tunnel_target = Target {
+            src_id: src_id.clone(),
+            src,
+            dst_id: waypoint.sans.clone(),
+            authority: dst,
+            peer: waypoint.addr,
+            baggage: super::hbone::baggage(&src_workload),
+            service_host: service.map(|(host, _, _)| host.to_string()),
+        };
+        Box::pin(client::open(&proxy.pool, &tunnel_target)).await
+    };
+    let stream = match opened {
+        Ok(stream) => stream,
+        Err(e) => {
+            info!(%src, %dst, waypoint = %waypoint.addr, error = %e, "HBONE tunnel to the waypoint failed");
+            refuse(downstream);
+            return;
+        }
+    };
+    let metrics = proxy.metrics.open(ConnectionLabels::new(
+        &state,
+        "source",
+        Some(&src_workload),
+        Some(&src_id),
+        Some(&waypoint.workload),
+        service,
+        true,
+    ));
+    let info = ConnInfo {
+        direction: Direction::Outbound,
+        src,
+        dst,
+        src_workload: &src_workload.name,
+        dst_workload: &waypoint.workload.name,
+        src_identity: Some(&src_id),
+        dst_identity: Some(&waypoint_id),
+        path: "waypoint",
+    };
+    pipe(
+        info,
+        Ends::Hbone(downstream, stream, true),
+        None,
+        vec![metrics],
+    )
+    .await
 }

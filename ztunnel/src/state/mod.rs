@@ -2,7 +2,7 @@
 //! services and policies, replaced whole when the configuration changes.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -10,11 +10,15 @@ use std::{
     },
 };
 
+mod waypoint;
+
+pub use waypoint::{Waypoint, WaypointError, WaypointOwner};
+
 use crate::{
     authz::PolicyStore,
     config::local::{
-        Authorization, CaptureExclusions, HealthStatus, InboundProtocol, LocalConfig,
-        LocalWorkload, NamespacedHostname, Service,
+        Authorization, CaptureExclusions, GatewayAddress, HealthStatus, InboundProtocol,
+        LocalConfig, LocalWorkload, NamespacedHostname, Service,
     },
     identity::Identity,
     redirect::{CapturePlan, PlannedPod},
@@ -47,6 +51,10 @@ pub struct Workload {
     pub cluster_id: String,
     /// Outbound destinations its traffic skips capture for.
     pub capture_exclusions: CaptureExclusions,
+    /// The waypoint traffic addressed to this workload's own IP goes through.
+    pub waypoint: Option<GatewayAddress>,
+    /// Terminates HBONE itself (a waypoint, a gateway): never captured.
+    pub native_tunnel: bool,
 }
 
 impl From<&LocalWorkload> for Workload {
@@ -69,6 +77,8 @@ impl From<&LocalWorkload> for Workload {
             canonical_revision: w.canonical_revision.clone(),
             cluster_id: w.cluster_id.clone(),
             capture_exclusions: w.capture_exclusions.clone(),
+            waypoint: w.waypoint.clone(),
+            native_tunnel: w.native_tunnel,
         }
     }
 }
@@ -101,6 +111,8 @@ pub struct Snapshot {
     endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>>,
     /// Spreads connections across a service's endpoints.
     next_endpoint: AtomicUsize,
+    /// The workloads some waypoint resolves to (by address in `workloads`).
+    waypoints: HashSet<usize>,
 }
 
 impl Snapshot {
@@ -126,7 +138,7 @@ impl Snapshot {
                 endpoints.entry(key.clone()).or_default().push(w.clone());
             }
         }
-        Snapshot {
+        let mut snapshot = Snapshot {
             node: node.to_string(),
             trust_domain: trust_domain.to_string(),
             workloads,
@@ -137,7 +149,41 @@ impl Snapshot {
             by_vip,
             endpoints,
             next_endpoint: AtomicUsize::new(0),
+            waypoints: HashSet::new(),
+        };
+        let gateways: Vec<GatewayAddress> = snapshot
+            .services
+            .iter()
+            .filter_map(|s| s.waypoint.clone())
+            .chain(snapshot.workloads.iter().filter_map(|w| w.waypoint.clone()))
+            .collect();
+        for gateway in &gateways {
+            for w in snapshot.waypoint_workloads(gateway) {
+                snapshot.waypoints.insert(Arc::as_ptr(&w) as usize);
+            }
         }
+        snapshot
+    }
+
+    /// The next pick of a round robin across endpoints.
+    pub(crate) fn next_endpoint(&self) -> usize {
+        self.next_endpoint.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The healthy endpoints of the service `namespace/hostname`.
+    pub fn endpoints_of(&self, namespace: &str, hostname: &str) -> Vec<Arc<Workload>> {
+        let key = NamespacedHostname {
+            namespace: namespace.to_string(),
+            hostname: hostname.to_string(),
+        };
+        self.endpoints.get(&key).cloned().unwrap_or_default()
+    }
+
+    /// The service `namespace/hostname`.
+    pub fn service_by_host(&self, namespace: &str, hostname: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.hostname == hostname)
     }
 
     /// A workload's SPIFFE identity.
@@ -173,7 +219,7 @@ impl Snapshot {
         if candidates.is_empty() {
             return None;
         }
-        let pick = self.next_endpoint.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let pick = self.next_endpoint() % candidates.len();
         let workload = candidates[pick].clone();
         // The endpoint's own mapping wins; 0 or absent means the service's.
         let target = workload
@@ -213,7 +259,7 @@ impl Snapshot {
     pub fn local_identities(&self) -> Vec<Identity> {
         let mut ids: Vec<Identity> = self
             .local_workloads()
-            .filter(|w| w.hbone)
+            .filter(|w| self.captures(w))
             .map(|w| self.identity_of(w))
             .collect();
         ids.sort();
@@ -246,7 +292,7 @@ impl Snapshot {
                 if let IpAddr::V4(ip) = ip {
                     pods.push(PlannedPod {
                         ip: *ip,
-                        enrolled: w.hbone,
+                        enrolled: self.captures(w),
                         exclusions: w.capture_exclusions.clone(),
                     });
                 }
@@ -258,10 +304,16 @@ impl Snapshot {
         }
     }
 
+    /// Whether ztunnel captures `w`'s traffic: it speaks HBONE through
+    /// ztunnel, and does not terminate HBONE itself (a waypoint does).
+    pub fn captures(&self, w: &Workload) -> bool {
+        w.hbone && !w.native_tunnel && !self.is_waypoint(w)
+    }
+
     /// IPv6 addresses of local HBONE workloads, which capture skips.
     pub fn uncaptured_ipv6(&self) -> Vec<IpAddr> {
         self.local_workloads()
-            .filter(|w| w.hbone)
+            .filter(|w| self.captures(w))
             .flat_map(|w| w.ips.iter().copied().filter(IpAddr::is_ipv6))
             .collect()
     }

@@ -42,10 +42,12 @@ pub struct Target {
     pub src: SocketAddr,
     /// Identities the destination may prove.
     pub dst_id: Vec<Identity>,
-    /// The destination pod and target port: the CONNECT authority.
+    /// The CONNECT authority: the destination pod and target port, or,
+    /// through a waypoint, the address the client dialled (a service VIP).
     pub authority: SocketAddr,
-    /// The HBONE port of the destination.
-    pub hbone_port: u16,
+    /// Where the tunnel's connection goes: the destination pod's HBONE
+    /// port, or the waypoint's.
+    pub peer: SocketAddr,
     /// `baggage` describing the source workload.
     pub baggage: String,
     /// The service hostname the client addressed, if it used a VIP.
@@ -61,7 +63,7 @@ pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneEr
         src_id: target.src_id.clone(),
         src: target.src.ip(),
         dst_id: target.dst_id.clone(),
-        dst: SocketAddr::new(target.authority.ip(), target.hbone_port),
+        dst: target.peer,
     };
     match try_open(pool, &key, target).await {
         Err(Attempt::Refused(slot, e)) => {

@@ -291,7 +291,12 @@ impl StreamContext {
             dst_workload: &workload.name,
             src_identity: Some(&self.peer_id),
             dst_identity: Some(&dst_identity),
-            path: "hbone",
+            // A waypoint's tunnel carries the traffic of the clients it
+            // serves; its identity is what policy here sees.
+            path: match &src_workload {
+                Some(w) if self.state.is_waypoint(w) => "from-waypoint",
+                _ => "hbone",
+            },
         };
         pipe(
             info,
