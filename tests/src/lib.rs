@@ -17,4 +17,5 @@ pub mod tcx;
 pub mod traffic;
 pub mod tun;
 pub mod wait;
+pub mod waypoint;
 pub mod ztunnel;

@@ -221,6 +221,7 @@ async fn handle(
         let tunnel_target = Target {
             src_id: src_id.clone(),
             src,
+            forwarded_for: src,
             dst_id: dst_ids,
             authority: target,
             peer: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
@@ -281,6 +282,7 @@ async fn via_waypoint(
         let tunnel_target = Target {
             src_id: src_id.clone(),
             src,
+            forwarded_for: src,
             dst_id: waypoint.sans.clone(),
             authority: dst,
             peer: waypoint.addr,

@@ -8,7 +8,11 @@
 //! - a waypoint that cannot be resolved is an error: the connection is
 //!   refused, never sent straight to its destination.
 
-use std::{fmt, net::SocketAddr, sync::Arc};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use super::{Snapshot, Workload};
 use crate::{
@@ -105,8 +109,41 @@ impl Snapshot {
         Some(self.resolve_waypoint(owner, gateway, dst))
     }
 
+    /// Whether the destination `dst` names, as its waypoint, the workload
+    /// at `waypoint_ip`: what a waypoint checks before serving a tunnel, so
+    /// that it serves only the destinations that chose it. The error says
+    /// why not.
+    pub fn names_waypoint(&self, dst: SocketAddr, waypoint_ip: IpAddr) -> Result<(), String> {
+        let (owner, gateway) = if let Some(service) = self.service_by_vip(dst.ip()) {
+            (
+                format!("service {}/{}", service.namespace, service.hostname),
+                service.waypoint.as_ref(),
+            )
+        } else if let Some(workload) = self.workload_by_ip(dst.ip()) {
+            (
+                format!("workload {}/{}", workload.namespace, workload.name),
+                workload.waypoint.as_ref(),
+            )
+        } else {
+            return Err(format!("{} is neither a service nor a workload", dst.ip()));
+        };
+        let gateway = gateway.ok_or_else(|| format!("{owner} names no waypoint"))?;
+        if self
+            .waypoint_workloads(gateway)
+            .iter()
+            .any(|w| w.ips.contains(&waypoint_ip))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "{owner} names waypoint {}, not this one",
+                GatewayDisplay(gateway)
+            ))
+        }
+    }
+
     /// Every workload `gateway` may resolve to.
-    pub(super) fn waypoint_workloads(&self, gateway: &GatewayAddress) -> Vec<Arc<Workload>> {
+    pub fn waypoint_workloads(&self, gateway: &GatewayAddress) -> Vec<Arc<Workload>> {
         match &gateway.destination {
             GatewayDestination::Address(a) => match self.workload_by_ip(a.address) {
                 Some(w) => vec![w.clone()],

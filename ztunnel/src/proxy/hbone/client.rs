@@ -38,8 +38,12 @@ pub enum HboneError {
 pub struct Target {
     /// The source workload's identity (its certificate is presented).
     pub src_id: Identity,
-    /// The client's address as it connected (the `forwarded` header).
+    /// The address the tunnel is opened from: the client pod's (ztunnel
+    /// spoofs it), or the sender's own (a waypoint).
     pub src: SocketAddr,
+    /// The client's address as it connected (the `forwarded` header): `src`,
+    /// unless a waypoint forwards another client's request.
+    pub forwarded_for: SocketAddr,
     /// Identities the destination may prove.
     pub dst_id: Vec<Identity>,
     /// The CONNECT authority: the destination pod and target port, or,
@@ -155,8 +159,8 @@ async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2
 /// `for="<client ip:port>"`, plus `;host=<service>` when a VIP was used.
 fn forwarded(target: &Target) -> String {
     match &target.service_host {
-        Some(host) => format!("for=\"{}\";host={host}", target.src),
-        None => format!("for=\"{}\"", target.src),
+        Some(host) => format!("for=\"{}\";host={host}", target.forwarded_for),
+        None => format!("for=\"{}\"", target.forwarded_for),
     }
 }
 

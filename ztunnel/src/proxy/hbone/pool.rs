@@ -191,8 +191,11 @@ impl Pool {
             .tls
             .client_config(&key.src_id, key.dst_id.clone())
             .await?;
-        // From the source pod's address, so the destination sees the real client.
-        let tcp = socket::connect(Some(key.src), key.dst)
+        // From the source pod's address, so the destination sees the real
+        // client: spoofed by ztunnel, the sender's own for a waypoint (which
+        // then needs no IP_TRANSPARENT).
+        let spoofed = (!socket::is_local_address(key.src)).then_some(key.src);
+        let tcp = socket::connect(spoofed, key.dst)
             .await
             .map_err(|e| HboneError::Connect(key.dst, e))?;
         let _ = socket::set_keepalive(&tcp);

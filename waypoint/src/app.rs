@@ -1,0 +1,305 @@
+//! The waypoint process: flags, identity, state, listeners.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{error, info, warn};
+use ztunnel::{
+    config::{local::LocalConfig, parse_duration},
+    grpc::ControlPlaneEndpoint,
+    identity::{CaClient, CaSource, CertManager, Identity, LocalCa},
+    proxy::hbone::pool::Pool,
+    state::Snapshot,
+    tls::TlsContext,
+};
+
+use crate::{
+    l7config::{self, WaypointRef},
+    proxy::Waypoint,
+    server::{self, Limits},
+    telemetry::Metrics,
+    upstream::Upstreams,
+};
+
+/// The waypoint's flags; each has the environment variable Istio's
+/// waypoint deployments set, where there is one.
+#[derive(Debug, Parser)]
+#[command(name = "waypoint", version, about = "The mesh's L7 proxy (waypoint)")]
+pub struct Args {
+    /// Workloads and services, in the schema ztunnel reads (LOCAL_XDS_PATH);
+    /// watched. The waypoint balances across the endpoints it lists.
+    #[arg(long = "config", env = "LOCAL_XDS_PATH", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// AuthorizationPolicy and HTTPRoute resources (Kubernetes YAML, many
+    /// per file): files or directories, repeatable; watched.
+    #[arg(long = "l7-config", value_name = "PATH")]
+    pub l7_config: Vec<PathBuf>,
+
+    /// The waypoint's Gateway name: policies with `targetRefs` naming it apply.
+    #[arg(long, env = "WAYPOINT_NAME", default_value = "waypoint")]
+    pub name: String,
+
+    /// The waypoint's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// The waypoint's service account: its identity is
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
+    pub service_account: String,
+
+    /// The waypoint pod's address: where clients reach it, and where its
+    /// own tunnels come from.
+    #[arg(long, env = "INSTANCE_IP")]
+    pub pod_ip: IpAddr,
+
+    #[arg(long, env = "TRUST_DOMAIN", default_value = ztunnel::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// A CA in Istio's plug-in layout that issues the waypoint's certificate.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CA_DIR",
+        value_name = "DIR",
+        conflicts_with = "ca_address"
+    )]
+    pub ca_dir: Option<PathBuf>,
+
+    /// The control plane's CA (istiod: https://istiod.istio-system.svc:15012).
+    #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
+    pub ca_address: Option<String>,
+
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub ca_root_ca: PathBuf,
+
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token: PathBuf,
+
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// Lifetime of the waypoint's certificate; renewed half way.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+
+    /// The HBONE listener.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub listen: SocketAddr,
+
+    /// Prometheus metrics (`/metrics`) and readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_address: SocketAddr,
+
+    /// TLS and HTTP/2 handshakes of an HBONE connection must finish in this.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// HBONE handshakes in progress at once; more wait their turn.
+    #[arg(long, default_value_t = 1024)]
+    pub max_handshakes: usize,
+
+    /// Client connections (CONNECT streams) per HBONE connection.
+    #[arg(long, default_value_t = ztunnel::proxy::hbone::settings::SERVER_MAX_STREAMS)]
+    pub max_tunnels_per_connection: u32,
+
+    /// A request's headers must arrive within this.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Header bytes per request; more gets 431 (HTTP/1.1) or a reset (HTTP/2).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Concurrent HTTP/2 requests per client connection.
+    #[arg(long, default_value_t = 100)]
+    pub max_streams: u32,
+
+    /// A client connection with no request for this long is closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+impl Args {
+    fn limits(&self) -> Limits {
+        Limits {
+            handshake_timeout: self.handshake_timeout,
+            max_handshakes: self.max_handshakes,
+            max_tunnels_per_connection: self.max_tunnels_per_connection,
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_streams: self.max_streams,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    fn ca(&self) -> anyhow::Result<CaSource> {
+        match (&self.ca_dir, &self.ca_address) {
+            (Some(dir), _) => Ok(CaSource::Local(LocalCa::load(dir)?)),
+            (None, Some(address)) => Ok(CaSource::Remote(CaClient::new(ControlPlaneEndpoint {
+                address: address.clone(),
+                root_cert: self.ca_root_ca.clone(),
+                alt_hostname: None,
+                token: Some(self.auth_token.clone()),
+                cluster_id: self.cluster_id.clone(),
+                headers: Vec::new(),
+            }))),
+            (None, None) => anyhow::bail!(
+                "no CA: give --ca-dir DIR (ZTUNNEL_CA_DIR) or --ca-address URL (CA_ADDRESS)"
+            ),
+        }
+    }
+}
+
+/// Runs the waypoint until SIGTERM or SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let identity = Identity::new(&args.trust_domain, &args.namespace, &args.service_account);
+    let certs = CertManager::new(args.ca()?, args.workload_cert_ttl);
+    let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
+    certs
+        .get(&identity)
+        .await
+        .with_context(|| format!("the waypoint's certificate ({identity})"))?;
+
+    // Workloads and services: the same file, and the same snapshot, as ztunnel's.
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("--config {}", args.config.display()))?;
+    let config = LocalConfig::parse(&text, &args.config)?;
+    let snapshot = |c: &LocalConfig| Arc::new(Snapshot::new("", &args.trust_domain, c));
+    let (state_tx, state) = watch::channel(snapshot(&config));
+    {
+        let trust_domain = args.trust_domain.clone();
+        tokio::spawn(ztunnel::config::source::watch_file(
+            args.config.clone(),
+            text,
+            l7config::POLL,
+            move |c| {
+                state_tx
+                    .send(Arc::new(Snapshot::new("", &trust_domain, &c)))
+                    .is_ok()
+            },
+        ));
+    }
+
+    let waypoint = WaypointRef {
+        namespace: args.namespace.clone(),
+        name: args.name.clone(),
+    };
+    let (l7, fingerprint) = l7config::load(&args.l7_config, &waypoint)?;
+    info!(
+        policies = l7.policies.len(),
+        routes = l7.routes.len(),
+        files = %l7config::describe(&args.l7_config),
+        "L7 configuration loaded"
+    );
+    let (l7_tx, l7_rx) = watch::channel(Arc::new(l7));
+    tokio::spawn(l7config::watch(
+        args.l7_config.clone(),
+        waypoint,
+        fingerprint,
+        l7_tx,
+    ));
+
+    let baggage = state
+        .borrow()
+        .workload_by_ip(args.pod_ip)
+        .map(|w| ztunnel::proxy::hbone::baggage(w))
+        .unwrap_or_default();
+    if baggage.is_empty() {
+        warn!(pod_ip = %args.pod_ip, "the waypoint's own address is not a workload in --config; destinations will not know it by name");
+    }
+    let metrics = Metrics::new();
+    let wp = Arc::new(Waypoint {
+        state,
+        l7: l7_rx,
+        upstreams: Upstreams::new(
+            Pool::new(tls.clone()),
+            identity.clone(),
+            args.pod_ip,
+            baggage,
+        ),
+        metrics: metrics.clone(),
+        identity: identity.clone(),
+    });
+
+    let hbone = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let admin = TcpListener::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("--metrics-address {}", args.metrics_address))?;
+    info!(listen = %args.listen, metrics = %args.metrics_address, %identity, "waypoint ready");
+    tokio::spawn(serve_metrics(admin, metrics));
+    {
+        let certs = certs.clone();
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                certs.maintain(std::slice::from_ref(&identity));
+            }
+        });
+    }
+    let serving = tokio::spawn(server::serve(hbone, tls, identity, wp, args.limits()));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        _ = serving => error!("the HBONE listener stopped"),
+    }
+    Ok(())
+}
+
+/// `/metrics` and `/healthz/ready`, over plain HTTP/1.1.
+async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body, kind) = match request.uri().path() {
+                        "/metrics" | "/stats/prometheus" => (
+                            200,
+                            metrics.render(),
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                        "/healthz/ready" => (200, "ready\n".to_string(), "text/plain"),
+                        _ => (404, "not found\n".to_string(), "text/plain"),
+                    };
+                    let response = http::Response::builder()
+                        .status(status)
+                        .header(http::header::CONTENT_TYPE, kind)
+                        .body(Full::new(Bytes::from(body)));
+                    response
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,324 @@
+//! HBONE in: the waypoint's port 15008. Each connection is mTLS with the
+//! waypoint's own certificate (a client certificate from the trust domain
+//! is required); each CONNECT stream on it is one client connection, served
+//! as HTTP/1.1 or HTTP/2 (detected from its first bytes).
+//!
+//! What a client can hold is bounded: handshakes in number and time,
+//! tunnels per connection, header bytes, HTTP/2 streams and resets per
+//! tunnel (hyper's and h2's rapid-reset guards), the time to send a
+//! request's headers, and idle time.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use ztunnel::{
+    identity::Identity,
+    proxy::hbone::{
+        settings,
+        stream::{H2Io, H2Stream},
+    },
+    tls::{spiffe_ids, TlsContext},
+};
+
+use crate::proxy::{self, Tunnel, Waypoint};
+
+/// The bounds, all configurable from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TLS and HTTP/2 handshakes of an HBONE connection must finish in this.
+    pub handshake_timeout: Duration,
+    /// HBONE handshakes in progress at once; more wait for a place.
+    pub max_handshakes: usize,
+    /// CONNECT streams (client connections) per HBONE connection.
+    pub max_tunnels_per_connection: u32,
+    /// A request's headers must arrive within this (slow clients).
+    pub header_read_timeout: Duration,
+    /// Header bytes per request (HTTP/1.1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Concurrent HTTP/2 requests per client connection.
+    pub max_streams: u32,
+    /// A client connection with no request in flight for this long is
+    /// closed (gracefully: GOAWAY for HTTP/2).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
+            max_tunnels_per_connection: settings::SERVER_MAX_STREAMS,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Serves the HBONE listener until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<TlsContext>,
+    identity: Identity,
+    wp: Arc<Waypoint>,
+    limits: Limits,
+) {
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tls = tls.clone();
+        let identity = identity.clone();
+        let wp = wp.clone();
+        let handshakes = handshakes.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, tls, identity, wp, limits, handshakes).await;
+        });
+    }
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Arc<TlsContext>,
+    identity: Identity,
+    wp: Arc<Waypoint>,
+    limits: Limits,
+    handshakes: Arc<Semaphore>,
+) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let handshake = async {
+        // The place is held for the handshake only; the deadline covers
+        // the wait for it too, so a flood cannot park connections forever.
+        let _place = handshakes
+            .acquire()
+            .await
+            .map_err(|_| "shutting down".to_string())?;
+        let config = tls
+            .server_config(&identity)
+            .await
+            .map_err(|e| format!("no certificate to serve: {e}"))?;
+        let tls_stream = TlsAcceptor::from(config)
+            .accept(stream)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let peer_id = tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| {
+                spiffe_ids(leaf)
+                    .into_iter()
+                    .find(|id| id.trust_domain == tls.trust_domain())
+            })
+            .ok_or_else(|| "client certificate names no identity".to_string())?;
+        let h2 = h2::server::Builder::new()
+            .initial_window_size(settings::STREAM_WINDOW)
+            .initial_connection_window_size(settings::CONNECTION_WINDOW)
+            .max_frame_size(settings::MAX_FRAME_SIZE)
+            .max_concurrent_streams(limits.max_tunnels_per_connection)
+            .max_header_list_size(settings::SERVER_MAX_HEADER_LIST)
+            .max_send_buffer_size(settings::MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+        Ok::<_, String>((peer_id, h2))
+    };
+    let (peer_id, mut h2) = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(reason)) => {
+            warn!(%peer, "refused HBONE connection: {reason}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, timeout = ?limits.handshake_timeout, "refused HBONE connection: handshake timed out");
+            return;
+        }
+    };
+    debug!(%peer, peer_identity = %peer_id, "HBONE connection accepted");
+    while let Some(accepted) = h2.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                let wp = wp.clone();
+                let peer_id = peer_id.clone();
+                tokio::spawn(tunnel(request, respond, peer, local, peer_id, wp, limits));
+            }
+            Err(e) => {
+                debug!(%peer, error = %e, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+}
+
+/// One CONNECT: checked, answered, then served as HTTP.
+async fn tunnel(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    peer_id: Identity,
+    wp: Arc<Waypoint>,
+    limits: Limits,
+) {
+    let dst = match validate(&request, &wp, local) {
+        Ok(dst) => dst,
+        Err((status, reason)) => {
+            warn!(%peer, peer_identity = %peer_id, uri = %request.uri(), status = status.as_u16(), "refused CONNECT: {reason}");
+            let mut response = Response::new(());
+            *response.status_mut() = status;
+            let _ = respond.send_response(response, true);
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(_) => return,
+    };
+    let io = TokioIo::new(H2Io::new(H2Stream::new(send, request.into_body())));
+    let tunnel = Arc::new(Tunnel { peer, peer_id, dst });
+    wp.metrics.connections.inc();
+    serve_http(io, tunnel, wp.clone(), limits).await;
+    wp.metrics.connections.dec();
+}
+
+/// The destination of a CONNECT, if this waypoint serves it: the authority
+/// must be an address whose service or workload names this waypoint.
+fn validate(
+    request: &Request<h2::RecvStream>,
+    wp: &Waypoint,
+    local: SocketAddr,
+) -> Result<SocketAddr, (StatusCode, String)> {
+    if request.method() != Method::CONNECT {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("method {} is not CONNECT", request.method()),
+        ));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .ok_or((StatusCode::BAD_REQUEST, "no authority".to_string()))?;
+    let dst: SocketAddr = authority.as_str().parse().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("authority {authority} is not ip:port"),
+        )
+    })?;
+    let state = wp.state.borrow().clone();
+    state
+        .names_waypoint(dst, local.ip())
+        .map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
+    Ok(dst)
+}
+
+/// Requests in flight and the time of the last one, for the idle timeout.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.last.lock().map(|l| l.elapsed()).unwrap_or_default()
+    }
+}
+
+/// Serves one client connection (the tunnel's bytes) as HTTP.
+async fn serve_http(io: TokioIo<H2Io>, tunnel: Arc<Tunnel>, wp: Arc<Waypoint>, limits: Limits) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // Rapid reset (CVE-2023-44487): resets of streams not yet served,
+        // and streams this side had to reset, end the connection.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        last: Mutex::new(Instant::now()),
+    });
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |request| {
+            let wp = wp.clone();
+            let tunnel = tunnel.clone();
+            let activity = activity.clone();
+            activity.in_flight.fetch_add(1, Ordering::AcqRel);
+            async move {
+                let response = proxy::handle(wp, tunnel, request).await;
+                activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+                activity.touch();
+                response
+            }
+        })
+    };
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let check = (limits.idle_timeout / 4).max(Duration::from_millis(100));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(error = %e, "client connection ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check), if !closing => {
+                if activity.idle_for() >= limits.idle_timeout {
+                    info!(idle = ?limits.idle_timeout, "closing an idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}

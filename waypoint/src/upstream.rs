@@ -1,0 +1,249 @@
+//! The waypoint's upstream side: an endpoint of the chosen service, from the
+//! same workload state ztunnel uses, reached over HBONE with the waypoint's
+//! own identity (the destination's ztunnel then applies its L4 policy to
+//! the waypoint, as Istio's does). HTTP connections inside those tunnels
+//! are pooled per endpoint: HTTP/1.1 ones are reused once a response is
+//! read to the end, an HTTP/2 one carries every request to its endpoint.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tracing::debug;
+use ztunnel::{
+    identity::Identity,
+    proxy::hbone::{
+        client::{self, Target},
+        pool::Pool,
+        stream::H2Io,
+    },
+    state::{Snapshot, Upstream},
+};
+
+/// Request and response bodies inside the waypoint.
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// HTTP/1.1 connections kept idle per endpoint, and for how long.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+const IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// Why a request could not be sent, with Envoy's response flag for it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// `UH`: the service has no healthy endpoint.
+    #[error("no healthy upstream: {0}")]
+    NoHealthy(String),
+    /// `UF`: the tunnel or the HTTP connection could not be made.
+    #[error("upstream connect error: {0}")]
+    Connect(String),
+    /// `UC`: the connection failed before a response came.
+    #[error("upstream reset before headers: {0}")]
+    Reset(String),
+}
+
+impl UpstreamError {
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::NoHealthy(_) => "UH",
+            UpstreamError::Connect(_) => "UF",
+            UpstreamError::Reset(_) => "UC",
+        }
+    }
+}
+
+/// The endpoint pools.
+pub struct Upstreams {
+    pool: Arc<Pool>,
+    /// The waypoint's identity: every tunnel it opens presents it.
+    identity: Identity,
+    /// The waypoint's own address, the tunnels' source.
+    own_ip: IpAddr,
+    baggage: String,
+    h1: Mutex<HashMap<SocketAddr, Vec<(http1::SendRequest<Body>, Instant)>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+}
+
+impl Upstreams {
+    pub fn new(pool: Arc<Pool>, identity: Identity, own_ip: IpAddr, baggage: String) -> Arc<Self> {
+        Arc::new(Upstreams {
+            pool,
+            identity,
+            own_ip,
+            baggage,
+            h1: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// An endpoint of the service `namespace/name` on service port `port`
+    /// (round robin over its healthy endpoints, port mapping applied).
+    pub fn pick(
+        state: &Snapshot,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> Result<Upstream, UpstreamError> {
+        let service = state
+            .services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .ok_or_else(|| UpstreamError::NoHealthy(format!("no service {namespace}/{name}")))?;
+        let vip = service
+            .vips
+            .iter()
+            .find(|v| v.address.is_ipv4())
+            .or(service.vips.first())
+            .ok_or_else(|| {
+                UpstreamError::NoHealthy(format!("service {namespace}/{name} has no address"))
+            })?;
+        state
+            .resolve(SocketAddr::new(vip.address, port))
+            .ok_or_else(|| {
+                UpstreamError::NoHealthy(format!(
+                    "service {namespace}/{name} has no healthy endpoint for port {port}"
+                ))
+            })
+    }
+
+    /// Sends `request` to `upstream` over HTTP/2 when `h2`, else HTTP/1.1.
+    pub async fn send(
+        self: &Arc<Self>,
+        state: &Snapshot,
+        upstream: &Upstream,
+        request: Request<Body>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if h2 {
+            let mut sender = self.h2_sender(state, upstream).await?;
+            return sender
+                .send_request(request)
+                .await
+                .map_err(|e| UpstreamError::Reset(e.to_string()));
+        }
+        let mut sender = match self.idle_h1(upstream.addr) {
+            Some(sender) => sender,
+            None => self.connect_h1(state, upstream).await?,
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+        // Back to the pool once the response has been read to its end.
+        let pools = self.clone();
+        let addr = upstream.addr;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pools.put_h1(addr, sender);
+            }
+        });
+        Ok(response)
+    }
+
+    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut pools = self.h1.lock().ok()?;
+        let idle = pools.get_mut(&addr)?;
+        while let Some((sender, since)) = idle.pop() {
+            if sender.is_ready() && since.elapsed() < IDLE_FOR {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_h1(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+        if let Ok(mut pools) = self.h1.lock() {
+            let idle = pools.entry(addr).or_default();
+            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_FOR);
+            if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                idle.push((sender, Instant::now()));
+            }
+        }
+    }
+
+    async fn h2_sender(
+        &self,
+        state: &Snapshot,
+        upstream: &Upstream,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let cached = self
+            .h2
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&upstream.addr).cloned())
+            .filter(|s| !s.is_closed());
+        if let Some(sender) = cached {
+            return Ok(sender);
+        }
+        let io = self.tunnel(state, upstream).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("HTTP/2 to {}: {e}", upstream.addr)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut m) = self.h2.lock() {
+            m.insert(upstream.addr, sender.clone());
+        }
+        Ok(sender)
+    }
+
+    async fn connect_h1(
+        &self,
+        state: &Snapshot,
+        upstream: &Upstream,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let io = self.tunnel(state, upstream).await?;
+        let (sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("HTTP/1.1 to {}: {e}", upstream.addr)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A tunnel to the endpoint, from the waypoint's identity.
+    async fn tunnel(
+        &self,
+        state: &Snapshot,
+        upstream: &Upstream,
+    ) -> Result<TokioIo<H2Io>, UpstreamError> {
+        let mut dst_id = upstream.service_sans.clone();
+        dst_id.push(state.identity_of(&upstream.workload));
+        let own = SocketAddr::new(self.own_ip, 0);
+        let target = Target {
+            src_id: self.identity.clone(),
+            src: own,
+            // The connection carries many clients' requests: the tunnel
+            // names the waypoint; each request names its client in its
+            // own headers.
+            forwarded_for: own,
+            dst_id,
+            authority: upstream.addr,
+            peer: SocketAddr::new(upstream.addr.ip(), ztunnel_common::ports::INBOUND_HBONE),
+            baggage: self.baggage.clone(),
+            service_host: None,
+        };
+        let stream = Box::pin(client::open(&self.pool, &target))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        Ok(TokioIo::new(H2Io::new(stream)))
+    }
+}
