@@ -308,3 +308,123 @@ fn a_waypoint_serves_only_destinations_that_name_it() -> Result<()> {
     let _ = lab::NODES;
     Ok(())
 }
+
+/// Routes for `echo`: a header picks v2, `/split` is weighted 80/20,
+/// `/delay` has a 500 ms budget, `/status` is retried twice on 503.
+const ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: echo
+  namespace: default
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: echo, port: 80}
+  rules:
+  - matches:
+    - headers: [{name: x-version, value: v2}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches:
+    - path: {type: PathPrefix, value: /split}
+    backendRefs:
+    - {name: echo, port: 80, weight: 80}
+    - {name: echo-v2, port: 80, weight: 20}
+  - matches:
+    - path: {type: PathPrefix, value: /delay}
+    timeouts: {request: 500ms}
+    backendRefs: [{name: echo, port: 80}]
+  - matches:
+    - path: {type: PathPrefix, value: /status}
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+    backendRefs: [{name: echo, port: 80}]
+"#;
+
+#[test]
+fn routes_split_by_weight_match_headers_and_apply_timeouts_and_retries() -> Result<()> {
+    let m = Mesh::up(true, false, "", ROUTES, &[])?;
+    let mut c = m.client(echo(), false)?;
+    assert_eq!(c.request("GET", "/any", &[("x-version", "v2")])?.body, "pod=neighbor\n");
+
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..200 {
+        match c.get("/split")?.body.as_str() {
+            "pod=server\n" => v1 += 1,
+            "pod=neighbor\n" => v2 += 1,
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        }
+    }
+    // 80/20 of 200: far outside chance for a broken split (p < 1e-6).
+    assert!((140..=180).contains(&v1) && v1 + v2 == 200, "split was {v1}/{v2}");
+
+    let started = std::time::Instant::now();
+    assert_eq!(c.get("/delay/3000")?.status, 504);
+    assert!(started.elapsed() < Duration::from_millis(2500), "the route's timeout did not apply");
+
+    let before = m.server.requests();
+    assert_eq!(c.get("/status/503")?.status, 503);
+    assert_eq!(m.server.requests() - before, 3, "one attempt and two retries");
+    let before = m.server.requests();
+    assert_eq!(c.get("/status/404")?.status, 404);
+    assert_eq!(m.server.requests() - before, 1, "404 is not retried");
+
+    // A route is attached: a request no rule matches is not sent anywhere.
+    assert_eq!(c.get("/unrouted")?.status, 404);
+    assert!(m.wp.log_text().contains("flags=NR"));
+    let _ = &m.neighbor;
+    Ok(())
+}
+
+#[test]
+fn l7_config_applies_live_and_a_bad_resource_keeps_the_previous() -> Result<()> {
+    let mut m = Mesh::up(true, false, "", POLICIES, &[])?;
+    let mut c = m.client(echo(), false)?;
+    assert_eq!(c.get("/allowed/new")?.status, 200);
+    // A new DENY for /allowed/new applies without a restart.
+    std::fs::write(
+        &m.l7,
+        format!("{POLICIES}---\n{}", POLICIES.split("---\n").nth(1).unwrap_or("").replace("deny-admin", "deny-new").replace("/allowed/admin", "/allowed/new")),
+    )?;
+    m.wp.wait_for_log("L7 configuration applied", Duration::from_secs(10))?;
+    assert_eq!(c.get("/allowed/new")?.status, 403);
+
+    // A misspelled field is refused, named with its file and field; the
+    // previous policies stay in force.
+    std::fs::write(&m.l7, POLICIES.replace("paths: [\"/allowed*\"]", "pathz: [\"/allowed*\"]"))?;
+    m.wp.wait_for_log("L7 configuration refused", Duration::from_secs(10))?;
+    let log = m.wp.log_text();
+    assert!(
+        log.contains(&format!("{}: document 1 (AuthorizationPolicy default/allow-client-get): field `spec.rules[0].to[0].operation", m.l7.display())) && log.contains("pathz"),
+        "the refusal names the file, resource and field:\n{log}"
+    );
+    assert_eq!(c.get("/allowed/new")?.status, 403, "the previous configuration stays");
+    assert_eq!(c.get("/allowed/other")?.status, 200);
+
+    // CUSTOM (external authorization) is refused with a clear message.
+    std::fs::write(&m.l7, POLICIES.replace("action: ALLOW", "action: CUSTOM\n  provider: {name: ext-authz}"))?;
+    m.wp.wait_for_log("CUSTOM (external authorization) is not supported", Duration::from_secs(10))?;
+    assert_eq!(c.get("/allowed/new")?.status, 403);
+    Ok(())
+}
+
+#[test]
+fn every_spelling_of_a_denied_path_is_denied() -> Result<()> {
+    let m = Mesh::up(true, false, "", POLICIES, &[])?;
+    let mut c = m.client(echo(), false)?;
+    let before = m.server.requests();
+    for spelling in [
+        "/allowed/admin",
+        "//allowed/admin",
+        "/allowed//admin",
+        "/allowed/x/../admin",
+        "/allowed/./admin",
+        "/allowed/%61dmin",
+        "/allowed%2Fadmin",
+        "/allowed/x/y/../../admin",
+    ] {
+        assert_eq!(c.get(spelling)?.status, 403, "{spelling} got past a DENY on /allowed/admin");
+    }
+    assert_eq!(m.server.requests(), before);
+    // What is allowed reaches the backend in its normalized form.
+    assert_eq!(c.get("/allowed/x/../page")?.status, 200);
+    assert_eq!(m.server.last().map(|s| s.path), Some("/allowed/page".to_string()));
+    Ok(())
+}

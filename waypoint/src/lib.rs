@@ -15,6 +15,7 @@
 
 pub mod app;
 pub mod l7config;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod request;

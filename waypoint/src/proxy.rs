@@ -79,11 +79,6 @@ pub async fn handle(
         .service_by_vip(tunnel.dst.ip())
         .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()));
     let method = request.method().clone();
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
     let host = request
         .headers()
         .get(header::HOST)
@@ -97,6 +92,37 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     let principal = tunnel.peer_id.principal();
+    // Policies and routes see one spelling of the path, and so does the
+    // backend: what is checked is what is served.
+    let path = match crate::path::normalize(request.uri().path()) {
+        Ok(path) => path,
+        Err(e) => {
+            let raw = request.uri().path().to_string();
+            let (response, outcome) =
+                failed(StatusCode::BAD_REQUEST, "-", &e.to_string(), None, None);
+            let described = Described {
+                grpc,
+                method,
+                path: raw,
+                host,
+            };
+            return Ok(observe(
+                wp,
+                tunnel,
+                state,
+                service,
+                described,
+                started,
+                Arc::new(AtomicU64::new(0)),
+                response,
+                outcome,
+            ));
+        }
+    };
+    let path_and_query = match request.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
     let info = RequestInfo {
         source_principal: Some(&principal),
         source_namespace: Some(&tunnel.peer_id.namespace),
@@ -104,7 +130,7 @@ pub async fn handle(
         destination_ip: tunnel.dst.ip(),
         destination_port: tunnel.dst.port(),
         method: &method,
-        path: request.uri().path(),
+        path: &path,
         query: request.uri().query().unwrap_or(""),
         host: &host,
         headers: request.headers(),
@@ -170,21 +196,25 @@ pub async fn handle(
                     service.as_ref(),
                     action,
                     request,
+                    &path_and_query,
                     request_bytes.clone(),
                 )
                 .await
             }
         },
     };
+    let described = Described {
+        grpc,
+        method,
+        path: path_and_query,
+        host,
+    };
     Ok(observe(
         wp,
         tunnel,
         state,
         service,
-        grpc,
-        method,
-        path_and_query,
-        host,
+        described,
         started,
         request_bytes,
         response,
@@ -201,18 +231,31 @@ async fn forward(
     service: Option<&(String, String, String)>,
     action: Option<Action>,
     request: Request<Incoming>,
+    path_and_query: &str,
     request_bytes: Arc<AtomicU64>,
 ) -> (Response<Body>, Outcome) {
     let route = action.as_ref().map(|a| a.route.clone());
     let h2 = request.version() == Version::HTTP_2;
     let (mut parts, body) = request.into_parts();
     sanitize(&mut parts.headers, tunnel, &wp.identity);
+    // The normalized path; HTTP/1.1 upstream in origin form (the Host
+    // header says the rest), HTTP/2 with the scheme and authority it came with.
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = path_and_query.parse().ok();
     if !h2 {
-        // HTTP/1.1 upstream: origin form; the Host header says the rest.
-        if let Some(pq) = parts.uri.path_and_query() {
-            if let Ok(uri) = pq.as_str().parse() {
-                parts.uri = uri;
-            }
+        uri.scheme = None;
+        uri.authority = None;
+    }
+    match http::Uri::from_parts(uri) {
+        Ok(uri) => parts.uri = uri,
+        Err(e) => {
+            return failed(
+                StatusCode::BAD_REQUEST,
+                "-",
+                &format!("request target: {e}"),
+                None,
+                route,
+            )
         }
     }
     let retry = action.as_ref().and_then(|a| a.retry.clone());
@@ -464,6 +507,15 @@ fn failed(
     )
 }
 
+/// What the access log says of a request.
+struct Described {
+    grpc: bool,
+    method: http::Method,
+    /// Path and query.
+    path: String,
+    host: String,
+}
+
 /// Wraps the response so that its metrics and access-log line are written
 /// when its body ends (or the client goes away): the duration then covers
 /// the whole response, as Istio's does.
@@ -473,16 +525,19 @@ fn observe(
     tunnel: Arc<Tunnel>,
     state: Arc<Snapshot>,
     service: Option<(String, String, String)>,
-    grpc: bool,
-    method: http::Method,
-    path: String,
-    host: String,
+    described: Described,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     response: Response<Body>,
     outcome: Outcome,
 ) -> Response<Body> {
     let (head, body) = response.into_parts();
+    let Described {
+        grpc,
+        method,
+        path,
+        host,
+    } = described;
     let done = move |response_bytes: u64, complete: bool| {
         let millis = started.elapsed().as_secs_f64() * 1000.0;
         let source = state.workload_by_ip(tunnel.peer.ip()).cloned();
@@ -510,7 +565,7 @@ fn observe(
             %path,
             %host,
             code = outcome.status.as_u16(),
-            flags = if complete { outcome.flags } else { "DC" },
+            flags = %if complete { outcome.flags } else { "DC" },
             upstream = %outcome.upstream.as_ref().map(|u| u.addr.to_string()).unwrap_or_else(|| "-".into()),
             route = %outcome.route.as_deref().unwrap_or("-"),
             policy = %outcome.policy.as_deref().unwrap_or("-"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use regex::Regex;
 use serde::de::IgnoredAny;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use super::{Backend, HttpRoute, Match, Parent, PathMatch, Retry, Rule, ValueMatch, KIND};
 use crate::resource::FieldError;
@@ -42,20 +42,17 @@ struct RawDoc {
 #[derive(Deserialize)]
 struct RawMeta {
     name: String,
-    #[serde(default)]
     namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSpec {
-    #[serde(default, deserialize_with = "nullable")]
-    parent_refs: Vec<RawParentRef>,
+    parent_refs: Option<Vec<RawParentRef>>,
     /// Ignored: a mesh route is selected by the Service it is attached to.
     #[serde(rename = "hostnames", default)]
     _hostnames: Option<IgnoredAny>,
-    #[serde(default, deserialize_with = "nullable")]
-    rules: Vec<RawRule>,
+    rules: Option<Vec<RawRule>>,
 }
 
 #[derive(Deserialize)]
@@ -74,13 +71,10 @@ struct RawParentRef {
 struct RawRule {
     #[serde(rename = "name", default)]
     _name: Option<IgnoredAny>,
-    #[serde(default, deserialize_with = "nullable")]
-    matches: Vec<RawMatch>,
+    matches: Option<Vec<RawMatch>>,
     /// Any content: refused later with a clearer message than serde's.
-    #[serde(default, deserialize_with = "nullable")]
-    filters: Vec<IgnoredAny>,
-    #[serde(default, deserialize_with = "nullable")]
-    backend_refs: Vec<RawBackendRef>,
+    filters: Option<Vec<IgnoredAny>>,
+    backend_refs: Option<Vec<RawBackendRef>>,
     timeouts: Option<RawTimeouts>,
     retry: Option<RawRetry>,
     session_persistence: Option<IgnoredAny>,
@@ -90,10 +84,8 @@ struct RawRule {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawMatch {
     path: Option<RawPath>,
-    #[serde(default, deserialize_with = "nullable")]
-    headers: Vec<RawValueMatch>,
-    #[serde(default, deserialize_with = "nullable")]
-    query_params: Vec<RawValueMatch>,
+    headers: Option<Vec<RawValueMatch>>,
+    query_params: Option<Vec<RawValueMatch>>,
     method: Option<String>,
 }
 
@@ -139,8 +131,7 @@ struct RawBackendRef {
     namespace: Option<String>,
     port: Option<u16>,
     weight: Option<i64>,
-    #[serde(default, deserialize_with = "nullable")]
-    filters: Vec<IgnoredAny>,
+    filters: Option<Vec<IgnoredAny>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -154,15 +145,8 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 struct RawRetry {
     attempts: Option<i64>,
-    #[serde(default, deserialize_with = "nullable")]
-    codes: Vec<i64>,
+    codes: Option<Vec<i64>>,
     backoff: Option<String>,
-}
-
-/// Kubernetes treats `field: null` as an absent field; serde's `default`
-/// alone would refuse it for lists.
-fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `at.field` is wrong in the way `message` says.
@@ -192,10 +176,16 @@ pub fn parse(doc: serde_yaml::Value) -> Result<HttpRoute, FieldError> {
     let ns = ns.unwrap_or_else(|| "default".to_owned());
 
     let mut parents = Vec::new();
-    for (i, p) in raw.spec.parent_refs.into_iter().enumerate() {
+    for (i, p) in raw
+        .spec
+        .parent_refs
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         parents.extend(service_parent(p, &ns, &format!("spec.parentRefs[{i}]"))?);
     }
-    let mut raw_rules = raw.spec.rules;
+    let mut raw_rules = raw.spec.rules.unwrap_or_default();
     if raw_rules.is_empty() {
         // The API's default: one rule matching everything, with no backends.
         raw_rules.push(RawRule::default());
@@ -234,20 +224,20 @@ fn service_parent(p: RawParentRef, ns: &str, at: &str) -> Result<Option<Parent>,
 }
 
 fn rule(raw: RawRule, ns: &str, at: &str) -> Result<Rule, FieldError> {
-    refuse_filters(&raw.filters, at)?;
+    refuse_filters(raw.filters, at)?;
     if raw.session_persistence.is_some() {
         let message = "sessionPersistence is not supported yet";
         return Err(invalid(at, "sessionPersistence", message));
     }
     let mut matches = Vec::new();
-    for (i, m) in raw.matches.into_iter().enumerate() {
+    for (i, m) in raw.matches.unwrap_or_default().into_iter().enumerate() {
         matches.push(request_match(m, &format!("{at}.matches[{i}]"))?);
     }
     if matches.is_empty() {
         matches.push(request_match(RawMatch::default(), at)?);
     }
     let mut backends = Vec::new();
-    for (i, b) in raw.backend_refs.into_iter().enumerate() {
+    for (i, b) in raw.backend_refs.unwrap_or_default().into_iter().enumerate() {
         backends.push(backend(b, ns, &format!("{at}.backendRefs[{i}]"))?);
     }
     let at_timeouts = format!("{at}.timeouts");
@@ -265,8 +255,8 @@ fn rule(raw: RawRule, ns: &str, at: &str) -> Result<Rule, FieldError> {
 }
 
 /// Failing loud beats silently ignoring a redirect or header rewrite.
-fn refuse_filters(filters: &[IgnoredAny], at: &str) -> Result<(), FieldError> {
-    match filters {
+fn refuse_filters(filters: Option<Vec<IgnoredAny>>, at: &str) -> Result<(), FieldError> {
+    match filters.unwrap_or_default()[..] {
         [] => Ok(()),
         _ => Err(invalid(at, "filters[0]", "filters are not supported yet")),
     }
@@ -284,8 +274,16 @@ fn request_match(raw: RawMatch, at: &str) -> Result<Match, FieldError> {
     Ok(Match {
         path: path_match(path, &format!("{at}.path"))?,
         method,
-        headers: value_matches(raw.headers, &format!("{at}.headers"), header_name)?,
-        query: value_matches(raw.query_params, &format!("{at}.queryParams"), query_name)?,
+        headers: value_matches(
+            raw.headers.unwrap_or_default(),
+            &format!("{at}.headers"),
+            header_name,
+        )?,
+        query: value_matches(
+            raw.query_params.unwrap_or_default(),
+            &format!("{at}.queryParams"),
+            query_name,
+        )?,
     })
 }
 
@@ -336,7 +334,7 @@ fn full_match(pattern: &str, at: &str) -> Result<Regex, FieldError> {
 }
 
 fn backend(raw: RawBackendRef, ns: &str, at: &str) -> Result<(Backend, u32), FieldError> {
-    refuse_filters(&raw.filters, at)?;
+    refuse_filters(raw.filters, at)?;
     let core_group = raw.group.as_deref().is_none_or(str::is_empty);
     if !core_group || raw.kind.as_deref().is_some_and(|k| k != "Service") {
         return Err(invalid(
@@ -398,7 +396,7 @@ fn retry(raw: RawRetry, at: &str) -> Result<Retry, FieldError> {
             .map_err(|_| invalid(at, "attempts", format!("{n} is negative or too large")))?,
     };
     let mut codes = Vec::new();
-    for (i, &code) in raw.codes.iter().enumerate() {
+    for (i, code) in raw.codes.unwrap_or_default().into_iter().enumerate() {
         let Some(code) = u16::try_from(code).ok().filter(|c| (400..=599).contains(c)) else {
             return Err(invalid(
                 at,

@@ -66,7 +66,7 @@ impl Req {
     fn query(self, query: &'static str) -> Req {
         Req { query, ..self }
     }
-    fn from_ns(self, namespace: Option<&'static str>) -> Req {
+    fn client_ns(self, namespace: Option<&'static str>) -> Req {
         Req { namespace, ..self }
     }
 }
@@ -244,7 +244,7 @@ fn action_carries_backend_timeouts_and_retry_defaults() {
     let rule = "  - backendRefs: [{name: b, namespace: other}]\n    \
                 timeouts: {request: 10s, backendRequest: 500ms}\n    retry: {codes: [503]}\n";
     let r = routes(&[doc("r", rule)]);
-    let action = decide_on(&r, ("ns", "svc"), 80, &get("/").from_ns(None));
+    let action = decide_on(&r, ("ns", "svc"), 80, &get("/").client_ns(None));
     let action = action.expect("attached").expect("routed");
     let backend = Backend {
         namespace: "other".into(),
@@ -302,8 +302,11 @@ fn consumer_route_governs_only_its_own_namespace() {
     // The consumer route is the older one, so only scoping keeps it from others.
     let r = routes(&[consumer, producer]);
     assert_eq!(decide(&r, &get("/")), to("consumer"));
-    assert_eq!(decide(&r, &get("/").from_ns(Some("third"))), to("producer"));
-    assert_eq!(decide(&r, &get("/").from_ns(None)), to("producer"));
+    assert_eq!(
+        decide(&r, &get("/").client_ns(Some("third"))),
+        to("producer")
+    );
+    assert_eq!(decide(&r, &get("/").client_ns(None)), to("producer"));
 }
 
 #[test]

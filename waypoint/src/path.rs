@@ -1,0 +1,117 @@
+//! Request paths in one canonical form before anything matches on them, as
+//! Istio normalizes them for its policies: otherwise `/admin` denied could
+//! be reached as `//admin`, `/x/../admin`, `/%61dmin` or `/x%2F..%2Fadmin`.
+//! The backend receives the normalized path too, so what was checked is
+//! what is served.
+
+/// Why a path was refused (answered with 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("malformed percent-encoding in the path")]
+    BadEscape,
+    #[error("the path does not start with `/`")]
+    NotAbsolute,
+}
+
+/// The normalized form of `path` (without its query): percent-escapes of
+/// unreserved characters and of `/` decoded and the others upper-cased,
+/// runs of `/` merged, and `.` and `..` segments resolved (never above
+/// the root).
+pub fn normalize(path: &str) -> Result<String, PathError> {
+    if path == "*" {
+        return Ok(path.to_string());
+    }
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = decode(path)?;
+    let trailing_slash = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (trailing_slash && !segments.is_empty()) {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Decodes the escapes that mean the same as their character; keeps (in
+/// upper case) the ones that do not.
+fn decode(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            // Everything else is ASCII in a valid `http::Uri` path.
+            out.push(bytes[i] as char);
+            i += 1;
+            continue;
+        }
+        let hex = |b: u8| (b as char).to_digit(16);
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadEscape);
+        };
+        let c = (hi * 16 + lo) as u8;
+        if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
+            out.push(c as char);
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_of_a_path_is_one_path() {
+        for spelling in [
+            "/admin",
+            "//admin",
+            "/x/../admin",
+            "/./admin",
+            "/%61dmin",
+            "/x%2F..%2Fadmin",
+            "/../../admin",
+            "/x/%2E%2E/admin",
+        ] {
+            assert_eq!(normalize(spelling).unwrap(), "/admin", "{spelling}");
+        }
+    }
+
+    #[test]
+    fn trailing_slashes_and_other_escapes_are_kept() {
+        assert_eq!(normalize("/a/b/").unwrap(), "/a/b/");
+        assert_eq!(normalize("/a/b/..").unwrap(), "/a/");
+        assert_eq!(normalize("/").unwrap(), "/");
+        assert_eq!(normalize("/..").unwrap(), "/");
+        assert_eq!(normalize("/a%20b%3f").unwrap(), "/a%20b%3F");
+        assert_eq!(normalize("*").unwrap(), "*");
+    }
+
+    #[test]
+    fn malformed_paths_are_refused() {
+        assert_eq!(normalize("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(normalize("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalize("a"), Err(PathError::NotAbsolute));
+    }
+}
