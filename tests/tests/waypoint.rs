@@ -342,7 +342,10 @@ spec:
 fn routes_split_by_weight_match_headers_and_apply_timeouts_and_retries() -> Result<()> {
     let m = Mesh::up(true, false, "", ROUTES, &[])?;
     let mut c = m.client(echo(), false)?;
-    assert_eq!(c.request("GET", "/any", &[("x-version", "v2")])?.body, "pod=neighbor\n");
+    assert_eq!(
+        c.request("GET", "/any", &[("x-version", "v2")])?.body,
+        "pod=neighbor\n"
+    );
 
     let (mut v1, mut v2) = (0, 0);
     for _ in 0..200 {
@@ -353,15 +356,25 @@ fn routes_split_by_weight_match_headers_and_apply_timeouts_and_retries() -> Resu
         }
     }
     // 80/20 of 200: far outside chance for a broken split (p < 1e-6).
-    assert!((140..=180).contains(&v1) && v1 + v2 == 200, "split was {v1}/{v2}");
+    assert!(
+        (140..=180).contains(&v1) && v1 + v2 == 200,
+        "split was {v1}/{v2}"
+    );
 
     let started = std::time::Instant::now();
     assert_eq!(c.get("/delay/3000")?.status, 504);
-    assert!(started.elapsed() < Duration::from_millis(2500), "the route's timeout did not apply");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the route's timeout did not apply"
+    );
 
     let before = m.server.requests();
     assert_eq!(c.get("/status/503")?.status, 503);
-    assert_eq!(m.server.requests() - before, 3, "one attempt and two retries");
+    assert_eq!(
+        m.server.requests() - before,
+        3,
+        "one attempt and two retries"
+    );
     let before = m.server.requests();
     assert_eq!(c.get("/status/404")?.status, 404);
     assert_eq!(m.server.requests() - before, 1, "404 is not retried");
@@ -381,26 +394,50 @@ fn l7_config_applies_live_and_a_bad_resource_keeps_the_previous() -> Result<()> 
     // A new DENY for /allowed/new applies without a restart.
     std::fs::write(
         &m.l7,
-        format!("{POLICIES}---\n{}", POLICIES.split("---\n").nth(1).unwrap_or("").replace("deny-admin", "deny-new").replace("/allowed/admin", "/allowed/new")),
+        format!(
+            "{POLICIES}---\n{}",
+            POLICIES
+                .split("---\n")
+                .nth(1)
+                .unwrap_or("")
+                .replace("deny-admin", "deny-new")
+                .replace("/allowed/admin", "/allowed/new")
+        ),
     )?;
     m.wp.wait_for_log("L7 configuration applied", Duration::from_secs(10))?;
     assert_eq!(c.get("/allowed/new")?.status, 403);
 
     // A misspelled field is refused, named with its file and field; the
     // previous policies stay in force.
-    std::fs::write(&m.l7, POLICIES.replace("paths: [\"/allowed*\"]", "pathz: [\"/allowed*\"]"))?;
+    std::fs::write(
+        &m.l7,
+        POLICIES.replace("paths: [\"/allowed*\"]", "pathz: [\"/allowed*\"]"),
+    )?;
     m.wp.wait_for_log("L7 configuration refused", Duration::from_secs(10))?;
     let log = m.wp.log_text();
     assert!(
         log.contains(&format!("{}: document 1 (AuthorizationPolicy default/allow-client-get): field `spec.rules[0].to[0].operation", m.l7.display())) && log.contains("pathz"),
         "the refusal names the file, resource and field:\n{log}"
     );
-    assert_eq!(c.get("/allowed/new")?.status, 403, "the previous configuration stays");
+    assert_eq!(
+        c.get("/allowed/new")?.status,
+        403,
+        "the previous configuration stays"
+    );
     assert_eq!(c.get("/allowed/other")?.status, 200);
 
     // CUSTOM (external authorization) is refused with a clear message.
-    std::fs::write(&m.l7, POLICIES.replace("action: ALLOW", "action: CUSTOM\n  provider: {name: ext-authz}"))?;
-    m.wp.wait_for_log("CUSTOM (external authorization) is not supported", Duration::from_secs(10))?;
+    std::fs::write(
+        &m.l7,
+        POLICIES.replace(
+            "action: ALLOW",
+            "action: CUSTOM\n  provider: {name: ext-authz}",
+        ),
+    )?;
+    m.wp.wait_for_log(
+        "CUSTOM (external authorization) is not supported",
+        Duration::from_secs(10),
+    )?;
     assert_eq!(c.get("/allowed/new")?.status, 403);
     Ok(())
 }
@@ -420,11 +457,18 @@ fn every_spelling_of_a_denied_path_is_denied() -> Result<()> {
         "/allowed%2Fadmin",
         "/allowed/x/y/../../admin",
     ] {
-        assert_eq!(c.get(spelling)?.status, 403, "{spelling} got past a DENY on /allowed/admin");
+        assert_eq!(
+            c.get(spelling)?.status,
+            403,
+            "{spelling} got past a DENY on /allowed/admin"
+        );
     }
     assert_eq!(m.server.requests(), before);
     // What is allowed reaches the backend in its normalized form.
     assert_eq!(c.get("/allowed/x/../page")?.status, 200);
-    assert_eq!(m.server.last().map(|s| s.path), Some("/allowed/page".to_string()));
+    assert_eq!(
+        m.server.last().map(|s| s.path),
+        Some("/allowed/page".to_string())
+    );
     Ok(())
 }

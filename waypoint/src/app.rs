@@ -114,7 +114,7 @@ pub struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// HBONE handshakes in progress at once; more wait their turn.
+    /// HBONE handshakes in progress at once; a new one beyond it evicts the oldest.
     #[arg(long, default_value_t = 1024)]
     pub max_handshakes: usize,
 

@@ -25,7 +25,8 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let decoded = decode(path)?;
-    let trailing_slash = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let trailing_slash =
+        decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
         match segment {

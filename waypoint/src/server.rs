@@ -25,12 +25,13 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use ztunnel::{
     identity::Identity,
     proxy::hbone::{
+        server::{HandshakeSlot, HandshakeSlots},
         settings,
         stream::{H2Io, H2Stream},
     },
@@ -44,7 +45,8 @@ use crate::proxy::{self, Tunnel, Waypoint};
 pub struct Limits {
     /// TLS and HTTP/2 handshakes of an HBONE connection must finish in this.
     pub handshake_timeout: Duration,
-    /// HBONE handshakes in progress at once; more wait for a place.
+    /// HBONE handshakes in progress at once; a new one beyond it evicts
+    /// the oldest still in progress.
     pub max_handshakes: usize,
     /// CONNECT streams (client connections) per HBONE connection.
     pub max_tunnels_per_connection: u32,
@@ -81,7 +83,7 @@ pub async fn serve(
     wp: Arc<Waypoint>,
     limits: Limits,
 ) {
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+    let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -94,9 +96,11 @@ pub async fn serve(
         let tls = tls.clone();
         let identity = identity.clone();
         let wp = wp.clone();
-        let handshakes = handshakes.clone();
+        // A flood of stalled handshakes evicts itself (the oldest goes
+        // first) while real clients finish theirs in milliseconds.
+        let slot = handshakes.admit();
         tokio::spawn(async move {
-            connection(stream, peer, tls, identity, wp, limits, handshakes).await;
+            connection(stream, peer, tls, identity, wp, limits, slot).await;
         });
     }
 }
@@ -108,19 +112,13 @@ async fn connection(
     identity: Identity,
     wp: Arc<Waypoint>,
     limits: Limits,
-    handshakes: Arc<Semaphore>,
+    mut slot: HandshakeSlot,
 ) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
     let _ = stream.set_nodelay(true);
     let handshake = async {
-        // The place is held for the handshake only; the deadline covers
-        // the wait for it too, so a flood cannot park connections forever.
-        let _place = handshakes
-            .acquire()
-            .await
-            .map_err(|_| "shutting down".to_string())?;
         let config = tls
             .server_config(&identity)
             .await
@@ -152,17 +150,25 @@ async fn connection(
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
         Ok::<_, String>((peer_id, h2))
     };
-    let (peer_id, mut h2) = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-        Ok(Ok(done)) => done,
-        Ok(Err(reason)) => {
-            warn!(%peer, "refused HBONE connection: {reason}");
-            return;
-        }
-        Err(_) => {
-            warn!(%peer, timeout = ?limits.handshake_timeout, "refused HBONE connection: handshake timed out");
+    let bounded = tokio::time::timeout(limits.handshake_timeout, handshake);
+    let (peer_id, mut h2) = tokio::select! {
+        result = bounded => match result {
+            Ok(Ok(done)) => done,
+            Ok(Err(reason)) => {
+                warn!(%peer, "refused HBONE connection: {reason}");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, timeout = ?limits.handshake_timeout, "refused HBONE connection: handshake timed out");
+                return;
+            }
+        },
+        _ = &mut slot.evicted => {
+            warn!(%peer, limit = limits.max_handshakes, "refused HBONE connection: evicted, too many handshakes in progress");
             return;
         }
     };
+    drop(slot);
     debug!(%peer, peer_identity = %peer_id, "HBONE connection accepted");
     while let Some(accepted) = h2.accept().await {
         match accepted {

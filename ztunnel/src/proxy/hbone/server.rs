@@ -349,28 +349,29 @@ impl StreamContext {
 }
 
 /// Handshakes in progress, oldest first, each with a way to abandon it.
-struct HandshakeSlots {
+/// Shared with the waypoint, whose 15008 faces the same floods.
+pub struct HandshakeSlots {
     max: usize,
     inner: std::sync::Mutex<(u64, std::collections::VecDeque<(u64, oneshot::Sender<()>)>)>,
 }
 
 /// One handshake's place; leaving it (drop) frees the place.
-struct HandshakeSlot {
+pub struct HandshakeSlot {
     id: u64,
     slots: Arc<HandshakeSlots>,
     /// Fires when a newer handshake pushed this one out.
-    evicted: oneshot::Receiver<()>,
+    pub evicted: oneshot::Receiver<()>,
 }
 
 impl HandshakeSlots {
-    fn new(max: usize) -> Self {
+    pub fn new(max: usize) -> Self {
         HandshakeSlots {
             max: max.max(1),
             inner: std::sync::Mutex::new((0, std::collections::VecDeque::new())),
         }
     }
 
-    fn admit(self: &Arc<Self>) -> HandshakeSlot {
+    pub fn admit(self: &Arc<Self>) -> HandshakeSlot {
         let (tx, rx) = oneshot::channel();
         let mut guard = match self.inner.lock() {
             Ok(g) => g,
