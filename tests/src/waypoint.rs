@@ -35,7 +35,8 @@ pub const WAYPOINT: PodSpec = PodSpec {
 
 /// The `echo` service's address (port 80 -> the endpoint's 8080).
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
-/// `echo-v2`, a second service for weighted routes.
+/// `echo-v2`, a second service for weighted routes (it never names the
+/// waypoint: the waypoint sends to it directly).
 pub const ECHO_V2_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 11);
 /// The port the backends listen on.
 pub const BACKEND_PORT: u16 = 8080;
@@ -74,7 +75,7 @@ pub fn config(echo_waypoint: bool, server_waypoint: bool, tail: &str) -> String 
         String::new()
     };
     format!(
-        "{workloads}services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/{ECHO_VIP}\"]\n  ports: {{80: 8080}}\n{waypoint}- name: echo-v2\n  namespace: default\n  hostname: echo-v2.default.svc.cluster.local\n  vips: [\"/{ECHO_V2_VIP}\"]\n  ports: {{80: 8080}}\n{waypoint}{tail}"
+        "{workloads}services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/{ECHO_VIP}\"]\n  ports: {{80: 8080}}\n{waypoint}- name: echo-v2\n  namespace: default\n  hostname: echo-v2.default.svc.cluster.local\n  vips: [\"/{ECHO_V2_VIP}\"]\n  ports: {{80: 8080}}\n{tail}"
     )
 }
 
@@ -312,5 +313,104 @@ impl Client {
 
     pub fn get(&mut self, path: &str) -> Result<Reply> {
         self.request("GET", path, &[])
+    }
+}
+
+/// Latency of `count` sequential `GET /` on one kept-alive HTTP/1.1
+/// connection: (p50, p99) in microseconds.
+pub fn http_latency(ns: &Netns, addr: SocketAddr, count: usize) -> Result<(f64, f64)> {
+    let mut client = Client::connect(ns, addr, false)?;
+    // Warm the path (pooled tunnels, upstream connections).
+    for _ in 0..20 {
+        client.get("/")?;
+    }
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        let reply = client.get("/")?;
+        anyhow::ensure!(reply.status == 200, "GET / answered {}", reply.status);
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok((at(0.50), at(0.99)))
+}
+
+/// Requests per second: `threads` kept-alive HTTP/1.1 connections sending
+/// `GET /` back to back for `secs`.
+pub fn http_rate(ns: &Netns, addr: SocketAddr, threads: usize, secs: f64) -> Result<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let mut client = Client::connect(ns, addr, false)?;
+        handles.push(std::thread::spawn(move || -> Result<u64> {
+            let mut done = 0;
+            while std::time::Instant::now() < deadline {
+                let reply = client.get("/")?;
+                anyhow::ensure!(reply.status == 200, "GET / answered {}", reply.status);
+                done += 1;
+            }
+            Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    Ok(total as f64 / secs)
+}
+
+/// `count` cleartext HTTP/2 connections to `addr`, each past one request
+/// and then idle, held until dropped.
+pub struct IdleH2 {
+    _senders: Vec<hyper::client::conn::http2::SendRequest<Full<Bytes>>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl IdleH2 {
+    pub fn open(ns: &Netns, addr: SocketAddr, count: usize) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut senders = Vec::with_capacity(count);
+        for _ in 0..count {
+            let tcp = ns.run(move || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            })??;
+            tcp.set_nonblocking(true)?;
+            let sender = rt.block_on(async {
+                let io = TokioIo::new(tokio::net::TcpStream::from_std(tcp)?);
+                let (mut send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(conn);
+                let request = http::Request::builder()
+                    .uri(format!("http://{addr}/"))
+                    .body(Full::new(Bytes::new()))?;
+                let response = send.send_request(request).await?;
+                anyhow::ensure!(
+                    response.status() == 200,
+                    "GET / answered {}",
+                    response.status()
+                );
+                let _ = response.into_body().collect().await?;
+                anyhow::Ok(send)
+            })?;
+            senders.push(sender);
+        }
+        Ok(IdleH2 {
+            _senders: senders,
+            rt: Some(rt),
+        })
+    }
+}
+
+impl Drop for IdleH2 {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }

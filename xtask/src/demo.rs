@@ -14,6 +14,7 @@ use ztunnel_tests::{
     http,
     lab::{Lab, Node},
     traffic::{Connection, Server},
+    waypoint::{self, Backend, Client},
     ztunnel::{counters, ztunnel_owns},
 };
 
@@ -24,8 +25,9 @@ const ADMIN: SocketAddr =
 /// Runs the demo with the binaries [`crate::build_release`] pointed the
 /// harness at, serving `example` (copied: the demo pushes a change).
 pub fn run(example: &Path) -> Result<()> {
-    println!("== bringing up the lab: 2 nodes, 5 pods (network namespaces)");
-    let lab = Lab::up()?;
+    println!("== bringing up the lab: 2 nodes, 6 pods (network namespaces)");
+    let mut lab = Lab::up()?;
+    lab.add_extra_pod(waypoint::WAYPOINT)?;
     let config = std::env::temp_dir().join(format!("{}-demo.yaml", lab.prefix));
     let original = std::fs::read_to_string(example)
         .with_context(|| format!("reading {}", example.display()))?;
@@ -68,13 +70,7 @@ fn run_in(lab: &Lab, config: &Path, original: &str, example: &Path) -> Result<()
     let plain = lab.pod("plain");
     let neighbor = lab.pod("neighbor");
     let client_pod = lab.pod("client");
-    let servers = [
-        Server::start(&server.ns, server.addr(8080))?,
-        Server::start(&plain.ns, plain.addr(8080))?,
-        Server::start(&neighbor.ns, neighbor.addr(8080))?,
-        Server::start(&client_pod.ns, client_pod.addr(8080))?,
-    ];
-    let _ = &servers;
+    let servers = tcp_servers(lab)?;
 
     println!("\n== traffic (1 MiB each, checksummed at both ends)");
     println!(
@@ -163,6 +159,11 @@ fn run_in(lab: &Lab, config: &Path, original: &str, example: &Path) -> Result<()
     });
     println!("   policy removed: the client gets through again");
 
+    // The waypoint's HTTP backends take the servers' port for a while.
+    drop(servers);
+    show_waypoint(lab, config, example)?;
+    let _servers = tcp_servers(lab)?;
+
     println!("\n== kernel counters (read with bpftool from the pinned maps)");
     for (node, pod) in [
         ("node1", "client"),
@@ -215,6 +216,94 @@ fn run_in(lab: &Lab, config: &Path, original: &str, example: &Path) -> Result<()
     drop(zt2);
     drop(cp);
     println!("\n== tearing the lab down");
+    Ok(())
+}
+
+/// A checksumming TCP server on port 8080 of every pod the flows reach.
+fn tcp_servers(lab: &Lab) -> Result<Vec<Server>> {
+    ["server", "plain", "neighbor", "client"]
+        .into_iter()
+        .map(|name| {
+            let pod = lab.pod(name);
+            Server::start(&pod.ns, pod.addr(8080))
+        })
+        .collect()
+}
+
+/// The waypoint: `echo` names it, so ztunnel sends echo's traffic through
+/// it, where Istio's L7 policy and a Gateway API route apply.
+fn show_waypoint(lab: &Lab, config: &Path, example: &Path) -> Result<()> {
+    let l7 = example.with_file_name("waypoint.yaml");
+    println!(
+        "\n== a waypoint (L7) in the waypoint pod ({}), with {}",
+        waypoint::WAYPOINT.ip,
+        l7.display()
+    );
+    println!("   pushing: services echo ({}:80 -> server) and echo-v2 ({}:80 -> neighbor); echo names the waypoint", waypoint::ECHO_VIP, waypoint::ECHO_V2_VIP);
+    write_atomically(config, &waypoint::config(true, false, ""))?;
+    let wp = waypoint::start(lab, config, &l7, &[])?;
+    let server = lab.pod("server");
+    let neighbor = lab.pod("neighbor");
+    let _backends = [
+        Backend::start(&server.ns, "server", server.addr(waypoint::BACKEND_PORT))?,
+        Backend::start(
+            &neighbor.ns,
+            "neighbor",
+            neighbor.addr(waypoint::BACKEND_PORT),
+        )?,
+    ];
+    let echo = SocketAddr::from((waypoint::ECHO_VIP, 80));
+    // The control plane pushes the services to both ztunnels first.
+    let mut client = None;
+    wait_until(Duration::from_secs(5), || {
+        client = Client::connect(&lab.pod("client").ns, echo, false).ok();
+        client
+            .as_mut()
+            .and_then(|c| c.get("/hello").ok())
+            .is_some_and(|r| r.status == 200)
+    });
+    let mut client = client.context("echo did not answer through the waypoint")?;
+    for (method, path) in [("GET", "/hello"), ("GET", "/admin"), ("POST", "/hello")] {
+        let reply = client.request(method, path, &[])?;
+        println!(
+            "   client: {method:4} http://{echo}{path:8} -> {} {}",
+            reply.status,
+            reply.body.trim()
+        );
+    }
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..100 {
+        match client.get("/canary")?.body.trim() {
+            "pod=server" => v1 += 1,
+            _ => v2 += 1,
+        }
+    }
+    println!("   client: 100 x GET /canary -> server {v1}, neighbor {v2} (route weights 80/20)");
+    let metrics = http::get(
+        &lab.pod(waypoint::WAYPOINT.name).ns,
+        SocketAddr::from((waypoint::WAYPOINT.ip, 15020)),
+        "/metrics",
+    )?;
+    println!("   the waypoint's metrics (istio_requests_total, as Istio's dashboards read them):");
+    for code in ["200", "403"] {
+        let n = http::sample(
+            &metrics.body,
+            "istio_requests_total",
+            &[("response_code", code), ("source_workload", "client")],
+        )
+        .unwrap_or(0.0);
+        println!("      response_code={code} source_workload=client reporter=waypoint: {n}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    println!("   its access log (the last three lines):");
+    let log = wp.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("waypoint::access"))
+        .collect();
+    for line in lines.iter().skip(lines.len().saturating_sub(3)) {
+        println!("      {}", line.trim());
+    }
     Ok(())
 }
 

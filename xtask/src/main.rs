@@ -370,11 +370,16 @@ fn build_ebpf() -> Result<PathBuf> {
 }
 
 /// Builds the binaries the tests and the lab run (ztunnel, the control
-/// plane, the CNI plugin), with `profile` flags.
+/// plane, the CNI plugin, the waypoint), with `profile` flags.
 fn build_bins(profile: &[&str]) -> Result<()> {
     let mut args = vec!["build"];
     args.extend_from_slice(profile);
-    for package in ["ztunnel", "ztunnel-controlplane", "ztunnel-cni"] {
+    for package in [
+        "ztunnel",
+        "ztunnel-controlplane",
+        "ztunnel-cni",
+        "ztunnel-waypoint",
+    ] {
         args.extend(["--package", package]);
     }
     args.push("--bins");
@@ -391,6 +396,7 @@ fn build_release() -> Result<PathBuf> {
         "ZTUNNEL_CONTROLPLANE_BIN",
         root().join("target/release/ztunnel-controlplane"),
     );
+    std::env::set_var("WAYPOINT_BIN", root().join("target/release/waypoint"));
     Ok(bin)
 }
 

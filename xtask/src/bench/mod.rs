@@ -7,11 +7,14 @@
 //! cross-node figures through two plain userspace TCP relays, one per node
 //! (no TLS, no HTTP/2, no capture): what two proxy hops cost on their own,
 //! the floor for any design with a proxy on both nodes. Each figure is the
-//! median of its repetitions. Results: a table on stdout, `target/bench/results.json`, and
+//! median of its repetitions. The waypoint's figures ([`waypoint`]) compare
+//! HTTP through it with the ztunnel-only path (their "no mesh" column is
+//! that path). Results: a table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.svg`.
 
 mod chart;
 mod iperf;
+mod waypoint;
 
 use std::{
     net::SocketAddr,
@@ -471,6 +474,12 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         cpu / (bytes / 1e9),
         None,
     ));
+    drop(lab);
+    eprintln!(
+        "[bench] waypoint: HTTP through it against ztunnel only ({} repetitions)",
+        params.repetitions
+    );
+    rows.extend(waypoint::run(&params).context("the waypoint's figures")?);
 
     let report = Report {
         commit: sh(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
