@@ -97,6 +97,29 @@ pub fn start(lab: &Lab, config: &Path, l7: &Path, extra: &[&str]) -> Result<Ztun
     Ztunnel::spawn_command(lab.node("node2"), cmd, extra, &[])?.ready()
 }
 
+/// Starts the waypoint with its workloads and certificate from the lab's
+/// control plane at `control_plane` (as node2's pods get theirs).
+pub fn start_from_control_plane(
+    lab: &Lab,
+    control_plane: SocketAddr,
+    l7: &Path,
+) -> Result<Ztunnel> {
+    let pod = lab.pod(WAYPOINT.name);
+    let mut cmd = pod.ns.command(built_binary("waypoint", "WAYPOINT_BIN")?);
+    cmd.arg("--l7-config")
+        .arg(l7)
+        .arg("--pod-ip")
+        .arg(WAYPOINT.ip.to_string())
+        .env("NODE_NAME", "node2")
+        .env("RUST_LOG", "info")
+        .envs(crate::controlplane::environment(
+            lab,
+            control_plane,
+            "node2",
+        ));
+    Ztunnel::spawn_command(lab.node("node2"), cmd, &[], &[])?.ready()
+}
+
 /// What a backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -472,3 +472,42 @@ fn every_spelling_of_a_denied_path_is_denied() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_waypoint_takes_workloads_and_its_certificate_from_the_control_plane() -> Result<()> {
+    use ztunnel_tests::controlplane::{self, ControlPlane};
+    let mut lab = lab::Lab::up()?;
+    lab.add_extra_pod(WAYPOINT)?;
+    let config = std::env::temp_dir().join(format!("{}-cp.yaml", lab.prefix));
+    let l7 = std::env::temp_dir().join(format!("{}-cp-l7.yaml", lab.prefix));
+    std::fs::write(&config, waypoint::config(true, false, ""))?;
+    std::fs::write(&l7, POLICIES)?;
+    let result = (|| -> Result<()> {
+        let cp = ControlPlane::start(&lab, &config, &[])?;
+        let _zt1 = controlplane::ztunnel(&lab, cp.address, "node1", &[], &[])?;
+        let _zt2 = controlplane::ztunnel(&lab, cp.address, "node2", &[], &[])?;
+        let wp = waypoint::start_from_control_plane(&lab, cp.address, &l7)?;
+        let server_pod = lab.pod("server");
+        let server = Backend::start(&server_pod.ns, "server", server_pod.addr(BACKEND_PORT))?;
+        let mut c = Client::connect(&lab.pod("client").ns, echo(), false)?;
+        assert_eq!(c.get("/allowed/cp")?.body, "pod=server\n");
+        assert_eq!(c.get("/allowed/admin")?.status, 403);
+        assert_eq!(server.requests(), 1);
+        let log = wp.log_text();
+        assert!(
+            log.contains("waiting for the control plane's first complete push"),
+            "{log}"
+        );
+        // No --ca-dir was given: the certificate came from the control plane's CA.
+        assert!(
+            log.contains(
+                "certificate issued identity=spiffe://cluster.local/ns/default/sa/waypoint"
+            ),
+            "{log}"
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&l7);
+    result
+}

@@ -38,9 +38,40 @@ use crate::{
 #[command(name = "waypoint", version, about = "The mesh's L7 proxy (waypoint)")]
 pub struct Args {
     /// Workloads and services, in the schema ztunnel reads (LOCAL_XDS_PATH);
-    /// watched. The waypoint balances across the endpoints it lists.
-    #[arg(long = "config", env = "LOCAL_XDS_PATH", value_name = "FILE")]
-    pub config: PathBuf,
+    /// watched. The waypoint balances across the endpoints it lists. Not
+    /// with --xds-address.
+    #[arg(
+        long = "config",
+        env = "LOCAL_XDS_PATH",
+        value_name = "FILE",
+        conflicts_with = "xds_address"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// The control plane's xDS service (istiod: https://istiod.istio-system.svc:15012):
+    /// workloads and services come from it, as ztunnel's do.
+    #[arg(long, env = "XDS_ADDRESS", value_name = "URL")]
+    pub xds_address: Option<String>,
+
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: PathBuf,
+
+    /// Names to verify the control plane's certificates against instead of
+    /// the addresses' hosts.
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+
+    /// The pod's name and node, for the control plane (POD_NAME, NODE_NAME).
+    #[arg(long, env = "POD_NAME", default_value = "waypoint")]
+    pub pod_name: String,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
 
     /// AuthorizationPolicy and HTTPRoute resources (Kubernetes YAML, many
     /// per file): files or directories, repeatable; watched.
@@ -77,7 +108,8 @@ pub struct Args {
     )]
     pub ca_dir: Option<PathBuf>,
 
-    /// The control plane's CA (istiod: https://istiod.istio-system.svc:15012).
+    /// The control plane's CA (istiod: https://istiod.istio-system.svc:15012);
+    /// default: the xDS address.
     #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
     pub ca_address: Option<String>,
 
@@ -152,17 +184,33 @@ impl Args {
         }
     }
 
+    fn endpoint(
+        &self,
+        address: &str,
+        root: &std::path::Path,
+        alt: &Option<String>,
+    ) -> ControlPlaneEndpoint {
+        ControlPlaneEndpoint {
+            address: address.to_string(),
+            root_cert: root.to_path_buf(),
+            alt_hostname: alt.clone(),
+            token: Some(self.auth_token.clone()),
+            cluster_id: self.cluster_id.clone(),
+            headers: Vec::new(),
+        }
+    }
+
     fn ca(&self) -> anyhow::Result<CaSource> {
-        match (&self.ca_dir, &self.ca_address) {
+        match (
+            &self.ca_dir,
+            self.ca_address.as_ref().or(self.xds_address.as_ref()),
+        ) {
             (Some(dir), _) => Ok(CaSource::Local(LocalCa::load(dir)?)),
-            (None, Some(address)) => Ok(CaSource::Remote(CaClient::new(ControlPlaneEndpoint {
-                address: address.clone(),
-                root_cert: self.ca_root_ca.clone(),
-                alt_hostname: None,
-                token: Some(self.auth_token.clone()),
-                cluster_id: self.cluster_id.clone(),
-                headers: Vec::new(),
-            }))),
+            (None, Some(address)) => Ok(CaSource::Remote(CaClient::new(self.endpoint(
+                address,
+                &self.ca_root_ca,
+                &self.alt_ca_hostname,
+            )))),
             (None, None) => anyhow::bail!(
                 "no CA: give --ca-dir DIR (ZTUNNEL_CA_DIR) or --ca-address URL (CA_ADDRESS)"
             ),
@@ -180,25 +228,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("the waypoint's certificate ({identity})"))?;
 
-    // Workloads and services: the same file, and the same snapshot, as ztunnel's.
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("--config {}", args.config.display()))?;
-    let config = LocalConfig::parse(&text, &args.config)?;
-    let snapshot = |c: &LocalConfig| Arc::new(Snapshot::new("", &args.trust_domain, c));
-    let (state_tx, state) = watch::channel(snapshot(&config));
-    {
-        let trust_domain = args.trust_domain.clone();
-        tokio::spawn(ztunnel::config::source::watch_file(
-            args.config.clone(),
-            text,
-            l7config::POLL,
-            move |c| {
-                state_tx
-                    .send(Arc::new(Snapshot::new("", &trust_domain, &c)))
-                    .is_ok()
-            },
-        ));
-    }
+    let state = workload_state(&args).await?;
 
     let waypoint = WaypointRef {
         namespace: args.namespace.clone(),
@@ -270,6 +300,74 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Workloads and services, in the same snapshot ztunnel builds: from the
+/// file (watched) or from the control plane (the first complete push, then
+/// every later one).
+async fn workload_state(args: &Args) -> anyhow::Result<watch::Receiver<Arc<Snapshot>>> {
+    let trust_domain = args.trust_domain.clone();
+    let snapshot = move |c: &LocalConfig| Arc::new(Snapshot::new("", &trust_domain, c));
+    match (&args.config, &args.xds_address) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--config {}", path.display()))?;
+            let config = LocalConfig::parse(&text, path)?;
+            let (tx, rx) = watch::channel(snapshot(&config));
+            tokio::spawn(ztunnel::config::source::watch_file(
+                path.clone(),
+                text,
+                l7config::POLL,
+                move |c| tx.send(snapshot(&c)).is_ok(),
+            ));
+            Ok(rx)
+        }
+        (None, Some(address)) => {
+            let endpoint = args.endpoint(address, &args.xds_root_ca, &args.alt_xds_hostname);
+            // Istio's node metadata, as ztunnel sends it: istiod serves
+            // the workload and service addresses to such a node.
+            let ip = args.pod_ip.to_string();
+            let node = ztunnel::xds::NodeIdentity {
+                id: format!(
+                    "ztunnel~{ip}~{}.{ns}~{ns}.svc.cluster.local",
+                    args.pod_name,
+                    ns = args.namespace
+                ),
+                metadata: [
+                    ("NAME", args.pod_name.clone()),
+                    ("NAMESPACE", args.namespace.clone()),
+                    ("INSTANCE_IPS", ip),
+                    ("NODE_NAME", args.node_name.clone()),
+                    ("CLUSTER_ID", args.cluster_id.clone()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            };
+            let (client, mut updates) = ztunnel::xds::XdsClient::new(endpoint, node);
+            tokio::spawn(client.run());
+            info!(%address, "waiting for the control plane's first complete push");
+            let first = updates
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| anyhow::anyhow!("the xDS client stopped"))?
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no configuration"))?;
+            let (tx, rx) = watch::channel(snapshot(&first));
+            tokio::spawn(async move {
+                while updates.changed().await.is_ok() {
+                    let Some(config) = updates.borrow_and_update().clone() else { continue };
+                    if tx.send(snapshot(&config)).is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(rx)
+        }
+        (None, None) => anyhow::bail!(
+            "no workload state: give --config FILE (LOCAL_XDS_PATH) or --xds-address URL (XDS_ADDRESS)"
+        ),
+    }
+}
+
 /// `/metrics` and `/healthz/ready`, over plain HTTP/1.1.
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
@@ -290,11 +388,10 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
                         "/healthz/ready" => (200, "ready\n".to_string(), "text/plain"),
                         _ => (404, "not found\n".to_string(), "text/plain"),
                     };
-                    let response = http::Response::builder()
+                    http::Response::builder()
                         .status(status)
                         .header(http::header::CONTENT_TYPE, kind)
-                        .body(Full::new(Bytes::from(body)));
-                    response
+                        .body(Full::new(Bytes::from(body)))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -4,11 +4,7 @@
 //! not load is refused as a whole, named with the resource and field at
 //! fault, and the previous configuration stays in force.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -37,12 +33,12 @@ pub enum L7Error {
         index: usize,
         message: String,
     },
-    #[error("{}: document {index} ({kind} {name}): {source}", path.display())]
+    /// `resource` is `<kind> <namespace>/<name>`.
+    #[error("{}: document {index} ({resource}): {source}", path.display())]
     Resource {
         path: PathBuf,
         index: usize,
-        kind: String,
-        name: String,
+        resource: String,
         source: FieldError,
     },
 }
@@ -141,8 +137,7 @@ fn parse(
             let refuse = |source: FieldError| L7Error::Resource {
                 path: path.clone(),
                 index,
-                kind: kind.clone(),
-                name: name.clone(),
+                resource: format!("{kind} {name}"),
                 source,
             };
             match kind.as_str() {
@@ -274,9 +269,4 @@ pub fn describe(paths: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Whether `path` exists, for the start's checks.
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }

@@ -224,6 +224,7 @@ pub async fn handle(
 
 /// Sends the request on: to the route's backend, or to the service (or pod)
 /// the client dialled; retried as the route says.
+#[allow(clippy::too_many_arguments)] // the request's facts, each used once
 async fn forward(
     wp: &Arc<Waypoint>,
     tunnel: &Tunnel,

@@ -63,6 +63,9 @@ impl UpstreamError {
     }
 }
 
+/// An idle HTTP/1.1 connection and since when it is idle.
+type IdleH1 = (http1::SendRequest<Body>, Instant);
+
 /// The endpoint pools.
 pub struct Upstreams {
     pool: Arc<Pool>,
@@ -71,7 +74,7 @@ pub struct Upstreams {
     /// The waypoint's own address, the tunnels' source.
     own_ip: IpAddr,
     baggage: String,
-    h1: Mutex<HashMap<SocketAddr, Vec<(http1::SendRequest<Body>, Instant)>>>,
+    h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
 }
 

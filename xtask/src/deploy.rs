@@ -44,7 +44,7 @@ fn validate(bin: &Path, version: &str, files: &[PathBuf]) -> Result<(bool, Strin
 
 /// The kustomizations under `deploy/`, each validated file by file and as
 /// `kubectl apply -k` renders it.
-const KUSTOMIZATIONS: [&str; 2] = ["deploy/kubernetes", "deploy/uninstall"];
+const KUSTOMIZATIONS: [&str; 3] = ["deploy/kubernetes", "deploy/uninstall", "deploy/waypoint"];
 
 pub fn check(root: &Path) -> Result<()> {
     let plugin = build_cni(root)?;

@@ -352,8 +352,11 @@ impl StreamContext {
 /// Shared with the waypoint, whose 15008 faces the same floods.
 pub struct HandshakeSlots {
     max: usize,
-    inner: std::sync::Mutex<(u64, std::collections::VecDeque<(u64, oneshot::Sender<()>)>)>,
+    /// The last id given out, and the handshakes in progress by id.
+    inner: std::sync::Mutex<(u64, InProgress)>,
 }
+
+type InProgress = std::collections::VecDeque<(u64, oneshot::Sender<()>)>;
 
 /// One handshake's place; leaving it (drop) frees the place.
 pub struct HandshakeSlot {
