@@ -35,6 +35,7 @@ pub const WAYPOINT: PodSpec = PodSpec {
 
 /// The `echo` service's address (port 80 -> the endpoint's 8080).
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+/// (`echo-plain`, 198.18.100.12:80, is the `plain` pod, outside the mesh.)
 /// `echo-v2`, a second service for weighted routes (it never names the
 /// waypoint: the waypoint sends to it directly).
 pub const ECHO_V2_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 11);
@@ -59,6 +60,10 @@ pub fn config(echo_waypoint: bool, server_waypoint: bool, tail: &str) -> String 
                 "neighbor",
                 "\"default/echo-v2.default.svc.cluster.local\": {80: 8080}",
             ),
+            (
+                "plain",
+                "\"default/echo-plain.default.svc.cluster.local\": {80: 8080}",
+            ),
         ],
         &[WAYPOINT],
         "",
@@ -75,7 +80,7 @@ pub fn config(echo_waypoint: bool, server_waypoint: bool, tail: &str) -> String 
         String::new()
     };
     format!(
-        "{workloads}services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/{ECHO_VIP}\"]\n  ports: {{80: 8080}}\n{waypoint}- name: echo-v2\n  namespace: default\n  hostname: echo-v2.default.svc.cluster.local\n  vips: [\"/{ECHO_V2_VIP}\"]\n  ports: {{80: 8080}}\n{tail}"
+        "{workloads}services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/{ECHO_VIP}\"]\n  ports: {{80: 8080}}\n{waypoint}- name: echo-v2\n  namespace: default\n  hostname: echo-v2.default.svc.cluster.local\n  vips: [\"/{ECHO_V2_VIP}\"]\n  ports: {{80: 8080}}\n- name: echo-plain\n  namespace: default\n  hostname: echo-plain.default.svc.cluster.local\n  vips: [\"/198.18.100.12\"]\n  ports: {{80: 8080}}\n{tail}"
     )
 }
 

@@ -324,6 +324,9 @@ spec:
     - headers: [{name: x-version, value: v2}]
     backendRefs: [{name: echo-v2, port: 80}]
   - matches:
+    - headers: [{name: x-version, value: plain}]
+    backendRefs: [{name: echo-plain, port: 80}]
+  - matches:
     - path: {type: PathPrefix, value: /split}
     backendRefs:
     - {name: echo, port: 80, weight: 80}
@@ -345,6 +348,13 @@ fn routes_split_by_weight_match_headers_and_apply_timeouts_and_retries() -> Resu
     assert_eq!(
         c.request("GET", "/any", &[("x-version", "v2")])?.body,
         "pod=neighbor\n"
+    );
+    // A backend outside the mesh (no 15008 to answer) is reached in plain TCP.
+    let plain = m.s.lab.pod("plain");
+    let _plain = Backend::start(&plain.ns, "plain", plain.addr(BACKEND_PORT))?;
+    assert_eq!(
+        c.request("GET", "/any", &[("x-version", "plain")])?.body,
+        "pod=plain\n"
     );
 
     let (mut v1, mut v2) = (0, 0);

@@ -63,6 +63,11 @@ impl UpstreamError {
     }
 }
 
+/// What an upstream HTTP connection runs over: an HBONE stream or TCP.
+pub trait ByteStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ByteStream for T {}
+type Io = TokioIo<Box<dyn ByteStream>>;
+
 /// An idle HTTP/1.1 connection and since when it is idle.
 type IdleH1 = (http1::SendRequest<Body>, Instant);
 
@@ -222,12 +227,23 @@ impl Upstreams {
         Ok(sender)
     }
 
-    /// A tunnel to the endpoint, from the waypoint's identity.
-    async fn tunnel(
-        &self,
-        state: &Snapshot,
-        upstream: &Upstream,
-    ) -> Result<TokioIo<H2Io>, UpstreamError> {
+    /// A byte stream to the endpoint: an HBONE tunnel from the waypoint's
+    /// identity to a mesh workload; plain TCP to one outside the mesh (it
+    /// has no 15008 to answer), as Istio's waypoint sends it.
+    async fn tunnel(&self, state: &Snapshot, upstream: &Upstream) -> Result<Io, UpstreamError> {
+        if !upstream.workload.hbone {
+            let tcp = tokio::time::timeout(
+                ztunnel::proxy::CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect(upstream.addr),
+            )
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(format!("{} did not answer in time", upstream.addr))
+            })?
+            .map_err(|e| UpstreamError::Connect(format!("{}: {e}", upstream.addr)))?;
+            let _ = tcp.set_nodelay(true);
+            return Ok(TokioIo::new(Box::new(tcp)));
+        }
         let mut dst_id = upstream.service_sans.clone();
         dst_id.push(state.identity_of(&upstream.workload));
         let own = SocketAddr::new(self.own_ip, 0);
@@ -247,6 +263,6 @@ impl Upstreams {
         let stream = Box::pin(client::open(&self.pool, &target))
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        Ok(TokioIo::new(H2Io::new(stream)))
+        Ok(TokioIo::new(Box::new(H2Io::new(stream))))
     }
 }
