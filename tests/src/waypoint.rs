@@ -33,7 +33,8 @@ pub const WAYPOINT: PodSpec = PodSpec {
     service_account: "waypoint",
 };
 
-/// The `echo` service's address (port 80 -> the endpoint's 8080).
+/// The `echo` service's address (port 80 -> the endpoint's 8080; 7000 for
+/// TCP that is not HTTP).
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 /// (`echo-plain`, 198.18.100.12:80, is the `plain` pod, outside the mesh.)
 /// `echo-v2`, a second service for weighted routes (it never names the
@@ -80,7 +81,7 @@ pub fn config(echo_waypoint: bool, server_waypoint: bool, tail: &str) -> String 
         String::new()
     };
     format!(
-        "{workloads}services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/{ECHO_VIP}\"]\n  ports: {{80: 8080}}\n{waypoint}- name: echo-v2\n  namespace: default\n  hostname: echo-v2.default.svc.cluster.local\n  vips: [\"/{ECHO_V2_VIP}\"]\n  ports: {{80: 8080}}\n- name: echo-plain\n  namespace: default\n  hostname: echo-plain.default.svc.cluster.local\n  vips: [\"/198.18.100.12\"]\n  ports: {{80: 8080}}\n{tail}"
+        "{workloads}services:\n- name: echo\n  namespace: default\n  hostname: echo.default.svc.cluster.local\n  vips: [\"/{ECHO_VIP}\"]\n  ports: {{80: 8080, 7000: 7000}}\n{waypoint}- name: echo-v2\n  namespace: default\n  hostname: echo-v2.default.svc.cluster.local\n  vips: [\"/{ECHO_V2_VIP}\"]\n  ports: {{80: 8080}}\n- name: echo-plain\n  namespace: default\n  hostname: echo-plain.default.svc.cluster.local\n  vips: [\"/198.18.100.12\"]\n  ports: {{80: 8080}}\n{tail}"
     )
 }
 

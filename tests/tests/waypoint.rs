@@ -521,3 +521,78 @@ fn the_waypoint_takes_workloads_and_its_certificate_from_the_control_plane() -> 
     let _ = std::fs::remove_file(&l7);
     result
 }
+
+#[test]
+fn tcp_that_is_not_http_is_relayed_under_the_waypoints_l4_policy() -> Result<()> {
+    use ztunnel_tests::traffic::Server;
+    // Binary first bytes: not HTTP, so relayed as bytes.
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let vip = SocketAddr::from((ECHO_VIP, 7000));
+    {
+        let mut m = Mesh::up(true, false, "", "", &[])?;
+        let server_pod = m.s.lab.pod("server");
+        let _tcp = Server::start(&server_pod.ns, server_pod.addr(7000))?;
+        let report = Connection::open(&m.s.lab.pod("client").ns, vip, Duration::from_secs(5))?
+            .exchange_bytes(&payload)?;
+        assert_eq!(report.peer.ip(), std::net::IpAddr::V4(WAYPOINT.ip));
+        m.wp.wait_for_log("protocol=tcp", Duration::from_secs(5))?;
+    }
+    // An ALLOW whose only rule has HTTP conditions cannot allow TCP.
+    let m = Mesh::up(true, false, "", POLICIES, &[])?;
+    let server_pod = m.s.lab.pod("server");
+    let tcp = Server::start(&server_pod.ns, server_pod.addr(7000))?;
+    let denied = Connection::open(&m.s.lab.pod("client").ns, vip, Duration::from_secs(5))
+        .and_then(|c| c.exchange_bytes(&payload));
+    assert!(denied.is_err(), "TCP got through an HTTP-only ALLOW");
+    assert!(tcp.accepted().is_empty());
+    assert!(m.wp.log_text().contains("TCP connection denied"));
+    Ok(())
+}
+
+#[test]
+fn a_service_policy_applies_when_its_pod_is_dialled() -> Result<()> {
+    // A DENY aimed at the echo Service; the client dials the server pod,
+    // which names the waypoint too.
+    let deny_echo = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: echo-no-secret}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: echo}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/allowed/secret\"]}}]}]\n";
+    let m = Mesh::up(true, true, "", &format!("{POLICIES}{deny_echo}"), &[])?;
+    let mut c = m.client(m.s.lab.pod("server").addr(BACKEND_PORT), false)?;
+    assert_eq!(c.get("/allowed/fine")?.status, 200);
+    assert_eq!(
+        c.get("/allowed/secret")?.status,
+        403,
+        "dialling the pod dodged the service's DENY"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() -> Result<()> {
+    let mut m = Mesh::up(true, false, "", "", &["--drain-deadline", "10s"])?;
+    let mut client_ns = ztunnel_tests::netns::Netns::existing(m.s.lab.pod("client").ns.name());
+    client_ns.keep();
+    let slow = std::thread::spawn(move || -> Result<u16> {
+        let mut c = Client::connect(&client_ns, echo(), false)?;
+        Ok(c.get("/delay/1500")?.status)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    m.wp.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    let pod = m.s.lab.pod(WAYPOINT.name);
+    let ready = ztunnel_tests::http::get(
+        &pod.ns,
+        SocketAddr::from((WAYPOINT.ip, 15020)),
+        "/healthz/ready",
+    )?;
+    assert_eq!(ready.status, 503, "readiness fails while draining");
+    let status = slow
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    assert_eq!(status, 200, "the request in flight was cut off");
+    let exit = m.wp.wait_exit(Duration::from_secs(10))?;
+    assert!(exit.success(), "{exit:?}");
+    assert!(m
+        .wp
+        .log_text()
+        .contains("drained: every connection finished"));
+    Ok(())
+}

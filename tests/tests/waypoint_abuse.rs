@@ -335,3 +335,89 @@ fn stalled_hbone_handshakes_do_not_lock_out_real_clients() -> Result<()> {
     );
     Ok(())
 }
+
+/// A DENY on a host name, for the authority tests.
+const DENY_ADMIN_HOST: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-host}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {hosts: [\"admin.svc\", \"admin.svc:*\"]}}]}]\n";
+
+fn status_line(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_request_has_one_authority_and_one_path() -> Result<()> {
+    let mut m = Mesh::up(&[])?;
+    std::fs::write(&m.l7, DENY_ADMIN_HOST)?;
+    m.wp.wait_for_log("L7 configuration applied", Duration::from_secs(10))?;
+    let send = |request: &str| -> Result<String> {
+        let mut s = m.raw()?;
+        s.write_all(request.as_bytes())?;
+        Ok(status_line(
+            &read_until_closed(&mut s, Duration::from_secs(5)).0,
+        ))
+    };
+    // Names the policy must see as admin.svc.
+    for host in ["admin.svc", "ADMIN.svc", "admin.svc.", "admin.svc:80"] {
+        let line = send(&format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ))?;
+        assert!(line.starts_with("HTTP/1.1 403"), "Host {host}: {line}");
+    }
+    // Two names for one request.
+    let line =
+        send("GET / HTTP/1.1\r\nHost: public.svc\r\nHost: admin.svc\r\nConnection: close\r\n\r\n")?;
+    assert!(line.starts_with("HTTP/1.1 400"), "two Host headers: {line}");
+    let line =
+        send("GET http://admin.svc/ HTTP/1.1\r\nHost: public.svc\r\nConnection: close\r\n\r\n")?;
+    assert!(
+        line.starts_with("HTTP/1.1 403"),
+        "an absolute-form target is the authority: {line}"
+    );
+    // `Connection: host` must not strip the Host the policy checked.
+    let line = send("GET / HTTP/1.1\r\nHost: public.svc\r\nConnection: close, host\r\n\r\n")?;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    assert_eq!(
+        m.server.last().and_then(|s| s.headers.get("host").cloned()),
+        Some("public.svc".into())
+    );
+    // Paths that a backend would read otherwise than the policy.
+    for path in [
+        "/public/..;/admin",
+        "/public\\..\\admin",
+        "/public%5C..%5Cadmin",
+        "/a%zz",
+    ] {
+        let line = send(&format!(
+            "GET {path} HTTP/1.1\r\nHost: public.svc\r\nConnection: close\r\n\r\n"
+        ))?;
+        assert!(line.starts_with("HTTP/1.1 400"), "{path}: {line}");
+    }
+
+    // HTTP/2 whose `host` header disagrees with `:authority`.
+    let mut h2 = m.raw()?;
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(0x4, 0, 0, &[]));
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, 9];
+    block.extend_from_slice(b"admin.svc");
+    block.extend_from_slice(&[0x00, 4]);
+    block.extend_from_slice(b"host");
+    block.push(10);
+    block.extend_from_slice(b"public.svc");
+    bytes.extend(frame(0x1, 0x5, 1, &block));
+    h2.write_all(&bytes)?;
+    let (reply, _) = read_until_closed(&mut h2, Duration::from_secs(2));
+    // The response HEADERS begins with :status 400 (HPACK static index 12).
+    let status_400 = frames(&reply)
+        .iter()
+        .any(|(kind, stream, _)| *kind == 0x1 && *stream == 1)
+        && reply.windows(10).any(|w| w[3] == 0x1 && w[9] == 0x8c);
+    assert!(
+        status_400,
+        "a disagreeing host and :authority were not refused: {:?}",
+        frames(&reply)
+    );
+    Ok(())
+}

@@ -169,6 +169,15 @@ pub struct Args {
     /// A client connection with no request for this long is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// A client connection silent for this long is taken for a server-first
+    /// TCP protocol and relayed as bytes (HTTP clients speak first).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub protocol_detection_timeout: Duration,
+
+    /// On SIGTERM, how long connections get to finish what is in flight.
+    #[arg(long, env = "WAYPOINT_DRAIN_DEADLINE", default_value = "25s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
 }
 
 impl Args {
@@ -181,6 +190,7 @@ impl Args {
             max_header_bytes: self.max_header_bytes,
             max_streams: self.max_streams,
             idle_timeout: self.idle_timeout,
+            protocol_detection_timeout: self.protocol_detection_timeout,
         }
     }
 
@@ -258,17 +268,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         warn!(pod_ip = %args.pod_ip, "the waypoint's own address is not a workload in --config; destinations will not know it by name");
     }
     let metrics = Metrics::new();
+    let (drain_tx, drain_signal) = watch::channel(false);
+    let drain = ztunnel::proxy::Drain {
+        signal: drain_signal,
+        tasks: tokio_util::task::TaskTracker::new(),
+    };
     let wp = Arc::new(Waypoint {
         state,
         l7: l7_rx,
         upstreams: Upstreams::new(
-            Pool::new(tls.clone()),
+            Pool::from_own_address(tls.clone()),
             identity.clone(),
             args.pod_ip,
             baggage,
         ),
         metrics: metrics.clone(),
         identity: identity.clone(),
+        drain: drain.clone(),
     });
 
     let hbone = TcpListener::bind(args.listen)
@@ -278,7 +294,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--metrics-address {}", args.metrics_address))?;
     info!(listen = %args.listen, metrics = %args.metrics_address, %identity, "waypoint ready");
-    tokio::spawn(serve_metrics(admin, metrics));
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(serve_metrics(admin, metrics, ready.clone()));
     {
         let certs = certs.clone();
         let identity = identity.clone();
@@ -290,12 +307,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let serving = tokio::spawn(server::serve(hbone, tls, identity, wp, args.limits()));
+    let mut serving = tokio::spawn(server::serve(hbone, tls, identity, wp, args.limits()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
-        _ = serving => error!("the HBONE listener stopped"),
+        _ = sigterm.recv() => info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        _ = &mut serving => {
+            error!("the HBONE listener stopped");
+            return Ok(());
+        }
+    }
+    // Readiness fails first, so new clients go elsewhere; the listener
+    // stops; connections finish what is in flight (GOAWAY for HTTP/2 and
+    // HBONE, `Connection: close` for HTTP/1.1), up to the deadline.
+    ready.store(false, std::sync::atomic::Ordering::Release);
+    let _ = drain_tx.send(true);
+    drain.tasks.close();
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(args.drain_deadline, drain.tasks.wait()).await {
+        Ok(()) => info!(took = ?started.elapsed(), "drained: every connection finished"),
+        Err(_) => warn!(
+            deadline = ?args.drain_deadline,
+            left = drain.tasks.len(),
+            "drain deadline reached; closing the connections still open"
+        ),
     }
     Ok(())
 }
@@ -368,16 +403,28 @@ async fn workload_state(args: &Args) -> anyhow::Result<watch::Receiver<Arc<Snaps
     }
 }
 
-/// `/metrics` and `/healthz/ready`, over plain HTTP/1.1.
-async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+/// `/metrics` and `/healthz/ready` (503 once draining), over plain HTTP/1.1.
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
+                let ready = ready.load(std::sync::atomic::Ordering::Acquire);
                 async move {
                     let (status, body, kind) = match request.uri().path() {
                         "/metrics" | "/stats/prometheus" => (
@@ -385,7 +432,8 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
                             metrics.render(),
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         ),
-                        "/healthz/ready" => (200, "ready\n".to_string(), "text/plain"),
+                        "/healthz/ready" if ready => (200, "ready\n".to_string(), "text/plain"),
+                        "/healthz/ready" => (503, "draining\n".to_string(), "text/plain"),
                         _ => (404, "not found\n".to_string(), "text/plain"),
                     };
                     http::Response::builder()

@@ -97,6 +97,7 @@ fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, L7Error> {
 /// Parses every resource of every file.
 fn parse(
     texts: &[(PathBuf, String)],
+    waypoint: &WaypointRef,
 ) -> Result<(Vec<AuthorizationPolicy>, Vec<HttpRoute>), L7Error> {
     let mut policies = Vec::new();
     let mut routes = Vec::new();
@@ -110,6 +111,15 @@ fn parse(
             })?;
             if value.is_null() {
                 continue;
+            }
+            // A resource without a namespace is the waypoint's namespace's,
+            // as `kubectl apply -n` would make it: not `default`.
+            let mut value = value;
+            if let Some(metadata) = value.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
+                let key = serde_yaml::Value::from("namespace");
+                if !metadata.contains_key(&key) {
+                    metadata.insert(key, serde_yaml::Value::from(waypoint.namespace.as_str()));
+                }
             }
             let kind = value
                 .get("kind")
@@ -194,10 +204,10 @@ pub fn load(paths: &[PathBuf], waypoint: &WaypointRef) -> Result<(L7Config, Stri
 }
 
 fn build(texts: &[(PathBuf, String)], waypoint: &WaypointRef) -> Result<L7Config, L7Error> {
-    let (policies, routes) = parse(texts)?;
+    let (policies, routes) = parse(texts, waypoint)?;
     let (policies, ignored) = Policies::new(policies, &waypoint.namespace, &waypoint.name);
-    for name in ignored {
-        info!(policy = %name, "AuthorizationPolicy not aimed at this waypoint (a selector policy is ztunnel's); not applied here");
+    for reason in ignored {
+        info!(policy = %reason, "AuthorizationPolicy not applied by this waypoint");
     }
     Ok(L7Config {
         policies,

@@ -14,6 +14,7 @@
 //! - [`l7config`]: the policy and route files, watched and applied live.
 
 pub mod app;
+pub mod authority;
 pub mod l7config;
 pub mod path;
 pub mod policy;
@@ -22,5 +23,7 @@ pub mod request;
 pub mod resource;
 pub mod route;
 pub mod server;
+pub mod sniff;
+pub mod tcp;
 pub mod telemetry;
 pub mod upstream;

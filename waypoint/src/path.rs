@@ -11,6 +11,15 @@ pub enum PathError {
     BadEscape,
     #[error("the path does not start with `/`")]
     NotAbsolute,
+    #[error("the path is not UTF-8 once decoded")]
+    NotUtf8,
+    /// Some servers (IIS, some Java ones) take `\` for `/`: the path would
+    /// mean one thing to policy and another to the backend.
+    #[error("a backslash in the path")]
+    Backslash,
+    /// `..;x` is `..` to Tomcat and Spring, and a name to everyone else.
+    #[error("a dot segment with parameters (`..;` or `.;`) in the path")]
+    DotSegmentParameters,
 }
 
 /// The normalized form of `path` (without its query): percent-escapes of
@@ -25,6 +34,15 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let decoded = decode(path)?;
+    if decoded.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    if decoded
+        .split('/')
+        .any(|s| matches!(s.split_once(';'), Some((".." | ".", _))))
+    {
+        return Err(PathError::DotSegmentParameters);
+    }
     let trailing_slash =
         decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     let mut segments: Vec<&str> = Vec::new();
@@ -49,15 +67,15 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
 }
 
 /// Decodes the escapes that mean the same as their character; keeps (in
-/// upper case) the ones that do not.
+/// upper case) the ones that do not. Works on bytes: a path may carry raw
+/// UTF-8, which must reach the backend as it came.
 fn decode(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] != b'%' {
-            // Everything else is ASCII in a valid `http::Uri` path.
-            out.push(bytes[i] as char);
+            out.push(bytes[i]);
             i += 1;
             continue;
         }
@@ -69,14 +87,15 @@ fn decode(path: &str) -> Result<String, PathError> {
             return Err(PathError::BadEscape);
         };
         let c = (hi * 16 + lo) as u8;
-        if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
-            out.push(c as char);
+        // `%5C` is decoded so that it is refused like a raw backslash.
+        if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) {
+            out.push(c);
         } else {
-            out.push_str(&format!("%{c:02X}"));
+            out.extend_from_slice(format!("%{c:02X}").as_bytes());
         }
         i += 3;
     }
-    Ok(out)
+    String::from_utf8(out).map_err(|_| PathError::NotUtf8)
 }
 
 #[cfg(test)]
@@ -107,6 +126,27 @@ mod tests {
         assert_eq!(normalize("/..").unwrap(), "/");
         assert_eq!(normalize("/a%20b%3f").unwrap(), "/a%20b%3F");
         assert_eq!(normalize("*").unwrap(), "*");
+    }
+
+    #[test]
+    fn raw_utf8_is_kept_as_it_came() {
+        assert_eq!(normalize("/caf\u{e9}/x").unwrap(), "/caf\u{e9}/x");
+    }
+
+    #[test]
+    fn spellings_that_backends_read_differently_are_refused() {
+        assert_eq!(
+            normalize("/public/..;/admin"),
+            Err(PathError::DotSegmentParameters)
+        );
+        assert_eq!(
+            normalize("/public/.;x/admin"),
+            Err(PathError::DotSegmentParameters)
+        );
+        assert_eq!(normalize("/public\\..\\admin"), Err(PathError::Backslash));
+        assert_eq!(normalize("/public%5C..%5Cadmin"), Err(PathError::Backslash));
+        // Parameters on a name are the name's business.
+        assert_eq!(normalize("/a;v=1/b").unwrap(), "/a;v=1/b");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Waypoint {
     pub metrics: Arc<Metrics>,
     /// The waypoint's identity (the `By` of `x-forwarded-client-cert`).
     pub identity: Identity,
+    /// Shutdown: connections stop taking new requests, and are waited for.
+    pub drain: ztunnel::proxy::Drain,
 }
 
 /// One client tunnel: who the client is, what it dialled.
@@ -62,8 +64,27 @@ struct Outcome {
     status: StatusCode,
     flags: &'static str,
     upstream: Option<Upstream>,
+    /// The service the request was sent to (a route's backend), when it is
+    /// not the one dialled: metrics name the service that served it.
+    backend: Option<ServiceName>,
     route: Option<String>,
     policy: Option<String>,
+}
+
+/// `(hostname, namespace, name)` of a service.
+type ServiceName = (String, String, String);
+
+impl Outcome {
+    fn local(status: StatusCode, flags: &'static str, policy: Option<String>) -> Self {
+        Outcome {
+            status,
+            flags,
+            upstream: None,
+            backend: None,
+            route: None,
+            policy,
+        }
+    }
 }
 
 /// Serves one request.
@@ -79,13 +100,8 @@ pub async fn handle(
         .service_by_vip(tunnel.dst.ip())
         .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()));
     let method = request.method().clone();
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
+    // One authority, one path: what policy checks is what the backend gets.
+    let host = crate::authority::of_request(request.version(), request.uri(), request.headers());
     let grpc = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -94,17 +110,19 @@ pub async fn handle(
     let principal = tunnel.peer_id.principal();
     // Policies and routes see one spelling of the path, and so does the
     // backend: what is checked is what is served.
-    let path = match crate::path::normalize(request.uri().path()) {
-        Ok(path) => path,
-        Err(e) => {
+    let checked = crate::path::normalize(request.uri().path())
+        .map_err(|e| e.to_string())
+        .and_then(|path| host.map(|host| (path, host)).map_err(|e| e.to_string()));
+    let (path, host) = match checked {
+        Ok(checked) => checked,
+        Err(reason) => {
             let raw = request.uri().path().to_string();
-            let (response, outcome) =
-                failed(StatusCode::BAD_REQUEST, "-", &e.to_string(), None, None);
+            let (response, outcome) = failed(StatusCode::BAD_REQUEST, "-", &reason, None, None);
             let described = Described {
                 grpc,
                 method,
                 path: raw,
-                host,
+                host: String::new(),
             };
             return Ok(observe(
                 wp,
@@ -135,10 +153,14 @@ pub async fn handle(
         host: &host,
         headers: request.headers(),
     };
-    let service_ref = service
-        .as_ref()
-        .map(|(_, ns, name)| (ns.as_str(), name.as_str()));
-    let decision = l7.policies.evaluate(service_ref, &info);
+    // Policies aimed at a service apply to it whether the client dialled
+    // its VIP or one of its pods.
+    let services = services_of(&state, tunnel.dst, service.as_ref());
+    let service_refs: Vec<(&str, &str)> = services
+        .iter()
+        .map(|(ns, name)| (ns.as_str(), name.as_str()))
+        .collect();
+    let decision = l7.policies.evaluate(&service_refs, &info);
     let audited = match &decision {
         Decision::Allow { audited } | Decision::Deny { audited, .. } => audited.clone(),
     };
@@ -156,13 +178,7 @@ pub async fn handle(
             wp.metrics.denied.inc();
             (
                 text(StatusCode::FORBIDDEN, "RBAC: access denied"),
-                Outcome {
-                    status: StatusCode::FORBIDDEN,
-                    flags: "-",
-                    upstream: None,
-                    route: None,
-                    policy: Some(reason),
-                },
+                Outcome::local(StatusCode::FORBIDDEN, "-", Some(reason)),
             )
         }
         Decision::Allow { .. } => match routed {
@@ -175,17 +191,15 @@ pub async fn handle(
                         "no backend"
                     },
                 ),
-                Outcome {
+                Outcome::local(
                     status,
-                    flags: if status == StatusCode::NOT_FOUND {
+                    if status == StatusCode::NOT_FOUND {
                         "NR"
                     } else {
                         "-"
                     },
-                    upstream: None,
-                    route: None,
-                    policy: None,
-                },
+                    None,
+                ),
             ),
             routed => {
                 let action = routed.and_then(Result::ok);
@@ -196,7 +210,7 @@ pub async fn handle(
                     service.as_ref(),
                     action,
                     request,
-                    &path_and_query,
+                    (&path_and_query, &host),
                     request_bytes.clone(),
                 )
                 .await
@@ -232,18 +246,44 @@ async fn forward(
     service: Option<&(String, String, String)>,
     action: Option<Action>,
     request: Request<Incoming>,
-    path_and_query: &str,
+    (path_and_query, host): (&str, &str),
     request_bytes: Arc<AtomicU64>,
 ) -> (Response<Body>, Outcome) {
     let route = action.as_ref().map(|a| a.route.clone());
+    let backend = action.as_ref().and_then(|a| {
+        state
+            .services
+            .iter()
+            .find(|s| s.namespace == a.backend.namespace && s.name == a.backend.name)
+            .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()))
+    });
     let h2 = request.version() == Version::HTTP_2;
+    let idempotent = matches!(
+        *request.method(),
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    );
     let (mut parts, body) = request.into_parts();
     sanitize(&mut parts.headers, tunnel, &wp.identity);
+    // The authority policy checked: in Host for HTTP/1.1, in `:authority`
+    // (and nowhere else) for HTTP/2.
+    if h2 {
+        parts.headers.remove(header::HOST);
+    } else if let Ok(value) = HeaderValue::from_str(host) {
+        parts.headers.insert(header::HOST, value);
+    }
     // The normalized path; HTTP/1.1 upstream in origin form (the Host
     // header says the rest), HTTP/2 with the scheme and authority it came with.
     let mut uri = parts.uri.clone().into_parts();
     uri.path_and_query = path_and_query.parse().ok();
-    if !h2 {
+    if h2 {
+        uri.authority = host.parse().ok().or(uri.authority);
+        uri.scheme.get_or_insert(http::uri::Scheme::HTTP);
+    } else {
         uri.scheme = None;
         uri.authority = None;
     }
@@ -329,13 +369,19 @@ async fn forward(
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(sent) => sent,
                     Err(_) => {
-                        last = Some(failed(
+                        let out = failed(
                             StatusCode::GATEWAY_TIMEOUT,
                             "UT",
                             "upstream request timeout",
                             Some(upstream),
                             route.clone(),
-                        ));
+                        );
+                        // The backend may have acted on it: only a request
+                        // that may be repeated is.
+                        if !idempotent {
+                            return out;
+                        }
+                        last = Some(out);
                         continue;
                     }
                 },
@@ -355,6 +401,7 @@ async fn forward(
                             status,
                             flags: "-",
                             upstream: Some(upstream),
+                            backend: None,
                             route: route.clone(),
                             policy: None,
                         },
@@ -367,6 +414,10 @@ async fn forward(
                 }
                 Err(e) => {
                     warn!(src = %tunnel.peer, upstream = %upstream.addr, error = %e, "upstream request failed");
+                    // A request that was written may have been acted on:
+                    // only one that may be repeated is sent again.
+                    let sent_before_failing = matches!(e, UpstreamError::Reset(_));
+                    let give_up = sent_before_failing && !idempotent;
                     last = Some(failed(
                         StatusCode::SERVICE_UNAVAILABLE,
                         e.flag(),
@@ -374,6 +425,9 @@ async fn forward(
                         Some(upstream),
                         route.clone(),
                     ));
+                    if give_up {
+                        break;
+                    }
                 }
             }
         }
@@ -387,7 +441,7 @@ async fn forward(
             )
         })
     };
-    match whole {
+    let (response, mut outcome) = match whole {
         Some(limit) => match tokio::time::timeout(limit, attempt_loop).await {
             Ok(out) => out,
             Err(_) => failed(
@@ -399,12 +453,14 @@ async fn forward(
             ),
         },
         None => attempt_loop.await,
-    }
+    };
+    outcome.backend = backend;
+    (response, outcome)
 }
 
 /// The endpoint for one attempt: of the route's backend, else of the
 /// service dialled, else the pod dialled.
-fn pick(
+pub(crate) fn pick(
     state: &Snapshot,
     tunnel: &Tunnel,
     service: Option<&(String, String, String)>,
@@ -451,8 +507,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .filter(|s| !s.is_empty())
         .collect();
-    for name in named {
+    // Host is the request's, whatever `Connection` says (it is set again
+    // from the checked authority anyway).
+    for name in named.iter().filter(|n| *n != "host") {
         headers.remove(name.as_str());
+    }
+    // `te: trailers` is end to end in HTTP/2 (gRPC servers require it).
+    let trailers_only = headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
     }
     for name in [
         "connection",
@@ -460,11 +526,32 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         "proxy-connection",
         "transfer-encoding",
         "upgrade",
-        "te",
         "trailer",
     ] {
         headers.remove(name);
     }
+}
+
+/// The services whose policies apply to a request for `dst`: the one
+/// dialled, or every service the dialled pod is an endpoint of, as
+/// `(namespace, name)`.
+pub(crate) fn services_of(
+    state: &Snapshot,
+    dst: SocketAddr,
+    dialled: Option<&ServiceName>,
+) -> Vec<(String, String)> {
+    if let Some((_, ns, name)) = dialled {
+        return vec![(ns.clone(), name.clone())];
+    }
+    let Some(workload) = state.workload_by_ip(dst.ip()) else {
+        return Vec::new();
+    };
+    workload
+        .services
+        .keys()
+        .filter_map(|key| state.service_by_host(&key.namespace, &key.hostname))
+        .map(|s| (s.namespace.clone(), s.name.clone()))
+        .collect()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -502,6 +589,7 @@ fn failed(
             status,
             flags,
             upstream,
+            backend: None,
             route,
             policy: None,
         },
@@ -539,21 +627,26 @@ fn observe(
         path,
         host,
     } = described;
-    let done = move |response_bytes: u64, complete: bool| {
+    let done = move |response_bytes: u64, ending: Ending| {
         let millis = started.elapsed().as_secs_f64() * 1000.0;
+        let flags = match ending {
+            Ending::Complete => outcome.flags,
+            Ending::UpstreamFailed => "UR",
+            Ending::Dropped => "DC",
+        };
+        // The service that served it: a route's backend, else the one dialled.
+        let service = outcome.backend.as_ref().or(service.as_ref());
         let source = state.workload_by_ip(tunnel.peer.ip()).cloned();
         let destination = outcome.upstream.as_ref().map(|u| u.workload.clone());
         let labels = RequestLabels::new(&RequestFacts {
             state: &state,
             source: source.as_deref(),
             source_identity: Some(&tunnel.peer_id),
-            service: service
-                .as_ref()
-                .map(|(h, n, s)| (h.as_str(), n.as_str(), s.as_str())),
+            service: service.map(|(h, n, s)| (h.as_str(), n.as_str(), s.as_str())),
             destination: destination.as_deref(),
             grpc,
             status: outcome.status.as_u16(),
-            flags: if complete { outcome.flags } else { "DC" },
+            flags,
         });
         let sent = request_bytes.load(Ordering::Relaxed);
         wp.metrics.record(&labels, millis, sent);
@@ -566,7 +659,7 @@ fn observe(
             %path,
             %host,
             code = outcome.status.as_u16(),
-            flags = %if complete { outcome.flags } else { "DC" },
+            flags = %flags,
             upstream = %outcome.upstream.as_ref().map(|u| u.addr.to_string()).unwrap_or_else(|| "-".into()),
             route = %outcome.route.as_deref().unwrap_or("-"),
             policy = %outcome.policy.as_deref().unwrap_or("-"),
@@ -587,7 +680,17 @@ fn observe(
     )
 }
 
-type Done = Box<dyn FnOnce(u64, bool) + Send + Sync>;
+type Done = Box<dyn FnOnce(u64, Ending) + Send + Sync>;
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Complete,
+    /// The backend's side failed mid-body.
+    UpstreamFailed,
+    /// The client went away first.
+    Dropped,
+}
 
 /// A response body that reports when it ended, and how many bytes it had.
 struct Observed {
@@ -597,9 +700,9 @@ struct Observed {
 }
 
 impl Observed {
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, ending: Ending) {
         if let Some(done) = self.done.take() {
-            done(self.bytes, complete);
+            done(self.bytes, ending);
         }
     }
 }
@@ -619,11 +722,11 @@ impl hyper::body::Body for Observed {
                     self.bytes += data.len() as u64;
                 }
                 if self.inner.is_end_stream() {
-                    self.finish(true);
+                    self.finish(Ending::Complete);
                 }
             }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(None) => self.finish(Ending::Complete),
+            Poll::Ready(Some(Err(_))) => self.finish(Ending::UpstreamFailed),
             Poll::Pending => {}
         }
         polled
@@ -642,8 +745,12 @@ impl Drop for Observed {
     fn drop(&mut self) {
         // An empty body may never be polled; a client that left midway is
         // a downstream disconnect.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
+        let ending = if self.inner.is_end_stream() {
+            Ending::Complete
+        } else {
+            Ending::Dropped
+        };
+        self.finish(ending);
     }
 }
 

@@ -26,19 +26,21 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use ztunnel::{
     identity::Identity,
     proxy::hbone::{
-        server::{HandshakeSlot, HandshakeSlots},
+        server::{self as hbone_server, HandshakeSlot, HandshakeSlots},
         settings,
         stream::{H2Io, H2Stream},
     },
-    tls::{spiffe_ids, TlsContext},
+    tls::TlsContext,
 };
 
-use crate::proxy::{self, Tunnel, Waypoint};
+use crate::{
+    proxy::{self, Tunnel, Waypoint},
+    sniff::{sniff, Prefixed, Protocol},
+};
 
 /// The bounds, all configurable from the command line.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +61,9 @@ pub struct Limits {
     /// A client connection with no request in flight for this long is
     /// closed (gracefully: GOAWAY for HTTP/2).
     pub idle_timeout: Duration,
+    /// How long a client connection may stay silent before it is taken for
+    /// a server-first TCP protocol (HTTP clients speak first).
+    pub protocol_detection_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +76,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_streams: 100,
             idle_timeout: Duration::from_secs(3600),
+            protocol_detection_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -84,8 +90,16 @@ pub async fn serve(
     limits: Limits,
 ) {
     let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
+    let mut draining = wp.drain.signal.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = draining.wait_for(|d| *d) => {
+                info!("HBONE listener stopped accepting: draining");
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -99,7 +113,8 @@ pub async fn serve(
         // A flood of stalled handshakes evicts itself (the oldest goes
         // first) while real clients finish theirs in milliseconds.
         let slot = handshakes.admit();
-        tokio::spawn(async move {
+        let tasks = wp.drain.tasks.clone();
+        tasks.spawn(async move {
             connection(stream, peer, tls, identity, wp, limits, slot).await;
         });
     }
@@ -118,37 +133,19 @@ async fn connection(
         return;
     };
     let _ = stream.set_nodelay(true);
+    // ztunnel's inbound HBONE handshakes, with the waypoint's certificate.
     let handshake = async {
         let config = tls
             .server_config(&identity)
             .await
             .map_err(|e| format!("no certificate to serve: {e}"))?;
-        let tls_stream = TlsAcceptor::from(config)
-            .accept(stream)
-            .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let peer_id = tls_stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|leaf| {
-                spiffe_ids(leaf)
-                    .into_iter()
-                    .find(|id| id.trust_domain == tls.trust_domain())
-            })
-            .ok_or_else(|| "client certificate names no identity".to_string())?;
-        let h2 = h2::server::Builder::new()
-            .initial_window_size(settings::STREAM_WINDOW)
-            .initial_connection_window_size(settings::CONNECTION_WINDOW)
-            .max_frame_size(settings::MAX_FRAME_SIZE)
-            .max_concurrent_streams(limits.max_tunnels_per_connection)
-            .max_header_list_size(settings::SERVER_MAX_HEADER_LIST)
-            .max_send_buffer_size(settings::MAX_SEND_BUFFER)
-            .handshake::<_, Bytes>(tls_stream)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-        Ok::<_, String>((peer_id, h2))
+        hbone_server::handshake(
+            stream,
+            config,
+            tls.trust_domain(),
+            limits.max_tunnels_per_connection,
+        )
+        .await
     };
     let bounded = tokio::time::timeout(limits.handshake_timeout, handshake);
     let (peer_id, mut h2) = tokio::select! {
@@ -170,18 +167,23 @@ async fn connection(
     };
     drop(slot);
     debug!(%peer, peer_identity = %peer_id, "HBONE connection accepted");
-    while let Some(accepted) = h2.accept().await {
-        match accepted {
-            Ok((request, respond)) => {
-                let wp = wp.clone();
-                let peer_id = peer_id.clone();
-                tokio::spawn(tunnel(request, respond, peer, local, peer_id, wp, limits));
-            }
-            Err(e) => {
-                debug!(%peer, error = %e, "HBONE connection ended");
-                break;
-            }
-        }
+    // Draining sends GOAWAY; the tunnels already open run to their end.
+    let served =
+        hbone_server::serve_streams(&mut h2, wp.drain.signal.clone(), |request, respond| {
+            let tunnel = tunnel(
+                request,
+                respond,
+                peer,
+                local,
+                peer_id.clone(),
+                wp.clone(),
+                limits,
+            );
+            wp.drain.tasks.spawn(tunnel);
+        })
+        .await;
+    if let Err(e) = served {
+        debug!(%peer, error = %e, "HBONE connection ended");
     }
 }
 
@@ -209,10 +211,17 @@ async fn tunnel(
         Ok(send) => send,
         Err(_) => return,
     };
-    let io = TokioIo::new(H2Io::new(H2Stream::new(send, request.into_body())));
+    let mut io = H2Io::new(H2Stream::new(send, request.into_body()));
     let tunnel = Arc::new(Tunnel { peer, peer_id, dst });
     wp.metrics.connections.inc();
-    serve_http(io, tunnel, wp.clone(), limits).await;
+    match sniff(&mut io, limits.protocol_detection_timeout).await {
+        Ok((Protocol::Http, seen)) => {
+            let io = TokioIo::new(Prefixed::new(seen, io));
+            serve_http(io, tunnel, wp.clone(), limits).await
+        }
+        Ok((Protocol::Tcp, seen)) => crate::tcp::relay(Prefixed::new(seen, io), tunnel, &wp).await,
+        Err(e) => debug!(%peer, error = %e, "client connection ended before it said anything"),
+    }
     wp.metrics.connections.dec();
 }
 
@@ -268,7 +277,12 @@ impl Activity {
 }
 
 /// Serves one client connection (the tunnel's bytes) as HTTP.
-async fn serve_http(io: TokioIo<H2Io>, tunnel: Arc<Tunnel>, wp: Arc<Waypoint>, limits: Limits) {
+async fn serve_http(
+    io: TokioIo<Prefixed<H2Io>>,
+    tunnel: Arc<Tunnel>,
+    wp: Arc<Waypoint>,
+    limits: Limits,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -291,17 +305,18 @@ async fn serve_http(io: TokioIo<H2Io>, tunnel: Arc<Tunnel>, wp: Arc<Waypoint>, l
         in_flight: AtomicUsize::new(0),
         last: Mutex::new(Instant::now()),
     });
+    let mut draining = wp.drain.signal.clone();
     let service = {
         let activity = activity.clone();
         service_fn(move |request| {
             let wp = wp.clone();
             let tunnel = tunnel.clone();
-            let activity = activity.clone();
-            activity.in_flight.fetch_add(1, Ordering::AcqRel);
+            // Counted until the request's future ends, also when hyper
+            // drops it (a client's RST_STREAM).
+            let in_flight = InFlight::enter(activity.clone());
             async move {
                 let response = proxy::handle(wp, tunnel, request).await;
-                activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-                activity.touch();
+                drop(in_flight);
                 response
             }
         })
@@ -325,6 +340,29 @@ async fn serve_http(io: TokioIo<H2Io>, tunnel: Arc<Tunnel>, wp: Arc<Waypoint>, l
                     closing = true;
                 }
             }
+            // Draining: requests in flight finish, no new ones start
+            // (GOAWAY for HTTP/2, `Connection: close` for HTTP/1.1).
+            _ = draining.wait_for(|d| *d), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
         }
+    }
+}
+
+/// One request in flight on a connection; leaving (drop) counts it out.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn enter(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
     }
 }

@@ -85,14 +85,26 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(pool: Arc<Pool>, identity: Identity, own_ip: IpAddr, baggage: String) -> Arc<Self> {
-        Arc::new(Upstreams {
+        let upstreams = Arc::new(Upstreams {
             pool,
             identity,
             own_ip,
             baggage,
             h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
-        })
+        });
+        let weak = Arc::downgrade(&upstreams);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_FOR / 4);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(upstreams) => upstreams.reap(),
+                    None => return,
+                }
+            }
+        });
+        upstreams
     }
 
     /// An endpoint of the service `namespace/name` on service port `port`
@@ -133,30 +145,60 @@ impl Upstreams {
         request: Request<Body>,
         h2: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if h2 {
-            let mut sender = self.h2_sender(state, upstream).await?;
-            return sender
-                .send_request(request)
-                .await
-                .map_err(|e| UpstreamError::Reset(e.to_string()));
-        }
-        let mut sender = match self.idle_h1(upstream.addr) {
-            Some(sender) => sender,
-            None => self.connect_h1(state, upstream).await?,
-        };
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| UpstreamError::Reset(e.to_string()))?;
-        // Back to the pool once the response has been read to its end.
-        let pools = self.clone();
-        let addr = upstream.addr;
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pools.put_h1(addr, sender);
+        // A kept connection can be closed by the backend (its keep-alive
+        // ran out, a GOAWAY) just as it is reused: a request it never
+        // wrote goes once more on a fresh connection. Whether it was
+        // written, hyper says by handing it back.
+        let mut request = request;
+        let mut fresh = false;
+        loop {
+            let sent = if h2 {
+                let mut sender = self.h2_sender(state, upstream, fresh).await?;
+                sender.try_send_request(request).await
+            } else {
+                let mut sender = match self.idle_h1(upstream.addr).filter(|_| !fresh) {
+                    Some(sender) => sender,
+                    None => self.connect_h1(state, upstream).await?,
+                };
+                let sent = sender.try_send_request(request).await;
+                if sent.is_ok() {
+                    // Back to the pool once the response is read to its end.
+                    let pools = self.clone();
+                    let addr = upstream.addr;
+                    tokio::spawn(async move {
+                        if sender.ready().await.is_ok() {
+                            pools.put_h1(addr, sender);
+                        }
+                    });
+                }
+                sent
+            };
+            match sent {
+                Ok(response) => return Ok(response),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        debug!(upstream = %upstream.addr, error = %e.into_error(), "a kept connection was gone; sending on a fresh one");
+                        request = unsent;
+                        fresh = true;
+                    }
+                    _ => return Err(UpstreamError::Reset(e.into_error().to_string())),
+                },
             }
-        });
-        Ok(response)
+        }
+    }
+
+    /// Closes what idled too long and forgets closed connections, so the
+    /// pools follow the endpoints that are in use.
+    fn reap(&self) {
+        if let Ok(mut pools) = self.h1.lock() {
+            pools.retain(|_, idle| {
+                idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_FOR);
+                !idle.is_empty()
+            });
+        }
+        if let Ok(mut pools) = self.h2.lock() {
+            pools.retain(|_, sender| !sender.is_closed());
+        }
     }
 
     fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
@@ -180,17 +222,19 @@ impl Upstreams {
         }
     }
 
+    /// The endpoint's HTTP/2 connection; a new one when `fresh`.
     async fn h2_sender(
         &self,
         state: &Snapshot,
         upstream: &Upstream,
+        fresh: bool,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let cached = self
             .h2
             .lock()
             .ok()
             .and_then(|m| m.get(&upstream.addr).cloned())
-            .filter(|s| !s.is_closed());
+            .filter(|s| !fresh && s.is_ready());
         if let Some(sender) = cached {
             return Ok(sender);
         }
@@ -231,6 +275,15 @@ impl Upstreams {
     /// identity to a mesh workload; plain TCP to one outside the mesh (it
     /// has no 15008 to answer), as Istio's waypoint sends it.
     async fn tunnel(&self, state: &Snapshot, upstream: &Upstream) -> Result<Io, UpstreamError> {
+        Ok(TokioIo::new(self.stream(state, upstream).await?))
+    }
+
+    /// The byte stream itself (see [`Self::tunnel`]), for TCP relayed as is.
+    pub async fn stream(
+        &self,
+        state: &Snapshot,
+        upstream: &Upstream,
+    ) -> Result<Box<dyn ByteStream>, UpstreamError> {
         if !upstream.workload.hbone {
             let tcp = tokio::time::timeout(
                 ztunnel::proxy::CONNECT_TIMEOUT,
@@ -242,7 +295,7 @@ impl Upstreams {
             })?
             .map_err(|e| UpstreamError::Connect(format!("{}: {e}", upstream.addr)))?;
             let _ = tcp.set_nodelay(true);
-            return Ok(TokioIo::new(Box::new(tcp)));
+            return Ok(Box::new(tcp));
         }
         let mut dst_id = upstream.service_sans.clone();
         dst_id.push(state.identity_of(&upstream.workload));
@@ -263,6 +316,6 @@ impl Upstreams {
         let stream = Box::pin(client::open(&self.pool, &target))
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        Ok(TokioIo::new(Box::new(H2Io::new(stream))))
+        Ok(Box::new(H2Io::new(stream)))
     }
 }

@@ -8,6 +8,11 @@
 //! - JWT (`requestPrincipals`, `request.auth.*` conditions);
 //! - path templates (`{*}`, `{**}`), `connection.sni`, `experimental.*`.
 //!
+//! Plain TCP through the waypoint is decided on the same policies, as Istio
+//! does: rules that need HTTP attributes (methods, paths, hosts, headers)
+//! never match in an ALLOW policy, and match on their other parts in a
+//! DENY policy (see [`Policies::evaluate_tcp`]).
+//!
 //! `remoteIpBlocks` compare against the connection's source address, exactly
 //! like `ipBlocks`: the waypoint has no trusted `X-Forwarded-For` hop count,
 //! and trusting a client-supplied header would let clients pick their IP.
@@ -30,25 +35,27 @@ const JWT_UNSUPPORTED: &str = "request authentication (JWT) is not supported yet
 const NO_ALLOW_MATCHED: &str = "no ALLOW policy matched";
 
 // ---------------------------------------------------------------------------
-// The YAML shape. Everything under `spec` refuses unknown fields: a misspelt
-// `notPaths` must be an error, not a silently wider policy.
+// The YAML shape. Every level refuses unknown fields: a misspelt `notPaths`
+// must be an error, not a silently wider policy, and a misspelt `spec` or
+// `namespace` must not drop the policy or move it to another namespace.
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Document {
     api_version: Option<String>,
+    /// Already checked by whoever picked this parser.
+    #[serde(rename = "kind")]
+    _kind: Option<IgnoredAny>,
     metadata: Option<Metadata>,
+    /// Optional here only so that its absence is reported as `spec`.
     spec: Option<Spec>,
+    #[serde(rename = "status")]
+    _status: Option<IgnoredAny>,
 }
 
-/// Labels, annotations and the rest of metadata do not matter here.
+use crate::resource::ObjectMeta as Metadata;
+
 #[derive(Deserialize)]
-struct Metadata {
-    name: Option<String>,
-    namespace: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Spec {
     // Only their presence matters: such policies are left to ztunnel.
@@ -190,13 +197,26 @@ struct Check {
     negated: bool,
 }
 
+/// What a check compares, with the values it accepts.
 #[derive(Debug, Clone)]
 enum Attr {
+    /// Known for all traffic, TCP or HTTP.
+    Conn(ConnAttr),
+    /// Known only for HTTP requests: undecidable on plain TCP.
+    Http(HttpAttr),
+}
+
+#[derive(Debug, Clone)]
+enum ConnAttr {
     Principal(Vec<Pattern>),
     Namespace(Vec<Pattern>),
     SourceIp(Vec<IpNet>),
     DestinationIp(Vec<IpNet>),
     DestinationPort(Vec<u16>),
+}
+
+#[derive(Debug, Clone)]
+enum HttpAttr {
     Host(Vec<Pattern>),
     Method(Vec<Pattern>),
     Path(Vec<Pattern>),
@@ -245,7 +265,7 @@ pub fn parse(doc: serde_yaml::Value) -> Result<AuthorizationPolicy, FieldError> 
     let name = name.ok_or_else(|| required("metadata.name"))?;
     let namespace = meta.namespace.filter(|n| !n.is_empty());
     let namespace = namespace.unwrap_or_else(|| "default".into());
-    let spec = doc.spec.unwrap_or_default();
+    let spec = doc.spec.ok_or_else(|| required("spec"))?;
 
     let action = match spec.action.unwrap_or(ActionYaml::Allow) {
         ActionYaml::Allow => Action::Allow,
@@ -458,16 +478,17 @@ fn compile_fields<'f>(
 }
 
 fn compile_values(key: Key, values: &[String]) -> Result<Attr, (usize, String)> {
+    use {Attr::Conn, Attr::Http};
     Ok(match key {
-        Key::Principal => Attr::Principal(each(values, pattern)?),
-        Key::Namespace => Attr::Namespace(each(values, pattern)?),
-        Key::SourceIp => Attr::SourceIp(each(values, ip_net)?),
-        Key::DestinationIp => Attr::DestinationIp(each(values, ip_net)?),
-        Key::DestinationPort => Attr::DestinationPort(each(values, port)?),
-        Key::Host => Attr::Host(each(values, pattern)?),
-        Key::Method => Attr::Method(each(values, pattern)?),
-        Key::Path => Attr::Path(each(values, path_pattern)?),
-        Key::Header(name) => Attr::Header(name, each(values, pattern)?),
+        Key::Principal => Conn(ConnAttr::Principal(each(values, pattern)?)),
+        Key::Namespace => Conn(ConnAttr::Namespace(each(values, pattern)?)),
+        Key::SourceIp => Conn(ConnAttr::SourceIp(each(values, ip_net)?)),
+        Key::DestinationIp => Conn(ConnAttr::DestinationIp(each(values, ip_net)?)),
+        Key::DestinationPort => Conn(ConnAttr::DestinationPort(each(values, port)?)),
+        Key::Host => Http(HttpAttr::Host(each(values, pattern)?)),
+        Key::Method => Http(HttpAttr::Method(each(values, pattern)?)),
+        Key::Path => Http(HttpAttr::Path(each(values, path_pattern)?)),
+        Key::Header(name) => Http(HttpAttr::Header(name, each(values, pattern)?)),
     })
 }
 
@@ -522,49 +543,117 @@ fn ip_net(s: &str) -> Result<IpNet, String> {
 // ---------------------------------------------------------------------------
 // Matching.
 
+/// What the waypoint knows of a plain TCP connection it decides on (a
+/// request's connection facts, without the HTTP ones).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo<'a> {
+    /// As in [`RequestInfo::source_principal`]: the SPIFFE id without
+    /// `spiffe://`, `None` when the client proved no identity.
+    pub source_principal: Option<&'a str>,
+    /// The namespace of that identity.
+    pub source_namespace: Option<&'a str>,
+    pub source_ip: IpAddr,
+    /// The address the client dialled (a service VIP or a pod IP) and port.
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+impl<'a> From<&RequestInfo<'a>> for ConnInfo<'a> {
+    fn from(r: &RequestInfo<'a>) -> Self {
+        ConnInfo {
+            source_principal: r.source_principal,
+            source_namespace: r.source_namespace,
+            source_ip: r.source_ip,
+            destination_ip: r.destination_ip,
+            destination_port: r.destination_port,
+        }
+    }
+}
+
+/// The traffic being decided: always a connection; a request too for HTTP.
+#[derive(Clone, Copy)]
+struct Traffic<'a> {
+    conn: ConnInfo<'a>,
+    /// `None` for plain TCP: HTTP attributes are then unknown.
+    request: Option<&'a RequestInfo<'a>>,
+}
+
 impl Rule {
-    fn matches(&self, req: &RequestInfo<'_>) -> bool {
-        let group = |g: &Vec<Check>| g.iter().all(|c| c.matches(req));
+    fn matches(&self, traffic: &Traffic<'_>, action: Action) -> bool {
+        // Istio's rule for TCP (Envoy's and ztunnel's): an ALLOW rule that
+        // needs HTTP attributes is skipped whole (it must not let in more
+        // than written), while a DENY rule drops its HTTP parts and matches
+        // on the rest, so that speaking TCP cannot dodge a DENY. AUDIT only
+        // logs; it is treated like ALLOW.
+        let tcp = traffic.request.is_none();
+        if tcp && action != Action::Deny && self.reads_http() {
+            return false;
+        }
+        // From here, an undecidable check can only be a DENY's on TCP.
+        let check = |c: &Check| c.matches(traffic).unwrap_or(true);
+        let group = |g: &Vec<Check>| g.iter().all(check);
         (self.from.is_empty() || self.from.iter().any(group))
             && (self.to.is_empty() || self.to.iter().any(group))
-            && self.when.iter().all(|c| c.matches(req))
+            && self.when.iter().all(check)
+    }
+
+    fn reads_http(&self) -> bool {
+        let groups = self.from.iter().chain(&self.to).flatten();
+        let mut checks = groups.chain(&self.when);
+        checks.any(|c| matches!(c.attr, Attr::Http(_)))
     }
 }
 
 impl Check {
-    /// A missing attribute (no identity, no such header) never "hits", so a
-    /// positive field fails and a `not` field passes, as in Istio.
-    fn matches(&self, req: &RequestInfo<'_>) -> bool {
-        self.attr.hit(req) != self.negated
+    /// A missing attribute value (no identity, no such header) never
+    /// "hits", so a positive field fails and a `not` field passes, as in
+    /// Istio. `None`: undecidable, an HTTP attribute of TCP traffic.
+    fn matches(&self, traffic: &Traffic<'_>) -> Option<bool> {
+        let hit = match &self.attr {
+            Attr::Conn(a) => a.hit(&traffic.conn),
+            Attr::Http(a) => a.hit(traffic.request?),
+        };
+        Some(hit != self.negated)
     }
 }
 
-impl Attr {
-    fn hit(&self, req: &RequestInfo<'_>) -> bool {
-        let any = |pats: &[Pattern], v: &str| pats.iter().any(|p| p.matches(v, false));
+impl ConnAttr {
+    fn hit(&self, conn: &ConnInfo<'_>) -> bool {
         match self {
-            Attr::Principal(p) => req.source_principal.is_some_and(|v| any(p, v)),
+            ConnAttr::Principal(p) => conn.source_principal.is_some_and(|v| any_of(p, v)),
             // The namespace is that of the identity: none without one.
-            Attr::Namespace(p) => {
-                let ns = req.source_principal.and(req.source_namespace);
-                ns.is_some_and(|v| any(p, v))
+            ConnAttr::Namespace(p) => {
+                let ns = conn.source_principal.and(conn.source_namespace);
+                ns.is_some_and(|v| any_of(p, v))
             }
-            Attr::SourceIp(nets) => in_nets(nets, req.source_ip),
-            Attr::DestinationIp(nets) => in_nets(nets, req.destination_ip),
-            Attr::DestinationPort(ports) => ports.contains(&req.destination_port),
-            Attr::Method(p) => any(p, req.method.as_str()),
-            Attr::Path(p) => any(p, req.path),
-            Attr::Host(p) => {
+            ConnAttr::SourceIp(nets) => in_nets(nets, conn.source_ip),
+            ConnAttr::DestinationIp(nets) => in_nets(nets, conn.destination_ip),
+            ConnAttr::DestinationPort(ports) => ports.contains(&conn.destination_port),
+        }
+    }
+}
+
+impl HttpAttr {
+    fn hit(&self, req: &RequestInfo<'_>) -> bool {
+        match self {
+            HttpAttr::Method(p) => any_of(p, req.method.as_str()),
+            HttpAttr::Path(p) => any_of(p, req.path),
+            HttpAttr::Host(p) => {
                 let host = |h: &str| p.iter().any(|p| p.matches(h, true));
                 host(req.host) || strip_port(req.host).is_some_and(host)
             }
             // For headers `*` means "present", even with an empty value.
-            Attr::Header(name, p) => header_value(req.headers, name).is_some_and(|v| {
+            HttpAttr::Header(name, p) => header_value(req.headers, name).is_some_and(|v| {
                 let hit = |p: &Pattern| matches!(p, Pattern::Present) || p.matches(&v, false);
                 p.iter().any(hit)
             }),
         }
     }
+}
+
+/// Case-sensitive: any pattern matches `value`.
+fn any_of(patterns: &[Pattern], value: &str) -> bool {
+    patterns.iter().any(|p| p.matches(value, false))
 }
 
 impl Pattern {
@@ -624,7 +713,8 @@ struct Applied {
     /// `namespace/name`, for decisions and logs.
     id: String,
     namespace: String,
-    /// Targets this waypoint's Gateway: applies to every request.
+    action: Action,
+    /// Targets this waypoint's Gateway: applies to all its traffic.
     whole_waypoint: bool,
     /// Services (in `namespace`) it applies to.
     services: Vec<String>,
@@ -632,23 +722,67 @@ struct Applied {
 }
 
 impl Applied {
-    fn applies(&self, service: Option<(&str, &str)>) -> bool {
+    /// Whether the policy is in force for traffic to any of `services`
+    /// (`(namespace, name)`).
+    fn applies(&self, services: &[(&str, &str)]) -> bool {
         let listed = |name: &str| self.services.iter().any(|s| s == name);
-        let ours = |(ns, name): (&str, &str)| ns == self.namespace && listed(name);
-        self.whole_waypoint || service.is_some_and(ours)
+        let ours = |&(ns, name): &(&str, &str)| ns == self.namespace && listed(name);
+        self.whole_waypoint || services.iter().any(ours)
     }
 
-    /// Whether the policy applies to the request and one of its rules matches.
-    fn hits(&self, service: Option<(&str, &str)>, req: &RequestInfo<'_>) -> bool {
-        self.applies(service) && self.rules.iter().any(|r| r.matches(req))
+    /// Whether one of its rules matches (whether it applies aside).
+    fn matches(&self, traffic: &Traffic<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(traffic, self.action))
     }
+}
+
+/// The part of `p` the waypoint `namespace/name` enforces, or why it
+/// enforces none of it (`"ns/policy: reason"`).
+fn aimed_at(p: AuthorizationPolicy, namespace: &str, name: &str) -> Result<Applied, String> {
+    let id = format!("{}/{}", p.namespace, p.name);
+    let targets = match p.scope {
+        Scope::Selector => return Err(format!("{id}: has a selector (enforced by ztunnel)")),
+        Scope::Namespace => {
+            let why = "has no targetRefs (namespace- or mesh-wide L4 policy, enforced by ztunnel)";
+            return Err(format!("{id}: {why}"));
+        }
+        Scope::Targets(targets) => targets,
+    };
+    let ours = p.namespace == namespace;
+    let (mut whole_waypoint, mut services, mut gateways) = (false, Vec::new(), Vec::new());
+    for t in targets {
+        match t {
+            Target::Gateway(g) if ours && g == name => whole_waypoint = true,
+            Target::Gateway(g) => gateways.push(format!("{}/{g}", p.namespace)),
+            Target::Service(s) => services.push(s),
+        }
+    }
+    if !whole_waypoint && services.is_empty() {
+        // Scope::Targets is never empty, so neither is `gateways` here.
+        let noun = if gateways.len() == 1 {
+            "Gateway"
+        } else {
+            "Gateways"
+        };
+        let others = gateways.join(", ");
+        return Err(format!("{id}: targets {noun} {others}, not this waypoint"));
+    }
+    Ok(Applied {
+        id,
+        namespace: p.namespace,
+        action: p.action,
+        whole_waypoint,
+        services,
+        rules: p.rules,
+    })
 }
 
 impl Policies {
     /// Keeps the policies aimed at this waypoint (its Gateway, or any
-    /// Service). Returns too the `namespace/name` of the policies left to
-    /// ztunnel (with a `selector`, or namespace-wide), for logging. Policies
-    /// targeting only another Gateway are dropped without mention.
+    /// Service). Returns too, for logging, one line per policy it does not
+    /// enforce, saying why (`"ns/name: has a selector (enforced by
+    /// ztunnel)"`, `"ns/name: targets Gateway ns/other, not this
+    /// waypoint"`...).
     pub fn new(
         mut all: Vec<AuthorizationPolicy>,
         waypoint_namespace: &str,
@@ -659,57 +793,67 @@ impl Policies {
         let mut policies = Policies::default();
         let mut ignored = Vec::new();
         for p in all {
-            let id = format!("{}/{}", p.namespace, p.name);
-            let Scope::Targets(targets) = p.scope else {
-                ignored.push(id);
-                continue;
-            };
-            let ours = p.namespace == waypoint_namespace;
-            let (mut whole_waypoint, mut services) = (false, Vec::new());
-            for t in targets {
-                match t {
-                    Target::Gateway(n) => whole_waypoint |= ours && n == waypoint_name,
-                    Target::Service(s) => services.push(s),
+            let applied = match aimed_at(p, waypoint_namespace, waypoint_name) {
+                Ok(applied) => applied,
+                Err(why) => {
+                    ignored.push(why);
+                    continue;
                 }
-            }
-            if !whole_waypoint && services.is_empty() {
-                continue;
-            }
-            let list = match p.action {
+            };
+            let list = match applied.action {
                 Action::Allow => &mut policies.allow,
                 Action::Deny => &mut policies.deny,
                 Action::Audit => &mut policies.audit,
             };
-            let namespace = p.namespace;
-            list.push(Applied {
-                id,
-                namespace,
-                whole_waypoint,
-                services,
-                rules: p.rules,
-            });
+            list.push(applied);
         }
         (policies, ignored)
     }
 
-    /// Decides one request: any matching DENY denies; then, if ALLOW
+    /// Decides one HTTP request sent to any of `services` (`(namespace,
+    /// name)`): the Service dialled, or for a request to a pod IP every
+    /// Service that pod backs, so that a Service's DENY cannot be dodged
+    /// by dialling the pod. Any matching DENY denies; then, if ALLOW
     /// policies apply, one must match. AUDIT only reports.
-    pub fn evaluate(&self, service: Option<(&str, &str)>, req: &RequestInfo<'_>) -> Decision {
-        let hits = |p: &&Applied| p.hits(service, req);
-        let audited = self
-            .audit
-            .iter()
-            .filter(hits)
-            .map(|p| p.id.clone())
-            .collect();
+    pub fn evaluate(&self, services: &[(&str, &str)], req: &RequestInfo<'_>) -> Decision {
+        let conn = ConnInfo::from(req);
+        self.decide(
+            services,
+            &Traffic {
+                conn,
+                request: Some(req),
+            },
+        )
+    }
+
+    /// Decides one plain TCP connection, like [`Policies::evaluate`], with
+    /// Istio's rules for HTTP attributes, which TCP lacks: an ALLOW rule
+    /// that uses them never matches; a DENY rule that uses them matches
+    /// when its other (L4) parts do.
+    pub fn evaluate_tcp(&self, services: &[(&str, &str)], conn: &ConnInfo<'_>) -> Decision {
+        let conn = *conn;
+        self.decide(
+            services,
+            &Traffic {
+                conn,
+                request: None,
+            },
+        )
+    }
+
+    fn decide(&self, services: &[(&str, &str)], traffic: &Traffic<'_>) -> Decision {
+        let applies = |p: &&Applied| p.applies(services);
+        let hits = |p: &&Applied| p.applies(services) && p.matches(traffic);
+        let audited = self.audit.iter().filter(hits);
+        let audited = audited.map(|p| p.id.clone()).collect();
         if let Some(p) = self.deny.iter().find(hits) {
             return Decision::Deny {
                 reason: p.id.clone(),
                 audited,
             };
         }
-        let mut allows = self.allow.iter().filter(|p| p.applies(service)).peekable();
-        if allows.peek().is_none() || allows.any(|p| p.hits(service, req)) {
+        let mut allows = self.allow.iter().filter(applies).peekable();
+        if allows.peek().is_none() || allows.any(|p| p.matches(traffic)) {
             return Decision::Allow { audited };
         }
         Decision::Deny {

@@ -94,7 +94,13 @@ fn rule_refused(r: &str) -> String {
 
 fn decide(all: Vec<AuthorizationPolicy>, r: &Req) -> Decision {
     let (policies, _) = Policies::new(all, "ns1", "wp");
-    policies.evaluate(Some(("ns1", "svc")), &r.info())
+    policies.evaluate(&[("ns1", "svc")], &r.info())
+}
+
+/// As `decide`, for a plain TCP connection with the request's L4 facts.
+fn decide_tcp(all: Vec<AuthorizationPolicy>, r: &Req) -> Decision {
+    let (policies, _) = Policies::new(all, "ns1", "wp");
+    policies.evaluate_tcp(&[("ns1", "svc")], &ConnInfo::from(&r.info()))
 }
 
 /// Checks whether an ALLOW policy with just this rule admits the request.
@@ -321,20 +327,37 @@ fn service_targeted_policies_apply_to_their_service_only() {
     assert!(ignored.is_empty());
     assert_eq!(policies.len(), 1);
     let info = req();
-    let decide = |service| policies.evaluate(service, &info.info());
-    assert_eq!(decide(Some(("ns1", "svc"))), denied("ns1/svc-only"));
-    assert_eq!(decide(Some(("ns1", "other"))), allowed());
-    assert_eq!(decide(Some(("ns2", "svc"))), allowed());
-    assert_eq!(decide(None), allowed());
+    let decide = |services: &[(&str, &str)]| policies.evaluate(services, &info.info());
+    assert_eq!(decide(&[("ns1", "svc")]), denied("ns1/svc-only"));
+    assert_eq!(decide(&[("ns1", "other")]), allowed());
+    assert_eq!(decide(&[("ns2", "svc")]), allowed());
+    assert_eq!(decide(&[]), allowed());
     // An ALLOW policy for another service does not deny this one.
     let other = yaml
         .replace("DENY", "ALLOW")
         .replace("name: svc}", "name: other}");
     let (policies, _) = Policies::new(vec![try_parse(&other).expect("valid")], "ns1", "wp");
     assert_eq!(
-        policies.evaluate(Some(("ns1", "svc")), &info.info()),
+        policies.evaluate(&[("ns1", "svc")], &info.info()),
         allowed()
     );
+}
+
+#[test]
+fn service_deny_applies_when_any_of_several_services_is_its_target() {
+    // A request to a pod IP is checked against every Service of that pod:
+    // dialling the pod must not dodge a DENY on one of them.
+    let yaml = "metadata: {name: svc-only, namespace: ns1}\nspec: {action: DENY, \
+                targetRefs: [{kind: Service, name: svc}], rules: [{}]}";
+    let (policies, _) = Policies::new(vec![try_parse(yaml).expect("valid")], "ns1", "wp");
+    let r = req();
+    let both = [("ns1", "other"), ("ns1", "svc")];
+    assert_eq!(policies.evaluate(&both, &r.info()), denied("ns1/svc-only"));
+    let conn = ConnInfo::from(&r.info());
+    assert_eq!(policies.evaluate_tcp(&both, &conn), denied("ns1/svc-only"));
+    let neither = [("ns1", "other"), ("ns2", "svc")];
+    assert_eq!(policies.evaluate(&neither, &r.info()), allowed());
+    assert_eq!(policies.evaluate_tcp(&neither, &conn), allowed());
 }
 
 #[test]
@@ -348,13 +371,51 @@ fn selector_and_namespace_wide_policies_are_ignored() {
     ];
     let all = all.iter().map(|y| try_parse(y).expect("valid")).collect();
     let (policies, ignored) = Policies::new(all, "ns1", "wp");
-    assert_eq!(ignored, ["ns1/s", "ns1/w"]);
+    assert_eq!(
+        ignored,
+        [
+            "ns1/s: has a selector (enforced by ztunnel)",
+            "ns1/w: has no targetRefs (namespace- or mesh-wide L4 policy, enforced by ztunnel)",
+            "ns2/o: targets Gateway ns2/wp, not this waypoint",
+        ]
+    );
     assert_eq!(policies.len(), 1);
     // The singular targetRef is kept; with no rules it denies everything.
     assert_eq!(
-        policies.evaluate(None, &req().info()),
+        policies.evaluate(&[], &req().info()),
         denied(NO_ALLOW_MATCHED)
     );
+}
+
+#[test]
+fn policies_for_other_gateways_are_listed_as_ignored() {
+    let gateway =
+        |name| format!("{{group: gateway.networking.k8s.io, kind: Gateway, name: {name}}}");
+    let (other, wp) = (gateway("other"), gateway("wp"));
+    let all = [
+        format!("metadata: {{name: a, namespace: ns1}}\nspec: {{targetRefs: [{other}]}}"),
+        format!("metadata: {{name: b, namespace: ns1}}\nspec: {{targetRefs: [{other}, {wp}]}}"),
+        // Another Gateway and a Service: kept for the Service.
+        format!(
+            "metadata: {{name: c, namespace: ns1}}\n\
+             spec: {{targetRefs: [{other}, {{kind: Service, name: svc}}]}}"
+        ),
+        format!(
+            "metadata: {{name: d, namespace: ns1}}\n\
+             spec: {{targetRefs: [{other}, {}]}}",
+            gateway("third")
+        ),
+    ];
+    let all = all.iter().map(|y| try_parse(y).expect("valid")).collect();
+    let (policies, ignored) = Policies::new(all, "ns1", "wp");
+    assert_eq!(
+        ignored,
+        [
+            "ns1/a: targets Gateway ns1/other, not this waypoint",
+            "ns1/d: targets Gateways ns1/other, ns1/third, not this waypoint",
+        ]
+    );
+    assert_eq!(policies.len(), 2);
 }
 
 #[test]
@@ -419,4 +480,109 @@ fn misspelt_and_invalid_fields_name_their_path() {
     // Extra metadata and status are fine; the namespace defaults.
     let p = try_parse("metadata: {name: a, labels: {x: y}}\nstatus: {}\nspec: {}").expect("valid");
     assert_eq!((p.name.as_str(), p.namespace.as_str()), ("a", "default"));
+}
+
+#[test]
+fn misspelt_or_missing_top_level_fields_are_refused() {
+    let doc = |rest: &str| format!("apiVersion: security.istio.io/v1\nkind: {KIND}\n{rest}");
+    let field = |rest: &str| try_parse(&doc(rest)).expect_err(rest).field;
+    // Each would otherwise drop the policy, or move it to `default`.
+    assert_eq!(field("metadata: {name: p}\nSpec: {action: DENY}"), "Spec");
+    assert_eq!(field("metadata: {name: p}"), "spec");
+    assert_eq!(field("metadata: {name: p}\nspec: null"), "spec");
+    let e = try_parse(&doc("metadata: {name: x, nmespace: y}\nspec: {}")).expect_err("nmespace");
+    assert_eq!(e.field, "metadata.nmespace");
+    assert!(
+        e.message.contains("unknown field `nmespace`"),
+        "{}",
+        e.message
+    );
+    assert_eq!(field("metdata: {name: p}\nspec: {}"), "metdata");
+    // What Kubernetes itself writes in metadata is accepted.
+    let metadata = "metadata: {name: p, namespace: ns1, labels: {a: b}, annotations: {c: d}, \
+                    uid: 0a1b, resourceVersion: '7', generation: 2, \
+                    creationTimestamp: '2024-01-01T00:00:00Z', managedFields: [{manager: kubectl}], \
+                    ownerReferences: [], finalizers: [x], generateName: p-}\n";
+    let p = try_parse(&doc(&format!("{metadata}spec: {{}}\nstatus: {{}}"))).expect("valid");
+    assert_eq!((p.name.as_str(), p.namespace.as_str()), ("p", "ns1"));
+}
+
+#[test]
+fn tcp_allow_rules_needing_http_never_match() {
+    let paths = policy("p", "rules: [{to: [{operation: {paths: ['*']}}]}]");
+    assert_eq!(decide(vec![paths.clone()], &req()), allowed());
+    assert_eq!(decide_tcp(vec![paths], &req()), denied(NO_ALLOW_MATCHED));
+    let cases = [
+        (
+            "source: {principals: [cluster.local/ns/client/sa/app]}",
+            true,
+        ),
+        ("source: {principals: [cluster.local/ns/x/sa/y]}", false),
+        ("operation: {ports: ['8080']}", true),
+        ("key: destination.port, values: ['8080']", true),
+        ("operation: {notMethods: [CONNECT]}", false),
+        ("operation: {hosts: ['*']}", false),
+        ("key: 'request.headers[x-a]', notValues: [b]", false),
+        // Skipped whole, as Istio does, even though the ports alternative
+        // alone would have matched.
+        (
+            "{to: [{operation: {ports: ['8080']}}, {operation: {paths: [/a]}}]}",
+            false,
+        ),
+        // One rule needing HTTP does not spoil the policy's other rules.
+        (
+            "{to: [{operation: {paths: [/a]}}]}, {from: [{source: {namespaces: [client]}}]}",
+            true,
+        ),
+    ];
+    for (case, want) in cases {
+        let p = policy("a", &format!("rules: [{}]", rule(case)));
+        let allowed = matches!(decide_tcp(vec![p], &req()), Decision::Allow { .. });
+        assert_eq!(allowed, want, "{case}");
+    }
+    // AUDIT is treated like ALLOW: not listed.
+    let audit = policy(
+        "l",
+        "action: AUDIT, rules: [{to: [{operation: {paths: ['*']}}]}]",
+    );
+    assert_eq!(decide_tcp(vec![audit], &req()), allowed());
+}
+
+#[test]
+fn tcp_deny_rules_needing_http_match_on_their_l4_parts() {
+    let deny = |from: &str| {
+        let spec = format!(
+            "action: DENY, rules: [{{from: [{{source: {from}}}], \
+             to: [{{operation: {{paths: [/admin]}}}}]}}]"
+        );
+        policy("d", &spec)
+    };
+    // Fail closed: the path is unknown, the principal matches.
+    let me = deny("{principals: [cluster.local/ns/client/sa/app]}");
+    assert_eq!(decide_tcp(vec![me.clone()], &req()), denied("ns1/d"));
+    // Over HTTP, the path decides.
+    assert_eq!(decide(vec![me], &req()), allowed());
+    let other = deny("{principals: [cluster.local/ns/x/sa/y]}");
+    assert_eq!(decide_tcp(vec![other], &req()), allowed());
+    let unauthenticated = deny("{notPrincipals: ['*']}");
+    assert_eq!(decide_tcp(vec![unauthenticated.clone()], &req()), allowed());
+    assert_eq!(
+        decide_tcp(vec![unauthenticated], &anonymous()),
+        denied("ns1/d")
+    );
+    // Only HTTP parts: denies all TCP; `not` fields are unknown too.
+    let cases = [
+        "action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]",
+        "action: DENY, rules: [{to: [{operation: {notHosts: ['*']}}]}]",
+        "action: DENY, rules: [{when: [{key: 'request.headers[x-a]', values: [b]}]}]",
+    ];
+    for spec in cases {
+        assert_eq!(
+            decide_tcp(vec![policy("d", spec)], &req()),
+            denied("ns1/d"),
+            "{spec}"
+        );
+    }
+    let other_port = "action: DENY, rules: [{to: [{operation: {paths: [/a], ports: ['1']}}]}]";
+    assert_eq!(decide_tcp(vec![policy("d", other_port)], &req()), allowed());
 }

@@ -38,12 +38,7 @@ struct RawDoc {
     _status: Option<IgnoredAny>,
 }
 
-/// Not `deny_unknown_fields`: labels, annotations, uid... are not ours.
-#[derive(Deserialize)]
-struct RawMeta {
-    name: String,
-    namespace: Option<String>,
-}
+use crate::resource::ObjectMeta as RawMeta;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -169,9 +164,11 @@ pub fn parse(doc: serde_yaml::Value) -> Result<HttpRoute, FieldError> {
     if raw.kind != KIND {
         return Err(FieldError::new("kind", format!("expected {KIND}")));
     }
-    if raw.metadata.name.is_empty() {
-        return Err(invalid("metadata", "name", "must not be empty"));
-    }
+    let name = match raw.metadata.name {
+        Some(name) if !name.is_empty() => name,
+        Some(_) => return Err(invalid("metadata", "name", "must not be empty")),
+        None => return Err(invalid("metadata", "name", "missing")),
+    };
     let ns = raw.metadata.namespace.filter(|ns| !ns.is_empty());
     let ns = ns.unwrap_or_else(|| "default".to_owned());
 
@@ -193,7 +190,7 @@ pub fn parse(doc: serde_yaml::Value) -> Result<HttpRoute, FieldError> {
     let rules = raw_rules.into_iter().enumerate();
     let rules = rules.map(|(i, r)| rule(r, &ns, &format!("spec.rules[{i}]")));
     Ok(HttpRoute {
-        name: raw.metadata.name,
+        name,
         rules: rules.collect::<Result<_, _>>()?,
         namespace: ns,
         parents,

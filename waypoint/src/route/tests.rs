@@ -403,3 +403,23 @@ fn defaults_namespace_rules_and_matches() {
     let e = parse_str(&yaml.replace("kind: HTTPRoute", "kind: GRPCRoute")).unwrap_err();
     assert_eq!(e.field, "kind");
 }
+
+#[test]
+fn misspelt_or_missing_top_level_fields_are_refused() {
+    let head = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n";
+    let field = |rest: &str| parse_str(&format!("{head}{rest}")).expect_err(rest).field;
+    // Each would otherwise drop the route, or move it to `default`.
+    assert_eq!(field("metadata: {name: r}\nSpec: {}"), "Spec");
+    assert_eq!(field("metadata: {name: r}"), ".");
+    assert_eq!(
+        field("metadata: {name: r, nmespace: ns}\nspec: {}"),
+        "metadata.nmespace"
+    );
+    // What Kubernetes itself writes in metadata is accepted.
+    let metadata = "metadata: {name: r, namespace: ns, labels: {a: b}, annotations: {c: d}, \
+                    uid: 0a1b, resourceVersion: '7', generation: 2, \
+                    creationTimestamp: '2024-01-01T00:00:00Z', managedFields: [{manager: kubectl}], \
+                    ownerReferences: [], finalizers: [x], generateName: r-}\n";
+    let route = parse_str(&format!("{head}{metadata}spec: {{}}")).expect("valid");
+    assert_eq!((route.namespace.as_str(), route.name.as_str()), ("ns", "r"));
+}

@@ -109,6 +109,9 @@ pub struct Snapshot {
     by_vip: HashMap<IpAddr, usize>,
     /// Healthy endpoints per service.
     endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>>,
+    /// Every workload of each service, healthy or not: who is a waypoint
+    /// must not change with a readiness probe.
+    members: HashMap<NamespacedHostname, Vec<Arc<Workload>>>,
     /// Spreads connections across a service's endpoints.
     next_endpoint: AtomicUsize,
     /// The workloads some waypoint resolves to (by address in `workloads`).
@@ -133,9 +136,13 @@ impl Snapshot {
             }
         }
         let mut endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>> = HashMap::new();
-        for w in workloads.iter().filter(|w| w.healthy) {
+        let mut members: HashMap<NamespacedHostname, Vec<Arc<Workload>>> = HashMap::new();
+        for w in workloads.iter() {
             for key in w.services.keys() {
-                endpoints.entry(key.clone()).or_default().push(w.clone());
+                members.entry(key.clone()).or_default().push(w.clone());
+                if w.healthy {
+                    endpoints.entry(key.clone()).or_default().push(w.clone());
+                }
             }
         }
         let mut snapshot = Snapshot {
@@ -148,6 +155,7 @@ impl Snapshot {
             by_ip,
             by_vip,
             endpoints,
+            members,
             next_endpoint: AtomicUsize::new(0),
             waypoints: HashSet::new(),
         };
@@ -177,6 +185,18 @@ impl Snapshot {
             hostname: hostname.to_string(),
         };
         self.endpoints.get(&key).cloned().unwrap_or_default()
+    }
+
+    /// Every workload of the service `namespace/hostname`, healthy or not.
+    pub fn members_of(&self, namespace: &str, hostname: &str) -> &[Arc<Workload>] {
+        let key = NamespacedHostname {
+            namespace: namespace.to_string(),
+            hostname: hostname.to_string(),
+        };
+        self.members
+            .get(&key)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// The service `namespace/hostname`.

@@ -142,17 +142,19 @@ impl Snapshot {
         }
     }
 
-    /// Every workload `gateway` may resolve to.
+    /// Every workload `gateway` may resolve to, healthy or not: whether a
+    /// workload is a waypoint (not captured, served by it, exempt from the
+    /// loop rule) must not flip with its readiness.
     pub fn waypoint_workloads(&self, gateway: &GatewayAddress) -> Vec<Arc<Workload>> {
         match &gateway.destination {
             GatewayDestination::Address(a) => match self.workload_by_ip(a.address) {
                 Some(w) => vec![w.clone()],
                 None => self
                     .service_by_vip(a.address)
-                    .map(|s| self.endpoints_of(&s.namespace, &s.hostname))
+                    .map(|s| self.members_of(&s.namespace, &s.hostname).to_vec())
                     .unwrap_or_default(),
             },
-            GatewayDestination::Hostname(h) => self.endpoints_of(&h.namespace, &h.hostname),
+            GatewayDestination::Hostname(h) => self.members_of(&h.namespace, &h.hostname).to_vec(),
         }
     }
 
@@ -257,6 +259,7 @@ impl Snapshot {
 mod tests {
     use std::{net::SocketAddr, path::Path};
 
+    use super::WaypointError;
     use crate::{config::local::LocalConfig, state::Snapshot};
 
     const CONFIG: &str = r#"
@@ -344,6 +347,32 @@ services:
             "{e}"
         );
         assert_eq!(s.waypoint_problems(), vec![e]);
+    }
+
+    #[test]
+    fn an_unready_waypoint_replica_stays_a_waypoint() {
+        let text = CONFIG.replace(
+            "workloadIps: [\"10.0.2.9\"], protocol: HBONE,",
+            "workloadIps: [\"10.0.2.9\"], protocol: HBONE, status: Unhealthy,",
+        );
+        assert_ne!(text, CONFIG);
+        let config = LocalConfig::parse(&text, Path::new("test.yaml")).unwrap();
+        let s = Snapshot::new("n2", "cluster.local", &config);
+        let replica = s.workload_by_ip("10.0.2.9".parse().unwrap()).unwrap();
+        assert!(
+            s.is_waypoint(replica),
+            "readiness must not make a waypoint capturable"
+        );
+        assert!(!s.captures(replica));
+        assert!(s
+            .names_waypoint(addr("10.96.0.10:80"), "10.0.2.9".parse().unwrap())
+            .is_ok());
+        // Nothing healthy to send to: refused, not bypassed.
+        let client = s.workload_by_ip("10.0.1.1".parse().unwrap()).cloned();
+        assert!(matches!(
+            s.waypoint_for(client.as_deref(), addr("10.96.0.10:80")),
+            Some(Err(WaypointError::NoEndpoint { .. }))
+        ));
     }
 
     #[test]

@@ -91,15 +91,32 @@ pub struct Pool {
     /// destination makes one connection, not one each.
     creating: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     opened: AtomicU64,
+    /// Whether connections leave from the key's source address (a pod's,
+    /// with `IP_TRANSPARENT`): ztunnel's; or from the sender's own: the
+    /// waypoint's. Said explicitly: guessing from the address would go
+    /// wrong on nodes with `ip_nonlocal_bind`.
+    spoof_source: bool,
 }
 
 impl Pool {
+    /// ztunnel's pool: connections leave from the client pod's address.
     pub fn new(tls: Arc<TlsContext>) -> Arc<Self> {
+        Self::with_source(tls, true)
+    }
+
+    /// A pool whose connections leave from this host's own address (a
+    /// waypoint's: it needs no `IP_TRANSPARENT`).
+    pub fn from_own_address(tls: Arc<TlsContext>) -> Arc<Self> {
+        Self::with_source(tls, false)
+    }
+
+    fn with_source(tls: Arc<TlsContext>, spoof_source: bool) -> Arc<Self> {
         let pool = Arc::new(Pool {
             tls,
             conns: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             opened: AtomicU64::new(0),
+            spoof_source,
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -192,9 +209,8 @@ impl Pool {
             .client_config(&key.src_id, key.dst_id.clone())
             .await?;
         // From the source pod's address, so the destination sees the real
-        // client: spoofed by ztunnel, the sender's own for a waypoint (which
-        // then needs no IP_TRANSPARENT).
-        let spoofed = (!socket::is_local_address(key.src)).then_some(key.src);
+        // client (ztunnel spoofs it); a waypoint sends from its own.
+        let spoofed = self.spoof_source.then_some(key.src);
         let tcp = socket::connect(spoofed, key.dst)
             .await
             .map_err(|e| HboneError::Connect(key.dst, e))?;

@@ -12,11 +12,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
+use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{oneshot, watch},
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tracing::{debug, info, warn};
 
 use super::{settings, status, stream::H2Stream};
@@ -117,35 +118,12 @@ async fn serve_connection(
     // Small HTTP/2 frames (window updates, a request's headers) must not
     // wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let handshake = async {
-        let tls_stream = TlsAcceptor::from(config)
-            .accept(stream)
-            .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let peer_id = tls_stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|leaf| {
-                // The identity in our trust domain (the verifier made sure there is one).
-                spiffe_ids(leaf)
-                    .into_iter()
-                    .find(|id| id.trust_domain == tls.trust_domain())
-            })
-            .ok_or_else(|| "client certificate names no identity".to_string())?;
-        let h2 = h2::server::Builder::new()
-            .initial_window_size(settings::STREAM_WINDOW)
-            .initial_connection_window_size(settings::CONNECTION_WINDOW)
-            .max_frame_size(settings::MAX_FRAME_SIZE)
-            .max_concurrent_streams(settings::SERVER_MAX_STREAMS)
-            .max_header_list_size(settings::SERVER_MAX_HEADER_LIST)
-            .max_send_buffer_size(settings::MAX_SEND_BUFFER)
-            .handshake::<_, Bytes>(tls_stream)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-        Ok::<_, String>((peer_id, h2))
-    };
+    let handshake = handshake(
+        stream,
+        config,
+        tls.trust_domain(),
+        settings::SERVER_MAX_STREAMS,
+    );
     let bounded = tokio::time::timeout(limits.handshake_timeout, handshake);
     let (peer_id, mut h2) = tokio::select! {
         result = bounded => match result {
@@ -166,36 +144,87 @@ async fn serve_connection(
     };
     drop(slot);
     info!(%peer, %dst, peer_identity = %peer_id, local_identity = %identity, "HBONE connection accepted");
-    let mut draining = proxy.drain.signal.clone();
+    let served = serve_streams(&mut h2, proxy.drain.signal.clone(), |request, respond| {
+        // Each stream is judged by the configuration current when it
+        // opens: pooled connections live long, policies change.
+        let ctx = StreamContext {
+            peer,
+            dst,
+            peer_id: peer_id.clone(),
+            state: live_state.borrow().clone(),
+            proxy: proxy.clone(),
+        };
+        proxy.drain.tasks.spawn(ctx.handle(request, respond));
+    })
+    .await;
+    if let Err(e) = served {
+        info!(%peer, %dst, error = %e, "HBONE connection ended");
+    }
+}
+
+/// An inbound HBONE connection once its handshakes are done.
+pub type Http2Connection = h2::server::Connection<TlsStream<TcpStream>, Bytes>;
+
+/// The TLS and HTTP/2 handshakes of an inbound HBONE connection, with
+/// HBONE's settings and at most `max_streams` streams at once: the peer's
+/// identity in `trust_domain` (the verifier made sure there is one) and
+/// the connection, or why it was refused. Shared with the waypoint.
+pub async fn handshake(
+    stream: TcpStream,
+    config: Arc<ServerConfig>,
+    trust_domain: &str,
+    max_streams: u32,
+) -> Result<(Identity, Http2Connection), String> {
+    let tls_stream = TlsAcceptor::from(config)
+        .accept(stream)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let peer_id = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| {
+            spiffe_ids(leaf)
+                .into_iter()
+                .find(|id| id.trust_domain == trust_domain)
+        })
+        .ok_or_else(|| "client certificate names no identity".to_string())?;
+    let h2 = h2::server::Builder::new()
+        .initial_window_size(settings::STREAM_WINDOW)
+        .initial_connection_window_size(settings::CONNECTION_WINDOW)
+        .max_frame_size(settings::MAX_FRAME_SIZE)
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(settings::SERVER_MAX_HEADER_LIST)
+        .max_send_buffer_size(settings::MAX_SEND_BUFFER)
+        .handshake::<_, Bytes>(tls_stream)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    Ok((peer_id, h2))
+}
+
+/// Hands every stream of `h2` to `on_stream` until the connection ends.
+/// When `draining` turns true, GOAWAY is sent: no new streams, and those
+/// open run to completion.
+pub async fn serve_streams(
+    h2: &mut Http2Connection,
+    mut draining: watch::Receiver<bool>,
+    mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>),
+) -> Result<(), h2::Error> {
     let mut goaway_sent = false;
     loop {
         let request = tokio::select! {
             request = h2.accept() => request,
             _ = draining.wait_for(|d| *d), if !goaway_sent => {
-                // GOAWAY: no new streams; those open run to completion.
                 h2.graceful_shutdown();
                 goaway_sent = true;
                 continue;
             }
         };
-        let Some(request) = request else { break };
         match request {
-            Ok((request, respond)) => {
-                // Each stream is judged by the configuration current when it
-                // opens: pooled connections live long, policies change.
-                let ctx = StreamContext {
-                    peer,
-                    dst,
-                    peer_id: peer_id.clone(),
-                    state: live_state.borrow().clone(),
-                    proxy: proxy.clone(),
-                };
-                proxy.drain.tasks.spawn(ctx.handle(request, respond));
-            }
-            Err(e) => {
-                info!(%peer, %dst, error = %e, "HBONE connection ended");
-                break;
-            }
+            None => return Ok(()),
+            Some(Ok((request, respond))) => on_stream(request, respond),
+            Some(Err(e)) => return Err(e),
         }
     }
 }
