@@ -162,6 +162,14 @@ fn service_traffic_passes_the_waypoint_which_applies_l7_policy() -> Result<()> {
             "same connection after a 403"
         );
     }
+    // A client on the waypoint's own node: ztunnel reaches the waypoint pod
+    // on the same node, and its replies find their way back to ztunnel.
+    let mut same_node = Client::connect(&m.s.lab.pod("server").ns, echo(), false)?;
+    assert_eq!(
+        same_node.get("/x").map(|r| r.status).ok(),
+        Some(403),
+        "server's own identity is not the client's: no ALLOW matches"
+    );
     // Forged identity headers from the client are replaced.
     let mut c = m.client(echo(), false)?;
     c.request(
