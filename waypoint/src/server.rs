@@ -39,7 +39,7 @@ use ztunnel::{
 
 use crate::{
     proxy::{self, Tunnel, Waypoint},
-    sniff::{sniff, Prefixed, Protocol},
+    sniff::{sniff, Lingering, Prefixed, Protocol},
 };
 
 /// The bounds, all configurable from the command line.
@@ -216,7 +216,7 @@ async fn tunnel(
     wp.metrics.connections.inc();
     match sniff(&mut io, limits.protocol_detection_timeout).await {
         Ok((Protocol::Http, seen)) => {
-            let io = TokioIo::new(Prefixed::new(seen, io));
+            let io = TokioIo::new(Prefixed::new(seen, Lingering::new(io)));
             serve_http(io, tunnel, wp.clone(), limits).await
         }
         Ok((Protocol::Tcp, seen)) => crate::tcp::relay(Prefixed::new(seen, io), tunnel, &wp).await,
@@ -278,7 +278,7 @@ impl Activity {
 
 /// Serves one client connection (the tunnel's bytes) as HTTP.
 async fn serve_http(
-    io: TokioIo<Prefixed<H2Io>>,
+    io: TokioIo<Prefixed<Lingering>>,
     tunnel: Arc<Tunnel>,
     wp: Arc<Waypoint>,
     limits: Limits,

@@ -134,3 +134,91 @@ mod tests {
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Tcp));
     }
 }
+
+/// How much of a client's unread upload is read and dropped after its
+/// connection is done with (see [`Lingering`]), and for how long at most.
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_FOR: Duration = Duration::from_secs(2);
+
+/// A tunnel that, when dropped before the client finished sending (a 431
+/// or a 400 answered mid-upload), keeps reading and dropping what the
+/// client still sends for a bounded while. Dropped at once, the unread
+/// bytes would reset the stream, and the client's ztunnel would reset the
+/// client's connection, maybe before the answer reached it: the lingering
+/// close every HTTP server does.
+pub struct Lingering(Option<H2Io>);
+
+impl Lingering {
+    pub fn new(io: H2Io) -> Self {
+        Lingering(Some(io))
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut io) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut left = LINGER_BYTES;
+            let drain = async {
+                while left > 0 {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER_FOR, drain).await;
+        });
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_flush(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
