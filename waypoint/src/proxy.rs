@@ -554,9 +554,10 @@ pub(crate) fn services_of(
         .collect()
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+/// A plain-text answer made by the waypoint itself.
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
+        Full::new(body.into())
             .map_err(|never| match never {})
             .boxed(),
     );
@@ -574,17 +575,8 @@ fn failed(
     upstream: Option<Upstream>,
     route: Option<String>,
 ) -> (Response<Body>, Outcome) {
-    let mut response = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     (
-        response,
+        text(status, body.to_string()),
         Outcome {
             status,
             flags,
