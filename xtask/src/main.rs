@@ -233,6 +233,7 @@ fn main() -> Result<()> {
                 &smoke_dir,
             )
             .map_err(|e| anyhow::anyhow!("benchmark smoke run failed: {e:#}"))?;
+            bench::check_chart(&smoke_dir)?;
             // The manifests of deploy/, offline; the release binary the
             // image would hold was built just above.
             deploy::check(&root())?;

@@ -1,10 +1,11 @@
 //! The ratio chart: one bar per figure, mesh / no mesh, with its target.
 
-use std::fmt::Write;
+use std::{borrow::Cow, fmt::Write};
 
 use super::Row;
 
 pub fn svg(rows: &[Row], subtitle: &str) -> String {
+    let subtitle = escape(subtitle);
     let ratios: Vec<&Row> = rows.iter().filter(|r| r.ratio.is_some()).collect();
     let (w, bar_h, gap, left, top) = (760.0, 26.0, 10.0, 250.0, 60.0);
     let h = top + ratios.len() as f64 * (bar_h + gap) + 56.0;
@@ -44,14 +45,14 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
 "#,
             left - 8.0,
             y + bar_h * 0.68,
-            r.name,
+            escape(&r.name),
             (ratio * scale).max(1.0),
             // The label clears both the bar and the floor's tick.
             left + ratio.max(r.relays_ratio.unwrap_or(0.0)) * scale + 8.0,
             y + bar_h * 0.68,
             r.target
                 .as_ref()
-                .map(|t| format!(" (target {t})"))
+                .map(|t| format!(" (target {})", escape(t)))
                 .unwrap_or_default()
         );
         if let Some(floor) = r.relays_ratio {
@@ -74,4 +75,76 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
     );
     s.push_str("</svg>\n");
     s
+}
+
+/// Text as SVG (XML) character data: a target such as "<= 1.8" must not open
+/// a tag, or browsers show a broken image instead of the chart.
+fn escape(text: &str) -> Cow<'_, str> {
+    if !text.contains(['<', '>', '&', '"', '\'']) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Parses a chart as XML and returns the texts it shows, so the tests can
+/// check that what the bench wrote is well formed and says what it should.
+pub fn texts(svg: &str) -> Result<Vec<String>, roxmltree::Error> {
+    let doc = roxmltree::Document::parse(svg)?;
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .map(|n| n.text().unwrap_or_default().to_string())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, ratio: f64, target: &str) -> Row {
+        Row {
+            name: name.into(),
+            unit: "us".into(),
+            no_mesh: Some(1.0),
+            mesh: ratio,
+            ratio: Some(ratio),
+            relays: None,
+            relays_ratio: Some(ratio / 2.0),
+            target: Some(target.into()),
+            met: Some(true),
+        }
+    }
+
+    #[test]
+    fn targets_with_comparison_signs_stay_well_formed() {
+        let rows = [
+            row("p99 latency", 1.7, "<= 1.8"),
+            row("throughput \"4\" & <streams>", 0.5, ">= 0.4"),
+        ];
+        let svg = svg(&rows, "ztunnel abc · kernel 6.18 <test>");
+        let texts = texts(&svg).expect("the chart is well-formed XML");
+        assert!(
+            texts.contains(&"1.70 (target <= 1.8)".to_string()),
+            "{texts:?}"
+        );
+        assert!(texts.contains(&"throughput \"4\" & <streams>".to_string()));
+        assert!(texts.contains(&"ztunnel abc · kernel 6.18 <test>".to_string()));
+    }
+
+    #[test]
+    fn plain_text_is_not_copied() {
+        assert!(matches!(escape("p50 latency"), Cow::Borrowed(_)));
+        assert_eq!(escape("a<b&c"), "a&lt;b&amp;c");
+    }
 }

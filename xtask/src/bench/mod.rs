@@ -12,7 +12,7 @@
 //! that path). Results: a table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.svg`.
 
-mod chart;
+pub mod chart;
 mod iperf;
 mod waypoint;
 
@@ -654,4 +654,33 @@ impl Drop for Relays {
 /// Where results go.
 pub fn out_dir(root: &Path) -> PathBuf {
     root.join("target/bench")
+}
+
+/// Checks the chart a run wrote to `out_dir`: well-formed SVG (a code host
+/// shows a broken image otherwise) with a bar label for every ratio in
+/// `results.json`.
+pub fn check_chart(out_dir: &Path) -> Result<()> {
+    let svg_path = out_dir.join("ratios.svg");
+    let svg = std::fs::read_to_string(&svg_path)
+        .with_context(|| format!("reading {}", svg_path.display()))?;
+    let texts = chart::texts(&svg)
+        .with_context(|| format!("{} is not well-formed XML", svg_path.display()))?;
+    let json_path = out_dir.join("results.json");
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&json_path).with_context(|| format!("reading {}", json_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", json_path.display()))?;
+    let rows = report["rows"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for row in rows.iter().filter(|r| r["ratio"].is_number()) {
+        let name = row["name"].as_str().unwrap_or_default();
+        anyhow::ensure!(
+            texts.iter().any(|t| t == name),
+            "{} has no bar labelled {name:?}",
+            svg_path.display()
+        );
+    }
+    Ok(())
 }
