@@ -39,10 +39,9 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
             Some(false) => "#c0392b",
             None => "#4a7ab0",
         };
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{left}" y="{y}" width="{}" height="{bar_h}" fill="{colour}"/><text x="{}" y="{}">{ratio:.2}{}</text>
-"#,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{left}" y="{y}" width="{}" height="{bar_h}" fill="{colour}"/><text x="{}" y="{}">{ratio:.2}{}</text>"#,
             left - 8.0,
             y + bar_h * 0.68,
             escape(&r.name),
@@ -58,19 +57,17 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
         if let Some(floor) = r.relays_ratio {
             // The two-relay floor: a black tick across the bar.
             let x = left + floor * scale;
-            let _ = write!(
+            let _ = writeln!(
                 s,
-                r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="black" stroke-width="3"/>
-"##,
+                r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="black" stroke-width="3"/>"##,
                 y - 3.0,
                 y + bar_h + 3.0
             );
         }
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
-        r##"<text x="10" y="{}" fill="#555">black tick: two plain TCP relays (no TLS, no HTTP/2) / no mesh, the floor for a proxy on each node</text>
-"##,
+        r##"<text x="10" y="{}" fill="#555">black tick: two plain TCP relays (no TLS, no HTTP/2) / no mesh, the floor for a proxy on each node</text>"##,
         h - 2.0
     );
     s.push_str("</svg>\n");
