@@ -68,10 +68,17 @@ fn cross_node_traffic_is_mutual_tls_on_the_underlay() -> Result<()> {
         0,
         "the application port was seen on the underlay"
     );
-    // A TLS 1.3 handshake: the ClientHello's record header and version bytes.
+    // TLS 1.3 was negotiated. Every ClientHello carries the legacy version
+    // bytes of TLS 1.0-1.2, so those prove nothing; the ServerHello's
+    // supported_versions extension (type 0x002b, length 2) names the version
+    // the server chose, and a TLS 1.2 ServerHello has no such extension.
     assert!(
-        pcap.contains(&[0x16, 0x03, 0x01]),
-        "no TLS handshake on the underlay"
+        pcap.contains(&[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]),
+        "no ServerHello choosing TLS 1.3 on the underlay"
+    );
+    assert!(
+        !pcap.contains(&[0x00, 0x2b, 0x00, 0x02, 0x03, 0x03]),
+        "a ServerHello chose TLS 1.2"
     );
     zt2.wait_for_log(
         "peer_identity=spiffe://cluster.local/ns/default/sa/client",
