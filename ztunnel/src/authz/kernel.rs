@@ -201,3 +201,373 @@ pub fn lookup(entries: &[PolicyEntry], src: Ipv4Addr, dst: Ipv4Addr, port: u16) 
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use ztunnel_common::verdict::{DENY, PASS};
+
+    use super::*;
+    use crate::{authz::evaluate, config::local::LocalConfig, identity::Identity};
+
+    /// `d` (10.9.0.1 and fd00::1, HBONE, on this node `n`) selects `a/sel`;
+    /// `remote` is on another node, `plain` is not HBONE.
+    const WORKLOADS: &str = r#"
+workloads:
+- {uid: d, name: d, namespace: a, serviceAccount: d, workloadIps: ["10.9.0.1", "fd00::1"], protocol: HBONE, node: n, authorizationPolicies: ["a/sel"], services: {}}
+- {uid: r, name: remote, namespace: a, workloadIps: ["10.9.1.1"], protocol: HBONE, node: other, services: {}}
+- {uid: p, name: plain, namespace: a, workloadIps: ["10.9.0.2"], node: n, services: {}}
+"#;
+
+    const D: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+
+    /// A policy in namespace `a` (Namespace scope, so it applies to every
+    /// workload there) with one rule of one clause holding `m`.
+    fn policy(name: &str, action: &str, m: &str) -> String {
+        format!("- {{name: {name}, namespace: a, scope: Namespace, action: {action}, dryRun: false, rules: [[[{m}]]]}}\n")
+    }
+
+    fn snapshot(policies: &[String]) -> Snapshot {
+        let yaml = format!("{WORKLOADS}policies:\n{}", policies.concat());
+        let yaml = if policies.is_empty() {
+            WORKLOADS.to_string()
+        } else {
+            yaml
+        };
+        let config = LocalConfig::parse(&yaml, Path::new("kernel-test.yaml"))
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        Snapshot::new("n", "cluster.local", &config)
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    /// What the kernel decides for a plaintext `src` -> d:`port`.
+    fn kernel(entries: &[PolicyEntry], src: &str, port: u16) -> Option<u32> {
+        lookup(entries, ip(src), D, port)
+    }
+
+    /// Every source and port that matters below, on both sides of every
+    /// CIDR edge used.
+    const SOURCES: [&str; 10] = [
+        "10.1.0.0",
+        "10.1.2.3",
+        "10.1.255.255",
+        "10.0.255.255",
+        "10.2.0.0",
+        "10.255.0.1",
+        "11.0.0.0",
+        "192.168.1.1",
+        "0.0.0.0",
+        "255.255.255.255",
+    ];
+    const PORTS: [u16; 5] = [80, 443, 8080, 1, 65535];
+
+    /// The kernel's answer agrees with userspace for every plaintext
+    /// connection in the grid: a drop exactly when userspace denies.
+    fn assert_exact(snapshot: &Snapshot, entries: &[PolicyEntry]) {
+        let workload = snapshot.workload_by_ip(IpAddr::V4(D)).unwrap();
+        for src in SOURCES {
+            for port in PORTS {
+                let conn = Connection {
+                    src: SocketAddr::new(ip(src).into(), 40000),
+                    dst: SocketAddr::new(D.into(), port),
+                    src_identity: None,
+                };
+                let user = evaluate(&snapshot.policy_store, workload, &conn).is_err();
+                let kernel = kernel(entries, src, port) == Some(DENY);
+                assert_eq!(kernel, user, "{src} -> {D}:{port}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_policies_compile_to_no_entries() {
+        assert!(compile(&snapshot(&[])).is_empty());
+    }
+
+    #[test]
+    fn a_deny_by_source_and_port_drops_only_that_region_and_port() {
+        let s = snapshot(&[policy(
+            "deny",
+            "Deny",
+            r#"{sourceIps: ["10.1.0.0/16"], destinationPorts: [80]}"#,
+        )]);
+        let entries = compile(&s);
+        assert_eq!(kernel(&entries, "10.1.2.3", 80), Some(DENY));
+        assert_eq!(kernel(&entries, "10.2.0.0", 80), Some(PASS));
+        // Port 443 is decided by nothing: no entry, userspace decides.
+        assert_eq!(kernel(&entries, "10.1.2.3", 443), None);
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn an_allow_policy_drops_every_source_and_port_it_does_not_allow() {
+        let s = snapshot(&[policy("allow", "Allow", r#"{sourceIps: ["10.1.0.0/16"]}"#)]);
+        let entries = compile(&s);
+        assert_eq!(kernel(&entries, "10.1.0.0", 12345), Some(PASS));
+        assert_eq!(kernel(&entries, "10.1.255.255", 80), Some(PASS));
+        assert_eq!(kernel(&entries, "10.2.0.0", 12345), Some(DENY));
+        assert_eq!(kernel(&entries, "0.0.0.0", 1), Some(DENY));
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn an_allow_policy_plaintext_can_never_match_drops_all_plaintext() {
+        let s = snapshot(&[policy(
+            "mtls-only",
+            "Allow",
+            r#"{principals: [!Prefix cluster.local/]}"#,
+        )]);
+        let entries = compile(&s);
+        for src in SOURCES {
+            assert_eq!(kernel(&entries, src, 8080), Some(DENY), "{src}");
+        }
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn a_deny_policy_that_needs_an_identity_leaves_plaintext_alone() {
+        let s = snapshot(&[policy(
+            "deny-ns",
+            "Deny",
+            r#"{namespaces: [!Exact b], destinationPorts: [80]}"#,
+        )]);
+        assert!(compile(&s).is_empty());
+    }
+
+    #[test]
+    fn a_not_source_hole_inside_a_denied_range_passes() {
+        let s = snapshot(&[policy(
+            "deny",
+            "Deny",
+            r#"{sourceIps: ["10.0.0.0/8"], notSourceIps: ["10.1.0.0/16"]}"#,
+        )]);
+        let entries = compile(&s);
+        assert_eq!(kernel(&entries, "10.2.0.0", 80), Some(DENY));
+        assert_eq!(kernel(&entries, "10.255.0.1", 443), Some(DENY));
+        assert_eq!(kernel(&entries, "10.1.2.3", 80), Some(PASS));
+        assert_eq!(kernel(&entries, "11.0.0.0", 80), Some(PASS));
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn deny_and_allow_combine_as_userspace_decides() {
+        let s = snapshot(&[
+            policy("allow", "Allow", r#"{sourceIps: ["10.0.0.0/8"]}"#),
+            policy(
+                "deny",
+                "Deny",
+                r#"{sourceIps: ["10.1.2.0/24"], notDestinationPorts: [443]}"#,
+            ),
+        ]);
+        let entries = compile(&s);
+        assert_eq!(kernel(&entries, "10.1.2.3", 80), Some(DENY));
+        assert_eq!(kernel(&entries, "10.1.2.3", 443), Some(PASS));
+        assert_eq!(kernel(&entries, "10.2.0.0", 80), Some(PASS));
+        assert_eq!(kernel(&entries, "192.168.1.1", 443), Some(DENY));
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn a_dry_run_policy_in_scope_leaves_the_workload_to_userspace() {
+        let mut dry = policy("dry", "Allow", r#"{sourceIps: ["10.1.0.0/16"]}"#);
+        dry = dry.replace("dryRun: false", "dryRun: true");
+        let s = snapshot(&[
+            policy("deny", "Deny", r#"{sourceIps: ["10.2.0.0/16"]}"#),
+            dry,
+        ]);
+        assert!(compile(&s).is_empty());
+    }
+
+    #[test]
+    fn only_local_hbone_ipv4_addresses_get_entries() {
+        let s = snapshot(&[policy("deny", "Deny", r#"{sourceIps: ["10.2.0.0/16"]}"#)]);
+        let entries = compile(&s);
+        assert!(!entries.is_empty());
+        let d = u32::from_ne_bytes(D.octets());
+        assert!(
+            entries.iter().all(|e| e.tuple.dst_ipv4_be == d),
+            "only d's IPv4 address, not remote's, plain's or d's IPv6 one"
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_in_policies_are_not_regions() {
+        let s = snapshot(&[policy(
+            "deny",
+            "Deny",
+            r#"{sourceIps: ["fd00::/8", "10.2.0.0/16"]}"#,
+        )]);
+        let entries = compile(&s);
+        let mut regions: Vec<u32> = entries.iter().map(|e| e.prefix_len).collect();
+        regions.sort();
+        regions.dedup();
+        assert_eq!(regions, [POLICY_FIXED_BITS, POLICY_FIXED_BITS + 16]);
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn a_selected_policy_applies_only_to_the_workload_selecting_it() {
+        let sel =
+            "- {name: sel, namespace: a, scope: WorkloadSelector, action: Deny, dryRun: false, \
+                   rules: [[[{sourceIps: [\"10.2.0.0/16\"]}]]]}\n";
+        let s = snapshot(&[sel.to_string()]);
+        let entries = compile(&s);
+        assert_eq!(kernel(&entries, "10.2.0.0", 80), Some(DENY));
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn an_entry_is_keyed_in_network_byte_order_with_the_fixed_bits() {
+        let s = snapshot(&[policy(
+            "deny",
+            "Deny",
+            r#"{sourceIps: ["10.1.0.0/16"], destinationPorts: [8080]}"#,
+        )]);
+        let entries = compile(&s);
+        let entry = entries
+            .iter()
+            .find(|e| e.prefix_len == POLICY_FIXED_BITS + 16)
+            .expect("an entry for 10.1.0.0/16");
+        // The key's bytes in memory are the address's bytes on the wire.
+        assert_eq!(entry.tuple.dst_ipv4_be.to_ne_bytes(), [10, 9, 0, 1]);
+        assert_eq!(entry.tuple.src_ipv4_be.to_ne_bytes(), [10, 1, 0, 0]);
+        assert_eq!(entry.tuple.dst_port_be.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(entry.verdict.verdict, DENY);
+    }
+
+    #[test]
+    fn source_cidrs_with_host_bits_are_truncated() {
+        let s = snapshot(&[policy("deny", "Deny", r#"{sourceIps: ["10.1.2.3/16"]}"#)]);
+        let entries = compile(&s);
+        assert!(entries
+            .iter()
+            .any(|e| e.tuple.src_ipv4_be.to_ne_bytes() == [10, 1, 0, 0]));
+        assert_exact(&s, &entries);
+    }
+
+    #[test]
+    fn identity_is_not_part_of_the_kernel_decision() {
+        // An mTLS connection allowed by principal is not something the
+        // kernel sees: the compiled table denies plaintext only.
+        let s = snapshot(&[policy(
+            "mtls-only",
+            "Allow",
+            r#"{principals: [!Exact cluster.local/ns/b/sa/c]}"#,
+        )]);
+        let workload = s.workload_by_ip(IpAddr::V4(D)).unwrap();
+        let mtls = Connection {
+            src: "10.1.2.3:40000".parse().unwrap(),
+            dst: "10.9.0.1:80".parse().unwrap(),
+            src_identity: Some(Identity::new("cluster.local", "b", "c")),
+        };
+        assert!(evaluate(&s.policy_store, workload, &mtls).is_ok());
+        assert_eq!(kernel(&compile(&s), "10.1.2.3", 80), Some(DENY));
+    }
+
+    /// `rep` is an address an LPM lookup would send to `net`'s entry.
+    fn assert_lands_in(rep: Option<Ipv4Addr>, region: &str, all: &BTreeSet<Ipv4Net>) {
+        let region = net(region);
+        let rep = rep.unwrap_or_else(|| panic!("{region} has a free address"));
+        assert!(region.contains(&rep), "{rep} is outside {region}");
+        for inner in all.iter().filter(|c| c.prefix_len() > region.prefix_len()) {
+            assert!(!inner.contains(&rep), "{rep} of {region} is in {inner}");
+        }
+    }
+
+    #[test]
+    fn the_representative_is_in_the_region_and_outside_inner_cidrs() {
+        let all: BTreeSet<Ipv4Net> = ["0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/9"]
+            .map(net)
+            .into_iter()
+            .collect();
+        for region in ["0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/9"] {
+            assert_lands_in(representative(&net(region), &all), region, &all);
+        }
+        // 10.0.0.0/9 covers the start of 10/8: its free half is the rest.
+        let rep = representative(&net("10.0.0.0/8"), &all).unwrap();
+        assert!(net("10.128.0.0/9").contains(&rep), "{rep}");
+    }
+
+    #[test]
+    fn a_region_covered_by_inner_cidrs_has_no_representative() {
+        let all: BTreeSet<Ipv4Net> = ["10.0.0.0/8", "10.0.0.0/9", "10.128.0.0/9"]
+            .map(net)
+            .into_iter()
+            .collect();
+        assert_eq!(representative(&net("10.0.0.0/8"), &all), None);
+        let full: BTreeSet<Ipv4Net> = ["0.0.0.0/0", "0.0.0.0/1", "128.0.0.0/1"]
+            .map(net)
+            .into_iter()
+            .collect();
+        assert_eq!(representative(&net("0.0.0.0/0"), &full), None);
+    }
+
+    #[test]
+    fn a_region_free_only_in_the_middle_finds_the_gap() {
+        let all: BTreeSet<Ipv4Net> = [
+            "10.0.0.0/24",
+            "10.0.0.0/26",
+            "10.0.0.192/26",
+            "10.0.0.64/27",
+            "10.0.0.160/27",
+        ]
+        .map(net)
+        .into_iter()
+        .collect();
+        // Covered: .0-.63 and .192-.255 (both ends), .64-.95, .160-.191;
+        // free: .96-.159.
+        let rep = representative(&net("10.0.0.0/24"), &all);
+        assert_lands_in(rep, "10.0.0.0/24", &all);
+        let rep = u32::from(rep.unwrap());
+        assert!((u32::from(ip("10.0.0.96"))..=u32::from(ip("10.0.0.159"))).contains(&rep));
+    }
+
+    fn entry(dst: &str, port: u16, src: &str, deny: bool) -> PolicyEntry {
+        let mut out = Vec::new();
+        push(&mut out, ip(dst), port, &[(net(src), deny)]);
+        out.pop().unwrap()
+    }
+
+    #[test]
+    fn lookup_takes_the_longest_prefix() {
+        let entries = [
+            entry("10.9.0.1", 80, "0.0.0.0/0", true),
+            entry("10.9.0.1", 80, "10.0.0.0/8", false),
+            entry("10.9.0.1", 80, "10.1.0.0/16", true),
+        ];
+        assert_eq!(kernel(&entries, "11.0.0.1", 80), Some(DENY));
+        assert_eq!(kernel(&entries, "10.2.0.1", 80), Some(PASS));
+        assert_eq!(kernel(&entries, "10.1.0.1", 80), Some(DENY));
+    }
+
+    #[test]
+    fn lookup_tries_the_exact_port_then_port_zero() {
+        let entries = [
+            entry("10.9.0.1", 0, "0.0.0.0/0", true),
+            entry("10.9.0.1", 443, "0.0.0.0/0", false),
+        ];
+        assert_eq!(kernel(&entries, "1.2.3.4", 443), Some(PASS));
+        assert_eq!(kernel(&entries, "1.2.3.4", 80), Some(DENY));
+        // A port entry that does not cover the source falls back to port 0.
+        let entries = [
+            entry("10.9.0.1", 0, "0.0.0.0/0", true),
+            entry("10.9.0.1", 443, "10.0.0.0/8", false),
+        ];
+        assert_eq!(kernel(&entries, "1.2.3.4", 443), Some(DENY));
+    }
+
+    #[test]
+    fn lookup_of_another_destination_finds_nothing() {
+        let entries = [entry("10.9.0.1", 0, "0.0.0.0/0", true)];
+        assert_eq!(lookup(&entries, ip("1.2.3.4"), ip("10.9.0.2"), 80), None);
+        assert_eq!(lookup(&[], ip("1.2.3.4"), D, 80), None);
+    }
+}

@@ -103,3 +103,142 @@ pub enum IdentityError {
     #[error("state directory {}: {message}", path.display())]
     StateDir { path: PathBuf, message: String },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Identity, IdentityError> {
+        s.parse()
+    }
+
+    fn assert_refused(inputs: &[&str]) {
+        for bad in inputs {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_spiffe_id_parses_into_its_three_parts() {
+        let id = parse("spiffe://example.org/ns/shop/sa/cart").unwrap();
+        assert_eq!(id, Identity::new("example.org", "shop", "cart"));
+        assert_eq!(id.trust_domain, "example.org");
+        assert_eq!(id.namespace, "shop");
+        assert_eq!(id.service_account, "cart");
+    }
+
+    #[test]
+    fn display_and_parse_round_trip() {
+        for id in [
+            Identity::new("cluster.local", "default", "default"),
+            Identity::new("td", "a-b", "c.d_e"),
+            Identity::new("x", "%2F", "100%"),
+        ] {
+            let text = id.to_string();
+            assert!(text.starts_with("spiffe://"), "{text}");
+            assert_eq!(parse(&text).unwrap(), id, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_principal_is_the_id_without_its_scheme() {
+        let id = Identity::new("cluster.local", "shop", "cart");
+        assert_eq!(id.principal(), "cluster.local/ns/shop/sa/cart");
+        assert_eq!(id.to_string(), format!("spiffe://{}", id.principal()));
+    }
+
+    #[test]
+    fn of_workload_fills_the_default_trust_domain_and_service_account() {
+        assert_eq!(
+            Identity::of_workload("", "mesh.local", "shop", ""),
+            Identity::new("mesh.local", "shop", "default")
+        );
+        // Configured values win over the defaults.
+        assert_eq!(
+            Identity::of_workload("other.td", "mesh.local", "shop", "cart"),
+            Identity::new("other.td", "shop", "cart")
+        );
+        assert_eq!(
+            Identity::of_workload("", DEFAULT_TRUST_DOMAIN, "ns", "sa").trust_domain,
+            "cluster.local"
+        );
+    }
+
+    #[test]
+    fn ids_with_missing_or_extra_segments_are_refused() {
+        assert_refused(&[
+            "spiffe://",
+            "spiffe://td",
+            "spiffe://td/ns/shop",
+            "spiffe://td/ns/shop/sa",
+            "spiffe://td/ns/shop/cart",
+            "spiffe://td/shop/sa/cart",
+            "spiffe://td/ns/shop/sa/cart/extra",
+            "spiffe://td/ns/shop/sa/cart/",
+            "spiffe://td/x/ns/shop/sa/cart",
+            "spiffe:///td/ns/shop/sa/cart",
+        ]);
+    }
+
+    #[test]
+    fn ids_with_empty_parts_are_refused() {
+        assert_refused(&[
+            "spiffe:///ns/shop/sa/cart",
+            "spiffe://td/ns//sa/cart",
+            "spiffe://td/ns/shop/sa/",
+            "spiffe://td//shop/sa/cart",
+        ]);
+    }
+
+    #[test]
+    fn only_the_spiffe_scheme_is_accepted() {
+        assert_refused(&[
+            "td/ns/shop/sa/cart",
+            "https://td/ns/shop/sa/cart",
+            "spiffe:/td/ns/shop/sa/cart",
+            "spiffe:td/ns/shop/sa/cart",
+            "SPIFFE://td/ns/shop/sa/cart",
+            " spiffe://td/ns/shop/sa/cart",
+            "",
+        ]);
+    }
+
+    #[test]
+    fn keywords_are_literal_and_case_sensitive() {
+        assert!(parse("spiffe://td/NS/shop/sa/cart").is_err());
+        assert!(parse("spiffe://td/ns/shop/SA/cart").is_err());
+        // `ns` and `sa` as values are fine: only positions matter.
+        assert_eq!(
+            parse("spiffe://td/ns/ns/sa/sa").unwrap(),
+            Identity::new("td", "ns", "sa")
+        );
+    }
+
+    #[test]
+    fn percent_escapes_are_not_decoded() {
+        // An escaped slash stays three characters: it cannot add a segment
+        // or make two different ids compare equal.
+        let id = parse("spiffe://td/ns/a%2Fb/sa/c%20d").unwrap();
+        assert_eq!(id.namespace, "a%2Fb");
+        assert_eq!(id.service_account, "c%20d");
+        assert_ne!(id, Identity::new("td", "a/b", "c d"));
+        assert_eq!(id.principal(), "td/ns/a%2Fb/sa/c%20d");
+    }
+
+    #[test]
+    fn the_error_names_the_rejected_input() {
+        let e = parse("spiffe://td/ns/shop").unwrap_err();
+        assert!(matches!(&e, IdentityError::BadSpiffeId(s) if s == "spiffe://td/ns/shop"));
+        assert!(e.to_string().contains("`spiffe://td/ns/shop`"), "{e}");
+    }
+
+    #[test]
+    fn very_long_ids_parse_exactly_and_long_garbage_is_refused() {
+        let long = "a".repeat(100_000);
+        let id = parse(&format!("spiffe://td/ns/{long}/sa/{long}")).unwrap();
+        assert_eq!(id.namespace.len(), 100_000);
+        assert_eq!(id.service_account, long);
+        let garbage = format!("spiffe://td{}", "/ns".repeat(50_000));
+        assert!(parse(&garbage).is_err());
+    }
+}

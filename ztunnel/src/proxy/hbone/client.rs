@@ -173,3 +173,71 @@ fn traceparent() -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("00-{}-{}-00", &hex[..32], &hex[32..48])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(forwarded_for: &str, service_host: Option<&str>) -> Target {
+        let id = Identity::new("cluster.local", "default", "a");
+        Target {
+            src_id: id.clone(),
+            src: "10.0.0.1:40000".parse().unwrap(),
+            forwarded_for: forwarded_for.parse().unwrap(),
+            dst_id: vec![id],
+            authority: "10.0.0.2:8080".parse().unwrap(),
+            peer: "10.0.0.2:15008".parse().unwrap(),
+            baggage: String::new(),
+            service_host: service_host.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn forwarded_quotes_the_client_address() {
+        assert_eq!(
+            forwarded(&target("10.0.0.1:40000", None)),
+            "for=\"10.0.0.1:40000\""
+        );
+    }
+
+    #[test]
+    fn forwarded_quotes_an_ipv6_client_in_brackets() {
+        // RFC 7239: an IPv6 address with a port must be a quoted string.
+        assert_eq!(
+            forwarded(&target("[fd00::1]:40000", None)),
+            "for=\"[fd00::1]:40000\""
+        );
+    }
+
+    #[test]
+    fn forwarded_names_the_service_host_when_a_vip_was_dialled() {
+        assert_eq!(
+            forwarded(&target(
+                "10.0.0.1:40000",
+                Some("echo.default.svc.cluster.local")
+            )),
+            "for=\"10.0.0.1:40000\";host=echo.default.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn traceparent_is_a_fresh_unsampled_w3c_trace_context() {
+        let a = traceparent();
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 4, "{a}");
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1].len(), 32);
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(parts[3], "00");
+        for id in &parts[1..3] {
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(
+                id.bytes().any(|b| b != b'0'),
+                "an all-zero id is invalid: {a}"
+            );
+        }
+        assert_ne!(traceparent(), a, "ids must be fresh each time");
+    }
+}

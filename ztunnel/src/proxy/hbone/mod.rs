@@ -51,7 +51,11 @@ pub mod headers {
 
 /// The `baggage` header describing `workload`, as Istio's ztunnel sends it
 /// (its telemetry reads it): the non-empty ones of cluster, namespace,
-/// workload name (under its type), service name and version.
+/// workload name (under its type), service name and version. A member
+/// whose key or value holds anything but W3C `baggage-octet`s other than
+/// `=` is left out: sent verbatim (as Istio's ztunnel reads it, without
+/// percent-decoding), it would add members or make the header invalid, and
+/// then no CONNECT carrying it could be sent.
 pub fn baggage(workload: &crate::state::Workload) -> String {
     let kind = if workload.workload_type.is_empty() {
         "deployment"
@@ -72,8 +76,145 @@ pub fn baggage(workload: &crate::state::Workload) -> String {
         ),
     ]
     .into_iter()
-    .filter(|(_, v)| !v.is_empty())
+    .filter(|(k, v)| !v.is_empty() && carried(k) && carried(v))
     .map(|(k, v)| format!("{k}={v}"))
     .collect::<Vec<_>>()
     .join(",")
+}
+
+/// Whether `s` can be sent verbatim as a baggage key or value.
+fn carried(s: &str) -> bool {
+    s.bytes()
+        .all(|b| matches!(b, 0x21 | 0x23..=0x2b | 0x2d..=0x3a | 0x3c | 0x3e..=0x5b | 0x5d..=0x7e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::baggage;
+    use crate::{config::local::LocalWorkload, state::Workload};
+
+    /// A workload from its configuration (YAML flow mapping fields).
+    fn workload(fields: &str) -> Workload {
+        let yaml =
+            format!("{{workloadIps: [10.0.0.1], namespace: shop, services: {{}}, {fields}}}");
+        let local: LocalWorkload = serde_yaml::from_str(&yaml).unwrap();
+        Workload::from(&local)
+    }
+
+    fn full() -> &'static str {
+        "clusterId: c1, workloadName: cart, canonicalName: cart-svc, canonicalRevision: v1"
+    }
+
+    #[test]
+    fn baggage_lists_every_field_in_istio_order() {
+        assert_eq!(
+            baggage(&workload(full())),
+            "k8s.cluster.name=c1,k8s.namespace.name=shop,k8s.deployment.name=cart,\
+             service.name=cart-svc,service.version=v1"
+        );
+    }
+
+    #[test]
+    fn baggage_names_the_workload_under_its_type() {
+        let w = workload(&format!("{}, workloadType: statefulset", full()));
+        let b = baggage(&w);
+        assert!(b.contains(",k8s.statefulset.name=cart,"), "{b}");
+        assert!(!b.contains("deployment"), "{b}");
+    }
+
+    #[test]
+    fn baggage_leaves_out_empty_fields() {
+        assert_eq!(baggage(&workload("")), "k8s.namespace.name=shop");
+        assert_eq!(
+            baggage(&workload("canonicalRevision: v2")),
+            "k8s.namespace.name=shop,service.version=v2"
+        );
+        let mut none = workload("");
+        none.namespace.clear();
+        assert_eq!(baggage(&none), "");
+    }
+
+    /// Splits a baggage header as Istio's ztunnel reads it: `,` between
+    /// members, `=` between key and value.
+    fn members(header: &str) -> Vec<(String, String)> {
+        header
+            .split(',')
+            .map(|m| {
+                let (k, v) = m.split_once('=').unwrap_or((m, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn baggage_round_trips_through_a_header_and_istios_reading() {
+        let w = workload(
+            "clusterId: Kubernetes, workloadName: cart-7d9f_x.y, canonicalName: cart, \
+             canonicalRevision: 1.2.3-rc.1",
+        );
+        let header = http::HeaderValue::from_str(&baggage(&w)).unwrap();
+        let read = members(header.to_str().unwrap());
+        assert_eq!(
+            read,
+            [
+                ("k8s.cluster.name", "Kubernetes"),
+                ("k8s.namespace.name", "shop"),
+                ("k8s.deployment.name", "cart-7d9f_x.y"),
+                ("service.name", "cart"),
+                ("service.version", "1.2.3-rc.1"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
+
+    #[test]
+    fn a_value_that_would_split_or_break_the_header_is_left_out() {
+        // A `,` or `=` would make a reader see other members than were
+        // sent; a control character makes the header invalid, and the
+        // CONNECT carrying it could not be sent at all.
+        for bad in [
+            "a,k8s.namespace.name=evil",
+            "a=b",
+            "a;p=1",
+            "a b",
+            "a\"b",
+            "a\\b",
+            "a\nb",
+            "é",
+        ] {
+            let mut w = workload(full());
+            w.canonical_revision = bad.to_string();
+            let b = baggage(&w);
+            assert!(http::HeaderValue::from_str(&b).is_ok(), "{bad:?}: {b:?}");
+            assert_eq!(
+                members(&b)
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>(),
+                [
+                    "k8s.cluster.name",
+                    "k8s.namespace.name",
+                    "k8s.deployment.name",
+                    "service.name"
+                ],
+                "{bad:?}: {b:?}"
+            );
+        }
+        let mut w = workload(full());
+        w.workload_type = "deploy ment".into();
+        assert!(!baggage(&w).contains("deploy"), "{}", baggage(&w));
+    }
+
+    #[test]
+    fn a_connect_request_can_always_carry_the_baggage() {
+        let mut w = workload(full());
+        w.cluster_id = "c1\r\nx-injected: 1".into();
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .header(super::headers::BAGGAGE, baggage(&w))
+            .body(());
+        let request = request.expect("a CONNECT with this baggage");
+        assert!(request.headers().get("x-injected").is_none());
+    }
 }
