@@ -6,6 +6,8 @@ set -euo pipefail
 
 LLVM_VERSION=22
 BPF_LINKER_VERSION=0.13
+# Builds and runs fuzz/'s targets (`cargo xtask fuzz`, and briefly in `cargo xtask test`).
+CARGO_FUZZ_VERSION=0.13
 DEB_PACKAGES=(
   "llvm-${LLVM_VERSION}-dev" "libpolly-${LLVM_VERSION}-dev" libzstd-dev
   iproute2 iperf3 bpftool tcpdump procps ethtool curl nftables python3-venv
@@ -57,6 +59,13 @@ if ! "$CARGO_BIN/bpf-linker" --version 2>/dev/null | grep -q "bpf-linker ${BPF_L
       --no-default-features --features "llvm-${LLVM_VERSION}"
 else
   log "bpf-linker present"
+fi
+
+if ! cargo fuzz --version 2>/dev/null | grep -q "cargo-fuzz ${CARGO_FUZZ_VERSION}"; then
+  log "installing cargo-fuzz ${CARGO_FUZZ_VERSION} (about a minute)"
+  cargo install cargo-fuzz --locked --version "~${CARGO_FUZZ_VERSION}"
+else
+  log "cargo-fuzz present"
 fi
 
 if ! "$TOOLS_VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then

@@ -143,3 +143,73 @@ impl std::fmt::Display for Refusal {
 }
 
 impl std::error::Error for Refusal {}
+
+/// HBONE connections held open from a namespace with one certificate, with
+/// no stream on them: what a peer hoarding connections looks like.
+pub struct Held {
+    opened: usize,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    // Drives the connections; dropping it closes them.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Held {
+    /// From inside `ns`, opens `n` connections to `server` (its 15008)
+    /// presenting `cert`, each through its TLS and HTTP/2 handshakes.
+    pub fn open(ns: &Netns, server: SocketAddr, cert: &WorkloadCert, n: usize) -> Result<Self> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let config = client_config(Some(cert))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let closed = Arc::new(AtomicUsize::new(0));
+        for i in 0..n {
+            let tcp = ns
+                .run(move || std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5)))?
+                .with_context(|| format!("TCP connect {i} to 15008"))?;
+            tcp.set_nonblocking(true)?;
+            let config = config.clone();
+            let driver = runtime.block_on(async move {
+                let tcp = tokio::net::TcpStream::from_std(tcp)?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(ServerName::IpAddress(server.ip().into()), tcp)
+                    .await
+                    .with_context(|| format!("TLS {i}"))?;
+                let (send, connection) = h2::client::handshake(tls)
+                    .await
+                    .with_context(|| format!("HTTP/2 {i}"))?;
+                anyhow::Ok((send, connection))
+            })?;
+            let closed = closed.clone();
+            runtime.spawn(async move {
+                let (_send, connection) = driver;
+                let _ = connection.await;
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        Ok(Held {
+            opened: n,
+            closed,
+            _runtime: runtime,
+        })
+    }
+
+    /// How many the server has closed so far.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for at least `n` to be closed; how many are.
+    pub fn wait_closed(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.closed() < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.closed()
+    }
+
+    pub fn opened(&self) -> usize {
+        self.opened
+    }
+}

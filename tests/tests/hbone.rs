@@ -393,7 +393,7 @@ fn stalled_handshake_is_cut_off() -> Result<()> {
 #[test]
 fn half_open_handshake_flood_keeps_memory_bounded() -> Result<()> {
     let mut h = Hostile::new()?;
-    raise_fd_limit();
+    ztunnel_tests::load::raise_fd_limit(65536);
     let before = h.zt2.rss_bytes()?;
     let addr = h.hbone_addr();
     let flood: Vec<std::net::TcpStream> = h
@@ -439,16 +439,3 @@ fn half_open_handshake_flood_keeps_memory_bounded() -> Result<()> {
     h.assert_logged_and_healthy("evicted, too many handshakes in progress")
 }
 
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}

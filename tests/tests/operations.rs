@@ -52,18 +52,18 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let m = metrics(&s, "node2")?;
-        let sent = sample(
+        let received = sample(
             &m,
-            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
             &[("reporter", "destination"), ("source_workload", "client")],
         )
         .unwrap_or(0.0);
-        if sent >= partial.len() as f64 {
+        if received >= partial.len() as f64 {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "bytes of an open connection never showed: {sent}"
+            "bytes of an open connection never showed: {received}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -105,15 +105,17 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
         };
         assert_eq!(get("istio_tcp_connections_opened_total")?, 1.0, "{node}");
         assert_eq!(get("istio_tcp_connections_closed_total")?, 1.0, "{node}");
-        let sent = get("istio_tcp_sent_bytes_total")?;
-        assert!(
-            (total..=total + 64.0 * 1024.0).contains(&sent),
-            "{node}: sent {sent}, expected {total}"
-        );
+        // Istio's directions (Envoy's): received is what the client sent,
+        // sent is what went back to it.
         let received = get("istio_tcp_received_bytes_total")?;
         assert!(
-            received > 0.0 && received < 1024.0,
-            "{node}: received {received} (the server's one-line report)"
+            (total..=total + 64.0 * 1024.0).contains(&received),
+            "{node}: received {received}, expected the client's {total}"
+        );
+        let sent = get("istio_tcp_sent_bytes_total")?;
+        assert!(
+            sent > 0.0 && sent < 1024.0,
+            "{node}: sent {sent} (the server's one-line report)"
         );
         assert!(
             m.contains("istio_tcp_received_bytes_total{reporter=\""),
@@ -161,6 +163,63 @@ fn metrics_report_istio_series_and_kernel_drops() -> Result<()> {
     )?;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("istio_tcp_connections_opened_total"));
+    Ok(())
+}
+
+#[test]
+fn denials_and_failed_connects_are_counted_with_istios_response_flags() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml_with(&[], &[], "policies:\n- name: deny-client-9090\n  namespace: default\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  rules: [[[{principals: [!Exact cluster.local/ns/default/sa/client]}], [{destinationPorts: [9090]}]]]\n",
+    ))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
+    let server_pod = s.lab.pod("server");
+    let client = s.lab.pod("client");
+    let _allowed = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let _denied = Server::start(&server_pod.ns, server_pod.addr(9090))?;
+    // Denied at the destination (its ztunnel answers 401)...
+    request(&client.ns, server_pod.addr(9090), 64).expect_err("the policy denies 9090");
+    // ...and a port where nothing listens (503).
+    request(&client.ns, server_pod.addr(8081), 64).expect_err("nothing listens on 8081");
+    request(&client.ns, server_pod.addr(8080), 64)?;
+    for (node, reporter) in [("node1", "source"), ("node2", "destination")] {
+        let m = metrics(&s, node)?;
+        let count = |name: &str, flags: &str| {
+            sample(
+                &m,
+                name,
+                &[
+                    ("reporter", reporter),
+                    ("source_workload", "client"),
+                    ("destination_workload", "server"),
+                    ("response_flags", flags),
+                ],
+            )
+            .unwrap_or(0.0)
+        };
+        for flags in ["DENY", "CONNECT"] {
+            assert_eq!(
+                count("istio_tcp_connections_failed_total", flags),
+                1.0,
+                "{node}: failed with {flags}:\n{m}"
+            );
+            assert_eq!(
+                count("istio_tcp_connections_closed_total", flags),
+                1.0,
+                "{node}: closed with {flags}"
+            );
+        }
+        // Opened before anything was known, as Istio counts them.
+        assert_eq!(
+            count("istio_tcp_connections_opened_total", "-"),
+            3.0,
+            "{node}"
+        );
+        assert_eq!(
+            count("istio_tcp_connections_failed_total", "-"),
+            0.0,
+            "{node}"
+        );
+    }
     Ok(())
 }
 
@@ -241,7 +300,7 @@ fn readiness_waits_for_every_enrolled_pod() -> Result<()> {
 }
 
 #[test]
-fn sigterm_lets_a_transfer_finish_then_exits_zero() -> Result<()> {
+fn sigterm_answers_probes_with_503_lets_a_transfer_finish_then_exits_zero() -> Result<()> {
     let s = Setup::new(&lab::config_yaml_with(&[], &[], ""))?;
     let mut zt1 = s.ztunnel("node1", &["--drain-deadline", "20s"])?;
     let _zt2 = s.ztunnel("node2", &[])?;
@@ -254,6 +313,16 @@ fn sigterm_lets_a_transfer_finish_then_exits_zero() -> Result<()> {
         std::thread::spawn(move || conn.exchange_slowly(&data, 30, Duration::from_millis(100)));
     std::thread::sleep(Duration::from_millis(500));
     zt1.terminate();
+    zt1.wait_for_log("draining", Duration::from_secs(5))?;
+    // Through the drain, probes get an answer (503), not a refused connection,
+    // and the last scrapes still work.
+    let ns = &s.lab.node("node1").ns;
+    for _ in 0..3 {
+        let r = http::get(ns, node_addr(&s, "node1", 15021), "/healthz/ready")?;
+        assert_eq!((r.status, r.body.as_str()), (503, "not ready: draining\n"));
+        assert_eq!(metrics(&s, "node1").map(|_| ())?, ());
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let report = transfer
         .join()
         .map_err(|_| anyhow::anyhow!("transfer thread panicked"))??;

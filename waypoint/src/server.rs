@@ -30,7 +30,8 @@ use tracing::{debug, info, warn};
 use ztunnel::{
     identity::Identity,
     proxy::hbone::{
-        server::{self as hbone_server, HandshakeSlot, HandshakeSlots},
+        bounds::{HandshakeSlot, HandshakeSlots},
+        server::{self as hbone_server},
         settings,
         stream::{H2Io, H2Stream},
     },
@@ -41,6 +42,9 @@ use crate::{
     proxy::{self, Tunnel, Waypoint},
     sniff::{sniff, Lingering, Prefixed, Protocol},
 };
+
+/// HBONE handshakes in progress from one address (ztunnel's default).
+const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 
 /// The bounds, all configurable from the command line.
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +93,10 @@ pub async fn serve(
     wp: Arc<Waypoint>,
     limits: Limits,
 ) {
-    let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
+    let handshakes = Arc::new(HandshakeSlots::new(
+        limits.max_handshakes,
+        MAX_HANDSHAKES_PER_SOURCE,
+    ));
     let mut draining = wp.drain.signal.clone();
     loop {
         let accepted = tokio::select! {
@@ -110,9 +117,10 @@ pub async fn serve(
         let tls = tls.clone();
         let identity = identity.clone();
         let wp = wp.clone();
-        // A flood of stalled handshakes evicts itself (the oldest goes
-        // first) while real clients finish theirs in milliseconds.
-        let slot = handshakes.admit();
+        // A flood of stalled handshakes evicts itself (the flooding
+        // source's oldest go first) while real clients finish theirs in
+        // milliseconds.
+        let slot = handshakes.admit(peer.ip());
         let tasks = wp.drain.tasks.clone();
         tasks.spawn(async move {
             connection(stream, peer, tls, identity, wp, limits, slot).await;
@@ -167,9 +175,13 @@ async fn connection(
     };
     drop(slot);
     debug!(%peer, peer_identity = %peer_id, "HBONE connection accepted");
-    // Draining sends GOAWAY; the tunnels already open run to their end.
-    let served =
-        hbone_server::serve_streams(&mut h2, wp.drain.signal.clone(), |request, respond| {
+    // Draining sends GOAWAY; the tunnels already open run to their end. A
+    // connection with no tunnel for the idle timeout is closed the same way.
+    let served = hbone_server::serve_streams(
+        &mut h2,
+        wp.drain.signal.clone(),
+        limits.idle_timeout,
+        |request, respond, token| {
             let tunnel = tunnel(
                 request,
                 respond,
@@ -179,9 +191,13 @@ async fn connection(
                 wp.clone(),
                 limits,
             );
-            wp.drain.tasks.spawn(tunnel);
-        })
-        .await;
+            wp.drain.tasks.spawn(async move {
+                tunnel.await;
+                drop(token);
+            });
+        },
+    )
+    .await;
     if let Err(e) = served {
         debug!(%peer, error = %e, "HBONE connection ended");
     }

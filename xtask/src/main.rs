@@ -4,6 +4,7 @@ mod background;
 mod bench;
 mod demo;
 mod deploy;
+mod fuzz;
 
 use std::{
     path::{Path, PathBuf},
@@ -82,6 +83,15 @@ enum Cmd {
     /// Build the CNI plugin statically linked, into target/cni/ztunnel-cni
     /// (it runs on the host, whatever its C library).
     BuildCni,
+    /// Build fuzz/'s cargo-fuzz targets and run each for a bounded time
+    /// (`cargo xtask test` runs them for 30 s each).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Bootstrap, build, and run every test (needs root).
     Test {
         /// Extra arguments for `cargo test`.
@@ -216,6 +226,7 @@ fn main() -> Result<()> {
         }
         Cmd::CheckDeploy => deploy::check(&root()),
         Cmd::BuildCni => deploy::build_cni(&root()).map(|p| println!("{}", p.display())),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(&root(), seconds, &targets),
         Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
         Cmd::Forward { listen, to } => ztunnel_tests::load::forward_forever(listen, to),
         Cmd::Test { args } => {
@@ -248,6 +259,8 @@ fn main() -> Result<()> {
                 "--",
                 "--test",
             ])?;
+            // Every fuzz target, briefly (`cargo xtask fuzz` runs longer).
+            fuzz::run(&root(), fuzz::TEST_SECONDS, &[])?;
             build_bins(&[])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
@@ -340,34 +353,10 @@ fn cargo_test(args: &[&str]) -> Result<()> {
 
 /// The same build ztunnel/build.rs runs, into the same target directory.
 fn build_ebpf() -> Result<PathBuf> {
-    let target_dir = root().join("target/ebpf");
-    let status = Command::new("rustup")
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(root().join("ztunnel-ebpf"))
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        )
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .env_remove("RUSTC")
-        .status()?;
-    if !status.success() {
-        bail!("building the eBPF programs failed ({status}); try `cargo xtask bootstrap`");
-    }
-    Ok(target_dir.join("bpfel-unknown-none/release/ztunnel"))
+    Ok(ztunnel_ebpf_build::build(
+        &root().join("ztunnel-ebpf"),
+        &ztunnel_ebpf_build::target_dir(&root()),
+    )?)
 }
 
 /// Builds the binaries the tests and the lab run (ztunnel, the control

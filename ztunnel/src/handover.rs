@@ -138,28 +138,61 @@ pub fn take_over(path: &Path) -> Result<Option<Takeover>, HandoverError> {
         }
     }
     let n = msg.bytes;
-    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-    if text.trim_end() == DRAINING {
-        info!(socket = %path.display(), "the running ztunnel is draining; binding fresh listeners");
-        return Ok(None);
-    }
-    let names = text.trim_end().strip_prefix(REPLY_PREFIX).ok_or_else(|| {
-        proto(format!(
-            "unexpected reply {text:?} (is the running ztunnel another user's?)"
-        ))
-    })?;
-    let names: Vec<String> = names.split(',').map(str::to_string).collect();
-    if names.len() != fds.len() {
-        return Err(proto(format!(
-            "{} names but {} descriptors",
-            names.len(),
-            fds.len()
-        )));
-    }
+    let names = match parse_reply(&buf[..n], fds.len()).map_err(proto)? {
+        Reply::Draining => {
+            info!(socket = %path.display(), "the running ztunnel is draining; binding fresh listeners");
+            return Ok(None);
+        }
+        Reply::Listeners(names) => names,
+    };
     Ok(Some(Takeover {
         listeners: names.into_iter().zip(fds).collect(),
         stream,
     }))
+}
+
+/// The running ztunnel's answer to a takeover request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// It is draining: no listeners.
+    Draining,
+    /// The names of the descriptors that came with it, in their order.
+    Listeners(Vec<String>),
+}
+
+/// Reads the running ztunnel's answer (the bytes of one message, which
+/// came with `descriptors` descriptors). Each name must be a distinct,
+/// non-empty word and name one descriptor.
+pub fn parse_reply(bytes: &[u8], descriptors: usize) -> Result<Reply, String> {
+    let text = String::from_utf8_lossy(bytes);
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    if line == DRAINING {
+        return Ok(Reply::Draining);
+    }
+    let names = line.strip_prefix(REPLY_PREFIX).ok_or_else(|| {
+        format!("unexpected reply {text:?} (is the running ztunnel another user's?)")
+    })?;
+    let names: Vec<String> = names.split(',').map(str::to_string).collect();
+    if names.len() != descriptors {
+        return Err(format!(
+            "{} names but {descriptors} descriptors",
+            names.len()
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("listener name {name:?} is not a word"));
+        }
+        if names[..i].contains(name) {
+            return Err(format!("listener `{name}` named twice"));
+        }
+    }
+    Ok(Reply::Listeners(names))
+}
+
+/// The answer offering the listeners `names` (their descriptors ride along).
+pub fn reply_line(names: &[&str]) -> String {
+    format!("{REPLY_PREFIX}{}\n", names.join(","))
 }
 
 /// What the handover server still offers.
@@ -321,7 +354,7 @@ fn send(stream: &mut UnixStream, offer: &Mutex<Offer>) -> Sent {
         }
     };
     let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
-    let line = format!("{REPLY_PREFIX}{}\n", names.join(","));
+    let line = reply_line(&names);
     let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let result = sendmsg::<()>(
@@ -417,4 +450,43 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
 /// Duplicates a listener's descriptor for the handover server to own.
 pub fn dup(fd: &impl AsFd) -> std::io::Result<OwnedFd> {
     fd.as_fd().try_clone_to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reply_the_server_sends_is_read_back() {
+        let names = ["outbound", "inbound_hbone", "admin"];
+        assert_eq!(
+            parse_reply(reply_line(&names).as_bytes(), 3),
+            Ok(Reply::Listeners(names.map(String::from).to_vec()))
+        );
+        assert_eq!(
+            parse_reply(b"ztunnel-draining v1\n", 0),
+            Ok(Reply::Draining)
+        );
+    }
+
+    #[test]
+    fn a_reply_that_would_lose_or_mislabel_a_listener_is_refused() {
+        for (bytes, fds) in [
+            (&b"ztunnel-listeners v1 a,b\n"[..], 3),
+            (b"ztunnel-listeners v1 a,a\n", 2),
+            (b"ztunnel-listeners v1 \n", 1),
+            (b"ztunnel-listeners v1 a,,b\n", 3),
+            (b"ztunnel-listeners v1 a b\n", 1),
+            (b"ztunnel-listeners v2 a\n", 1),
+            (b"HTTP/1.1 400 Bad Request\r\n", 0),
+            (b"\xff\xfe", 0),
+            (b"", 0),
+        ] {
+            assert!(
+                parse_reply(bytes, fds).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 }

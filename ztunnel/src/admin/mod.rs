@@ -10,7 +10,6 @@
 pub mod http;
 
 use std::{
-    fmt::Write,
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::SystemTime,
@@ -22,12 +21,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use self::http::{json, refuse, text, Handler, Reply};
-use crate::{
-    identity::CertManager,
-    metrics::{kernel::KernelCounters, process, Metrics},
-    redirect::CaptureStatus,
-    state::Snapshot,
-};
+use crate::{identity::CertManager, metrics::Metrics, redirect::CaptureStatus, state::Snapshot};
 
 /// Installs a log filter directive, or says why it cannot.
 type ApplyFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
@@ -83,7 +77,6 @@ pub struct Status {
     /// `Ok` once ready; the reason otherwise.
     pub readiness: RwLock<Result<(), String>>,
     pub metrics: Arc<Metrics>,
-    pub kernel: Option<KernelCounters>,
     pub log_control: Arc<LogControl>,
     /// Notified by `/quitquitquit`.
     pub shutdown: Arc<Notify>,
@@ -144,6 +137,15 @@ fn path_and_query(req: &Request<Incoming>) -> (String, String) {
     )
 }
 
+/// The `level` of a `/logging` query, decoded as a form (every `%XX`
+/// escape, `+` as a space; a malformed escape such as `%zz` stays literal,
+/// invalid UTF-8 becomes U+FFFD). The first `level` wins.
+pub fn log_level(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "level")
+        .map(|(_, v)| v.into_owned())
+}
+
 /// The readiness endpoint.
 pub fn readiness_handler(status: Arc<Status>) -> Handler {
     Arc::new(move |req| {
@@ -183,65 +185,16 @@ pub fn metrics_handler(status: Arc<Status>) -> Handler {
             if req.method() != Method::GET {
                 return refuse(req.method(), &path, &[Method::GET]);
             }
-            let mut reply = text(StatusCode::OK, render_metrics(&status));
+            let mut reply = text(StatusCode::OK, status.metrics.encode());
             reply.headers_mut().insert(
                 ::http::header::CONTENT_TYPE,
-                ::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                ::http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             reply
         })
     })
-}
-
-fn render_metrics(status: &Status) -> String {
-    let mut out = String::new();
-    status.metrics.render_tcp(&mut out);
-    let snapshot = status.state.borrow().clone();
-    if let Some(kernel) = &status.kernel {
-        kernel.render(&snapshot, &mut out);
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ztunnel_certificate_expiry_seconds When each workload certificate expires (Unix time).\n# TYPE ztunnel_certificate_expiry_seconds gauge"
-    );
-    for cert in status.certs.snapshot() {
-        let expiry = cert
-            .not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        out.push_str("ztunnel_certificate_expiry_seconds");
-        crate::metrics::render_labels(&mut out, &[("identity", &cert.identity.to_string())]);
-        let _ = writeln!(out, " {expiry}");
-    }
-    if let Some(xds) = &status.xds {
-        render_xds(&xds.status(), &mut out);
-    }
-    process::render(&mut out);
-    out
-}
-
-/// Istio's ztunnel's xDS families, with its names.
-fn render_xds(xds: &crate::xds::XdsStatus, out: &mut String) {
-    use crate::metrics::render_labels;
-    let _ = writeln!(out, "# HELP istio_xds_connection_terminations_total The total number of completed connections to xds server (unstable)\n# TYPE istio_xds_connection_terminations_total counter");
-    for (reason, n) in &xds.terminations {
-        out.push_str("istio_xds_connection_terminations_total");
-        render_labels(out, &[("reason", reason)]);
-        let _ = writeln!(out, " {n}");
-    }
-    let _ = writeln!(out, "# HELP istio_xds_message_total Total number of messages received (unstable)\n# TYPE istio_xds_message_total counter");
-    for (url, t) in &xds.types {
-        out.push_str("istio_xds_message_total");
-        render_labels(out, &[("url", url)]);
-        let _ = writeln!(out, " {}", t.responses);
-    }
-    let _ = writeln!(out, "# HELP istio_xds_message_bytes_total Total number of bytes received (unstable)\n# TYPE istio_xds_message_bytes_total counter");
-    for (url, t) in &xds.types {
-        out.push_str("istio_xds_message_bytes_total");
-        render_labels(out, &[("url", url)]);
-        let _ = writeln!(out, " {}", t.bytes);
-    }
 }
 
 #[derive(Serialize)]
@@ -356,10 +309,7 @@ fn admin(status: &Status, access: Access, req: Request<Incoming>) -> Reply {
         },
         "/logging" => match method {
             Method::GET | Method::POST => {
-                let level = form_urlencoded::parse(query.as_bytes())
-                    .find(|(k, _)| k == "level")
-                    .map(|(_, v)| v.into_owned());
-                let Some(level) = level else {
+                let Some(level) = log_level(&query) else {
                     if method == Method::GET {
                         return text(StatusCode::OK, format!("{}\n", status.log_control.current()));
                     }
@@ -393,5 +343,37 @@ fn admin(status: &Status, access: Access, req: Request<Incoming>) -> Reply {
             _ => refuse(&method, &path, &[Method::POST]),
         },
         _ => refuse(&method, &path, &[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_level;
+
+    #[test]
+    fn the_logging_query_decodes_every_escape() {
+        let level = |q: &str| log_level(q);
+        assert_eq!(level("level=%41").as_deref(), Some("A"));
+        assert_eq!(
+            level("level=ztunnel%3A%3Aproxy%3Dtrace%2Cwarn").as_deref(),
+            Some("ztunnel::proxy=trace,warn")
+        );
+        assert_eq!(level("level=a+b").as_deref(), Some("a b"));
+        assert_eq!(level("level=a%2Fb").as_deref(), Some("a/b"));
+        assert_eq!(level("level=%7e%7E").as_deref(), Some("~~"));
+        // Malformed escapes stay as written, never a panic.
+        assert_eq!(level("level=%zz").as_deref(), Some("%zz"));
+        assert_eq!(level("level=%").as_deref(), Some("%"));
+        assert_eq!(level("level=%4").as_deref(), Some("%4"));
+        // Bytes that are not UTF-8 become U+FFFD.
+        assert_eq!(level("level=%FF").as_deref(), Some("\u{FFFD}"));
+        // The key is decoded too; the first `level` wins; others are ignored.
+        assert_eq!(
+            level("x=1&%6Cevel=debug&level=info").as_deref(),
+            Some("debug")
+        );
+        assert_eq!(level("levels=debug"), None);
+        assert_eq!(level(""), None);
+        assert_eq!(level("level").as_deref(), Some(""));
     }
 }

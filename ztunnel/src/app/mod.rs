@@ -43,7 +43,7 @@ use crate::{
     config::{source, Args},
     handover::{self, HandoverServer},
     identity::{CaClient, CaSource, CertManager, LocalCa},
-    metrics::{kernel::KernelCounters, Metrics},
+    metrics::{kernel::KernelCounters, scrape::Scrape, Metrics},
     proxy::{
         hbone::{pool::Pool, server::Limits},
         tracker::Tracker,
@@ -274,7 +274,14 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         signal: drain_rx,
         tasks: tokio_util::task::TaskTracker::new(),
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(Some(Box::new(Scrape {
+        state: state_rx.clone(),
+        kernel: KernelCounters::open(&pin_dir)
+            .map_err(|e| warn!(error = %e, "kernel counters unavailable to metrics"))
+            .ok(),
+        certs: certs.clone(),
+        xds: feed.xds.clone(),
+    }))));
     let shutdown = Arc::new(Notify::new());
     let status = Arc::new(Status {
         state: state_rx.clone(),
@@ -282,9 +289,6 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         capture: RwLock::new(CaptureStatus::default()),
         readiness: RwLock::new(Err("starting".into())),
         metrics: metrics.clone(),
-        kernel: KernelCounters::open(&pin_dir)
-            .map_err(|e| warn!(error = %e, "kernel counters unavailable to metrics"))
-            .ok(),
         log_control,
         shutdown: shutdown.clone(),
         admin_socket: admin_socket.clone(),
@@ -295,7 +299,9 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     publish(&status, capture_status);
     let handover_copies = sockets.handover_copies()?;
     let capture_slots = sockets.capture_slots();
-    let http_tasks = [
+    // Probes and scrapes are answered through a drain (readiness says 503);
+    // the admin ports stop with the drain's start.
+    let probe_tasks = [
         tokio::spawn(admin::http::serve(
             "readiness",
             sockets.readiness,
@@ -306,6 +312,8 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
             sockets.metrics,
             admin::metrics_handler(status.clone()),
         )),
+    ];
+    let admin_tasks = [
         tokio::spawn(admin::http::serve(
             "admin",
             sockets.admin,
@@ -324,7 +332,11 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         tls,
         limits: Limits {
             handshake_timeout: args.handshake_timeout,
-            ..Limits::default()
+            max_handshakes: args.max_handshakes,
+            max_handshakes_per_source: args.max_handshakes_per_source,
+            max_connections_per_peer: args.max_connections_per_peer,
+            hbone_idle_timeout: args.hbone_idle_timeout,
+            idle_timeout: args.idle_timeout,
         },
         tracker: Arc::new(Tracker::default()),
         metrics,
@@ -487,8 +499,15 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         *readiness = Err("draining".into());
     }
     drain_tx.send_replace(true);
-    for task in http_tasks {
+    for task in admin_tasks {
         task.abort();
+    }
+    if handed_over {
+        // The new ztunnel accepts on these very sockets: answering its probes
+        // with our 503 would be wrong.
+        for task in &probe_tasks {
+            task.abort();
+        }
     }
     drain.tasks.close();
     match tokio::time::timeout(args.drain_deadline, drain.tasks.wait()).await {
@@ -499,6 +518,9 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         ),
     }
     proxy_task.abort();
+    for task in probe_tasks {
+        task.abort();
+    }
     if handed_over {
         info!("exiting; the new ztunnel serves capture");
     } else {

@@ -21,9 +21,14 @@ pub struct Sockets {
 
 impl Sockets {
     pub fn bind() -> anyhow::Result<Self> {
-        let plain = |addr: SocketAddr| -> anyhow::Result<TcpListener> {
+        // `shared`: a ztunnel that drains without a handover still answers
+        // probes and scrapes on these ports (readiness says 503), and one
+        // started meanwhile must not wait for it to exit, so both bind with
+        // SO_REUSEPORT (the kernel allows it only to the same user).
+        let plain = |addr: SocketAddr, shared: bool| -> anyhow::Result<TcpListener> {
             let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
+            socket.set_reuse_port(shared)?;
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into()).with_context(|| {
                 format!(
@@ -37,9 +42,9 @@ impl Sockets {
             proxy: Listeners::bind().context(
                 "binding the capture listeners (is another ztunnel running here without a handover socket?)",
             )?,
-            admin: plain(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))?,
-            metrics: plain(SocketAddr::from(([0, 0, 0, 0], ports::METRICS)))?,
-            readiness: plain(SocketAddr::from(([0, 0, 0, 0], ports::READINESS)))?,
+            admin: plain(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)), false)?,
+            metrics: plain(SocketAddr::from(([0, 0, 0, 0], ports::METRICS)), true)?,
+            readiness: plain(SocketAddr::from(([0, 0, 0, 0], ports::READINESS)), true)?,
         })
     }
 

@@ -127,6 +127,46 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Inbound HBONE handshakes in progress at once. Past it, the source
+    /// holding the most loses its oldest.
+    #[arg(
+        long,
+        env = "ZTUNNEL_MAX_HANDSHAKES",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_handshakes: usize,
+
+    /// Inbound HBONE handshakes in progress from one address. Past it, that
+    /// address loses its oldest.
+    #[arg(
+        long,
+        env = "ZTUNNEL_MAX_HANDSHAKES_PER_SOURCE",
+        value_name = "N",
+        default_value_t = 64
+    )]
+    pub max_handshakes_per_source: usize,
+
+    /// Established inbound HBONE connections from one identity. Past it, new
+    /// ones are refused (GOAWAY).
+    #[arg(
+        long,
+        env = "ZTUNNEL_MAX_CONNECTIONS_PER_PEER",
+        value_name = "N",
+        default_value_t = 2048
+    )]
+    pub max_connections_per_peer: usize,
+
+    /// An inbound HBONE connection with no stream open for this long is
+    /// closed (GOAWAY); `0s` never.
+    #[arg(long, env = "ZTUNNEL_HBONE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "5m", value_parser = parse_timeout_or_never)]
+    pub hbone_idle_timeout: Duration,
+
+    /// A relayed connection on which no byte has moved either way for this
+    /// long is closed; `0s` never.
+    #[arg(long, env = "ZTUNNEL_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_timeout_or_never)]
+    pub idle_timeout: Duration,
+
     /// On SIGTERM or /quitquitquit (or after handing over to a new
     /// ztunnel), how long in-flight connections may run before they are
     /// closed.
@@ -321,6 +361,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     positive(text, total)
 }
 
+/// A duration as [`parse_duration`] reads it, where zero (`0s`, `0`) is
+/// allowed and means "never" to the option.
+pub fn parse_timeout_or_never(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let zero = !trimmed.is_empty()
+        && trimmed
+            .trim_end_matches(char::is_alphabetic)
+            .bytes()
+            .all(|b| b == b'0' || b == b'.')
+        && trimmed.starts_with('0');
+    if zero {
+        // Still a duration: the unit must be one parse_duration knows.
+        parse_duration(&format!("1{}", trimmed.trim_start_matches(['0', '.'])))?;
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 fn positive(text: &str, d: Duration) -> Result<Duration, String> {
     if d.is_zero() {
         return Err(format!("`{text}` must be longer than zero"));
@@ -331,6 +389,20 @@ fn positive(text: &str, d: Duration) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_may_be_zero_for_never_but_must_still_be_a_duration() {
+        assert_eq!(parse_timeout_or_never("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_timeout_or_never("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_timeout_or_never("0.0m"), Ok(Duration::ZERO));
+        assert_eq!(parse_timeout_or_never("90s"), Ok(Duration::from_secs(90)));
+        assert!(parse_timeout_or_never("0x").is_err());
+        assert!(parse_timeout_or_never("").is_err());
+        assert!(
+            parse_duration("0s").is_err(),
+            "other durations stay positive"
+        );
+    }
 
     #[test]
     fn durations_in_go_and_plain_forms() {

@@ -73,12 +73,8 @@ pub async fn start(args: &Args) -> anyhow::Result<Feed> {
 }
 
 fn file(path: PathBuf) -> anyhow::Result<Feed> {
-    let text =
-        std::fs::read_to_string(&path).map_err(|source| super::local::ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-    let initial = Arc::new(LocalConfig::parse(&text, &path)?);
+    let (initial, text) = LocalConfig::load_with_text(&path)?;
+    let initial = Arc::new(initial);
     let (tx, updates) = watch::channel(Some(initial.clone()));
     tokio::spawn(watch_file(path, text, FILE_POLL, move |config| {
         tx.send(Some(Arc::new(config))).is_ok()

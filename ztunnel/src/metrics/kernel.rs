@@ -1,11 +1,15 @@
 //! The kernel's counters, read from the pinned per-pod map at scrape time.
 
-use std::{fmt::Write, net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::{Map, MapData, PerCpuHashMap};
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, MetricType},
+};
 use ztunnel_common::{maps, PodCounters, PodKey};
 
-use super::render_labels;
+use super::labels::Escaped;
 use crate::state::Snapshot;
 
 /// A read-only view of the pinned per-pod counters.
@@ -36,18 +40,22 @@ impl KernelCounters {
             .collect()
     }
 
-    /// The kernel families in Prometheus text format, labelled by workload.
-    pub fn render(&self, snapshot: &Snapshot, out: &mut String) {
+    /// The kernel families, labelled by workload.
+    pub fn encode(
+        &self,
+        snapshot: &Snapshot,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
         let pods: Vec<(PodLabels, PodCounters)> = self
             .read()
             .into_iter()
             .map(|(ip, c)| (PodLabels::of(snapshot, ip), c))
             .collect();
         family(
-            out,
+            encoder,
             &pods,
-            "ztunnel_kernel_flows_captured_total",
-            "New TCP flows the kernel handed to ztunnel.",
+            "ztunnel_kernel_flows_captured",
+            "New TCP flows the kernel handed to ztunnel",
             "direction",
             |c| {
                 [
@@ -56,20 +64,20 @@ impl KernelCounters {
                 ]
                 .to_vec()
             },
-        );
+        )?;
         family(
-            out,
+            encoder,
             &pods,
-            "ztunnel_kernel_flows_excluded_total",
-            "New outbound TCP flows the kernel left uncaptured because the pod excludes their destination (a port or an address range it opted out).",
+            "ztunnel_kernel_flows_excluded",
+            "New outbound TCP flows the kernel left uncaptured because the pod excludes their destination (a port or an address range it opted out)",
             "direction",
             |c| [("outbound", c.outbound_excluded)].to_vec(),
-        );
+        )?;
         family(
-            out,
+            encoder,
             &pods,
-            "ztunnel_kernel_syn_dropped_total",
-            "SYNs the kernel dropped: denied by policy, or no ztunnel listening (fail closed).",
+            "ztunnel_kernel_syn_dropped",
+            "SYNs the kernel dropped: denied by policy, or no ztunnel listening (fail closed)",
             "reason",
             |c| {
                 [
@@ -78,12 +86,12 @@ impl KernelCounters {
                 ]
                 .to_vec()
             },
-        );
+        )?;
         family(
-            out,
+            encoder,
             &pods,
-            "ztunnel_kernel_packets_dropped_total",
-            "TCP packets to or from an enrolled pod the kernel dropped because they could bypass capture: IP fragments, truncated TCP headers, another pod's address (spoofed), or SYNs forwarded past capture (uncaptured).",
+            "ztunnel_kernel_packets_dropped",
+            "TCP packets to or from an enrolled pod the kernel dropped because they could bypass capture: IP fragments, truncated TCP headers, another pod's address (spoofed), or SYNs forwarded past capture (uncaptured)",
             "reason",
             |c| {
                 [
@@ -94,7 +102,13 @@ impl KernelCounters {
                 ]
                 .to_vec()
             },
-        );
+        )
+    }
+}
+
+impl std::fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCounters")
     }
 }
 
@@ -122,27 +136,24 @@ impl PodLabels {
 
 /// One counter family: a sample per pod and per value of `key`.
 fn family(
-    out: &mut String,
+    encoder: &mut DescriptorEncoder,
     pods: &[(PodLabels, PodCounters)],
     name: &str,
     help: &str,
     key: &str,
     samples: impl Fn(&PodCounters) -> Vec<(&'static str, u64)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (pod, counters) in pods {
         for (value, n) in samples(counters) {
-            out.push_str(name);
-            render_labels(
-                out,
-                &[
-                    ("workload", &pod.workload),
-                    ("workload_namespace", &pod.namespace),
-                    ("address", &pod.address),
-                    (key, value),
-                ],
-            );
-            let _ = writeln!(out, " {n}");
+            let labels = [
+                ("workload", Escaped(&pod.workload)),
+                ("workload_namespace", Escaped(&pod.namespace)),
+                ("address", Escaped(&pod.address)),
+                (key, Escaped(value)),
+            ];
+            ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
         }
     }
+    Ok(())
 }

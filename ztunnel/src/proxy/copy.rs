@@ -4,10 +4,7 @@
 use std::{
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
 };
 
@@ -35,11 +32,54 @@ pub struct Transferred {
     pub received: u64,
 }
 
-/// A stream that adds every byte read from it to some counters.
+/// Where one connection's bytes are counted as they move: its own totals
+/// (the access log's, and the idle check's) and each report's series.
+#[derive(Default)]
+pub struct Tally {
+    request: AtomicU64,
+    response: AtomicU64,
+    request_counters: Vec<prometheus_client::metrics::counter::Counter>,
+    response_counters: Vec<prometheus_client::metrics::counter::Counter>,
+}
+
+impl Tally {
+    pub fn new(metrics: &[crate::metrics::ConnectionMetrics]) -> Self {
+        Tally {
+            request: AtomicU64::new(0),
+            response: AtomicU64::new(0),
+            request_counters: metrics.iter().map(|m| m.request_bytes.clone()).collect(),
+            response_counters: metrics.iter().map(|m| m.response_bytes.clone()).collect(),
+        }
+    }
+
+    /// Counts `n` bytes from the initiator (`request`) or back to it.
+    fn add(&self, request: bool, n: u64) {
+        let (own, counters) = if request {
+            (&self.request, &self.request_counters)
+        } else {
+            (&self.response, &self.response_counters)
+        };
+        own.fetch_add(n, Ordering::Relaxed);
+        for counter in counters {
+            counter.inc_by(n);
+        }
+    }
+
+    /// Bytes moved so far.
+    pub fn transferred(&self) -> Transferred {
+        Transferred {
+            sent: self.request.load(Ordering::Relaxed),
+            received: self.response.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A stream that adds every byte read from it to a tally.
 struct Counted<'a, S: ?Sized> {
     inner: &'a mut S,
-    sinks: &'a [Arc<crate::metrics::TcpCounters>],
-    field: fn(&crate::metrics::TcpCounters) -> &AtomicU64,
+    tally: &'a Tally,
+    /// Whether what is read here goes from the initiator to the destination.
+    request: bool,
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
@@ -53,9 +93,7 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
         let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            for sink in this.sinks {
-                (this.field)(sink).fetch_add(n, Ordering::Relaxed);
-            }
+            this.tally.add(this.request, n);
         }
         poll
     }
@@ -79,12 +117,12 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
 
 /// Copies until both directions are finished. When one side half-closes
 /// (sends FIN), the other side's write half is shut down and the opposite
-/// direction keeps flowing until it ends too. Bytes are added to `sinks`
+/// direction keeps flowing until it ends too. Bytes are added to `tally`
 /// as they are read, so long transfers show up in metrics while they run.
 pub async fn relay<A, B>(
     downstream: &mut A,
     upstream: &mut B,
-    sinks: &[Arc<crate::metrics::TcpCounters>],
+    tally: &Tally,
 ) -> io::Result<Transferred>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -92,13 +130,13 @@ where
 {
     let (down_read, down_write) = tokio::io::split(Counted {
         inner: downstream,
-        sinks,
-        field: |c| &c.sent,
+        tally,
+        request: true,
     });
     let (up_read, up_write) = tokio::io::split(Counted {
         inner: upstream,
-        sinks,
-        field: |c| &c.received,
+        tally,
+        request: false,
     });
     let (sent, received) =
         tokio::try_join!(one_way(down_read, up_write), one_way(up_read, down_write))?;
@@ -137,19 +175,13 @@ where
 pub async fn relay_h2(
     tcp: &mut TcpStream,
     h2: &mut H2Stream,
-    sinks: &[Arc<crate::metrics::TcpCounters>],
+    tally: &Tally,
     tcp_initiates: bool,
 ) -> io::Result<Transferred> {
     use bytes::BytesMut;
     use tokio::io::AsyncReadExt;
 
-    let count = |from_tcp: bool, n: usize| {
-        let sent = from_tcp == tcp_initiates;
-        for sink in sinks {
-            let field = if sent { &sink.sent } else { &sink.received };
-            field.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    };
+    let count = |from_tcp: bool, n: usize| tally.add(from_tcp == tcp_initiates, n as u64);
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let (send, recv) = h2.halves();
     let to_h2 = async {

@@ -14,7 +14,11 @@ use super::{
     relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction, Ends},
     Proxy,
 };
-use crate::{authz::Connection, metrics::ConnectionLabels, state::Snapshot};
+use crate::{
+    authz::Connection,
+    metrics::{ConnectionLabels, Reporter, ResponseFlags},
+    state::Snapshot,
+};
 
 /// Serves the inbound plaintext listener.
 pub async fn serve(
@@ -53,30 +57,37 @@ async fn handle(
         dst,
         src_identity: None,
     };
+    let src_workload = state.workload_by_ip(src.ip()).cloned();
+    let labels = ConnectionLabels::new(
+        &state,
+        Reporter::Destination,
+        src_workload.as_deref(),
+        None,
+        Some(&workload),
+        None,
+        false,
+    );
     let registration = match proxy.tracker.authorize(&state, &workload, conn) {
         Ok(registration) => registration,
         Err(denial) => {
             warn!(%src, %dst, policy = %denial.policy(), reason = %denial, "plaintext connection denied by policy");
+            proxy
+                .metrics
+                .failed(labels, ResponseFlags::AuthorizationPolicyDenied);
             refuse(downstream);
             return;
         }
     };
     let _ = super::socket::set_keepalive(&downstream);
     let Some(upstream) = connect_direct(Direction::Inbound, src, dst, Some(src.ip())).await else {
+        proxy
+            .metrics
+            .failed(labels, ResponseFlags::ConnectionFailure);
         refuse(downstream);
         return;
     };
-    let src_workload = state.workload_by_ip(src.ip()).cloned();
     let dst_identity = state.identity_of(&workload);
-    let metrics = proxy.metrics.open(ConnectionLabels::new(
-        &state,
-        "destination",
-        src_workload.as_deref(),
-        None,
-        Some(&workload),
-        None,
-        false,
-    ));
+    let metrics = proxy.metrics.open(labels);
     let info = ConnInfo {
         direction: Direction::Inbound,
         src,
@@ -91,6 +102,7 @@ async fn handle(
         path: "plaintext",
     };
     pipe(
+        &proxy,
         info,
         Ends::Tcp(downstream, upstream),
         Some(registration),

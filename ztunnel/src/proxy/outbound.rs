@@ -30,9 +30,20 @@ use super::{
 };
 use crate::{
     authz::Connection,
-    metrics::ConnectionLabels,
+    metrics::{ConnectionLabels, Reporter, ResponseFlags},
     state::{Snapshot, Upstream, Waypoint},
 };
+
+/// How a failed tunnel is counted: a peer's denial is `DENY`, anything
+/// else `CONNECT`.
+fn tunnel_failure(e: &client::HboneError) -> ResponseFlags {
+    match e {
+        client::HboneError::Status { status, .. } if *status == super::hbone::status::DENIED => {
+            ResponseFlags::AuthorizationPolicyDenied
+        }
+        _ => ResponseFlags::ConnectionFailure,
+    }
+}
 
 /// Serves the outbound listener.
 pub async fn serve(
@@ -103,23 +114,27 @@ async fn handle(
         // pod address (its reply would be routed to the pod, not to us).
         let bind_ip = (!socket::is_local_address(addr.ip())).then_some(src.ip());
         let dst_workload = state.workload_by_ip(addr.ip()).cloned();
-        let Some(stream) = connect_direct(Direction::Outbound, src, addr, bind_ip).await else {
-            refuse(downstream);
-            return;
-        };
         let src_id = src_workload
             .as_ref()
             .filter(|w| w.hbone)
             .map(|w| state.identity_of(w));
-        let metrics = proxy.metrics.open(ConnectionLabels::new(
+        let labels = ConnectionLabels::new(
             &state,
-            "source",
+            Reporter::Source,
             src_workload.as_deref(),
             src_id.as_ref(),
             dst_workload.as_deref(),
             service,
             false,
-        ));
+        );
+        let Some(stream) = connect_direct(Direction::Outbound, src, addr, bind_ip).await else {
+            proxy
+                .metrics
+                .failed(labels, ResponseFlags::ConnectionFailure);
+            refuse(downstream);
+            return;
+        };
+        let metrics = proxy.metrics.open(labels);
         let info = ConnInfo {
             direction: Direction::Outbound,
             src,
@@ -133,7 +148,14 @@ async fn handle(
             dst_identity: None,
             path: "direct",
         };
-        pipe(info, Ends::Tcp(downstream, stream), None, vec![metrics]).await;
+        pipe(
+            &proxy,
+            info,
+            Ends::Tcp(downstream, stream),
+            None,
+            vec![metrics],
+        )
+        .await;
         return;
     };
 
@@ -161,7 +183,7 @@ async fn handle(
         dst_identity: Some(&dst_id),
         path,
     };
-    let labels = |reporter| {
+    let labels = |reporter: Reporter| {
         ConnectionLabels::new(
             &state,
             reporter,
@@ -186,10 +208,17 @@ async fn handle(
             dst: target,
             src_identity: Some(src_id.clone()),
         };
+        // Both ends are ours: reported as source and as destination.
+        let both = |flags| {
+            for reporter in [Reporter::Source, Reporter::Destination] {
+                proxy.metrics.failed(labels(reporter), flags);
+            }
+        };
         let registration = match proxy.tracker.authorize(&state, &upstream.workload, conn) {
             Ok(registration) => registration,
             Err(denial) => {
                 warn!(%src, %target, src_identity = %src_id, policy = %denial.policy(), reason = %denial, "same-node connection denied by policy");
+                both(ResponseFlags::AuthorizationPolicyDenied);
                 refuse(downstream);
                 return;
             }
@@ -197,12 +226,12 @@ async fn handle(
         info!(%src, %target, src_identity = %src_id, dst_identity = %dst_id, "same-node mesh connection");
         match connect_direct(Direction::Outbound, src, target, Some(src.ip())).await {
             Some(stream) => {
-                // Both ends are ours: report as source and as destination.
                 let metrics = vec![
-                    proxy.metrics.open(labels("source")),
-                    proxy.metrics.open(labels("destination")),
+                    proxy.metrics.open(labels(Reporter::Source)),
+                    proxy.metrics.open(labels(Reporter::Destination)),
                 ];
                 pipe(
+                    &proxy,
                     info("same-node"),
                     Ends::Tcp(downstream, stream),
                     Some(registration),
@@ -210,7 +239,10 @@ async fn handle(
                 )
                 .await
             }
-            None => refuse(downstream),
+            None => {
+                both(ResponseFlags::ConnectionFailure);
+                refuse(downstream);
+            }
         }
         return;
     }
@@ -236,8 +268,9 @@ async fn handle(
     };
     match opened {
         Ok(stream) => {
-            let metrics = proxy.metrics.open(labels("source"));
+            let metrics = proxy.metrics.open(labels(Reporter::Source));
             pipe(
+                &proxy,
                 info("hbone"),
                 Ends::Hbone(downstream, stream, true),
                 None,
@@ -247,6 +280,9 @@ async fn handle(
         }
         Err(e) => {
             info!(%src, %target, error = %e, "HBONE tunnel failed");
+            proxy
+                .metrics
+                .failed(labels(Reporter::Source), tunnel_failure(&e));
             refuse(downstream);
         }
     }
@@ -291,23 +327,25 @@ async fn via_waypoint(
         };
         Box::pin(client::open(&proxy.pool, &tunnel_target)).await
     };
-    let stream = match opened {
-        Ok(stream) => stream,
-        Err(e) => {
-            info!(%src, %dst, waypoint = %waypoint.addr, error = %e, "HBONE tunnel to the waypoint failed");
-            refuse(downstream);
-            return;
-        }
-    };
-    let metrics = proxy.metrics.open(ConnectionLabels::new(
+    let labels = ConnectionLabels::new(
         &state,
-        "source",
+        Reporter::Source,
         Some(&src_workload),
         Some(&src_id),
         Some(&waypoint.workload),
         service,
         true,
-    ));
+    );
+    let stream = match opened {
+        Ok(stream) => stream,
+        Err(e) => {
+            info!(%src, %dst, waypoint = %waypoint.addr, error = %e, "HBONE tunnel to the waypoint failed");
+            proxy.metrics.failed(labels, tunnel_failure(&e));
+            refuse(downstream);
+            return;
+        }
+    };
+    let metrics = proxy.metrics.open(labels);
     let info = ConnInfo {
         direction: Direction::Outbound,
         src,
@@ -319,6 +357,7 @@ async fn via_waypoint(
         path: "waypoint",
     };
     pipe(
+        &proxy,
         info,
         Ends::Hbone(downstream, stream, true),
         None,

@@ -4,8 +4,8 @@
 use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, Arc},
-    time::Instant,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -15,7 +15,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{copy, hbone::stream::H2Stream, socket, tracker::Registration, Drain, CONNECT_TIMEOUT};
-use crate::{identity::Identity, metrics::ConnectionMetrics, state::Snapshot};
+use crate::{
+    identity::Identity,
+    metrics::{ConnectionMetrics, ResponseFlags},
+    state::Snapshot,
+};
 
 /// Which way a relayed connection goes, for logs.
 #[derive(Debug, Clone, Copy)]
@@ -121,53 +125,66 @@ pub enum Ends {
     Hbone(TcpStream, H2Stream, bool),
 }
 
-/// Copies bytes between the two ends until both sides are done (or
-/// authorization revokes the connection), counting them into `metrics` as
-/// they move, then writes the access log line.
+/// Copies bytes between the two ends until both sides are done, nothing
+/// has moved either way for `idle_timeout`, or authorization revokes the
+/// connection, counting them into `metrics` as they move, then writes the
+/// access log line.
 pub async fn pipe(
+    proxy: &super::Proxy,
     info: ConnInfo<'_>,
     ends: Ends,
     registration: Option<Registration>,
-    metrics: Vec<ConnectionMetrics>,
+    mut metrics: Vec<ConnectionMetrics>,
 ) {
     let started = Instant::now();
-    let sinks: Vec<_> = metrics.iter().map(|m| m.counters().clone()).collect();
+    let tally = copy::Tally::new(&metrics);
     let mut ends = ends;
     let copy = async {
         match &mut ends {
-            Ends::Tcp(a, b) => copy::relay(a, b, &sinks).await,
+            Ends::Tcp(a, b) => copy::relay(a, b, &tally).await,
             Ends::Hbone(tcp, h2, tcp_initiates) => {
-                copy::relay_h2(tcp, h2, &sinks, *tcp_initiates).await
+                copy::relay_h2(tcp, h2, &tally, *tcp_initiates).await
             }
         }
     };
+    let idle = idle_watch(&tally, proxy.limits.idle_timeout);
     let outcome = match registration {
         Some(mut registration) => tokio::select! {
             result = copy => Outcome::Done(result),
             Ok(denial) = &mut registration.closed => Outcome::Revoked(denial),
+            () = idle => Outcome::Idle,
         },
-        None => Outcome::Done(copy.await),
+        None => tokio::select! {
+            result = copy => Outcome::Done(result),
+            () = idle => Outcome::Idle,
+        },
     };
-    // Dropping both ends closes them; the sinks hold the byte counts even
+    // Dropping both ends closes them; the tally holds the byte counts even
     // when the copy was cut short.
     drop(ends);
-    let (sent, received) = sinks
-        .first()
-        .map(|c| {
-            (
-                c.sent.load(Ordering::Relaxed),
-                c.received.load(Ordering::Relaxed),
-            )
-        })
-        .unwrap_or_default();
+    let so_far = tally.transferred();
     let (sent, received, result) = match &outcome {
         Outcome::Done(Ok(t)) => (t.sent, t.received, "ok".to_string()),
-        Outcome::Done(Err(e)) => (sent, received, format!("error: {e}")),
-        Outcome::Revoked(denial) => (
-            sent,
-            received,
-            format!("closed by policy {}: {denial}", denial.policy()),
-        ),
+        Outcome::Done(Err(e)) => (so_far.sent, so_far.received, format!("error: {e}")),
+        Outcome::Revoked(denial) => {
+            // Istio's ztunnel flags a late rejection as a denial.
+            for m in &mut metrics {
+                m.fail(ResponseFlags::AuthorizationPolicyDenied);
+            }
+            (
+                so_far.sent,
+                so_far.received,
+                format!("closed by policy {}: {denial}", denial.policy()),
+            )
+        }
+        Outcome::Idle => {
+            proxy.metrics.refused(info.direction.as_str(), "idle");
+            (
+                so_far.sent,
+                so_far.received,
+                format!("closed: idle for {:?}", proxy.limits.idle_timeout),
+            )
+        }
     };
     let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
     info!(
@@ -191,6 +208,29 @@ pub async fn pipe(
 enum Outcome {
     Done(std::io::Result<super::copy::Transferred>),
     Revoked(crate::authz::Denial),
+    Idle,
+}
+
+/// Resolves once no byte has moved either way for `timeout` (never, for a
+/// zero timeout). Checks a few times per period rather than arming a timer
+/// per read, so bulk transfers pay nothing for it.
+async fn idle_watch(tally: &copy::Tally, timeout: Duration) {
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    let step = (timeout / 4).max(Duration::from_millis(50));
+    let mut last = tally.transferred();
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(step).await;
+        let now = tally.transferred();
+        if now.sent != last.sent || now.received != last.received {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= timeout {
+            return;
+        }
+    }
 }
 
 /// Refuses a connection with a reset.

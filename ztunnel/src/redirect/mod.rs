@@ -831,19 +831,6 @@ impl Capture {
             .map(|k| Ipv4Addr::from(k.octets()))
             .collect()
     }
-
-    /// A pod's kernel counters, summed over CPUs.
-    pub fn counters(&self, ip: Ipv4Addr) -> Option<PodCounters> {
-        let values = self
-            .counters
-            .get(&PodKey::from_octets(ip.octets()), 0)
-            .ok()?;
-        Some(
-            values
-                .iter()
-                .fold(PodCounters::default(), |acc, c| acc.plus(*c)),
-        )
-    }
 }
 
 fn classifier<'a>(

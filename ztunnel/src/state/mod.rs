@@ -21,6 +21,7 @@ use crate::{
         LocalConfig, LocalWorkload, NamespacedHostname, Service,
     },
     identity::Identity,
+    metrics::PeerLabels,
     redirect::{CapturePlan, PlannedPod},
 };
 
@@ -116,6 +117,9 @@ pub struct Snapshot {
     next_endpoint: AtomicUsize,
     /// The workloads some waypoint resolves to (by address in `workloads`).
     waypoints: HashSet<usize>,
+    /// Each workload's metric labels (by address in `workloads`), built once
+    /// here rather than on every connection.
+    peer_labels: HashMap<usize, Arc<PeerLabels>>,
 }
 
 impl Snapshot {
@@ -158,7 +162,16 @@ impl Snapshot {
             members,
             next_endpoint: AtomicUsize::new(0),
             waypoints: HashSet::new(),
+            peer_labels: HashMap::new(),
         };
+        snapshot.peer_labels = snapshot
+            .workloads
+            .iter()
+            .map(|w| {
+                let labels = PeerLabels::of_workload(w, &snapshot.identity_of(w));
+                (Arc::as_ptr(w) as usize, Arc::new(labels))
+            })
+            .collect();
         let gateways: Vec<GatewayAddress> = snapshot
             .services
             .iter()
@@ -171,6 +184,15 @@ impl Snapshot {
             }
         }
         snapshot
+    }
+
+    /// `w`'s metric labels: built with the snapshot for its own workloads,
+    /// built now for any other.
+    pub fn peer_labels(&self, w: &Workload) -> Arc<PeerLabels> {
+        match self.peer_labels.get(&(std::ptr::from_ref(w) as usize)) {
+            Some(labels) => labels.clone(),
+            None => Arc::new(PeerLabels::of_workload(w, &self.identity_of(w))),
+        }
     }
 
     /// The next pick of a round robin across endpoints.

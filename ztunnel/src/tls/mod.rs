@@ -66,10 +66,6 @@ impl TlsContext {
         &self.trust_domain
     }
 
-    pub fn certs(&self) -> &Arc<CertManager> {
-        &self.certs
-    }
-
     /// The server side of a handshake for the local workload `identity`:
     /// serves its certificate, requires a client certificate from our trust
     /// domain.

@@ -679,3 +679,131 @@ pub fn authorization_to_proto(a: &Authorization) -> pb_sec::Authorization {
         extensions: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use prost::Message;
+
+    use super::*;
+    use crate::{
+        config::local::LocalConfig,
+        protos::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource},
+        xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE},
+    };
+
+    fn corpus(target: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus")
+            .join(target)
+    }
+
+    /// The `xds_convert` fuzz target's seeds: the resources of the `config`
+    /// target's seed files, encoded as the control plane sends them, each
+    /// behind the byte that tells the target what follows (0 an Address,
+    /// 1 an Authorization, 2 a whole DeltaDiscoveryResponse).
+    fn xds_seeds() -> Vec<(String, Vec<u8>)> {
+        let mut seeds = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(corpus("config"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for path in files {
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let config = LocalConfig::load(&path).unwrap();
+            let mut addresses = Vec::new();
+            for w in &config.workloads {
+                addresses.push((
+                    format!("workload-{}", w.name),
+                    pb::address::Type::Workload(workload_to_proto(w)),
+                ));
+            }
+            for s in &config.services {
+                addresses.push((
+                    format!("service-{}", s.name),
+                    pb::address::Type::Service(service_to_proto(s)),
+                ));
+            }
+            let mut resources = Vec::new();
+            for (name, address) in addresses {
+                let bytes = pb::Address {
+                    r#type: Some(address),
+                }
+                .encode_to_vec();
+                seeds.push((format!("{stem}-{name}"), [&[0u8][..], &bytes].concat()));
+                resources.push(Resource {
+                    name,
+                    version: "1".into(),
+                    resource: Some(prost_types::Any {
+                        type_url: ADDRESS_TYPE.into(),
+                        value: bytes,
+                    }),
+                    aliases: Vec::new(),
+                });
+            }
+            for p in &config.policies {
+                let bytes = authorization_to_proto(p).encode_to_vec();
+                seeds.push((
+                    format!("{stem}-policy-{}", p.name),
+                    [&[1u8][..], &bytes].concat(),
+                ));
+            }
+            if !resources.is_empty() {
+                let push = DeltaDiscoveryResponse {
+                    type_url: ADDRESS_TYPE.into(),
+                    resources,
+                    removed_resources: vec!["gone".into()],
+                    nonce: "1".into(),
+                    ..Default::default()
+                };
+                seeds.push((
+                    format!("{stem}-push"),
+                    [&[2u8][..], &push.encode_to_vec()].concat(),
+                ));
+            }
+        }
+        seeds
+    }
+
+    /// Rewrites fuzz/corpus/xds_convert/ from fuzz/corpus/config/.
+    #[test]
+    #[ignore = "writes the fuzz seed corpus: run it after changing the config seeds or the protos"]
+    fn write_fuzz_seeds() {
+        let dir = corpus("xds_convert");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in xds_seeds() {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+
+    /// The seeds in the repo are what the current schema makes, and each
+    /// resource converts: seeds that no longer decode would only make the
+    /// fuzzer start from nothing.
+    #[test]
+    fn the_fuzz_seeds_are_current() {
+        for (name, bytes) in xds_seeds() {
+            let on_disk = std::fs::read(corpus("xds_convert").join(&name)).unwrap_or_default();
+            assert!(
+                on_disk == bytes,
+                "fuzz/corpus/xds_convert/{name} is stale: cargo test -p ztunnel --lib -- --ignored write_fuzz_seeds"
+            );
+            match bytes[0] {
+                0 => match pb::Address::decode(&bytes[1..]).unwrap().r#type.unwrap() {
+                    pb::address::Type::Workload(w) => drop(workload_from_proto(&w).unwrap()),
+                    pb::address::Type::Service(s) => drop(service_from_proto(&s).unwrap()),
+                },
+                1 => drop(
+                    authorization_from_proto(&pb_sec::Authorization::decode(&bytes[1..]).unwrap())
+                        .unwrap(),
+                ),
+                _ => assert!(!DeltaDiscoveryResponse::decode(&bytes[1..])
+                    .unwrap()
+                    .resources
+                    .is_empty()),
+            }
+        }
+        let _ = AUTHORIZATION_TYPE;
+    }
+}

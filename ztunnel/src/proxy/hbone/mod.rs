@@ -3,6 +3,7 @@
 //!
 //! - [`client`]: opens CONNECT streams over pooled connections ([`pool`]);
 //! - [`server`]: the 15008 listener;
+//! - [`request`]: what an inbound CONNECT asks for, read;
 //! - [`stream`]: one CONNECT stream.
 //!
 //! On the wire (matching Istio's ztunnel): TLS 1.3, ALPN `h2`, no SNI; the
@@ -11,8 +12,10 @@
 //! `baggage` and `traceparent` headers; the answer is 200, or 400 for a bad
 //! request, 401 for a policy deny, 503 when the destination is unreachable.
 
+pub mod bounds;
 pub mod client;
 pub mod pool;
+pub mod request;
 pub mod server;
 pub mod stream;
 

@@ -132,11 +132,6 @@ impl Pool {
         pool
     }
 
-    /// Connections opened so far.
-    pub fn connections_opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
-    }
-
     /// A connection with room for one more stream, and the slot reserved on it.
     pub async fn checkout(
         &self,

@@ -11,20 +11,25 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{oneshot, watch},
+    sync::watch,
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tracing::{debug, info, warn};
 
-use super::{settings, status, stream::H2Stream};
+use super::{
+    bounds::{HandshakeSlot, HandshakeSlots, PeerConnections},
+    request::parse_connect,
+    settings, status,
+    stream::H2Stream,
+};
 use crate::{
     authz::Connection,
     identity::Identity,
-    metrics::ConnectionLabels,
+    metrics::{ConnectionLabels, PeerLabels, Reporter, ResponseFlags},
     proxy::{
         copy,
         relay::{pipe, ConnInfo, Direction, Ends},
@@ -34,15 +39,25 @@ use crate::{
     tls::{spiffe_ids, TlsContext},
 };
 
-/// Limits that bound what unauthenticated peers can hold.
+/// Limits that bound what peers can hold, authenticated or not.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// TLS and HTTP/2 handshakes must finish within this.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once. When a new one would exceed it, the
-    /// oldest still in progress is abandoned: a flood of stalled handshakes
-    /// evicts itself, while real clients finish in milliseconds.
+    /// Handshakes in progress at once, and from one source address (see
+    /// [`HandshakeSlots`] for who is evicted past them).
     pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    /// Established HBONE connections from one identity; past it, new ones
+    /// are refused.
+    pub max_connections_per_peer: usize,
+    /// An HBONE connection with no stream open for this long is closed
+    /// (GOAWAY). Longer than a client pool keeps an idle connection, so
+    /// clients normally close first.
+    pub hbone_idle_timeout: Duration,
+    /// A relayed connection on which no byte has moved either way for this
+    /// long is closed (zero: never).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +65,10 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            max_handshakes_per_source: 64,
+            max_connections_per_peer: 2048,
+            hbone_idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -61,7 +80,11 @@ pub async fn serve(
     proxy: Arc<Proxy>,
 ) {
     let limits = proxy.limits;
-    let handshakes = Arc::new(HandshakeSlots::new(limits.max_handshakes));
+    let handshakes = Arc::new(HandshakeSlots::new(
+        limits.max_handshakes,
+        limits.max_handshakes_per_source,
+    ));
+    let peers = Arc::new(PeerConnections::new(limits.max_connections_per_peer));
     let mut draining = proxy.drain.signal.clone();
     loop {
         let accepted = tokio::select! {
@@ -79,12 +102,13 @@ pub async fn serve(
                 continue;
             }
         };
-        let slot = handshakes.admit();
+        let slot = handshakes.admit(peer.ip());
         let tasks = proxy.drain.tasks.clone();
         let proxy = proxy.clone();
         let state = state.clone();
+        let peers = peers.clone();
         tasks.spawn(async move {
-            serve_connection(stream, peer, state, proxy, slot).await;
+            serve_connection(stream, peer, state, proxy, slot, peers).await;
         });
     }
 }
@@ -95,6 +119,7 @@ async fn serve_connection(
     live_state: watch::Receiver<Arc<Snapshot>>,
     proxy: Arc<Proxy>,
     mut slot: HandshakeSlot,
+    peers: Arc<PeerConnections>,
 ) {
     let state = live_state.borrow().clone();
     let limits = proxy.limits;
@@ -138,27 +163,51 @@ async fn serve_connection(
             }
         },
         _ = &mut slot.evicted => {
-            warn!(%peer, %dst, limit = limits.max_handshakes, "refused HBONE connection: evicted, too many handshakes in progress");
+            proxy.metrics.refused("hbone", "handshakes");
+            warn!(%peer, %dst, limit = limits.max_handshakes, per_source = limits.max_handshakes_per_source, "refused HBONE connection: evicted, too many handshakes in progress");
             return;
         }
     };
     drop(slot);
+    let Some(_peer_slot) = peers.admit(&peer_id) else {
+        proxy.metrics.refused("hbone", "peer_connections");
+        warn!(%peer, %dst, peer_identity = %peer_id, limit = limits.max_connections_per_peer, "refused HBONE connection: the peer holds its cap of connections");
+        // GOAWAY before any stream: the peer's pool retries elsewhere or
+        // later instead of reusing this connection.
+        h2.graceful_shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(1), h2.accept()).await;
+        return;
+    };
     info!(%peer, %dst, peer_identity = %peer_id, local_identity = %identity, "HBONE connection accepted");
-    let served = serve_streams(&mut h2, proxy.drain.signal.clone(), |request, respond| {
-        // Each stream is judged by the configuration current when it
-        // opens: pooled connections live long, policies change.
-        let ctx = StreamContext {
-            peer,
-            dst,
-            peer_id: peer_id.clone(),
-            state: live_state.borrow().clone(),
-            proxy: proxy.clone(),
-        };
-        proxy.drain.tasks.spawn(ctx.handle(request, respond));
-    })
+    let idle = limits.hbone_idle_timeout;
+    let served = serve_streams(
+        &mut h2,
+        proxy.drain.signal.clone(),
+        idle,
+        |request, respond, token| {
+            // Each stream is judged by the configuration current when it
+            // opens: pooled connections live long, policies change.
+            let ctx = StreamContext {
+                peer,
+                dst,
+                peer_id: peer_id.clone(),
+                state: live_state.borrow().clone(),
+                proxy: proxy.clone(),
+            };
+            proxy.drain.tasks.spawn(async move {
+                ctx.handle(request, respond).await;
+                drop(token);
+            });
+        },
+    )
     .await;
-    if let Err(e) = served {
-        info!(%peer, %dst, error = %e, "HBONE connection ended");
+    match served {
+        Ok(Ended::Idle) => {
+            proxy.metrics.refused("hbone", "idle");
+            info!(%peer, %dst, peer_identity = %peer_id, idle = ?idle, "HBONE connection closed: no stream for the idle timeout");
+        }
+        Ok(Ended::Closed) => {}
+        Err(e) => info!(%peer, %dst, error = %e, "HBONE connection ended"),
     }
 }
 
@@ -203,15 +252,37 @@ pub async fn handshake(
     Ok((peer_id, h2))
 }
 
+/// A stream's hold on its connection: while any is alive, the connection
+/// is not idle. The stream's task drops it when it ends.
+pub struct StreamToken(#[allow(dead_code)] Arc<()>);
+
+/// How [`serve_streams`] ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer closed, or a GOAWAY (drain) ran its course.
+    Closed,
+    /// No stream was open for the idle timeout.
+    Idle,
+}
+
 /// Hands every stream of `h2` to `on_stream` until the connection ends.
 /// When `draining` turns true, GOAWAY is sent: no new streams, and those
-/// open run to completion.
+/// open run to completion. A connection with no stream open for `idle`
+/// (zero: never) is closed the same way.
 pub async fn serve_streams(
     h2: &mut Http2Connection,
     mut draining: watch::Receiver<bool>,
-    mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>),
-) -> Result<(), h2::Error> {
+    idle: Duration,
+    mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>, StreamToken),
+) -> Result<Ended, h2::Error> {
     let mut goaway_sent = false;
+    let mut went_idle = false;
+    let streams = Arc::new(());
+    // Checked a few times per period: a timer per stream would cost more.
+    let step = (idle / 4).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(step);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet_since = tokio::time::Instant::now();
     loop {
         let request = tokio::select! {
             request = h2.accept() => request,
@@ -220,10 +291,26 @@ pub async fn serve_streams(
                 goaway_sent = true;
                 continue;
             }
+            _ = tick.tick(), if !idle.is_zero() && !goaway_sent => {
+                if Arc::strong_count(&streams) > 1 {
+                    quiet_since = tokio::time::Instant::now();
+                } else if quiet_since.elapsed() >= idle {
+                    h2.graceful_shutdown();
+                    goaway_sent = true;
+                    went_idle = true;
+                }
+                continue;
+            }
         };
         match request {
-            None => return Ok(()),
-            Some(Ok((request, respond))) => on_stream(request, respond),
+            // How the peer takes the GOAWAY (a clean close or a reset) does
+            // not change why the connection ended.
+            None | Some(Err(_)) if went_idle => return Ok(Ended::Idle),
+            None => return Ok(Ended::Closed),
+            Some(Ok((request, respond))) => {
+                quiet_since = tokio::time::Instant::now();
+                on_stream(request, respond, StreamToken(streams.clone()))
+            }
             Some(Err(e)) => return Err(e),
         }
     }
@@ -240,19 +327,40 @@ struct StreamContext {
 
 impl StreamContext {
     async fn handle(self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
-        let target = match self.validate(&request) {
-            Ok(target) => target,
+        let connect = match parse_connect(&request, self.dst.ip()) {
+            Ok(connect) => connect,
             Err((code, reason)) => {
                 warn!(peer = %self.peer, peer_identity = %self.peer_id, uri = %request.uri(), status = code.as_u16(), "refused CONNECT: {reason}");
                 reply(&mut respond, code);
                 return;
             }
         };
+        let target = connect.target;
         let Some(workload) = self.state.local_workload_by_ip(target.ip()).cloned() else {
             warn!(peer = %self.peer, %target, "refused CONNECT: the workload is gone");
             reply(&mut respond, status::UNREACHABLE);
             return;
         };
+        let src_workload = self.state.workload_by_ip(self.peer.ip()).cloned();
+        let mut labels = ConnectionLabels::new(
+            &self.state,
+            Reporter::Destination,
+            src_workload.as_deref(),
+            Some(&self.peer_id),
+            Some(&workload),
+            None,
+            true,
+        );
+        if let (None, Ok(baggage)) = (&src_workload, &connect.baggage) {
+            // A source this node's configuration does not hold (another
+            // cluster's, say): described by what its ztunnel said of it,
+            // with the identity its certificate proved, as Istio does.
+            labels = labels.with_source(Arc::new(PeerLabels::from_baggage(
+                |k| baggage.get(k),
+                &self.peer_id,
+            )));
+        }
+        let metrics = &self.proxy.metrics;
         // Authorization sees the peer's verified identity and the real
         // target port, never 15008.
         let conn = Connection {
@@ -264,6 +372,7 @@ impl StreamContext {
             Ok(registration) => registration,
             Err(denial) => {
                 warn!(peer = %self.peer, peer_identity = %self.peer_id, %target, policy = %denial.policy(), reason = %denial, "CONNECT denied by policy");
+                metrics.failed(labels, ResponseFlags::AuthorizationPolicyDenied);
                 reply(&mut respond, status::DENIED);
                 return;
             }
@@ -279,11 +388,13 @@ impl StreamContext {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 info!(peer = %self.peer, %target, error = %e, "CONNECT target unreachable");
+                metrics.failed(labels, ResponseFlags::ConnectionFailure);
                 reply(&mut respond, status::UNREACHABLE);
                 return;
             }
             Err(_) => {
                 info!(peer = %self.peer, %target, "CONNECT target timed out");
+                metrics.failed(labels, ResponseFlags::ConnectionFailure);
                 reply(&mut respond, status::UNREACHABLE);
                 return;
             }
@@ -297,18 +408,18 @@ impl StreamContext {
             }
         };
         let tunnel = H2Stream::new(send, request.into_body());
-        debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, "HBONE stream opened");
-        let src_workload = self.state.workload_by_ip(self.peer.ip()).cloned();
+        // What the peer says of its client, for the log only.
+        let forwarded_for = match &connect.forwarded {
+            Ok(f) => f.first("for").unwrap_or("-").to_string(),
+            Err(why) => why.clone(),
+        };
+        let baggage = match &connect.baggage {
+            Ok(b) => format!("{:?}", b.0),
+            Err(why) => why.clone(),
+        };
+        debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, %forwarded_for, %baggage, "HBONE stream opened");
         let dst_identity = self.state.identity_of(&workload);
-        let metrics = self.proxy.metrics.open(ConnectionLabels::new(
-            &self.state,
-            "destination",
-            src_workload.as_deref(),
-            Some(&self.peer_id),
-            Some(&workload),
-            None,
-            true,
-        ));
+        let metrics = metrics.open(labels);
         let info = ConnInfo {
             direction: Direction::Inbound,
             src: self.peer,
@@ -328,114 +439,13 @@ impl StreamContext {
             },
         };
         pipe(
+            &self.proxy,
             info,
             Ends::Hbone(upstream, tunnel, false),
             Some(registration),
             vec![metrics],
         )
         .await;
-    }
-
-    /// The target of a CONNECT, or the status to refuse it with.
-    fn validate(
-        &self,
-        request: &Request<h2::RecvStream>,
-    ) -> Result<SocketAddr, (StatusCode, String)> {
-        if request.method() != Method::CONNECT {
-            return Err((
-                status::BAD_REQUEST,
-                format!("method {} is not CONNECT", request.method()),
-            ));
-        }
-        let authority = request
-            .uri()
-            .authority()
-            .ok_or((status::BAD_REQUEST, "no authority".to_string()))?;
-        let target: SocketAddr = authority.as_str().parse().map_err(|_| {
-            (
-                status::BAD_REQUEST,
-                format!("authority {authority} is not ip:port"),
-            )
-        })?;
-        // The tunnel may only reach the workload it was addressed to.
-        if target.ip() != self.dst.ip() {
-            return Err((
-                status::BAD_REQUEST,
-                format!(
-                    "authority {target} is not the workload this connection was made to ({})",
-                    self.dst.ip()
-                ),
-            ));
-        }
-        if crate::proxy::is_capture_port(target.port()) {
-            return Err((
-                status::UNREACHABLE,
-                format!("authority {target} is one of ztunnel's own ports"),
-            ));
-        }
-        Ok(target)
-    }
-}
-
-/// Handshakes in progress, oldest first, each with a way to abandon it.
-/// Shared with the waypoint, whose 15008 faces the same floods.
-pub struct HandshakeSlots {
-    max: usize,
-    /// The last id given out, and the handshakes in progress by id.
-    inner: std::sync::Mutex<(u64, InProgress)>,
-}
-
-type InProgress = std::collections::VecDeque<(u64, oneshot::Sender<()>)>;
-
-/// One handshake's place; leaving it (drop) frees the place.
-pub struct HandshakeSlot {
-    id: u64,
-    slots: Arc<HandshakeSlots>,
-    /// Fires when a newer handshake pushed this one out.
-    pub evicted: oneshot::Receiver<()>,
-}
-
-impl HandshakeSlots {
-    pub fn new(max: usize) -> Self {
-        HandshakeSlots {
-            max: max.max(1),
-            inner: std::sync::Mutex::new((0, std::collections::VecDeque::new())),
-        }
-    }
-
-    pub fn admit(self: &Arc<Self>) -> HandshakeSlot {
-        let (tx, rx) = oneshot::channel();
-        let mut guard = match self.inner.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let (next_id, queue) = &mut *guard;
-        while queue.len() >= self.max {
-            if let Some((_, oldest)) = queue.pop_front() {
-                let _ = oldest.send(());
-            }
-        }
-        *next_id += 1;
-        let id = *next_id;
-        queue.push_back((id, tx));
-        HandshakeSlot {
-            id,
-            slots: self.clone(),
-            evicted: rx,
-        }
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut guard = match self.slots.inner.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let queue = &mut guard.1;
-        if let Some(pos) = queue.iter().position(|(id, _)| *id == self.id) {
-            queue.remove(pos);
-        }
     }
 }
 

@@ -1,0 +1,251 @@
+//! Bounded under abuse: each bound on what a peer can hold on 15008, or a
+//! connection can hold idle, is hit by a flood while real clients go on.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use ztunnel::identity::{Identity, LocalCa};
+use ztunnel_tests::{
+    http::{self, sample},
+    lab,
+    netns::Netns,
+    peer::{self, Held, Outcome},
+    setup::Setup,
+    traffic::{request, Connection, Server},
+    ztunnel::Ztunnel,
+};
+
+struct Lab {
+    s: Setup,
+    zt2: Ztunnel,
+    _zt1: Ztunnel,
+    _server: Server,
+}
+
+impl Lab {
+    /// node2's ztunnel, serving the server pod, gets `zt2_flags`.
+    fn new(zt2_flags: &[&str]) -> Result<Self> {
+        let s = Setup::new(&lab::config_yaml(&[]))?;
+        let _zt1 = s.ztunnel("node1", &[])?;
+        let zt2 = s.ztunnel("node2", zt2_flags)?;
+        let server_pod = s.lab.pod("server");
+        let _server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+        Ok(Lab {
+            s,
+            zt2,
+            _zt1,
+            _server,
+        })
+    }
+
+    fn hbone_addr(&self) -> SocketAddr {
+        self.s.lab.pod("server").addr(15008)
+    }
+
+    fn server_addr(&self) -> SocketAddr {
+        self.s.lab.pod("server").addr(8080)
+    }
+
+    fn cert(&self, service_account: &str) -> Result<ztunnel::identity::WorkloadCert> {
+        Ok(LocalCa::load(&self.s.lab.ca_dir)?.issue(
+            &Identity::new("cluster.local", "default", service_account),
+            Duration::from_secs(3600),
+        )?)
+    }
+
+    /// `ztunnel_connections_refused_total` on node2 for `listener`, `reason`.
+    fn refused(&self, listener: &str, reason: &str) -> Result<f64> {
+        let node = self.s.lab.node("node2");
+        let addr = SocketAddr::from((node.underlay_ip, 15020));
+        let m = http::get(&node.ns, addr, "/metrics")?.body;
+        Ok(sample(
+            &m,
+            "ztunnel_connections_refused_total",
+            &[("listener", listener), ("reason", reason)],
+        )
+        .unwrap_or(0.0))
+    }
+
+    /// A real client's connection through both ztunnels.
+    fn real_request(&self) -> Result<()> {
+        let client = self.s.lab.pod("client");
+        let report = request(&client.ns, self.server_addr(), 16 * 1024)?;
+        anyhow::ensure!(report.peer.ip() == std::net::IpAddr::V4(client.spec.ip));
+        Ok(())
+    }
+}
+
+
+/// Opens stalled handshakes (half a TLS record, then nothing) from `ns` as
+/// fast as it can until `stop`, keeping the newest 400 open; returns how
+/// many it opened.
+fn flood(
+    ns: &Netns,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<Result<usize>>> {
+    ns.spawn(move || {
+        let mut held = std::collections::VecDeque::new();
+        let mut opened = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(mut s) =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            {
+                let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+                held.push_back(s);
+                opened += 1;
+            }
+            if held.len() > 400 {
+                held.pop_front();
+            }
+        }
+        opened
+    })
+}
+
+#[test]
+fn a_handshake_flood_from_two_sources_does_not_starve_real_clients() -> Result<()> {
+    ztunnel_tests::load::raise_fd_limit(65536);
+    // A small table, so the flood fills it many times over; and pooled
+    // connections closed when idle for 300 ms, so each real request below
+    // needs a handshake of its own in the middle of the flood.
+    let mut l = Lab::new(&[
+        "--max-handshakes",
+        "32",
+        "--max-handshakes-per-source",
+        "24",
+        "--handshake-timeout",
+        "5s",
+        "--hbone-idle-timeout",
+        "300ms",
+    ])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods = [
+        flood(&l.s.lab.pod("bystander").ns, l.hbone_addr(), stop.clone())?,
+        flood(&l.s.lab.node("node1").ns, l.hbone_addr(), stop.clone())?,
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    let mut slowest = Duration::ZERO;
+    let result = (|| {
+        for _ in 0..15 {
+            let started = Instant::now();
+            l.real_request()?;
+            slowest = slowest.max(started.elapsed());
+            // Let the server close the idle pooled connection.
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        anyhow::Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let opened: usize = floods
+        .into_iter()
+        .map(|f| f.join().ok().and_then(Result::ok).unwrap_or(0))
+        .sum();
+    result?;
+    eprintln!("{opened} stalled handshakes during 15 real requests; slowest request {slowest:?}");
+    let evicted = l.refused("hbone", "handshakes")?;
+    assert!(
+        evicted >= 200.0,
+        "the flood ({opened} handshakes) evicted only {evicted}"
+    );
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a real request took {slowest:?}"
+    );
+    // Every real handshake finished: none of the client's was evicted.
+    let log = l.zt2.log_text();
+    assert!(
+        !log.lines()
+            .any(|line| line.contains("evicted") && line.contains("peer=198.18.1.10")),
+        "a real client's handshake was evicted"
+    );
+    // Each real request did need a handshake: the server closed the
+    // client's idle pooled connection between them.
+    let idle_closed = l.refused("hbone", "idle")?;
+    assert!(idle_closed >= 10.0, "only {idle_closed} idle closes");
+    l.zt2.wait_for_log(
+        "evicted, too many handshakes in progress",
+        Duration::from_secs(1),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_peer_past_its_connection_cap_is_refused_and_others_are_not() -> Result<()> {
+    let mut l = Lab::new(&["--max-connections-per-peer", "4"])?;
+    let attacker = &l.s.lab.pod("bystander").ns;
+    let hoarder = Held::open(attacker, l.hbone_addr(), &l.cert("hoarder")?, 6)?;
+    // The two past the cap get GOAWAY and close; the four within it stay.
+    assert_eq!(hoarder.wait_closed(2, Duration::from_secs(5)), 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        hoarder.closed(),
+        2,
+        "connections within the cap were closed"
+    );
+    assert_eq!(l.refused("hbone", "peer_connections")?, 2.0);
+    // Another identity, and real clients, are not affected.
+    let other = peer::connect(
+        attacker,
+        l.hbone_addr(),
+        Some(&l.cert("bystander")?),
+        "198.18.2.10:8080",
+    )?;
+    assert_eq!(other, Outcome::Status(200));
+    l.real_request()?;
+    l.zt2.wait_for_log(
+        "the peer holds its cap of connections",
+        Duration::from_secs(1),
+    )?;
+    drop(hoarder);
+    Ok(())
+}
+
+#[test]
+fn an_hbone_connection_without_streams_is_closed_when_idle_and_a_busy_one_is_not() -> Result<()> {
+    let l = Lab::new(&["--hbone-idle-timeout", "1s"])?;
+    // A long, slow transfer keeps its tunnel busy past the idle timeout.
+    let client = l.s.lab.pod("client");
+    let conn = Connection::open(&client.ns, l.server_addr(), Duration::from_secs(5))?;
+    let slow = std::thread::spawn(move || {
+        conn.exchange_slowly(&[5u8; 32 * 1024], 12, Duration::from_millis(250))
+    });
+    let attacker = &l.s.lab.pod("bystander").ns;
+    let idle = Held::open(attacker, l.hbone_addr(), &l.cert("idler")?, 2)?;
+    assert_eq!(idle.wait_closed(2, Duration::from_secs(5)), 2);
+    slow.join()
+        .map_err(|_| anyhow::anyhow!("transfer thread panicked"))??;
+    assert!(l.refused("hbone", "idle")? >= 2.0);
+    Ok(())
+}
+
+#[test]
+fn a_relayed_connection_idle_past_the_timeout_is_closed_and_an_active_one_is_not() -> Result<()> {
+    let l = Lab::new(&["--idle-timeout", "1s"])?;
+    let client = l.s.lab.pod("client");
+    let quiet = Connection::open(&client.ns, l.server_addr(), Duration::from_secs(5))?;
+    let active = Connection::open(&client.ns, l.server_addr(), Duration::from_secs(5))?;
+    let started = Instant::now();
+    let busy = std::thread::spawn(move || {
+        active.exchange_slowly(&[9u8; 16 * 1024], 12, Duration::from_millis(250))
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    // The quiet one was closed by node2's ztunnel: nothing gets through.
+    assert!(
+        quiet.exchange(1024).is_err(),
+        "a connection idle for 2.5 s outlived a 1 s idle timeout"
+    );
+    busy.join()
+        .map_err(|_| anyhow::anyhow!("transfer thread panicked"))??;
+    assert!(started.elapsed() > Duration::from_secs(2));
+    assert!(l.refused("inbound", "idle")? >= 1.0);
+    Ok(())
+}
