@@ -161,11 +161,18 @@ pub enum Reply {
 }
 
 /// Reads the running ztunnel's answer (the bytes of one message, which
-/// came with `descriptors` descriptors). Each name must be a distinct,
-/// non-empty word and name one descriptor.
+/// came with `descriptors` descriptors): one line, ending in a newline.
+/// Each name must be a distinct, non-empty word and name one descriptor.
 pub fn parse_reply(bytes: &[u8], descriptors: usize) -> Result<Reply, String> {
+    if bytes.is_empty() {
+        return Err("no reply: the running ztunnel hung up".into());
+    }
     let text = String::from_utf8_lossy(bytes);
-    let line = text.strip_suffix('\n').unwrap_or(&text);
+    // Without its newline the reply was cut short (it did not fit the
+    // buffer, or the sender died): its last name may be cut too.
+    let line = text
+        .strip_suffix('\n')
+        .ok_or_else(|| format!("reply {text:?} cut short: no newline"))?;
     if line == DRAINING {
         return Ok(Reply::Draining);
     }
@@ -490,3 +497,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod socket_tests;

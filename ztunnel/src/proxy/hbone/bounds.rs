@@ -72,12 +72,16 @@ impl InProgress {
         }
     }
 
-    /// The source with the most handshakes in progress.
+    /// The source with the most handshakes in progress; of several, the
+    /// one with the oldest handshake (so that when every source holds as
+    /// many, the oldest of all goes, not one a hash map happens to list
+    /// last).
     fn heaviest(&self) -> Option<IpAddr> {
-        self.per_source
+        let most = self.per_source.values().copied().max()?;
+        self.queue
             .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(source, _)| *source)
+            .find(|e| self.per_source.get(&e.source) == Some(&most))
+            .map(|e| e.source)
     }
 }
 
@@ -266,5 +270,77 @@ mod tests {
         drop(a);
         assert_eq!(connections.held_by(&flooder), 1);
         assert!(connections.admit(&flooder).is_some());
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 1, last])
+    }
+
+    fn evicted(slot: &mut HandshakeSlot) -> bool {
+        slot.evicted.try_recv().is_ok()
+    }
+
+    #[test]
+    fn up_to_the_cap_nobody_is_evicted_and_a_finished_one_frees_its_place() {
+        let slots = Arc::new(HandshakeSlots::new(3, 3));
+        let mut held = vec![slots.admit(ip(1)), slots.admit(ip(1)), slots.admit(ip(2))];
+        assert_eq!(slots.in_progress(), 3);
+        let done = held.remove(0);
+        drop(done);
+        assert_eq!(slots.in_progress(), 2);
+        let mut newcomer = slots.admit(ip(3));
+        assert!(
+            held.iter_mut().all(|s| !evicted(s)),
+            "room was made needlessly"
+        );
+        assert!(!evicted(&mut newcomer));
+        assert_eq!(slots.in_progress(), 3);
+    }
+
+    #[test]
+    fn when_no_source_holds_more_the_oldest_of_all_goes() {
+        // Many sources with one handshake each (a flood from many
+        // addresses): the oldest goes, as a real client's few milliseconds
+        // never make it the oldest. Fresh tables, so that no lucky order
+        // of a hash map can pass it.
+        for _ in 0..20 {
+            let slots = Arc::new(HandshakeSlots::new(3, 100));
+            let mut held: Vec<_> = (1..=3).map(|i| slots.admit(ip(i))).collect();
+            let _newest = slots.admit(ip(4));
+            let gone: Vec<bool> = held.iter_mut().map(evicted).collect();
+            assert_eq!(gone, [true, false, false]);
+        }
+    }
+
+    #[test]
+    fn an_evicted_handshake_leaving_frees_no_other_place() {
+        let slots = Arc::new(HandshakeSlots::new(2, 1));
+        let mut first = slots.admit(ip(1));
+        let mut second = slots.admit(ip(1));
+        assert!(evicted(&mut first));
+        drop(first);
+        assert_eq!(slots.in_progress(), 1, "the evicted one left twice");
+        // The source still counts its one handshake in progress...
+        let _third = slots.admit(ip(1));
+        assert!(evicted(&mut second));
+        // ...and another source has the free place without evicting.
+        let mut other = slots.admit(ip(2));
+        assert!(!evicted(&mut other));
+        assert_eq!(slots.in_progress(), 2);
+    }
+
+    #[test]
+    fn caps_of_zero_are_taken_as_one() {
+        let slots = Arc::new(HandshakeSlots::new(0, 0));
+        let mut first = slots.admit(ip(1));
+        assert!(!evicted(&mut first), "a lone handshake is admitted");
+        let _second = slots.admit(ip(2));
+        assert!(evicted(&mut first));
+        assert_eq!(slots.in_progress(), 1);
     }
 }
