@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod deploy;
 mod fuzz;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -91,6 +92,17 @@ enum Cmd {
         seconds: u64,
         /// The targets to run (default: all).
         targets: Vec<String>,
+    },
+    /// Mixed traffic through the lab for MINUTES while faults are injected
+    /// (kill -9, handover, policy and enrolment changes, control plane
+    /// restarts, certificate rotation); fails unless everything held.
+    /// Writes target/soak/report.json.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Seconds between faults.
+        #[arg(long, default_value_t = 30)]
+        interval: u64,
     },
     /// Bootstrap, build, and run every test (needs root).
     Test {
@@ -224,6 +236,16 @@ fn main() -> Result<()> {
                 &bench::out_dir(&root()),
             )
         }
+        Cmd::Soak { minutes, interval } => {
+            require_root()?;
+            bootstrap()?;
+            build_bins(&[])?;
+            soak::run(
+                minutes,
+                std::time::Duration::from_secs(interval),
+                &root().join("target/soak"),
+            )
+        }
         Cmd::CheckDeploy => deploy::check(&root()),
         Cmd::BuildCni => deploy::build_cni(&root()).map(|p| println!("{}", p.display())),
         Cmd::Fuzz { seconds, targets } => fuzz::run(&root(), seconds, &targets),
@@ -262,6 +284,14 @@ fn main() -> Result<()> {
             // Every fuzz target, briefly (`cargo xtask fuzz` runs longer).
             fuzz::run(&root(), fuzz::TEST_SECONDS, &[])?;
             build_bins(&[])?;
+            // A short soak: each fault once or twice (`cargo xtask soak`
+            // runs 30 minutes).
+            soak::run(
+                1.5,
+                std::time::Duration::from_secs(12),
+                &root().join("target/soak-smoke"),
+            )
+            .map_err(|e| anyhow::anyhow!("soak failed: {e:#}"))?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             cargo_test(&test_args)
