@@ -1,11 +1,11 @@
 //! The admin port's query: `/logging?level=` read as the admin handler
-//! reads it (`admin::log_level`), then the filter built from it as
-//! ztunnel's `main` builds it (`EnvFilter::try_new`). A level written back
-//! as a form reads back the same.
+//! reads it (`admin::log_level`), then the filter built from it
+//! (`admin::log_filter`, which `RUST_LOG` goes through too). A level
+//! written back as a form reads back the same.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ztunnel::admin::log_level;
+use ztunnel::admin::{log_filter, log_level};
 
 fuzz_target!(|data: &[u8]| {
     // hyper hands the handler the query as a &str.
@@ -18,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
     let written = form_urlencoded::Serializer::new(String::new())
         .append_pair("level", &level)
         .finish();
-    assert_eq!(log_level(&written).as_deref(), Some(level.as_str()), "{written}");
-    let _ = tracing_subscriber::EnvFilter::try_new(&level);
+    assert_eq!(
+        log_level(&written).as_deref(),
+        Some(level.as_str()),
+        "{written}"
+    );
+    let _ = log_filter(&level);
 });

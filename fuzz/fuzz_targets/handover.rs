@@ -21,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             assert_eq!(
                 parse_reply(reply_line(&names).as_bytes(), fds),
-                Ok(Reply::Listeners(names.iter().map(|n| n.to_string()).collect()))
+                Ok(Reply::Listeners(
+                    names.iter().map(|n| n.to_string()).collect()
+                ))
             );
         }
         Ok(Reply::Draining) | Err(_) => {}

@@ -54,7 +54,9 @@ fn connect(data: &[u8]) {
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
-        let value = line[colon + 1..].strip_prefix(b" ").unwrap_or(&line[colon + 1..]);
+        let value = line[colon + 1..]
+            .strip_prefix(b" ")
+            .unwrap_or(&line[colon + 1..]);
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&line[..colon]),
             HeaderValue::from_bytes(value),
@@ -73,12 +75,17 @@ fn connect(data: &[u8]) {
     let written = connect.target.to_string();
     let authority = uri::Authority::try_from(written.as_str())
         .unwrap_or_else(|e| panic!("{written:?} is not an authority: {e}"));
-    assert_eq!(authority.as_str().parse::<SocketAddr>().ok(), Some(connect.target));
+    assert_eq!(
+        authority.as_str().parse::<SocketAddr>().ok(),
+        Some(connect.target)
+    );
     if let Ok(forwarded) = &connect.forwarded {
         for (name, value) in forwarded.0.iter().flatten() {
             assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()));
             assert_eq!(*name, name.to_ascii_lowercase());
-            assert!(value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)));
+            assert!(value
+                .bytes()
+                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b)));
         }
     }
     if let Ok(baggage) = &connect.baggage {

@@ -97,6 +97,10 @@ fn round_trip_authorization(bytes: &[u8]) {
     };
     if let Ok(local) = convert::authorization_from_proto(&policy) {
         let back = convert::authorization_to_proto(&local);
-        assert_eq!(convert::authorization_from_proto(&back), Ok(local), "{back:?}");
+        assert_eq!(
+            convert::authorization_from_proto(&back),
+            Ok(local),
+            "{back:?}"
+        );
     }
 }

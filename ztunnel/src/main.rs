@@ -42,11 +42,10 @@ fn main() -> std::process::ExitCode {
 /// Logs to stderr (text or JSON), with a filter from `RUST_LOG` (default
 /// `info`) that the admin port's `/logging` can change at run time.
 fn init_logging(format: LogFormat) -> Arc<ztunnel::admin::LogControl> {
-    let initial = std::env::var("RUST_LOG")
+    let from_env = std::env::var("RUST_LOG")
         .ok()
-        .filter(|d| EnvFilter::try_new(d).is_ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = EnvFilter::new(&initial);
+        .and_then(|d| Some((ztunnel::admin::log_filter(&d).ok()?, d)));
+    let (filter, initial) = from_env.unwrap_or_else(|| (EnvFilter::new("info"), "info".into()));
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter);
@@ -59,7 +58,7 @@ fn init_logging(format: LogFormat) -> Arc<ztunnel::admin::LogControl> {
             .init(),
     }
     ztunnel::admin::LogControl::new(initial, move |directive: &str| {
-        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        let filter = ztunnel::admin::log_filter(directive)?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
 }

@@ -58,14 +58,17 @@ pub mod headers {
 /// whose key or value holds anything but W3C `baggage-octet`s other than
 /// `=` is left out: sent verbatim (as Istio's ztunnel reads it, without
 /// percent-decoding), it would add members or make the header invalid, and
-/// then no CONNECT carrying it could be sent.
+/// then no CONNECT carrying it could be sent. So is the workload's member
+/// when its type makes a key that is not a W3C key (a token) or that
+/// another member has (`cluster`, `namespace`): a reader would set the
+/// whole header aside, or take the workload's name for the cluster's.
 pub fn baggage(workload: &crate::state::Workload) -> String {
     let kind = if workload.workload_type.is_empty() {
         "deployment"
     } else {
         workload.workload_type.as_str()
     };
-    [
+    let members = [
         ("k8s.cluster.name".to_string(), workload.cluster_id.as_str()),
         (
             "k8s.namespace.name".to_string(),
@@ -77,15 +80,22 @@ pub fn baggage(workload: &crate::state::Workload) -> String {
             "service.version".to_string(),
             workload.canonical_revision.as_str(),
         ),
-    ]
-    .into_iter()
-    .filter(|(k, v)| !v.is_empty() && carried(k) && carried(v))
-    .map(|(k, v)| format!("{k}={v}"))
-    .collect::<Vec<_>>()
-    .join(",")
+    ];
+    members
+        .iter()
+        .enumerate()
+        .filter(|(i, (k, v))| {
+            !v.is_empty()
+                && request::is_token(k)
+                && carried(v)
+                && !members[..*i].iter().any(|(earlier, _)| earlier == k)
+        })
+        .map(|(_, (k, v))| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// Whether `s` can be sent verbatim as a baggage key or value.
+/// Whether `s` can be sent verbatim as a baggage value.
 fn carried(s: &str) -> bool {
     s.bytes()
         .all(|b| matches!(b, 0x21 | 0x23..=0x2b | 0x2d..=0x3a | 0x3c | 0x3e..=0x5b | 0x5d..=0x7e))
@@ -206,6 +216,43 @@ mod tests {
         let mut w = workload(full());
         w.workload_type = "deploy ment".into();
         assert!(!baggage(&w).contains("deploy"), "{}", baggage(&w));
+    }
+
+    /// Found by the `hbone_request` fuzz target: `k8s.{type}.name` with a
+    /// type holding `/`, `:` or `]` (baggage octets, but not a token) made
+    /// a header the inbound side set aside whole.
+    #[test]
+    fn a_workload_type_that_makes_a_bad_key_leaves_its_member_out() {
+        for kind in ["a/b", "10.0].0:80", "x(y)", "{t}"] {
+            let mut w = workload(full());
+            w.workload_type = kind.into();
+            let b = baggage(&w);
+            let read = super::request::Baggage::parse(&b)
+                .unwrap_or_else(|e| panic!("{kind:?}: {b:?}: {e}"));
+            assert_eq!(read.get("k8s.cluster.name"), Some("c1"), "{b}");
+            assert_eq!(read.0.len(), 4, "{kind:?}: {b}");
+        }
+    }
+
+    /// Next to the one above: a workload of type `cluster` wrote its name
+    /// as `k8s.cluster.name`, which a reader took for the cluster's when
+    /// the cluster was not sent.
+    #[test]
+    fn a_workload_type_naming_another_member_leaves_its_member_out() {
+        for (kind, key) in [
+            ("cluster", "k8s.cluster.name"),
+            ("namespace", "k8s.namespace.name"),
+        ] {
+            let mut w = workload(full());
+            w.workload_type = kind.into();
+            w.cluster_id.clear();
+            let read = super::request::Baggage::parse(&baggage(&w)).unwrap();
+            assert_eq!(
+                read.0.iter().filter(|(k, _)| k == key).count(),
+                usize::from(kind == "namespace")
+            );
+            assert!(read.0.iter().all(|(_, v)| v != "cart"), "{read:?}");
+        }
     }
 
     #[test]

@@ -31,22 +31,7 @@ pub fn parse_connect<B>(
     request: &Request<B>,
     dst: IpAddr,
 ) -> Result<Connect, (StatusCode, String)> {
-    if request.method() != Method::CONNECT {
-        return Err((
-            status::BAD_REQUEST,
-            format!("method {} is not CONNECT", request.method()),
-        ));
-    }
-    let authority = request
-        .uri()
-        .authority()
-        .ok_or((status::BAD_REQUEST, "no authority".to_string()))?;
-    let target: SocketAddr = authority.as_str().parse().map_err(|_| {
-        (
-            status::BAD_REQUEST,
-            format!("authority {authority} is not ip:port"),
-        )
-    })?;
+    let target = connect_target(request)?;
     // The tunnel may only reach the workload it was addressed to.
     if target.ip() != dst {
         return Err((
@@ -68,6 +53,28 @@ pub fn parse_connect<B>(
     })
 }
 
+/// The `ip:port` a request asks to reach, if it is a CONNECT naming one;
+/// else the status to refuse it with and why (any HBONE server's first
+/// check).
+pub fn connect_target<B>(request: &Request<B>) -> Result<SocketAddr, (StatusCode, String)> {
+    if request.method() != Method::CONNECT {
+        return Err((
+            status::BAD_REQUEST,
+            format!("method {} is not CONNECT", request.method()),
+        ));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .ok_or((status::BAD_REQUEST, "no authority".to_string()))?;
+    authority.as_str().parse().map_err(|_| {
+        (
+            status::BAD_REQUEST,
+            format!("authority {authority} is not ip:port"),
+        )
+    })
+}
+
 /// Every value of the header `name`, as one comma-separated list (what
 /// repeating a list header means in HTTP).
 fn joined(headers: &HeaderMap, name: &str) -> Result<String, String> {
@@ -85,6 +92,11 @@ fn joined(headers: &HeaderMap, name: &str) -> Result<String, String> {
 /// RFC 7230's `tchar`: what a token is made of.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `s` is an RFC 7230 token (a `baggage` key, a `forwarded` name).
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_tchar)
 }
 
 /// A `forwarded` header: its elements (nearest the client first), each a
@@ -229,7 +241,7 @@ impl Baggage {
                 .split_once('=')
                 .ok_or_else(|| format!("baggage: member {member:?} has no `=`"))?;
             let (key, v) = (key.trim_end_matches(ows), v.trim_matches(ows));
-            if key.is_empty() || !key.bytes().all(is_tchar) {
+            if !is_token(key) {
                 return Err(format!("baggage: {key:?} is not a key"));
             }
             if !v.bytes().all(octet) {
@@ -238,7 +250,7 @@ impl Baggage {
             for property in parts {
                 let (pk, pv) = property.split_once('=').unwrap_or((property, ""));
                 let (pk, pv) = (pk.trim_matches(ows), pv.trim_matches(ows));
-                if pk.is_empty() || !pk.bytes().all(is_tchar) || !pv.bytes().all(octet) {
+                if !is_token(pk) || !pv.bytes().all(octet) {
                     return Err(format!("baggage: `{key}` has a bad property"));
                 }
             }
