@@ -409,16 +409,7 @@ async fn serve_metrics(
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors, say: wait rather than spin.
-                warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    ztunnel::accept::accept_until_drained("metrics", &listener, None, |stream, _| {
         let metrics = metrics.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
@@ -446,5 +437,6 @@ async fn serve_metrics(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
+    })
+    .await
 }

@@ -28,6 +28,7 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 use ztunnel::{
+    accept::accept_until_drained,
     identity::Identity,
     proxy::hbone::{
         bounds::{HandshakeSlot, HandshakeSlots},
@@ -97,23 +98,8 @@ pub async fn serve(
         limits.max_handshakes,
         MAX_HANDSHAKES_PER_SOURCE,
     ));
-    let mut draining = wp.drain.signal.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = draining.wait_for(|d| *d) => {
-                info!("HBONE listener stopped accepting: draining");
-                return;
-            }
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let draining = Some(wp.drain.signal.clone());
+    accept_until_drained("hbone", &listener, draining, |stream, peer| {
         let tls = tls.clone();
         let identity = identity.clone();
         let wp = wp.clone();
@@ -125,7 +111,8 @@ pub async fn serve(
         tasks.spawn(async move {
             connection(stream, peer, tls, identity, wp, limits, slot).await;
         });
-    }
+    })
+    .await
 }
 
 async fn connection(

@@ -74,8 +74,8 @@ fn run_in(lab: &Lab, config: &Path, original: &str, example: &Path) -> Result<()
 
     println!("\n== traffic (1 MiB each, checksummed at both ends)");
     println!(
-        "   {:34} {:26} {:17} {}",
-        "flow", "owned by ztunnel on", "server saw", "result"
+        "   {:34} {:26} {:17} result",
+        "flow", "owned by ztunnel on", "server saw"
     );
     flow(
         lab,

@@ -8,6 +8,7 @@
 //! - [`state`]: the workloads that decide what is captured and where flows go,
 //!   loaded by [`config`] from the local file and kept up to date.
 
+pub mod accept;
 pub mod admin;
 pub mod app;
 pub mod authz;

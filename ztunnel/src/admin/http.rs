@@ -143,15 +143,7 @@ async fn serve_connection<S>(
 /// Serves `handler` on a TCP listener until the task is dropped.
 pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler) {
     let connections = Arc::new(Mutex::new(Connections::default()));
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(server = name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    crate::accept::accept_until_drained(name, &listener, None, |stream, peer| {
         spawn_connection(
             name,
             peer.to_string(),
@@ -159,7 +151,8 @@ pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler) 
             handler.clone(),
             &connections,
         );
-    }
+    })
+    .await
 }
 
 /// Serves `handler` on a Unix socket until the task is dropped, to peers
@@ -168,28 +161,21 @@ pub async fn serve_unix(name: &'static str, listener: UnixListener, handler: Han
     let connections = Arc::new(Mutex::new(Connections::default()));
     // SAFETY: geteuid has no preconditions.
     let ours = unsafe { libc::geteuid() };
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(server = name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    crate::accept::accept_until_drained(name, &listener, None, |stream, _| {
         let peer = match stream.peer_cred() {
             Ok(cred) if cred.uid() == ours => format!("pid {:?} uid {}", cred.pid(), cred.uid()),
             Ok(cred) => {
                 warn!(server = name, uid = cred.uid(), pid = ?cred.pid(), "refused a peer that is not this process's user");
-                continue;
+                return;
             }
             Err(e) => {
                 warn!(server = name, error = %e, "refused a peer whose credentials cannot be read");
-                continue;
+                return;
             }
         };
         spawn_connection(name, peer, stream, handler.clone(), &connections);
-    }
+    })
+    .await
 }
 
 fn spawn_connection<S>(

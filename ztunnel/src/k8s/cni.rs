@@ -51,29 +51,22 @@ pub async fn serve(
 ) {
     let host_veths = Arc::new(host_veths);
     info!(socket = %path.display(), "CNI plugin socket listening");
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(error = %e, "CNI socket: accept failed");
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-        };
+    crate::accept::accept_until_drained("cni", &listener, None, |stream, _| {
         // Only root may hold a pod's setup or announce addresses.
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 => {}
             Ok(cred) => {
                 warn!(uid = cred.uid(), pid = ?cred.pid(), "CNI socket: refused a peer that is not root");
-                continue;
+                return;
             }
             Err(e) => {
                 warn!(error = %e, "CNI socket: refused a peer whose credentials cannot be read");
-                continue;
+                return;
             }
         }
         tokio::spawn(connection(stream, enrollment.clone(), host_veths.clone()));
-    }
+    })
+    .await
 }
 
 async fn connection(

@@ -12,7 +12,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{copy, hbone::stream::H2Stream, socket, tracker::Registration, Drain, CONNECT_TIMEOUT};
 use crate::{
@@ -50,32 +50,17 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, SocketAddr, Arc<Snapshot>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut draining = drain.signal.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = draining.wait_for(|d| *d) => {
-                info!(direction = direction.as_str(), "stopped accepting: draining");
-                return;
-            }
+    let draining = Some(drain.signal.clone());
+    crate::accept::accept_until_drained(direction.as_str(), &listener, draining, |stream, src| {
+        // For a transparent listener, the local address is the original destination.
+        let Ok(dst) = stream.local_addr() else {
+            return;
         };
-        match accepted {
-            Ok((stream, src)) => {
-                // For a transparent listener, the local address is the original destination.
-                let Ok(dst) = stream.local_addr() else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let snapshot = state.borrow().clone();
-                drain.tasks.spawn(handle(stream, src, dst, snapshot));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(direction = direction.as_str(), error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+        let _ = stream.set_nodelay(true);
+        let snapshot = state.borrow().clone();
+        drain.tasks.spawn(handle(stream, src, dst, snapshot));
+    })
+    .await
 }
 
 /// Connects to `dst` directly (from `bind_ip` when given). Logs and returns

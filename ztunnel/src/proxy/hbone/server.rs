@@ -85,23 +85,8 @@ pub async fn serve(
         limits.max_handshakes_per_source,
     ));
     let peers = Arc::new(PeerConnections::new(limits.max_connections_per_peer));
-    let mut draining = proxy.drain.signal.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = draining.wait_for(|d| *d) => {
-                info!("HBONE listener stopped accepting: draining");
-                return;
-            }
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let draining = Some(proxy.drain.signal.clone());
+    crate::accept::accept_until_drained("hbone", &listener, draining, |stream, peer| {
         let slot = handshakes.admit(peer.ip());
         let tasks = proxy.drain.tasks.clone();
         let proxy = proxy.clone();
@@ -110,7 +95,8 @@ pub async fn serve(
         tasks.spawn(async move {
             serve_connection(stream, peer, state, proxy, slot, peers).await;
         });
-    }
+    })
+    .await
 }
 
 async fn serve_connection(
