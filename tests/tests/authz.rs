@@ -227,3 +227,58 @@ fn malformed_policy_is_refused_and_the_previous_set_stays() -> Result<()> {
     assert!(server.accepted().is_empty());
     Ok(())
 }
+
+#[test]
+fn kernel_drops_are_described_at_debug_level_only_when_asked() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml_with(
+        &[],
+        &[],
+        &format!(
+            "policies:\n{}",
+            policy(
+                "require-mtls",
+                "Allow",
+                false,
+                "[[[{principals: [!Prefix cluster.local/]}]]]"
+            )
+        ),
+    ))?;
+    let server_pod = s.lab.pod("server");
+    let _server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let plain = s.lab.pod("plain");
+    let node2 = s.lab.node("node2");
+    let expected = format!(
+        "dropped reason=policy src={} dst={}",
+        plain.spec.ip,
+        server_pod.addr(8080)
+    );
+    // Asked for: the kernel's drop reasons appear in the log.
+    let mut zt2 = ztunnel_tests::ztunnel::Ztunnel::start_env(
+        node2,
+        &s.config,
+        &s.lab.ca_dir,
+        &[],
+        &[("RUST_LOG", "info,ztunnel::drops=debug")],
+    )?;
+    zt2.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
+    assert!(Connection::open(&plain.ns, server_pod.addr(8080), Duration::from_secs(2)).is_err());
+    zt2.wait_for_log(&expected, Duration::from_secs(5))?;
+    zt2.stop()?;
+    // Not asked for (the default): dropped and counted, not described.
+    let before = counters(node2, server_pod.spec.ip)?.map(|c| c.policy_denied);
+    let mut zt2 = s.ztunnel("node2", &[])?;
+    zt2.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
+    assert!(Connection::open(&plain.ns, server_pod.addr(8080), Duration::from_secs(2)).is_err());
+    let after = counters(node2, server_pod.spec.ip)?.map(|c| c.policy_denied);
+    assert!(
+        after > before,
+        "the drop was not counted: {before:?} -> {after:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !zt2.log_text().contains("dropped reason="),
+        "drop reasons logged without being asked for:\n{}",
+        zt2.log_text()
+    );
+    Ok(())
+}

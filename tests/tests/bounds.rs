@@ -83,7 +83,6 @@ impl Lab {
     }
 }
 
-
 /// Opens stalled handshakes (half a TLS record, then nothing) from `ns` as
 /// fast as it can until `stop`, keeping the newest 400 open; returns how
 /// many it opened.

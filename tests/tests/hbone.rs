@@ -438,4 +438,3 @@ fn half_open_handshake_flood_keeps_memory_bounded() -> Result<()> {
     // Past the limit, the oldest pending handshakes were pushed out.
     h.assert_logged_and_healthy("evicted, too many handshakes in progress")
 }
-

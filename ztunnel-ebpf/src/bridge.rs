@@ -18,7 +18,8 @@ use ztunnel_common::{pod_flags, PodInfo, CAPTURE_MARK_MASK, PORT_CHECKED_MARK};
 
 use crate::{
     capture::{from_pods, set_mark, tcp_flow, TC_DROP, TC_NEXT},
-    maps::{count, enrolled_pod, Counter},
+    drops,
+    maps::{enrolled_pod, Counter},
     packet::ETH_HLEN,
 };
 
@@ -48,8 +49,14 @@ pub fn port_ingress(ctx: &TcContext) -> i32 {
         // SAFETY: reading the context field the kernel gave this program.
         let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
         if pod.ifindex != ingress {
-            count(flow.saddr, Counter::DroppedSpoofed);
-            return TC_DROP;
+            return drops::drop(
+                ctx,
+                flow.saddr,
+                Counter::DroppedSpoofed,
+                flow.saddr,
+                flow.daddr,
+                flow.dport,
+            );
         }
         set_mark(ctx, PORT_CHECKED_MARK);
     }
@@ -82,8 +89,14 @@ pub fn bridge_ingress(ctx: &TcContext) -> i32 {
         // SAFETY: reading the context field the kernel gave this program.
         let mark = unsafe { (*ctx.skb.skb).mark };
         if mark & CAPTURE_MARK_MASK != PORT_CHECKED_MARK {
-            count(flow.saddr, Counter::DroppedSpoofed);
-            return TC_DROP;
+            return drops::drop(
+                ctx,
+                flow.saddr,
+                Counter::DroppedSpoofed,
+                flow.saddr,
+                flow.daddr,
+                flow.dport,
+            );
         }
     }
     from_pods(ctx, &flow, src_enrolled, dst_enrolled)

@@ -40,9 +40,10 @@ use aya_ebpf::{
 use ztunnel_common::{listener_index, ports, BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
+    drops,
     maps::{
-        count, enrolled_pod, excluded, is_enrolled, listener_ready, policy_denies,
-        remember_flow, was_captured, Counter,
+        count, enrolled_pod, excluded, is_enrolled, listener_ready, policy_denies, remember_flow,
+        was_captured, Counter,
     },
     packet::{parse, Packet, TcpFlow, ETH_HLEN},
     socket::owner_of,
@@ -70,8 +71,14 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         if pod.ifindex != ingress {
             // Another pod (or a veth capture does not know) using this
             // pod's address: it would be tunnelled with this pod's identity.
-            count(flow.saddr, Counter::DroppedSpoofed);
-            return TC_DROP;
+            return drops::drop(
+                ctx,
+                flow.saddr,
+                Counter::DroppedSpoofed,
+                flow.saddr,
+                flow.daddr,
+                flow.dport,
+            );
         }
     }
     from_pods(ctx, &flow, src.is_some(), dst_enrolled)
@@ -117,8 +124,14 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
     };
     if is_enrolled(flow.saddr) {
         // A local enrolled pod's address never arrives from outside.
-        count(flow.saddr, Counter::DroppedSpoofed);
-        return TC_DROP;
+        return drops::drop(
+            ctx,
+            flow.saddr,
+            Counter::DroppedSpoofed,
+            flow.saddr,
+            flow.daddr,
+            flow.dport,
+        );
     }
     if !is_enrolled(flow.daddr) {
         return TC_NEXT;
@@ -159,7 +172,7 @@ pub fn tcp_flow<const L2: usize>(ctx: &TcContext) -> Result<TcpFlow, i32> {
             saddr,
             daddr,
             fragment,
-        } => Err(drop_unjudgeable(saddr, daddr, fragment)),
+        } => Err(drop_unjudgeable(ctx, saddr, daddr, fragment)),
         Packet::Tcp(flow) => Ok(flow),
     }
 }
@@ -167,7 +180,7 @@ pub fn tcp_flow<const L2: usize>(ctx: &TcContext) -> Result<TcpFlow, i32> {
 /// Rule 1, shared with the egress guard: a fragment or truncated segment
 /// involving an enrolled pod is dropped and counted on that pod.
 #[inline(always)]
-pub fn drop_unjudgeable(saddr: u32, daddr: u32, fragment: bool) -> i32 {
+pub fn drop_unjudgeable(ctx: &TcContext, saddr: u32, daddr: u32, fragment: bool) -> i32 {
     let pod = if is_enrolled(saddr) {
         saddr
     } else if is_enrolled(daddr) {
@@ -175,15 +188,13 @@ pub fn drop_unjudgeable(saddr: u32, daddr: u32, fragment: bool) -> i32 {
     } else {
         return TC_NEXT;
     };
-    count(
-        pod,
-        if fragment {
-            Counter::DroppedFragment
-        } else {
-            Counter::DroppedTruncated
-        },
-    );
-    TC_DROP
+    let reason = if fragment {
+        Counter::DroppedFragment
+    } else {
+        Counter::DroppedTruncated
+    };
+    // No port: the TCP header is what could not be read.
+    drops::drop(ctx, pod, reason, saddr, daddr, 0)
 }
 
 fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
@@ -191,8 +202,14 @@ fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
         listener_index::INBOUND_HBONE
     } else {
         if policy_denies(flow.saddr, flow.daddr, flow.dport) {
-            count(flow.daddr, Counter::PolicyDenied);
-            return TC_DROP;
+            return drops::drop(
+                ctx,
+                flow.daddr,
+                Counter::PolicyDenied,
+                flow.saddr,
+                flow.daddr,
+                flow.dport,
+            );
         }
         listener_index::INBOUND_PLAINTEXT
     };
@@ -219,8 +236,14 @@ fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
 #[inline(always)]
 fn to_listener(ctx: &TcContext, flow: &TcpFlow, slot: u32, pod_be: u32, counter: Counter) -> i32 {
     if !listener_ready(slot) {
-        count(pod_be, Counter::DroppedNoListener);
-        return TC_DROP;
+        return drops::drop(
+            ctx,
+            pod_be,
+            Counter::DroppedNoListener,
+            flow.saddr,
+            flow.daddr,
+            flow.dport,
+        );
     }
     count(pod_be, counter);
     remember_flow(&flow.key());

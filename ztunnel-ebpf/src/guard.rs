@@ -15,8 +15,9 @@ use aya_ebpf::programs::TcContext;
 use ztunnel_common::{BYPASS_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
-    capture::{drop_unjudgeable, TC_DROP, TC_NEXT},
-    maps::{count, excluded, is_enrolled, Counter},
+    capture::{drop_unjudgeable, TC_NEXT},
+    drops,
+    maps::{excluded, is_enrolled, Counter},
     packet::{parse, Packet},
 };
 
@@ -37,7 +38,7 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             saddr,
             daddr,
             fragment,
-        } => drop_unjudgeable(saddr, daddr, fragment),
+        } => drop_unjudgeable(ctx, saddr, daddr, fragment),
         Packet::Tcp(flow) if flow.is_syn => {
             let pod = if is_enrolled(flow.daddr) {
                 flow.daddr
@@ -53,8 +54,14 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             } else {
                 return TC_NEXT;
             };
-            count(pod, Counter::DroppedUncaptured);
-            TC_DROP
+            drops::drop(
+                ctx,
+                pod,
+                Counter::DroppedUncaptured,
+                flow.saddr,
+                flow.daddr,
+                flow.dport,
+            )
         }
         Packet::Tcp(_) => TC_NEXT,
     }

@@ -11,6 +11,7 @@
 
 mod bridge;
 mod capture;
+mod drops;
 mod guard;
 mod lookup;
 mod maps;

@@ -13,6 +13,7 @@
 mod abi;
 mod attach;
 pub mod bpffs;
+pub mod kernel_log;
 pub mod netlink;
 pub mod topology;
 
@@ -163,6 +164,8 @@ pub struct Capture {
     /// Maps of an incompatible earlier ztunnel, kept pinned (and serving its
     /// programs) until every link runs this process's programs.
     retired_maps: Option<PathBuf>,
+    /// Whether the programs describe their drops (see [`kernel_log`]).
+    kernel_log: bool,
 }
 
 impl Capture {
@@ -179,10 +182,14 @@ impl Capture {
             })?;
         }
         let retired_maps = abi::retire_incompatible(&maps_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
+        let kernel_log = kernel_log::wanted();
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        kernel_log::configure(&mut loader, kernel_log);
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| RedirectError::Load(e.to_string()))?;
+        kernel_log::follow(&mut ebpf, kernel_log);
         let mut our_programs = std::collections::HashMap::new();
         for name in CLASSIFIERS {
             let program = classifier(&mut ebpf, name)?;
@@ -225,6 +232,7 @@ impl Capture {
             moves: Default::default(),
             original_programs,
             retired_maps,
+            kernel_log,
         })
     }
 
@@ -610,10 +618,14 @@ impl Capture {
             .our_programs
             .get(&ours)
             .ok_or_else(|| RedirectError::Load(format!("program {ours} is not ours")))?;
-        let mut copy = EbpfLoader::new()
-            .default_map_pin_directory(bpffs::maps_dir(&self.pin_dir))
+        let maps_dir = bpffs::maps_dir(&self.pin_dir);
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        kernel_log::configure(&mut loader, self.kernel_log);
+        let mut copy = loader
             .load(EBPF_OBJECT)
             .map_err(|e| RedirectError::Load(e.to_string()))?;
+        kernel_log::follow(&mut copy, self.kernel_log);
         let program = classifier(&mut copy, name)?;
         program
             .load()
