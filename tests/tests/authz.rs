@@ -55,10 +55,9 @@ fn hbone_connection_denied_by_principal() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn plaintext_denied_in_the_kernel() -> Result<()> {
-    // Every workload in `default` requires a mesh identity.
-    let s = Setup::new(&lab::config_yaml_with(
+/// A lab where every workload in `default` requires a mesh identity.
+fn requiring_identity() -> Result<Setup> {
+    Setup::new(&lab::config_yaml_with(
         &[],
         &[],
         &format!(
@@ -70,7 +69,12 @@ fn plaintext_denied_in_the_kernel() -> Result<()> {
                 "[[[{principals: [!Prefix cluster.local/]}]]]"
             )
         ),
-    ))?;
+    ))
+}
+
+#[test]
+fn plaintext_denied_in_the_kernel() -> Result<()> {
+    let s = requiring_identity()?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let mut zt2 = s.ztunnel("node2", &[])?;
     zt2.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
@@ -230,19 +234,7 @@ fn malformed_policy_is_refused_and_the_previous_set_stays() -> Result<()> {
 
 #[test]
 fn kernel_drops_are_described_at_debug_level_only_when_asked() -> Result<()> {
-    let s = Setup::new(&lab::config_yaml_with(
-        &[],
-        &[],
-        &format!(
-            "policies:\n{}",
-            policy(
-                "require-mtls",
-                "Allow",
-                false,
-                "[[[{principals: [!Prefix cluster.local/]}]]]"
-            )
-        ),
-    ))?;
+    let s = requiring_identity()?;
     let server_pod = s.lab.pod("server");
     let _server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
     let plain = s.lab.pod("plain");
