@@ -48,11 +48,13 @@ pub struct RequestLabels {
 
 const UNKNOWN: &str = "unknown";
 
+/// A label value: `unknown` when empty, escaped otherwise (the encoder
+/// writes values as they are; a quote or newline must not end one).
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         UNKNOWN.to_string()
     } else {
-        s.to_string()
+        ztunnel::metrics::labels::escape(s).into_owned()
     }
 }
 
@@ -76,7 +78,7 @@ impl RequestLabels {
         let field =
             |w: Option<&Workload>, get: fn(&Workload) -> &str| or_unknown(w.map(get).unwrap_or(""));
         let dst_principal = dst
-            .map(|w| f.state.identity_of(w).to_string())
+            .map(|w| or_unknown(&f.state.identity_of(w).to_string()))
             .unwrap_or_else(|| UNKNOWN.into());
         RequestLabels {
             reporter: "waypoint",
@@ -85,12 +87,12 @@ impl RequestLabels {
             source_canonical_revision: field(src, |w| &w.canonical_revision),
             source_workload_namespace: match (src, f.source_identity) {
                 (Some(w), _) => or_unknown(&w.namespace),
-                (None, Some(id)) => id.namespace.clone(),
+                (None, Some(id)) => or_unknown(&id.namespace),
                 _ => UNKNOWN.into(),
             },
             source_principal: f
                 .source_identity
-                .map(|id| id.to_string())
+                .map(|id| or_unknown(&id.to_string()))
                 .unwrap_or_else(|| UNKNOWN.into()),
             source_app: field(src, |w| &w.canonical_name),
             source_version: field(src, |w| &w.canonical_revision),
@@ -192,5 +194,17 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_and_empty_ones_unknown() {
+        assert_eq!(or_unknown(""), "unknown");
+        assert_eq!(or_unknown("reviews"), "reviews");
+        assert_eq!(or_unknown("a\"b\\c\nd"), r#"a\"b\\c\nd"#);
     }
 }
