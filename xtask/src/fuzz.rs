@@ -1,23 +1,34 @@
 //! `cargo xtask fuzz`: builds fuzz/'s cargo-fuzz targets and runs each for
-//! a bounded time, failing on the first crash, timeout or memory blow-up.
+//! a bounded time, failing on any crash, slow input or memory blow-up.
 //! `cargo xtask test` runs every target for [`TEST_SECONDS`]; a long run is
 //! `cargo xtask fuzz --seconds 600`.
 //!
 //! - Built with `--sanitizer none`: the code under test is safe Rust, so
-//!   AddressSanitizer would find nothing the panics and limits do not, and
-//!   it makes the build slower and the runs about twice as slow.
+//!   AddressSanitizer would find nothing the panics and limits do not,
+//!   while it slows both the build and every run.
 //! - Built into `target/fuzz` (ignored by git and the image build); the
 //!   eBPF object ztunnel's build script embeds is still `target/ebpf`'s.
+//! - A cold build is long (ztunnel's whole dependency tree, instrumented,
+//!   with a nightly compiler: about 8 minutes on two cores), so
+//!   `cargo xtask test` starts it in the background at the lowest CPU
+//!   priority ([`Build::start`]), where it takes only the CPU the other
+//!   steps leave idle, and runs the targets once it is done.
 //! - The committed seeds (`fuzz/corpus/<target>`) are only read: what a run
 //!   discovers goes to `target/fuzz/corpus/<target>`, given to libFuzzer
 //!   first, which is where it writes. A crashing input is saved under
 //!   `fuzz/artifacts/<target>/` (ignored by git).
+//! - Each run has a deadline: without a sanitizer's allocator, libFuzzer's
+//!   handler for a slow input can deadlock in `malloc` (it did, on the
+//!   regex filter fixed in `admin::log_filter`), and a bounded run must
+//!   end. Such a hang fails the run; a build with the default sanitizer
+//!   (`cargo +nightly fuzz run TARGET`) saves the slow input.
 
 use std::{
     fs,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Instant,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -39,6 +50,8 @@ pub const TEST_SECONDS: u64 = 30;
 const INPUT_TIMEOUT_SECONDS: u64 = 10;
 /// Resident memory past this is a failure (an unbounded allocation).
 const RSS_LIMIT_MB: u64 = 2048;
+/// A run still going this long after its time is up is hung: killed.
+const GRACE: Duration = Duration::from_secs(60);
 
 /// Builds `targets` (every one when empty) and runs each for `seconds`.
 pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
@@ -53,72 +66,164 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
             TARGETS.join(", ")
         );
     }
-    let started = Instant::now();
-    // One build of all targets (the first `run` would otherwise build them
-    // one at a time).
-    let mut build = cargo_fuzz(root, "build");
-    if targets.len() == 1 {
-        build.arg(targets[0]);
+    Build::start(root, false)?.wait()?;
+    run_built(root, seconds, &targets)
+}
+
+/// Every target's build, going on.
+pub struct Build {
+    child: Child,
+    started: Instant,
+    log: PathBuf,
+    background: bool,
+}
+
+impl Build {
+    /// Starts building every target (at the lowest CPU priority, `nice`
+    /// 19, if `background`), its output to `target/fuzz/logs/build.log`.
+    pub fn start(root: &Path, background: bool) -> Result<Build> {
+        let logs = root.join("target/fuzz/logs");
+        fs::create_dir_all(&logs)?;
+        let log = logs.join("build.log");
+        let file = fs::File::create(&log)?;
+        if !background {
+            println!("building the fuzz targets (log: {})", log.display());
+        }
+        let mut cmd = cargo_fuzz(root, "build", background);
+        if background {
+            // Its own process group, so that dropping it ends the build.
+            cmd.process_group(0);
+        }
+        let child = cmd
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context(SPAWN)?;
+        Ok(Build {
+            child,
+            started: Instant::now(),
+            log,
+            background,
+        })
     }
-    let status = build
-        .status()
-        .context("running `cargo +nightly fuzz`; `cargo xtask bootstrap` installs cargo-fuzz")?;
-    if !status.success() {
-        bail!("building the fuzz targets failed ({status})");
+
+    /// Waits for the build to end; its log's end if it failed.
+    pub fn wait(mut self) -> Result<()> {
+        let status = self.child.wait()?;
+        if !status.success() {
+            print_tail(&fs::read_to_string(&self.log).unwrap_or_default());
+            bail!(
+                "building the fuzz targets failed ({status}); log: {}",
+                self.log.display()
+            );
+        }
+        println!("fuzz targets built in {:.0?}", self.started.elapsed());
+        Ok(())
     }
-    println!("fuzz targets built in {:.0?}", started.elapsed());
+}
+
+/// A build still going when its caller gives up (a step before failed)
+/// is ended, not left to run on.
+impl Drop for Build {
+    fn drop(&mut self) {
+        if self.background && matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) of the process group this process created.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs each of `targets`, built already, for `seconds`.
+pub fn run_built(root: &Path, seconds: u64, targets: &[&str]) -> Result<()> {
     let logs = root.join("target/fuzz/logs");
     fs::create_dir_all(&logs)?;
     let mut failed = Vec::new();
-    for target in &targets {
+    for target in targets {
         let started = Instant::now();
         let scratch = root.join("target/fuzz/corpus").join(target);
         fs::create_dir_all(&scratch)?;
         let seeds = root.join("fuzz/corpus").join(target);
         let log_path = logs.join(format!("{target}.log"));
         let log = fs::File::create(&log_path)?;
-        let status = cargo_fuzz(root, "run")
-            .arg(target)
+        let artifacts = root.join("fuzz/artifacts").join(target);
+        fs::create_dir_all(&artifacts)?;
+        // The fuzzer itself, not `cargo fuzz run`: the build is done, and
+        // a fuzzer that hangs is this child, to kill.
+        let mut child = Command::new(binary(root, target))
             .arg(&scratch)
             .arg(&seeds)
-            .arg("--")
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
             .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}"))
             .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
             .arg("-print_final_stats=1")
+            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .status()?;
+            .spawn()
+            .with_context(|| format!("running the {target} fuzzer"))?;
+        let deadline = started + Duration::from_secs(seconds) + GRACE;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         let text = fs::read_to_string(&log_path).unwrap_or_default();
         let runs = stat(&text, "stat::number_of_executed_units").unwrap_or(0);
-        let outcome = if status.success() { "ok" } else { "FAILED" };
+        let ok = status.is_some_and(|s| s.success());
+        let outcome = match status {
+            Some(_) if ok => "ok",
+            Some(_) => "FAILED",
+            None => "FAILED (hung past its time: a slow input, see ALARM in the log)",
+        };
         println!(
             "fuzz {target:14} {outcome}: {runs} inputs in {:.0?}, {} in its corpus (log: {})",
             started.elapsed(),
             fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0),
             log_path.display()
         );
-        if !status.success() {
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            for line in tail.into_iter().rev() {
-                println!("    {line}");
-            }
+        if !ok {
+            print_tail(&text);
             failed.push(*target);
         }
     }
     if !failed.is_empty() {
         bail!(
-            "fuzz targets failed: {}; the inputs are in fuzz/artifacts/, replay one with `cargo +nightly fuzz run --sanitizer none TARGET FILE`",
+            "fuzz targets failed: {}; the inputs are in fuzz/artifacts/, replay one with `cargo +nightly fuzz run --sanitizer none TARGET FILE` (a slow one: without `--sanitizer none`, which saves it)",
             failed.join(", ")
         );
     }
     Ok(())
 }
 
+const SPAWN: &str = "running `cargo +nightly fuzz`; `cargo xtask bootstrap` installs cargo-fuzz";
+
+/// The last lines of a log, indented.
+fn print_tail(log: &str) {
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    for line in tail.into_iter().rev() {
+        println!("    {line}");
+    }
+}
+
 /// `cargo +nightly fuzz <command>` for fuzz/, with this module's build
-/// settings, away from the outer (stable) cargo's.
-fn cargo_fuzz(root: &Path, command: &str) -> Command {
-    let mut cmd = Command::new("rustup");
+/// settings, away from the outer (stable) cargo's; at the lowest CPU
+/// priority if `nice`.
+fn cargo_fuzz(root: &Path, command: &str, nice: bool) -> Command {
+    let mut cmd = if nice {
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "19", "rustup"]);
+        cmd
+    } else {
+        Command::new("rustup")
+    };
     for key in [
         "RUSTUP_TOOLCHAIN",
         "CARGO",
@@ -131,7 +236,8 @@ fn cargo_fuzz(root: &Path, command: &str) -> Command {
         cmd.env_remove(key);
     }
     cmd.args(["run", "nightly", "cargo", "fuzz", command])
-        .args(["--fuzz-dir", "fuzz", "--sanitizer", "none"])
+        // `-O`: debug assertions come from fuzz/Cargo.toml's profile.
+        .args(["--fuzz-dir", "fuzz", "--sanitizer", "none", "-O"])
         .arg("--target-dir")
         .arg(target_dir(root))
         .current_dir(root)
@@ -141,6 +247,13 @@ fn cargo_fuzz(root: &Path, command: &str) -> Command {
 
 fn target_dir(root: &Path) -> PathBuf {
     root.join("target/fuzz")
+}
+
+/// Where cargo-fuzz puts a target's fuzzer.
+fn binary(root: &Path, target: &str) -> PathBuf {
+    target_dir(root)
+        .join("x86_64-unknown-linux-gnu/release")
+        .join(target)
 }
 
 /// A `-print_final_stats` figure.

@@ -254,6 +254,8 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             require_root()?;
             bootstrap()?;
+            // Built in the background meanwhile, on idle CPU only; run below.
+            let fuzz_build = fuzz::Build::start(&root(), true)?;
             // The benchmark suite must keep working: a short run proves it
             // (its numbers are not checked). First, so the test totals end
             // the output.
@@ -281,8 +283,6 @@ fn main() -> Result<()> {
                 "--",
                 "--test",
             ])?;
-            // Every fuzz target, briefly (`cargo xtask fuzz` runs longer).
-            fuzz::run(&root(), fuzz::TEST_SECONDS, &[])?;
             build_bins(&[])?;
             // A short soak: each fault once or twice (`cargo xtask soak`
             // runs 30 minutes).
@@ -292,6 +292,9 @@ fn main() -> Result<()> {
                 &root().join("target/soak-smoke"),
             )
             .map_err(|e| anyhow::anyhow!("soak failed: {e:#}"))?;
+            // Every fuzz target, briefly (`cargo xtask fuzz` runs longer).
+            fuzz_build.wait()?;
+            fuzz::run_built(&root(), fuzz::TEST_SECONDS, &fuzz::TARGETS)?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             cargo_test(&test_args)

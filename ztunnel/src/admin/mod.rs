@@ -147,14 +147,20 @@ pub fn log_level(query: &str) -> Option<String> {
 }
 
 /// The log filter a directive names (`RUST_LOG`, `/logging?level=`), read
-/// as `EnvFilter` reads it except that field values match as plain
-/// strings, not regular expressions: building the automaton of a pattern
-/// of ~100 bytes can take minutes and gigabytes (the `admin_query` fuzz
-/// target found one), and a filter only ever needs to name a value.
+/// as `EnvFilter` reads it but for two things the `admin_query` fuzz target
+/// found:
+/// - field values match as plain strings, not regular expressions:
+///   building the automaton of a pattern of ~100 bytes can take minutes
+///   and gigabytes, and a filter only ever needs to name a value;
+/// - each comma-separated directive is trimmed first: tracing-subscriber
+///   (0.3.23) scans a directive trimmed but slices it untrimmed, so a space
+///   before one shifts its slices, into a multi-byte character (a panic)
+///   or off its target (which is why `info, ztunnel=debug` did not work).
 pub fn log_filter(directive: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let directives: Vec<&str> = directive.split(',').map(str::trim).collect();
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
-        .parse(directive)
+        .parse(directives.join(","))
         .map_err(|e| e.to_string())
 }
 
@@ -401,5 +407,16 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert!(log_filter("info,ztunnel::proxy[conn{peer=10.0.0.1:80}]=trace").is_ok());
         assert!(log_filter("ztunnel=loud").is_err());
+    }
+
+    /// Found by the `admin_query` fuzz target (a panic): `level=+a%C3%BB=info`
+    /// decodes to ` aû=info`, which tracing-subscriber sliced at byte 3,
+    /// inside the `û`.
+    #[test]
+    fn a_space_before_a_directive_is_no_panic() {
+        let filter = log_filter(" a\u{fb}=info").expect("a target and a level");
+        assert_eq!(filter.to_string(), "a\u{fb}=info");
+        let filter = log_filter("warn, ztunnel::proxy=debug ,h2=off").unwrap();
+        assert_eq!(filter.to_string(), "ztunnel::proxy=debug,h2=off,warn");
     }
 }
