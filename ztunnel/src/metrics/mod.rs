@@ -134,6 +134,7 @@ impl Metrics {
     }
 
     /// How many connections a bound has turned away so far.
+    #[cfg(test)]
     pub fn refused_count(&self, listener: &'static str, reason: &'static str) -> u64 {
         self.refused
             .get_or_create(&RefusedLabels { listener, reason })

@@ -134,6 +134,7 @@ impl HandshakeSlots {
     }
 
     /// Handshakes in progress now.
+    #[cfg(test)]
     pub fn in_progress(&self) -> usize {
         lock(&self.inner).queue.len()
     }
@@ -185,6 +186,7 @@ impl PeerConnections {
     }
 
     /// Connections `peer` holds now.
+    #[cfg(test)]
     pub fn held_by(&self, peer: &Identity) -> usize {
         lock(&self.counts).get(peer).copied().unwrap_or(0)
     }
