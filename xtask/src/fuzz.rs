@@ -198,8 +198,9 @@ pub fn run_built(root: &Path, seconds: u64, targets: &[&str]) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!(
-            "fuzz targets failed: {}; the inputs are in fuzz/artifacts/, replay one with `cargo +nightly fuzz run --sanitizer none TARGET FILE` (a slow one: without `--sanitizer none`, which saves it)",
-            failed.join(", ")
+            "fuzz targets failed: {}; the inputs are in fuzz/artifacts/, replay one with `{} FILE` (a hang left none: `cargo +nightly fuzz run -O TARGET`, with AddressSanitizer, saves it)",
+            failed.join(", "),
+            binary(root, "TARGET").display()
         );
     }
     Ok(())
