@@ -19,7 +19,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -235,22 +235,7 @@ fn validate(
     wp: &Waypoint,
     local: SocketAddr,
 ) -> Result<SocketAddr, (StatusCode, String)> {
-    if request.method() != Method::CONNECT {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            format!("method {} is not CONNECT", request.method()),
-        ));
-    }
-    let authority = request
-        .uri()
-        .authority()
-        .ok_or((StatusCode::BAD_REQUEST, "no authority".to_string()))?;
-    let dst: SocketAddr = authority.as_str().parse().map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("authority {authority} is not ip:port"),
-        )
-    })?;
+    let dst = ztunnel::proxy::hbone::request::connect_target(request)?;
     let state = wp.state.borrow().clone();
     state
         .names_waypoint(dst, local.ip())

@@ -19,7 +19,7 @@ use ztunnel_common::{pod_flags, PodInfo, CAPTURE_MARK_MASK, PORT_CHECKED_MARK};
 use crate::{
     capture::{from_pods, set_mark, tcp_flow, TC_DROP, TC_NEXT},
     drops,
-    maps::{enrolled_pod, Counter},
+    maps::enrolled_pod,
     packet::ETH_HLEN,
 };
 
@@ -49,14 +49,7 @@ pub fn port_ingress(ctx: &TcContext) -> i32 {
         // SAFETY: reading the context field the kernel gave this program.
         let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
         if pod.ifindex != ingress {
-            return drops::drop(
-                ctx,
-                flow.saddr,
-                Counter::DroppedSpoofed,
-                flow.saddr,
-                flow.daddr,
-                flow.dport,
-            );
+            return drops::spoofed(ctx, &flow);
         }
         set_mark(ctx, PORT_CHECKED_MARK);
     }
@@ -89,14 +82,7 @@ pub fn bridge_ingress(ctx: &TcContext) -> i32 {
         // SAFETY: reading the context field the kernel gave this program.
         let mark = unsafe { (*ctx.skb.skb).mark };
         if mark & CAPTURE_MARK_MASK != PORT_CHECKED_MARK {
-            return drops::drop(
-                ctx,
-                flow.saddr,
-                Counter::DroppedSpoofed,
-                flow.saddr,
-                flow.daddr,
-                flow.dport,
-            );
+            return drops::spoofed(ctx, &flow);
         }
     }
     from_pods(ctx, &flow, src_enrolled, dst_enrolled)

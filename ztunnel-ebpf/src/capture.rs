@@ -71,14 +71,7 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         if pod.ifindex != ingress {
             // Another pod (or a veth capture does not know) using this
             // pod's address: it would be tunnelled with this pod's identity.
-            return drops::drop(
-                ctx,
-                flow.saddr,
-                Counter::DroppedSpoofed,
-                flow.saddr,
-                flow.daddr,
-                flow.dport,
-            );
+            return drops::spoofed(ctx, &flow);
         }
     }
     from_pods(ctx, &flow, src.is_some(), dst_enrolled)
@@ -124,14 +117,7 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
     };
     if is_enrolled(flow.saddr) {
         // A local enrolled pod's address never arrives from outside.
-        return drops::drop(
-            ctx,
-            flow.saddr,
-            Counter::DroppedSpoofed,
-            flow.saddr,
-            flow.daddr,
-            flow.dport,
-        );
+        return drops::spoofed(ctx, &flow);
     }
     if !is_enrolled(flow.daddr) {
         return TC_NEXT;
@@ -202,14 +188,7 @@ fn inbound(ctx: &TcContext, flow: &TcpFlow) -> i32 {
         listener_index::INBOUND_HBONE
     } else {
         if policy_denies(flow.saddr, flow.daddr, flow.dport) {
-            return drops::drop(
-                ctx,
-                flow.daddr,
-                Counter::PolicyDenied,
-                flow.saddr,
-                flow.daddr,
-                flow.dport,
-            );
+            return drops::drop_flow(ctx, flow.daddr, Counter::PolicyDenied, &flow);
         }
         listener_index::INBOUND_PLAINTEXT
     };
@@ -236,14 +215,7 @@ fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
 #[inline(always)]
 fn to_listener(ctx: &TcContext, flow: &TcpFlow, slot: u32, pod_be: u32, counter: Counter) -> i32 {
     if !listener_ready(slot) {
-        return drops::drop(
-            ctx,
-            pod_be,
-            Counter::DroppedNoListener,
-            flow.saddr,
-            flow.daddr,
-            flow.dport,
-        );
+        return drops::drop_flow(ctx, pod_be, Counter::DroppedNoListener, &flow);
     }
     count(pod_be, counter);
     remember_flow(&flow.key());

@@ -10,6 +10,7 @@ use aya_log_ebpf::debug;
 use crate::{
     capture::TC_DROP,
     maps::{count, Counter},
+    packet::TcpFlow,
 };
 
 /// Counts a drop of the flow `saddr -> daddr:dport` on `pod` for `reason`,
@@ -26,6 +27,19 @@ pub fn drop(ctx: &TcContext, pod: u32, reason: Counter, saddr: u32, daddr: u32, 
         u16::from_be(dport)
     );
     TC_DROP
+}
+
+/// [`drop`] of the TCP flow `flow`, counted on `pod`.
+#[inline(always)]
+pub fn drop_flow(ctx: &TcContext, pod: u32, reason: Counter, flow: &TcpFlow) -> i32 {
+    drop(ctx, pod, reason, flow.saddr, flow.daddr, flow.dport)
+}
+
+/// [`drop`] of a flow whose source claims an enrolled pod's address it may
+/// not use, counted on that pod.
+#[inline(always)]
+pub fn spoofed(ctx: &TcContext, flow: &TcpFlow) -> i32 {
+    drop_flow(ctx, flow.saddr, Counter::DroppedSpoofed, flow)
 }
 
 /// The reason as the metrics label it (`ztunnel_kernel_*_dropped_total`).

@@ -54,14 +54,7 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             } else {
                 return TC_NEXT;
             };
-            drops::drop(
-                ctx,
-                pod,
-                Counter::DroppedUncaptured,
-                flow.saddr,
-                flow.daddr,
-                flow.dport,
-            )
+            drops::drop_flow(ctx, pod, Counter::DroppedUncaptured, &flow)
         }
         Packet::Tcp(_) => TC_NEXT,
     }

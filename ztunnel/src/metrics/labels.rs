@@ -213,7 +213,7 @@ impl ConnectionLabels {
         src: Option<&Workload>,
         src_identity: Option<&Identity>,
         dst: Option<&Workload>,
-        service: Option<(&str, &str, &str)>,
+        service: Option<Arc<ServiceLabels>>,
         mutual_tls: bool,
     ) -> Self {
         let source = match (src, src_identity) {
@@ -239,13 +239,7 @@ impl ConnectionLabels {
             destination: dst
                 .map(|w| snapshot.peer_labels(w))
                 .unwrap_or_else(PeerLabels::unknown),
-            service: service.map(|(hostname, namespace, name)| {
-                Arc::new(ServiceLabels {
-                    hostname: hostname.to_string(),
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                })
-            }),
+            service,
             mutual_tls,
             response_flags: ResponseFlags::None,
         }

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     authz::Connection,
-    metrics::{ConnectionLabels, Reporter, ResponseFlags},
+    metrics::{labels::ServiceLabels, ConnectionLabels, Reporter, ResponseFlags},
     state::{Snapshot, Upstream, Waypoint},
 };
 
@@ -62,16 +62,17 @@ pub async fn serve(
     .await
 }
 
-/// The service a destination was reached through, for metrics labels.
+/// The service a destination was reached through: its hostname (named in
+/// the tunnel) and its metric labels.
 fn service_of<'a>(
     state: &'a Snapshot,
     dst: SocketAddr,
     upstream: Option<&Upstream>,
-) -> Option<(&'a str, &'a str, &'a str)> {
+) -> Option<(&'a str, Arc<ServiceLabels>)> {
     upstream.filter(|u| u.addr != dst)?;
     state
-        .service_by_vip(dst.ip())
-        .map(|s| (s.hostname.as_str(), s.namespace.as_str(), s.name.as_str()))
+        .service_by_vip_labelled(dst.ip())
+        .map(|(s, labels)| (s.hostname.as_str(), labels))
 }
 
 async fn handle(
@@ -124,7 +125,7 @@ async fn handle(
             src_workload.as_deref(),
             src_id.as_ref(),
             dst_workload.as_deref(),
-            service,
+            service.map(|(_, labels)| labels),
             false,
         );
         let Some(stream) = connect_direct(Direction::Outbound, src, addr, bind_ip).await else {
@@ -190,7 +191,7 @@ async fn handle(
             Some(&src_workload),
             Some(&src_id),
             Some(&upstream.workload),
-            service,
+            service.as_ref().map(|(_, labels)| labels.clone()),
             true,
         )
     };
@@ -258,7 +259,7 @@ async fn handle(
             authority: target,
             peer: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
             baggage: super::hbone::baggage(&src_workload),
-            service_host: service.map(|(host, _, _)| host.to_string()),
+            service_host: service.as_ref().map(|(host, _)| host.to_string()),
         };
         // Boxed, and the target scoped to this block: opening may dial a new
         // pooled connection (TLS and HTTP/2 handshakes), a future many times
@@ -311,9 +312,7 @@ async fn via_waypoint(
     };
     let src_id = state.identity_of(&src_workload);
     let waypoint_id = state.identity_of(&waypoint.workload);
-    let service = state
-        .service_by_vip(dst.ip())
-        .map(|s| (s.hostname.as_str(), s.namespace.as_str(), s.name.as_str()));
+    let service = state.service_by_vip_labelled(dst.ip());
     let opened = {
         let tunnel_target = Target {
             src_id: src_id.clone(),
@@ -323,7 +322,7 @@ async fn via_waypoint(
             authority: dst,
             peer: waypoint.addr,
             baggage: super::hbone::baggage(&src_workload),
-            service_host: service.map(|(host, _, _)| host.to_string()),
+            service_host: service.as_ref().map(|(s, _)| s.hostname.clone()),
         };
         Box::pin(client::open(&proxy.pool, &tunnel_target)).await
     };
@@ -333,7 +332,7 @@ async fn via_waypoint(
         Some(&src_workload),
         Some(&src_id),
         Some(&waypoint.workload),
-        service,
+        service.map(|(_, labels)| labels),
         true,
     );
     let stream = match opened {

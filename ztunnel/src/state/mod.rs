@@ -21,7 +21,7 @@ use crate::{
         LocalConfig, LocalWorkload, NamespacedHostname, Service,
     },
     identity::Identity,
-    metrics::PeerLabels,
+    metrics::{labels::ServiceLabels, PeerLabels},
     redirect::{CapturePlan, PlannedPod},
 };
 
@@ -117,9 +117,11 @@ pub struct Snapshot {
     next_endpoint: AtomicUsize,
     /// The workloads some waypoint resolves to (by address in `workloads`).
     waypoints: HashSet<usize>,
-    /// Each workload's metric labels (by address in `workloads`), built once
-    /// here rather than on every connection.
+    /// Each workload's metric labels (by address in `workloads`), and each
+    /// service's (by index in `services`), built once here rather than on
+    /// every connection.
     peer_labels: HashMap<usize, Arc<PeerLabels>>,
+    service_labels: Vec<Arc<ServiceLabels>>,
 }
 
 impl Snapshot {
@@ -163,6 +165,17 @@ impl Snapshot {
             next_endpoint: AtomicUsize::new(0),
             waypoints: HashSet::new(),
             peer_labels: HashMap::new(),
+            service_labels: config
+                .services
+                .iter()
+                .map(|s| {
+                    Arc::new(ServiceLabels {
+                        hostname: s.hostname.clone(),
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                    })
+                })
+                .collect(),
         };
         snapshot.peer_labels = snapshot
             .workloads
@@ -295,6 +308,13 @@ impl Snapshot {
     /// The service with VIP `ip`.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
         self.by_vip.get(&ip).map(|i| &self.services[*i])
+    }
+
+    /// The service with the VIP `ip` and its metric labels.
+    pub fn service_by_vip_labelled(&self, ip: IpAddr) -> Option<(&Service, Arc<ServiceLabels>)> {
+        self.by_vip
+            .get(&ip)
+            .map(|i| (&self.services[*i], self.service_labels[*i].clone()))
     }
 
     /// Identities of local workloads, whose certificates ztunnel keeps fresh.

@@ -395,15 +395,18 @@ impl StreamContext {
         };
         let tunnel = H2Stream::new(send, request.into_body());
         // What the peer says of its client, for the log only.
-        let forwarded_for = match &connect.forwarded {
-            Ok(f) => f.first("for").unwrap_or("-").to_string(),
-            Err(why) => why.clone(),
-        };
-        let baggage = match &connect.baggage {
-            Ok(b) => format!("{:?}", b.0),
-            Err(why) => why.clone(),
-        };
-        debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, %forwarded_for, %baggage, "HBONE stream opened");
+        // Formatted only when someone reads it: this runs for every stream.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let forwarded_for = match &connect.forwarded {
+                Ok(f) => f.first("for").unwrap_or("-").to_string(),
+                Err(why) => why.clone(),
+            };
+            let baggage = match &connect.baggage {
+                Ok(b) => format!("{:?}", b.0),
+                Err(why) => why.clone(),
+            };
+            debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, %forwarded_for, %baggage, "HBONE stream opened");
+        }
         let dst_identity = self.state.identity_of(&workload);
         let metrics = metrics.open(labels);
         let info = ConnInfo {
