@@ -337,6 +337,8 @@ pub struct Counters {
     pub dropped_uncaptured: u64,
     /// New outbound flows the pod's exclusions left uncaptured.
     pub outbound_excluded: u64,
+    /// New same-node flows from the pod passed in the kernel, no proxy.
+    pub outbound_direct: u64,
 }
 
 /// Counters for `pod_ip` in `node`'s pinned map, `None` if the pod has no entry.
@@ -377,6 +379,7 @@ pub fn counters_at(pin_dir: &Path, pod_ip: Ipv4Addr) -> Result<Option<Counters>>
             total.dropped_spoofed += word(6);
             total.dropped_uncaptured += word(7);
             total.outbound_excluded += word(8);
+            total.outbound_direct += word(9);
         }
         return Ok(Some(total));
     }

@@ -61,17 +61,21 @@ fn enrolled_pod_to_other_node_is_captured_and_tunnelled_keeping_client_ip() -> R
 }
 
 #[test]
-fn same_node_and_inbound_flows_are_captured() -> Result<()> {
+fn same_node_flows_pass_and_inbound_flows_are_captured() -> Result<()> {
     let s = Setup::new(&lab::config_yaml(&[]))?;
     let _zt1 = s.ztunnel("node1", &[])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let neighbor = s.lab.pod("neighbor");
     let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
 
-    // Enrolled -> enrolled on the same node: outbound capture.
+    // Enrolled -> enrolled on the same node, allowed: passed in the kernel
+    // with no proxy (see tests/direct.rs), the client's address kept.
     let (owned, peer) = held_exchange(&s, "client", server.addr, "node1")?;
-    assert!(owned, "same-node flow not owned by ztunnel");
+    assert!(!owned, "an allowed same-node flow went through ztunnel");
     assert_eq!(peer, ip(s.lab.pod("client")));
+    let c =
+        counters(s.lab.node("node1"), s.lab.pod("client").spec.ip)?.expect("client has counters");
+    assert_eq!((c.outbound_direct, c.outbound_captured), (1, 0));
 
     // Not enrolled, same node -> enrolled: inbound capture at the sender's veth.
     let (owned, peer) = held_exchange(&s, "bystander", server.addr, "node1")?;

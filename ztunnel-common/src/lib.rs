@@ -92,6 +92,14 @@ pub mod maps {
     /// Outbound destinations pods opted out of capture (an LPM trie of
     /// [`super::ExclusionKey`] -> `u8`). Empty unless a pod asks.
     pub const OUTBOUND_EXCLUSIONS: &str = "ZT_OUTBOUND_EXCLUSIONS";
+    /// Same-node connections the kernel let pass with no proxy in the path
+    /// (an LRU hash of the SYN's [`super::FlowKey`] ->
+    /// [`super::DirectFlow`]): their byte counts, and whether userspace
+    /// revoked them.
+    pub const DIRECT_FLOWS: &str = "ZT_DIRECT_FLOWS";
+    /// A ring buffer of [`super::DirectEvent`]s: a direct connection opened
+    /// or closed. Userspace turns them into metrics and access log lines.
+    pub const DIRECT_EVENTS: &str = "ZT_DIRECT_EVENTS";
 }
 
 /// Slots of the listener map.
@@ -191,6 +199,70 @@ pub mod verdict {
     /// Userspace would deny this connection whatever else it learns: drop
     /// the SYN in the kernel.
     pub const DENY: u32 = 1;
+    /// Only in an entry for one local enrolled pod's address (a /32), looked
+    /// up for a SYN from that pod to a local enrolled destination:
+    /// authorization allows the connection with the source's identity and
+    /// nothing needs userspace (no waypoint, no dry-run policy). It passes
+    /// in the kernel, with no proxy in the path. For any other source (a
+    /// plaintext connection never comes from an enrolled pod) it means
+    /// [`PASS`].
+    pub const DIRECT: u32 = 2;
+}
+
+/// Capacity of the direct-flows map (least recently used flows go first).
+pub const MAX_DIRECT_FLOWS: u32 = 65536;
+/// Size of the direct-events ring buffer, in bytes (a power of two and a
+/// multiple of the page size): about 4,000 events of slack for userspace.
+pub const DIRECT_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Bits of [`DirectFlow::state`].
+pub mod direct_state {
+    /// The initiator sent a FIN.
+    pub const FIN_REQUEST: u32 = 1;
+    /// The destination sent a FIN.
+    pub const FIN_RESPONSE: u32 = 2;
+    /// Its close was reported (both FINs, or a reset); or userspace
+    /// revoked it and reported the close itself.
+    pub const CLOSED: u32 = 4;
+    /// Authorization no longer allows it: every later packet goes to the
+    /// local stack, which answers with a reset.
+    pub const REVOKED: u32 = 8;
+}
+
+/// A connection the kernel passed between two local pods.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectFlow {
+    /// `bpf_ktime_get_ns` at the SYN.
+    pub opened_ns: u64,
+    /// TCP payload bytes from the initiator (Istio's "received").
+    pub request_bytes: u64,
+    /// TCP payload bytes back to the initiator (Istio's "sent").
+    pub response_bytes: u64,
+    /// [`direct_state`] bits.
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// Values of [`DirectEvent::kind`].
+pub mod direct_event {
+    pub const OPENED: u32 = 1;
+    pub const CLOSED: u32 = 2;
+}
+
+/// What the kernel tells userspace about a direct connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectEvent {
+    /// [`direct_event`] value.
+    pub kind: u32,
+    /// The connection, as its SYN named it.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// The flow's counters at the event (zero at open).
+    pub flow: DirectFlow,
 }
 
 /// Capacity of the enrolled-pods map; one node rarely runs more than a few
@@ -209,6 +281,18 @@ pub struct FlowKey {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
 }
 
 /// Key of the per-pod maps: the pod's IPv4 address in network byte order, as
@@ -283,6 +367,9 @@ pub struct PodCounters {
     /// New outbound flows left uncaptured because the pod excludes their
     /// destination ([`maps::OUTBOUND_EXCLUSIONS`]).
     pub outbound_excluded: u64,
+    /// New same-node flows from the pod that passed in the kernel with no
+    /// proxy in the path ([`verdict::DIRECT`]).
+    pub outbound_direct: u64,
 }
 
 impl PodCounters {
@@ -298,6 +385,7 @@ impl PodCounters {
             dropped_spoofed: self.dropped_spoofed + other.dropped_spoofed,
             dropped_uncaptured: self.dropped_uncaptured + other.dropped_uncaptured,
             outbound_excluded: self.outbound_excluded + other.outbound_excluded,
+            outbound_direct: self.outbound_direct + other.outbound_direct,
         }
     }
 }
@@ -312,4 +400,6 @@ mod user {
     unsafe impl aya::Pod for super::PolicyVerdict {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ExclusionKey {}
+    unsafe impl aya::Pod for super::DirectFlow {}
+    unsafe impl aya::Pod for super::DirectEvent {}
 }

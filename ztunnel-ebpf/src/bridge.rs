@@ -73,17 +73,17 @@ pub fn bridge_ingress(ctx: &TcContext) -> i32 {
         Ok(flow) => flow,
         Err(verdict) => return verdict,
     };
-    let src_enrolled = enrolled_pod(flow.saddr).is_some();
-    let dst_enrolled = enrolled_pod(flow.daddr).is_some();
-    if !src_enrolled && !dst_enrolled {
+    let src = enrolled_pod(flow.saddr);
+    let dst = enrolled_pod(flow.daddr);
+    if src.is_none() && dst.is_none() {
         return TC_NEXT;
     }
-    if src_enrolled {
+    if src.is_some() {
         // SAFETY: reading the context field the kernel gave this program.
         let mark = unsafe { (*ctx.skb.skb).mark };
         if mark & CAPTURE_MARK_MASK != PORT_CHECKED_MARK {
             return drops::spoofed(ctx, &flow);
         }
     }
-    from_pods(ctx, &flow, src_enrolled, dst_enrolled)
+    from_pods(ctx, &flow, src, dst)
 }

@@ -31,16 +31,22 @@
 //!    uncaptured, counted, and marked to skip the catch-all route; the
 //!    egress guard lets it out. Its later packets are ownerless and never
 //!    captured (rule 8).
-//! 10. Everything else is left to the next program or the kernel.
+//! 10. A SYN from an enrolled pod to another enrolled pod of this node that
+//!     the policy tables let pass directly ([`direct`]) is forwarded with no
+//!     proxy in the path, and its flow remembered; the packets of such a
+//!     flow (rule 8's ownerless ones) count its bytes and report its close.
+//! 11. Everything else is left to the next program or the kernel.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use ztunnel_common::{listener_index, ports, BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK};
+use ztunnel_common::{
+    listener_index, ports, PodInfo, BYPASS_MARK, CAPTURE_MARK, CAPTURE_MARK_MASK,
+};
 
 use crate::{
-    drops,
+    direct, drops,
     maps::{
         count, enrolled_pod, excluded, is_enrolled, listener_ready, policy_denies, remember_flow,
         was_captured, Counter,
@@ -61,8 +67,8 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         Err(verdict) => return verdict,
     };
     let src = enrolled_pod(flow.saddr);
-    let dst_enrolled = is_enrolled(flow.daddr);
-    if src.is_none() && !dst_enrolled {
+    let dst = enrolled_pod(flow.daddr);
+    if src.is_none() && dst.is_none() {
         return TC_NEXT;
     }
     if let Some(pod) = src {
@@ -74,14 +80,19 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
             return drops::spoofed(ctx, &flow);
         }
     }
-    from_pods(ctx, &flow, src.is_some(), dst_enrolled)
+    from_pods(ctx, &flow, src, dst)
 }
 
-/// Rules 3-9 for a packet a local pod sent, its source already checked
+/// Rules 3-10 for a packet a local pod sent, its source already checked
 /// against where it came in: on the pod's veth (routed wiring) or, for
 /// bridged wiring, on its bridge port (see `bridge`).
 #[inline(always)]
-pub fn from_pods(ctx: &TcContext, flow: &TcpFlow, src_enrolled: bool, dst_enrolled: bool) -> i32 {
+pub fn from_pods(
+    ctx: &TcContext,
+    flow: &TcpFlow,
+    src: Option<PodInfo>,
+    dst: Option<PodInfo>,
+) -> i32 {
     let flow = *flow;
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
@@ -89,8 +100,15 @@ pub fn from_pods(ctx: &TcContext, flow: &TcpFlow, src_enrolled: bool, dst_enroll
     if !flow.is_syn {
         return ownerless(ctx, &flow);
     }
-    if src_enrolled {
-        if !dst_enrolled && excluded(flow.saddr, flow.daddr, flow.dport) {
+    if let Some(src) = src {
+        if let Some(dst) = dst {
+            if direct::open(&flow, &src, &dst) {
+                // Rule 10: forwarded, past the catch-all route; the egress
+                // guard knows the flow.
+                set_mark(ctx, BYPASS_MARK);
+                return TC_NEXT;
+            }
+        } else if excluded(flow.saddr, flow.daddr, flow.dport) {
             count(flow.saddr, Counter::OutboundExcluded);
             set_mark(ctx, BYPASS_MARK);
             return TC_NEXT;
@@ -140,6 +158,9 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
 /// marked to skip the catch-all route.
 #[inline(always)]
 fn ownerless(ctx: &TcContext, flow: &TcpFlow) -> i32 {
+    if let Some(verdict) = direct::track(ctx, flow) {
+        return verdict;
+    }
     if was_captured(&flow.key()) {
         set_mark(ctx, CAPTURE_MARK);
         return TC_ACT_OK as i32;

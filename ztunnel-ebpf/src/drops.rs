@@ -52,6 +52,9 @@ fn name(reason: Counter) -> &'static str {
         Counter::DroppedTruncated => "truncated",
         Counter::DroppedSpoofed => "spoofed",
         Counter::DroppedUncaptured => "uncaptured",
-        Counter::OutboundCaptured | Counter::InboundCaptured | Counter::OutboundExcluded => "none",
+        Counter::OutboundCaptured
+        | Counter::InboundCaptured
+        | Counter::OutboundExcluded
+        | Counter::OutboundDirect => "none",
     }
 }

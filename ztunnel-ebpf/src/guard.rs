@@ -8,7 +8,8 @@
 //! synced yet, a device ztunnel does not know, or a routing rule that went
 //! missing. It is dropped and counted, as are fragments and truncated
 //! segments that did the same. A SYN a pod excluded from capture (capture
-//! rule 9) passes. Locally originated packets (ztunnel's own
+//! rule 9) passes, as does one capture let pass directly between two local
+//! pods (capture rule 10). Locally originated packets (ztunnel's own
 //! connections, the node's health probes) came in on no device and pass.
 
 use aya_ebpf::programs::TcContext;
@@ -16,7 +17,7 @@ use ztunnel_common::{BYPASS_MARK, CAPTURE_MARK_MASK};
 
 use crate::{
     capture::{drop_unjudgeable, TC_NEXT},
-    drops,
+    direct, drops,
     maps::{excluded, is_enrolled, Counter},
     packet::{parse, Packet},
 };
@@ -54,6 +55,12 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             } else {
                 return TC_NEXT;
             };
+            // A same-node flow capture let pass directly (capture rule 10).
+            // SAFETY: reading a context field the kernel gave this program.
+            let mark = unsafe { (*ctx.skb.skb).mark } & CAPTURE_MARK_MASK;
+            if mark == BYPASS_MARK && direct::is_open(&flow) {
+                return TC_NEXT;
+            }
             drops::drop_flow(ctx, pod, Counter::DroppedUncaptured, &flow)
         }
         Packet::Tcp(_) => TC_NEXT,

@@ -4,13 +4,15 @@
 //!
 //! The entry points stay thin: parsing lives in [`packet`], socket lookups in
 //! [`socket`], the shared maps in [`maps`], the capture rules in [`capture`]
-//! (split in two for bridged pods in [`bridge`]),
+//! (split in two for bridged pods in [`bridge`]), same-node connections that
+//! pass with no proxy in [`direct`],
 //! the egress guard in [`guard`] and listener selection in [`lookup`].
 #![no_std]
 #![no_main]
 
 mod bridge;
 mod capture;
+mod direct;
 mod drops;
 mod guard;
 mod lookup;

@@ -7,13 +7,13 @@ use aya_ebpf::{
     macros::map,
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, LruHashMap, PerCpuHashMap, SockMap,
+        Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf, SockMap,
     },
 };
 use ztunnel_common::{
-    pod_flags, verdict, ExclusionKey, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple,
-    PolicyVerdict, EXCLUSION_FIXED_BITS, MAX_CAPTURED_FLOWS, MAX_EXCLUSIONS, MAX_PODS,
-    MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
+    pod_flags, verdict, DirectFlow, ExclusionKey, FlowKey, PodCounters, PodInfo, PodKey,
+    PolicyTuple, PolicyVerdict, DIRECT_EVENTS_BYTES, EXCLUSION_FIXED_BITS, MAX_CAPTURED_FLOWS,
+    MAX_DIRECT_FLOWS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
 };
 
 #[map(name = "ZT_ENROLLED_PODS")]
@@ -39,6 +39,13 @@ pub static ZT_LISTENERS: SockMap = SockMap::pinned(3, 0);
 
 #[map(name = "ZT_CAPTURED_FLOWS")]
 static ZT_CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(MAX_CAPTURED_FLOWS, 0);
+
+#[map(name = "ZT_DIRECT_FLOWS")]
+pub static ZT_DIRECT_FLOWS: LruHashMap<FlowKey, DirectFlow> =
+    LruHashMap::pinned(MAX_DIRECT_FLOWS, 0);
+
+#[map(name = "ZT_DIRECT_EVENTS")]
+pub static ZT_DIRECT_EVENTS: RingBuf = RingBuf::pinned(DIRECT_EVENTS_BYTES, 0);
 
 #[map(name = "ZT_OUTBOUND_EXCLUSIONS")]
 static ZT_OUTBOUND_EXCLUSIONS: LpmTrie<ExclusionKey, u8> = LpmTrie::pinned(MAX_EXCLUSIONS, 0);
@@ -73,12 +80,7 @@ pub fn remember_flow(key: &FlowKey) {
 /// Whether capture took this flow (seen in either direction).
 #[inline(always)]
 pub fn was_captured(key: &FlowKey) -> bool {
-    let reverse = FlowKey {
-        saddr: key.daddr,
-        daddr: key.saddr,
-        sport: key.dport,
-        dport: key.sport,
-    };
+    let reverse = key.reversed();
     // SAFETY: only the presence of a plain value is read.
     unsafe { ZT_CAPTURED_FLOWS.get(key).is_some() || ZT_CAPTURED_FLOWS.get(&reverse).is_some() }
 }
@@ -89,6 +91,13 @@ pub fn was_captured(key: &FlowKey) -> bool {
 /// port-0 entries.
 #[inline(always)]
 pub fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
+    policy_verdict(src, dst, port) == verdict::DENY
+}
+
+/// The live policy table's verdict for `src` to `dst:port` (all network
+/// byte order): [`verdict::PASS`] where it has no entry.
+#[inline(always)]
+pub fn policy_verdict(src: u32, dst: u32, port: u16) -> u32 {
     let table = match ZT_POLICY_ACTIVE.get(0) {
         Some(1) => &ZT_POLICY_B,
         _ => &ZT_POLICY_A,
@@ -104,10 +113,10 @@ pub fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
             },
         );
         if let Some(v) = table.get(&key) {
-            return v.verdict == verdict::DENY;
+            return v.verdict;
         }
     }
-    false
+    verdict::PASS
 }
 
 /// The enrolled pod with this address (network byte order), if any.
@@ -156,6 +165,7 @@ pub enum Counter {
     DroppedSpoofed,
     DroppedUncaptured,
     OutboundExcluded,
+    OutboundDirect,
 }
 
 /// Bumps a pod's counter. Userspace creates the entry when it enrolls the pod;
@@ -175,6 +185,7 @@ pub fn count(ipv4_be: u32, counter: Counter) {
                 Counter::DroppedSpoofed => (*c).dropped_spoofed += 1,
                 Counter::DroppedUncaptured => (*c).dropped_uncaptured += 1,
                 Counter::OutboundExcluded => (*c).outbound_excluded += 1,
+                Counter::OutboundDirect => (*c).outbound_direct += 1,
             }
         }
     }

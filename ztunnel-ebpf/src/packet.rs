@@ -16,7 +16,9 @@ pub const L3_HLEN: usize = 0;
 const ETH_P_IPV4: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
 const TCP_MIN_HLEN: u16 = 20;
+pub const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// "More fragments" and the fragment offset, in the IPv4 flags word.
 const IP_MF_OR_OFFSET: u16 = 0x3fff;
@@ -31,6 +33,10 @@ pub struct TcpFlow {
     pub dport: u16,
     /// A SYN without ACK: the first packet of a new connection.
     pub is_syn: bool,
+    /// The TCP flags byte.
+    pub flags: u8,
+    /// TCP payload bytes (of the whole GSO packet, for one that is).
+    pub payload: u32,
 }
 
 impl TcpFlow {
@@ -40,6 +46,17 @@ impl TcpFlow {
             daddr: self.daddr,
             sport: self.sport,
             dport: self.dport,
+        }
+    }
+
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> TcpFlow {
+        TcpFlow {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            ..*self
         }
     }
 }
@@ -144,5 +161,7 @@ fn parse_inner<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         sport,
         dport,
         is_syn: flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0,
+        flags,
+        payload: u32::from(tcp_room - tcp_header_len),
     }))
 }

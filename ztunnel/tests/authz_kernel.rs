@@ -1,7 +1,9 @@
 //! The kernel may only ever decide what userspace would decide. Generated
 //! policies and connections: the entries compiled for the kernel, looked up
 //! in the kernel's own LPM tries (loaded from ztunnel's eBPF object), must
-//! deny a plaintext connection exactly when the userspace evaluator does.
+//! deny a plaintext connection exactly when the userspace evaluator does,
+//! and pass a same-node connection from a local pod directly exactly when
+//! the evaluator allows it with that pod's identity.
 //!
 //! Needs root (it loads maps under a temporary bpffs pin directory).
 
@@ -60,6 +62,10 @@ const SOURCES: [&str; 18] = [
     "0.0.0.1",
     "255.255.255.255",
 ];
+/// Local pods (name, namespace, address), sources of same-node
+/// connections; their service account is `x`, which some generated
+/// policies name.
+const LOCAL_SOURCES: [(&str, &str, &str); 2] = [("s1", "a", "10.1.2.3"), ("s2", "b", "10.1.3.9")];
 /// The destination workload's two addresses.
 const DST: [&str; 2] = ["10.9.0.1", "10.9.0.2"];
 
@@ -135,6 +141,13 @@ fn arb_config() -> impl Strategy<Value = String> {
             let mut yaml = String::from(
                 "workloads:\n- uid: d\n  name: d\n  namespace: a\n  serviceAccount: d\n  workloadIps: [\"10.9.0.1\", \"10.9.0.2\"]\n  protocol: HBONE\n  node: n\n  authorizationPolicies: [\"a/p0\", \"a/p2\"]\n  services: {}\n",
             );
+            // Local pods at addresses the CIDRs cut finely.
+            for (name, ns, ip) in LOCAL_SOURCES {
+                let _ = write!(
+                    yaml,
+                    "- uid: {name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: x\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: n\n  services: {{}}\n"
+                );
+            }
             yaml.push_str("policies:\n");
             for p in policies {
                 let _ = write!(yaml, "{p}");
@@ -164,6 +177,8 @@ fn kernel_decisions_agree_with_userspace() {
         ..Config::default()
     });
     let kernel_denials = std::cell::Cell::new(0usize);
+    let direct_passes = std::cell::Cell::new(0usize);
+    let direct_refusals = std::cell::Cell::new(0usize);
     runner
         .run(&arb_config(), |yaml| {
             let config = LocalConfig::parse(&yaml, Path::new("generated.yaml"))
@@ -206,8 +221,13 @@ fn kernel_decisions_agree_with_userspace() {
                             !kernel_denies || user_denies,
                             "kernel denies {src}->{dst}:{port} that userspace allows\n{yaml}"
                         );
-                        // Exact: without dry-run logging to preserve, it drops all of it.
-                        if !dry {
+                        // Exact: without dry-run logging to preserve, it drops all
+                        // of it. (A local pod's address never sends plaintext:
+                        // its SYNs come in on its veth and are judged below.)
+                        let local = LOCAL_SOURCES
+                            .iter()
+                            .any(|(_, _, ip)| *ip == src.to_string());
+                        if !dry && !local {
                             prop_assert_eq!(
                                 kernel_denies,
                                 user_denies,
@@ -221,6 +241,42 @@ fn kernel_decisions_agree_with_userspace() {
                         kernel_denials.set(kernel_denials.get() + usize::from(kernel_denies));
                     }
                 }
+                for (name, _, src) in LOCAL_SOURCES {
+                    let src: Ipv4Addr = src.parse().unwrap();
+                    let source = snapshot.workload_by_ip(src.into()).unwrap();
+                    for port in PORTS.iter().copied().chain([1234, 15006, 15008]) {
+                        let conn = Connection {
+                            src: SocketAddr::from((src, 40000)),
+                            dst: SocketAddr::from((dst, port)),
+                            src_identity: Some(snapshot.identity_of(source)),
+                        };
+                        let user_allows =
+                            evaluate(&snapshot.policy_store, &workload, &conn).is_ok();
+                        let in_kernel = capture
+                            .policy_verdict(src, dst, port)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let direct = in_kernel.is_some_and(|v| v.verdict == verdict::DIRECT);
+                        let expected =
+                            user_allows && !dry && !ztunnel::proxy::is_capture_port(port);
+                        prop_assert_eq!(
+                            direct,
+                            expected,
+                            "{} ({})->{}:{} allowed by userspace: {}\n{}",
+                            name,
+                            src,
+                            dst,
+                            port,
+                            user_allows,
+                            yaml
+                        );
+                        let counter = if direct {
+                            &direct_passes
+                        } else {
+                            &direct_refusals
+                        };
+                        counter.set(counter.get() + 1);
+                    }
+                }
             }
             Ok(())
         })
@@ -229,5 +285,10 @@ fn kernel_decisions_agree_with_userspace() {
     assert!(
         kernel_denials > 100,
         "the generator rarely produced denials ({kernel_denials}); the test proves little"
+    );
+    let (passes, refusals) = (direct_passes.get(), direct_refusals.get());
+    assert!(
+        passes > 100 && refusals > 100,
+        "same-node cases were one-sided ({passes} direct, {refusals} not); the test proves little"
     );
 }

@@ -45,6 +45,7 @@ use crate::{
     identity::{CaClient, CaSource, CertManager, LocalCa},
     metrics::{kernel::KernelCounters, scrape::Scrape, Metrics},
     proxy::{
+        direct::DirectFlows,
         hbone::{pool::Pool, server::Limits},
         tracker::Tracker,
         Drain, Proxy,
@@ -343,6 +344,13 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         drain: drain.clone(),
     });
     let tracker = proxy.tracker.clone();
+    // Same-node connections the kernel passes: reported from its events,
+    // and re-checked here (also those an earlier ztunnel saw open).
+    let direct = DirectFlows::new(proxy.metrics.clone());
+    if let Some(ring) = kernel.capture.take_direct_events() {
+        tokio::spawn(direct.clone().report(ring, state_rx.clone()));
+    }
+    tokio::task::block_in_place(|| direct.recheck(&snapshot, &mut kernel.capture));
     // Ready to receive: from here on the kernel delivers captured SYNs (they
     // wait in the accept queues for the instant until the proxy accepts).
     // Published while this function still owns the sockets.
@@ -415,7 +423,8 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
                 // Then the kernel's share of policy: userspace already
                 // denies what it newly denies, so nothing slips through.
                 sync_policy(&mut kernel.capture, &snapshot);
-                let closed = tracker.recheck(&snapshot);
+                let closed = tracker.recheck(&snapshot)
+                    + tokio::task::block_in_place(|| direct.recheck(&snapshot, &mut kernel.capture));
                 if closed > 0 {
                     info!(closed, "live connections closed by the policy update");
                 }

@@ -1,5 +1,4 @@
-//! Compiling the identity-free part of authorization into the kernel's
-//! policy tables.
+//! Compiling authorization into the kernel's policy tables.
 //!
 //! A plaintext connection has no identity, so its decision depends only on
 //! source address, destination address and destination port. For each local
@@ -10,22 +9,37 @@
 //! evaluator itself — gives an exact table, and an LPM trie looks a source up
 //! in its region. The kernel only ever drops what userspace would deny.
 //!
+//! A connection between two local enrolled pods has an identity the kernel
+//! knows too: the source pod's, bound to the veth its SYN comes in on. For
+//! each such source the tables get a /32 entry per port group, evaluated by
+//! the same evaluator with that identity: [`verdict::DIRECT`] when the
+//! connection is allowed and nothing else needs userspace (no waypoint, not
+//! one of ztunnel's ports), so it passes with no proxy in the path.
+//! Otherwise the entry says what the source's region says, and the kernel
+//! hands the SYN to userspace, which decides it as before.
+//!
 //! Workloads with a dry-run policy in scope are left out: userspace must see
 //! their connections to log what the dry-run policy would have done.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use ipnet::Ipv4Net;
-use ztunnel_common::{verdict, PolicyTuple, PolicyVerdict, POLICY_FIXED_BITS};
+use tracing::warn;
+use ztunnel_common::{
+    ports::{INBOUND_HBONE, INBOUND_PLAINTEXT, OUTBOUND_CAPTURE},
+    verdict, PolicyTuple, PolicyVerdict, MAX_POLICY_ENTRIES, POLICY_FIXED_BITS,
+};
 
-use super::{has_dry_run, rbac, Connection};
+use super::{evaluate, has_dry_run, rbac, Connection};
 use crate::{
     config::local::{Authorization, RbacAction},
+    identity::Identity,
+    proxy::is_capture_port,
     redirect::PolicyEntry,
-    state::Snapshot,
+    state::{Snapshot, Workload},
 };
 
 /// The policies that can decide a plaintext connection to one workload
@@ -46,21 +60,80 @@ impl PlaintextView<'_> {
         }
         self.allow_exists && !self.allow.iter().any(|p| rbac::policy_matches(p, &subject))
     }
+
+    /// The table's verdict for a plaintext connection from `src`.
+    fn verdict(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> u32 {
+        let conn = Connection {
+            src: SocketAddr::new(IpAddr::V4(src), 0),
+            dst: SocketAddr::new(IpAddr::V4(dst), port),
+            src_identity: None,
+        };
+        if self.denies(&conn) {
+            verdict::DENY
+        } else {
+            verdict::PASS
+        }
+    }
+}
+
+/// A local enrolled pod's address, as a source of same-node connections.
+struct LocalSource<'a> {
+    ip: Ipv4Addr,
+    workload: &'a Workload,
+    identity: Identity,
 }
 
 /// The kernel policy entries for `snapshot`'s local enrolled workloads.
+/// Same-node direct entries grow with the square of the local pods; if
+/// they would not fit the tables, they are left out (those connections
+/// take the userspace path) and the identity-free entries kept.
 pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
-    let store = &snapshot.policy_store;
-    let mut entries = Vec::new();
-    if store.is_empty() {
+    let entries = compile_with(snapshot, true);
+    if entries.len() <= MAX_POLICY_ENTRIES as usize {
         return entries;
     }
+    warn!(
+        entries = entries.len(),
+        capacity = MAX_POLICY_ENTRIES,
+        "same-node connections do not fit the kernel policy tables; they take the userspace path"
+    );
+    compile_with(snapshot, false)
+}
+
+/// [`compile`], with or without the same-node direct entries.
+pub fn compile_with(snapshot: &Snapshot, direct: bool) -> Vec<PolicyEntry> {
+    let store = &snapshot.policy_store;
+    let mut entries = Vec::new();
+    let sources: Vec<LocalSource> = if direct {
+        snapshot
+            .local_workloads()
+            .filter(|w| snapshot.captures(w))
+            .flat_map(|w| {
+                let identity = snapshot.identity_of(w);
+                ipv4s(w).map(move |ip| LocalSource {
+                    ip,
+                    workload: w,
+                    identity: identity.clone(),
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for workload in snapshot.local_workloads().filter(|w| w.hbone) {
         if has_dry_run(store, workload) {
             continue;
         }
         let policies: Vec<_> = store.in_scope(workload).collect();
-        if policies.is_empty() {
+        let sources: Vec<&LocalSource> = if snapshot.captures(workload) {
+            sources
+                .iter()
+                .filter(|s| !std::ptr::eq(s.workload, &**workload))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if policies.is_empty() && sources.is_empty() {
             continue;
         }
         // What decides plaintext: policies that can match without an
@@ -80,9 +153,15 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
                 .collect(),
             allow_exists: policies.iter().any(|p| p.action == RbacAction::Allow),
         };
-        // Everything the policies can tell sources and ports apart by.
+        // Everything the policies can tell sources and ports apart by:
+        // for same-node sources, the ports of every policy in scope.
         let mut cidrs: BTreeSet<Ipv4Net> = BTreeSet::new();
         let mut ports: BTreeSet<u16> = BTreeSet::new();
+        let port_policies: Vec<&Authorization> = if sources.is_empty() {
+            view.deny.iter().chain(&view.allow).copied().collect()
+        } else {
+            policies.iter().map(|p| &***p).collect()
+        };
         for policy in view.deny.iter().chain(&view.allow) {
             for m in policy.rules.iter().flatten().flatten() {
                 for net in m.source_ips.iter().chain(&m.not_source_ips) {
@@ -90,8 +169,16 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
                         cidrs.insert(net.trunc());
                     }
                 }
+            }
+        }
+        for policy in port_policies {
+            for m in policy.rules.iter().flatten().flatten() {
                 ports.extend(m.destination_ports.iter().chain(&m.not_destination_ports));
             }
+        }
+        if !sources.is_empty() {
+            // Never direct: entries of their own, so the table alone says so.
+            ports.extend([OUTBOUND_CAPTURE, INBOUND_PLAINTEXT, INBOUND_HBONE]);
         }
         cidrs.insert(Ipv4Net::default());
         ports.remove(&0);
@@ -103,33 +190,32 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
         let Some(other_port) = (1..=u16::MAX).find(|p| !ports.contains(p)) else {
             continue;
         };
-        for ip in workload.ips.iter().filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        }) {
-            let judge = |port: u16| -> Vec<(Ipv4Net, bool)> {
-                regions
+        for ip in ipv4s(workload) {
+            let judge = |port: u16| -> BTreeMap<Ipv4Net, u32> {
+                let mut judged: BTreeMap<Ipv4Net, u32> = regions
                     .iter()
-                    .map(|(net, rep)| {
-                        let conn = Connection {
-                            src: SocketAddr::new(IpAddr::V4(*rep), 0),
-                            dst: SocketAddr::new(IpAddr::V4(ip), port),
-                            src_identity: None,
-                        };
-                        (*net, view.denies(&conn))
-                    })
-                    .collect()
+                    .map(|(net, rep)| (*net, view.verdict(*rep, ip, port)))
+                    .collect();
+                for source in &sources {
+                    let v = if direct_allowed(snapshot, source, workload, ip, port) {
+                        verdict::DIRECT
+                    } else {
+                        view.verdict(source.ip, ip, port)
+                    };
+                    judged.insert(Ipv4Net::from(source.ip), v);
+                }
+                judged
             };
             let other = judge(other_port);
-            let other_denies = other.iter().any(|(_, deny)| *deny);
-            if other_denies {
+            let other_set = other.values().any(|v| *v != verdict::PASS);
+            if other_set {
                 push(&mut entries, ip, 0, &other);
             }
             for port in &ports {
                 let judged = judge(*port);
                 // A named port needs entries of its own whenever it could
                 // differ from what the port-0 entries would say.
-                if other_denies || judged.iter().any(|(_, deny)| *deny) {
+                if other_set || judged.values().any(|v| *v != verdict::PASS) {
                     push(&mut entries, ip, *port, &judged);
                 }
             }
@@ -138,8 +224,45 @@ pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
     entries
 }
 
-fn push(entries: &mut Vec<PolicyEntry>, dst: Ipv4Addr, port: u16, judged: &[(Ipv4Net, bool)]) {
-    for (net, deny) in judged {
+/// Whether a connection from the local pod `source` to `dst_ip:port` of
+/// the local workload `dst` may pass in the kernel: what the userspace
+/// same-node path would allow, with nothing it must do on the way (a
+/// waypoint to go through).
+fn direct_allowed(
+    snapshot: &Snapshot,
+    source: &LocalSource,
+    dst: &Workload,
+    dst_ip: Ipv4Addr,
+    port: u16,
+) -> bool {
+    let target = SocketAddr::new(IpAddr::V4(dst_ip), port);
+    if is_capture_port(port)
+        || snapshot
+            .waypoint_for(Some(source.workload), target)
+            .is_some()
+    {
+        return false;
+    }
+    if snapshot.identity_of(dst).trust_domain != source.identity.trust_domain {
+        return false;
+    }
+    let conn = Connection {
+        src: SocketAddr::new(IpAddr::V4(source.ip), 0),
+        dst: target,
+        src_identity: Some(source.identity.clone()),
+    };
+    evaluate(&snapshot.policy_store, dst, &conn).is_ok()
+}
+
+fn ipv4s(w: &Workload) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    w.ips.iter().filter_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+fn push(entries: &mut Vec<PolicyEntry>, dst: Ipv4Addr, port: u16, judged: &BTreeMap<Ipv4Net, u32>) {
+    for (net, verdict) in judged {
         entries.push(PolicyEntry {
             tuple: PolicyTuple {
                 dst_ipv4_be: u32::from_ne_bytes(dst.octets()),
@@ -148,9 +271,7 @@ fn push(entries: &mut Vec<PolicyEntry>, dst: Ipv4Addr, port: u16, judged: &[(Ipv
                 src_ipv4_be: u32::from_ne_bytes(net.network().octets()),
             },
             prefix_len: POLICY_FIXED_BITS + u32::from(net.prefix_len()),
-            verdict: PolicyVerdict {
-                verdict: if *deny { verdict::DENY } else { verdict::PASS },
-            },
+            verdict: PolicyVerdict { verdict: *verdict },
         });
     }
 }
@@ -532,7 +653,8 @@ workloads:
 
     fn entry(dst: &str, port: u16, src: &str, deny: bool) -> PolicyEntry {
         let mut out = Vec::new();
-        push(&mut out, ip(dst), port, &[(net(src), deny)]);
+        let v = if deny { DENY } else { PASS };
+        push(&mut out, ip(dst), port, &BTreeMap::from([(net(src), v)]));
         out.pop().unwrap()
     }
 
@@ -569,5 +691,118 @@ workloads:
         let entries = [entry("10.9.0.1", 0, "0.0.0.0/0", true)];
         assert_eq!(lookup(&entries, ip("1.2.3.4"), ip("10.9.0.2"), 80), None);
         assert_eq!(lookup(&[], ip("1.2.3.4"), D, 80), None);
+    }
+}
+
+#[cfg(test)]
+mod direct_tests {
+    //! The same-node entries: DIRECT exactly where the userspace same-node
+    //! path would allow the connection and nothing needs userspace.
+
+    use std::path::Path;
+
+    use ztunnel_common::verdict::{DENY, DIRECT, PASS};
+
+    use super::*;
+    use crate::config::local::LocalConfig;
+
+    /// Three local pods (`s1` in namespace a, `s2` in b, the destination
+    /// `d` in a), a remote one, and `w`, a local pod with a waypoint.
+    const WORKLOADS: &str = r#"
+workloads:
+- {uid: d, name: d, namespace: a, serviceAccount: d, workloadIps: ["10.9.0.1"], protocol: HBONE, node: n, services: {}}
+- {uid: s1, name: s1, namespace: a, serviceAccount: s1, workloadIps: ["10.9.0.11"], protocol: HBONE, node: n, services: {}}
+- {uid: s2, name: s2, namespace: b, serviceAccount: s2, workloadIps: ["10.9.0.12"], protocol: HBONE, node: n, services: {}}
+- {uid: r, name: remote, namespace: a, workloadIps: ["10.9.1.1"], protocol: HBONE, node: other, services: {}}
+- {uid: wp, name: wp, namespace: a, serviceAccount: wp, workloadIps: ["10.9.0.50"], protocol: HBONE, node: n, services: {}}
+- {uid: w, name: w, namespace: a, serviceAccount: w, workloadIps: ["10.9.0.2"], protocol: HBONE, node: n, services: {}, waypoint: {destination: "/10.9.0.50", hboneMtlsPort: 15008}}
+"#;
+
+    fn snapshot(policies: &str) -> Snapshot {
+        let yaml = if policies.is_empty() {
+            WORKLOADS.to_string()
+        } else {
+            format!("{WORKLOADS}policies:\n{policies}")
+        };
+        let config = LocalConfig::parse(&yaml, Path::new("direct-test.yaml"))
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        Snapshot::new("n", "cluster.local", &config)
+    }
+
+    fn verdict_of(entries: &[PolicyEntry], src: &str, dst: &str, port: u16) -> u32 {
+        lookup(entries, src.parse().unwrap(), dst.parse().unwrap(), port).unwrap_or(PASS)
+    }
+
+    #[test]
+    fn without_policies_every_local_pair_passes_directly() {
+        let s = snapshot("");
+        let e = compile(&s);
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.1", 80), DIRECT);
+        assert_eq!(verdict_of(&e, "10.9.0.12", "10.9.0.1", 5201), DIRECT);
+        assert_eq!(verdict_of(&e, "10.9.0.1", "10.9.0.11", 80), DIRECT);
+        // Plaintext from anywhere else: nothing to deny.
+        assert_eq!(verdict_of(&e, "10.9.1.1", "10.9.0.1", 80), PASS);
+        assert_eq!(verdict_of(&e, "192.0.2.1", "10.9.0.1", 80), PASS);
+    }
+
+    #[test]
+    fn a_destination_with_a_waypoint_stays_in_userspace() {
+        let s = snapshot("");
+        let e = compile(&s);
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.2", 80), PASS);
+        // The waypoint itself is not captured: never a direct destination.
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.50", 80), PASS);
+    }
+
+    #[test]
+    fn ztunnels_own_ports_are_never_direct() {
+        let s = snapshot(
+            "- {name: p, namespace: a, scope: Namespace, action: Allow, dryRun: false, rules: [[[{destinationPorts: [15008, 80]}]]]}\n",
+        );
+        let e = compile(&s);
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.1", 80), DIRECT);
+        assert_ne!(verdict_of(&e, "10.9.0.11", "10.9.0.1", 15008), DIRECT);
+    }
+
+    #[test]
+    fn a_deny_by_principal_and_port_keeps_only_that_pair_and_port_in_userspace() {
+        let s = snapshot(
+            "- {name: p, namespace: a, scope: Namespace, action: Deny, dryRun: false, rules: [[[{principals: [!Exact cluster.local/ns/b/sa/s2], destinationPorts: [80]}]]]}\n",
+        );
+        let e = compile(&s);
+        assert_eq!(verdict_of(&e, "10.9.0.12", "10.9.0.1", 80), PASS);
+        assert_eq!(verdict_of(&e, "10.9.0.12", "10.9.0.1", 81), DIRECT);
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.1", 80), DIRECT);
+    }
+
+    #[test]
+    fn an_allow_by_namespace_passes_only_that_namespace_and_denies_plaintext() {
+        let s = snapshot(
+            "- {name: p, namespace: a, scope: Namespace, action: Allow, dryRun: false, rules: [[[{namespaces: [!Exact a]}]]]}\n",
+        );
+        let e = compile(&s);
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.1", 80), DIRECT);
+        // s2 (namespace b) goes to userspace, which denies it; its /32
+        // says what plaintext from its address would get.
+        assert_eq!(verdict_of(&e, "10.9.0.12", "10.9.0.1", 80), DENY);
+        assert_eq!(verdict_of(&e, "192.0.2.1", "10.9.0.1", 80), DENY);
+    }
+
+    #[test]
+    fn a_dry_run_policy_leaves_the_destination_to_userspace() {
+        let s = snapshot(
+            "- {name: p, namespace: a, scope: Namespace, action: Deny, dryRun: true, rules: [[[{namespaces: [!Exact b]}]]]}\n",
+        );
+        let e = compile(&s);
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.1", 80), PASS);
+        // Namespace b has no dry-run policy: its pods stay direct targets.
+        assert_eq!(verdict_of(&e, "10.9.0.11", "10.9.0.12", 80), DIRECT);
+    }
+
+    #[test]
+    fn without_direct_entries_only_plaintext_is_compiled() {
+        let s = snapshot("");
+        assert!(compile_with(&s, false).is_empty());
+        assert!(!compile_with(&s, true).is_empty());
     }
 }

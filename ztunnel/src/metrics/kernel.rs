@@ -76,6 +76,14 @@ impl KernelCounters {
         family(
             encoder,
             &pods,
+            "ztunnel_kernel_flows_direct",
+            "New same-node TCP flows the kernel let pass with no proxy in the path, authorization allowing them",
+            "direction",
+            |c| [("outbound", c.outbound_direct)].to_vec(),
+        )?;
+        family(
+            encoder,
+            &pods,
             "ztunnel_kernel_syn_dropped",
             "SYNs the kernel dropped: denied by policy, or no ztunnel listening (fail closed)",
             "reason",

@@ -7,9 +7,12 @@
 //! - [`hbone`] (15008 and the client side): mTLS HTTP/2 CONNECT tunnels;
 //! - [`relay`]: connecting and copying, shared by the listeners;
 //! - [`socket`]: transparent listeners and spoofed-source connects;
-//! - [`copy`]: the bidirectional copy, half-close included.
+//! - [`copy`]: the bidirectional copy, half-close included;
+//! - [`direct`]: same-node connections the kernel passed with no proxy,
+//!   reported and re-checked here.
 
 pub mod copy;
+pub mod direct;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;

@@ -17,8 +17,9 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 use ztunnel_common::{
-    maps, ExclusionKey, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict,
-    MAX_CAPTURED_FLOWS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES,
+    maps, DirectFlow, ExclusionKey, FlowKey, PodCounters, PodInfo, PodKey, PolicyTuple,
+    PolicyVerdict, DIRECT_EVENTS_BYTES, MAX_CAPTURED_FLOWS, MAX_DIRECT_FLOWS, MAX_EXCLUSIONS,
+    MAX_PODS, MAX_POLICY_ENTRIES,
 };
 
 use super::RedirectError;
@@ -32,7 +33,7 @@ struct Shape {
     max_entries: u32,
 }
 
-fn shapes() -> [Shape; 8] {
+fn shapes() -> [Shape; 10] {
     let [policy_a, policy_b] = maps::POLICY_TABLES;
     // An LPM trie key is the prefix length (u32) and the data.
     let lpm_key = size_of::<u32>() + size_of::<PolicyTuple>();
@@ -92,6 +93,20 @@ fn shapes() -> [Shape; 8] {
             key: size_of::<u32>() + size_of::<ExclusionKey>(),
             value: size_of::<u8>(),
             max_entries: MAX_EXCLUSIONS,
+        },
+        Shape {
+            name: maps::DIRECT_FLOWS,
+            kind: MapType::LruHash,
+            key: size_of::<FlowKey>(),
+            value: size_of::<DirectFlow>(),
+            max_entries: MAX_DIRECT_FLOWS,
+        },
+        Shape {
+            name: maps::DIRECT_EVENTS,
+            kind: MapType::RingBuf,
+            key: 0,
+            value: 0,
+            max_entries: DIRECT_EVENTS_BYTES,
         },
     ]
 }

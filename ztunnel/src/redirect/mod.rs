@@ -27,14 +27,15 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues, SockMap,
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues, RingBuf,
+        SockMap,
     },
     programs::{SchedClassifier, SkLookup},
     Ebpf, EbpfLoader,
 };
 use ztunnel_common::{
-    listener_index, maps, pod_flags, programs, ExclusionKey, PodCounters, PodInfo, PodKey,
-    PolicyTuple, PolicyVerdict, EXCLUSION_FIXED_BITS,
+    direct_state, listener_index, maps, pod_flags, programs, DirectFlow, ExclusionKey, FlowKey,
+    PodCounters, PodInfo, PodKey, PolicyTuple, PolicyVerdict, EXCLUSION_FIXED_BITS,
 };
 
 pub use attach::{Attached, Role};
@@ -151,6 +152,10 @@ pub struct Capture {
     exclusions: LpmTrie<MapData, ExclusionKey, u8>,
     /// ztunnel's listening sockets, as the kernel sees them (pinned).
     listeners: SockMap<MapData>,
+    /// Same-node connections passed in the kernel, and the ring buffer
+    /// that reports them (taken by the reporter, see `proxy::direct`).
+    direct_flows: BpfHashMap<MapData, FlowKey, DirectFlow>,
+    direct_events: Option<RingBuf<MapData>>,
     /// Links this process attached or re-adopted; others are re-adopted on
     /// first sight, then left alone.
     owned_links: HashSet<String>,
@@ -217,7 +222,11 @@ impl Capture {
         let policy_active = take_map(&mut ebpf, maps::POLICY_ACTIVE, Array::try_from)?;
         let listeners = take_map(&mut ebpf, maps::LISTENERS, SockMap::try_from)?;
         let exclusions = take_map(&mut ebpf, maps::OUTBOUND_EXCLUSIONS, LpmTrie::try_from)?;
+        let direct_flows = take_map(&mut ebpf, maps::DIRECT_FLOWS, BpfHashMap::try_from)?;
+        let direct_events = take_map(&mut ebpf, maps::DIRECT_EVENTS, RingBuf::try_from)?;
         Ok(Capture {
+            direct_flows,
+            direct_events: Some(direct_events),
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             links_dir,
@@ -833,6 +842,39 @@ impl Capture {
             }
         }
         Ok(None)
+    }
+
+    /// The ring buffer the kernel reports same-node direct connections on;
+    /// `None` once taken.
+    pub fn take_direct_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.direct_events.take()
+    }
+
+    /// The same-node direct connections the kernel holds (closed ones too,
+    /// until its LRU reuses their entries).
+    pub fn direct_flows(&self) -> Vec<(FlowKey, DirectFlow)> {
+        self.direct_flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Revokes a same-node direct connection: its later packets go to the
+    /// local stack, which resets it. It is marked closed, so the kernel
+    /// does not report the close; returns the flow as it stood (its bytes),
+    /// or `None` if the kernel no longer holds it.
+    pub fn revoke_direct(&mut self, key: &FlowKey) -> Result<Option<DirectFlow>, RedirectError> {
+        let map_err = |source| RedirectError::Map {
+            map: maps::DIRECT_FLOWS,
+            source,
+        };
+        let mut flow = match self.direct_flows.get(key, 0) {
+            Ok(flow) => flow,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(e)),
+        };
+        flow.state |= direct_state::REVOKED | direct_state::CLOSED;
+        // Replacing the value may lose the bytes of a packet counted in
+        // between; the verdict is what matters.
+        self.direct_flows.insert(key, flow, 0).map_err(map_err)?;
+        Ok(Some(flow))
     }
 
     /// The addresses the enrolled-pods map holds now.

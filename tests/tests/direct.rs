@@ -1,0 +1,259 @@
+//! Same-node connections between enrolled pods, passed in the kernel with
+//! no proxy in the path: what passes, what users still see (Istio's
+//! metrics, the access log), the same denials, a policy change ending a
+//! live connection, and a pod claiming another pod's address to pass.
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use ztunnel_tests::{
+    http::{self, sample},
+    lab,
+    raw::{send_packets, syn, TcpWatch},
+    setup::Setup,
+    traffic::{Connection, Server},
+    wait::eventually,
+    ztunnel::{counters, ztunnel_owns},
+};
+
+fn policy(name: &str, action: &str, rules: &str) -> String {
+    format!("- name: {name}\n  namespace: default\n  scope: Namespace\n  action: {action}\n  dryRun: false\n  rules: {rules}\n")
+}
+
+const DENY_CLIENT: &str = "[[[{principals: [!Exact cluster.local/ns/default/sa/client]}]]]";
+const ALLOW_CLIENT: &str = "[[[{principals: [!Exact cluster.local/ns/default/sa/client]}]]]";
+
+fn config(policies: &[String]) -> String {
+    if policies.is_empty() {
+        return lab::config_yaml_with(&[], &[], "");
+    }
+    lab::config_yaml_with(&[], &[], &format!("policies:\n{}", policies.concat()))
+}
+
+fn metrics(s: &Setup) -> Result<String> {
+    let node = s.lab.node("node1");
+    let r = http::get(
+        &node.ns,
+        SocketAddr::from((node.underlay_ip, 15020)),
+        "/metrics",
+    )?;
+    anyhow::ensure!(r.status == 200, "metrics answered {}", r.status);
+    Ok(r.body)
+}
+
+#[test]
+fn a_same_node_connection_passes_in_the_kernel_and_is_reported_as_before() -> Result<()> {
+    let s = Setup::new(&config(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let before = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+
+    let conn = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
+    assert!(
+        !ztunnel_owns(s.lab.node("node1"), server.addr, client.spec.ip)?,
+        "ztunnel proxies a same-node connection the kernel could pass"
+    );
+    let len = 256 * 1024;
+    let report = conn.exchange(len)?;
+    assert_eq!(report.peer.ip(), IpAddr::V4(client.spec.ip));
+    let after = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+    assert_eq!(after.outbound_direct, before.outbound_direct + 1);
+    assert_eq!(after.outbound_captured, before.outbound_captured);
+
+    // The access log line, from the kernel's close event.
+    zt1.wait_for_log("path=\"kernel\"", Duration::from_secs(5))?;
+    let log = zt1.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection complete") && l.contains("path=\"kernel\""))
+        .with_context(|| format!("no access log line for the kernel path:\n{log}"))?;
+    for field in [
+        "src_workload=\"client\"",
+        "dst_workload=\"neighbor\"",
+        "src_identity=spiffe://cluster.local/ns/default/sa/client",
+        "outcome=ok",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+
+    // Istio's series, as source and as destination (both ends are ours).
+    let m = metrics(&s)?;
+    for reporter in ["source", "destination"] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("destination_workload", "neighbor"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_flags", "-"),
+        ];
+        let get = |name| {
+            sample(&m, name, &labels).with_context(|| format!("no {name} for {reporter}:\n{m}"))
+        };
+        assert_eq!(get("istio_tcp_connections_opened_total")?, 1.0);
+        assert_eq!(get("istio_tcp_connections_closed_total")?, 1.0);
+        let received = get("istio_tcp_received_bytes_total")?;
+        assert!(
+            (len as f64..=len as f64 + 64.0 * 1024.0).contains(&received),
+            "{reporter}: received {received}, the client sent {len}"
+        );
+        let sent = get("istio_tcp_sent_bytes_total")?;
+        assert!(sent > 0.0 && sent < 1024.0, "{reporter}: sent {sent}");
+    }
+    let direct = sample(
+        &m,
+        "ztunnel_kernel_flows_direct_total",
+        &[("workload", "client")],
+    );
+    assert_eq!(direct, Some(1.0), "{m}");
+    Ok(())
+}
+
+#[test]
+fn a_denied_same_node_connection_is_refused_as_before() -> Result<()> {
+    let s = Setup::new(&config(&[policy("deny-client", "Deny", DENY_CLIENT)]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let before = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+
+    let attempt = Connection::open(&client.ns, server.addr, Duration::from_secs(5))
+        .and_then(|c| c.exchange(1024));
+    assert!(attempt.is_err(), "a denied client got through");
+    zt1.wait_for_log(
+        "same-node connection denied by policy",
+        Duration::from_secs(5),
+    )?;
+    assert!(zt1
+        .log_text()
+        .lines()
+        .any(|l| l.contains("denied by policy") && l.contains("policy=default/deny-client")));
+    assert!(
+        server.accepted().is_empty(),
+        "the denied connection reached the server"
+    );
+    let after = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+    assert_eq!(
+        after.outbound_direct, before.outbound_direct,
+        "passed in the kernel"
+    );
+    assert_eq!(after.outbound_captured, before.outbound_captured + 1);
+
+    // The other way round is allowed, and passes in the kernel.
+    let back = Server::start(&client.ns, client.addr(9001))?;
+    let report =
+        Connection::open(&neighbor.ns, back.addr, Duration::from_secs(5))?.exchange(1024)?;
+    assert_eq!(report.peer.ip(), IpAddr::V4(neighbor.spec.ip));
+    let n = counters(s.lab.node("node1"), neighbor.spec.ip)?.context("neighbor counters")?;
+    assert_eq!(n.outbound_direct, 1);
+    Ok(())
+}
+
+#[test]
+fn a_policy_change_ends_a_live_kernel_connection() -> Result<()> {
+    let s = Setup::new(&config(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let held = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
+    eventually("the server accepts", Duration::from_secs(5), || {
+        Ok(!server.accepted().is_empty())
+    })?;
+    let c = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+    assert_eq!(
+        c.outbound_direct, 1,
+        "the held connection is not a kernel one"
+    );
+
+    s.write(&config(&[policy("deny-client", "Deny", DENY_CLIENT)]))?;
+    zt1.wait_for_log(
+        "connection closed: no longer allowed after a policy update",
+        Duration::from_secs(10),
+    )?;
+    let log = zt1.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("no longer allowed after a policy update")
+                && l.contains("policy=default/deny-client")
+                && l.contains("path=\"kernel\"")),
+        "the close does not name the policy:\n{log}"
+    );
+    assert!(
+        held.exchange(1024).is_err(),
+        "the revoked connection still works"
+    );
+    let m = metrics(&s)?;
+    let failed = sample(
+        &m,
+        "istio_tcp_connections_failed_total",
+        &[
+            ("reporter", "destination"),
+            ("source_workload", "client"),
+            ("response_flags", "DENY"),
+        ],
+    );
+    assert_eq!(failed, Some(1.0), "{m}");
+    // New connections are refused as well, in userspace.
+    let again = Connection::open(&client.ns, server.addr, Duration::from_secs(5))
+        .and_then(|c| c.exchange(64));
+    assert!(again.is_err(), "a new denied connection got through");
+    Ok(())
+}
+
+#[test]
+fn a_pod_cannot_claim_another_local_pods_address_to_pass() -> Result<()> {
+    // Only client may reach neighbor; bystander (not enrolled) and
+    // neighbor forge client's address.
+    let s = Setup::new(&config(&[policy("allow-client", "Allow", ALLOW_CLIENT)]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let bystander = s.lab.pod("bystander");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let node1 = s.lab.node("node1");
+    let before = counters(node1, client.spec.ip)?.context("client counters")?;
+
+    let watch = TcpWatch::start(&neighbor.ns)?;
+    let forged = syn(
+        SocketAddrV4::new(client.spec.ip, 40000),
+        SocketAddrV4::new(neighbor.spec.ip, 9000),
+        7,
+    );
+    send_packets(&bystander.ns, vec![forged])?;
+    eventually(
+        "the forged SYN counted as spoofed",
+        Duration::from_secs(2),
+        || {
+            Ok(counters(node1, client.spec.ip)?
+                .is_some_and(|c| c.dropped_spoofed > before.dropped_spoofed))
+        },
+    )?;
+    assert!(
+        watch
+            .wait_for(Duration::from_millis(500), |seg| seg.is_syn())
+            .is_none(),
+        "a SYN with a forged source reached the destination"
+    );
+    let after = counters(node1, client.spec.ip)?.context("client counters")?;
+    assert_eq!(after.outbound_direct, before.outbound_direct);
+
+    // The real client passes in the kernel.
+    let report =
+        Connection::open(&client.ns, server.addr, Duration::from_secs(5))?.exchange(1024)?;
+    assert_eq!(report.peer.ip(), IpAddr::V4(client.spec.ip));
+    let after = counters(node1, client.spec.ip)?.context("client counters")?;
+    assert_eq!(after.outbound_direct, before.outbound_direct + 1);
+    Ok(())
+}

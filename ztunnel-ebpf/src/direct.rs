@@ -1,0 +1,143 @@
+//! Same-node connections with no proxy in the path.
+//!
+//! When a local enrolled pod opens a connection to another local enrolled
+//! pod, the node owns both ends, and the source's identity is bound to the
+//! veth the SYN came in on (capture rule 2). Userspace compiles, for every
+//! such pair and port, whether authorization allows the connection and
+//! nothing else needs the proxy (no waypoint, no dry-run policy): the
+//! [`verdict::DIRECT`] entries of the policy tables. A SYN they allow is
+//! forwarded as it is, and the flow is remembered in `ZT_DIRECT_FLOWS`,
+//! where its later packets in both directions add up its bytes. Opens and
+//! closes go to userspace through a ring buffer, for Istio's metrics and
+//! the access log. Anything the tables do not allow goes the userspace way,
+//! which decides (and denies) it as before.
+//!
+//! A connection userspace revokes (a policy change denies it) is flagged:
+//! its later packets go to the local stack, which has no socket for them
+//! and answers with a reset.
+
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use ztunnel_common::{
+    direct_event, direct_state, ports, verdict, DirectEvent, DirectFlow, PodInfo, CAPTURE_MARK,
+};
+
+use crate::{
+    capture::set_mark,
+    maps::{count, policy_verdict, Counter, ZT_DIRECT_EVENTS, ZT_DIRECT_FLOWS},
+    packet::{TcpFlow, TCP_FLAG_FIN, TCP_FLAG_RST},
+};
+
+/// Whether this SYN, from a local enrolled pod (its source already checked
+/// against its veth) to the local enrolled pod `dst`, passes in the kernel.
+/// If it does, the flow is remembered and its open reported.
+#[inline(always)]
+pub fn open(flow: &TcpFlow, src: &PodInfo, dst: &PodInfo) -> bool {
+    if !routed(src) || !routed(dst) || is_ztunnel_port(u16::from_be(flow.dport)) {
+        return false;
+    }
+    if policy_verdict(flow.saddr, flow.daddr, flow.dport) != verdict::DIRECT {
+        return false;
+    }
+    let key = flow.key();
+    // A retransmitted SYN finds its flow already open: reported once.
+    // SAFETY: the value is plain integers; only its state is read.
+    if let Some(open) = unsafe { ZT_DIRECT_FLOWS.get(&key) } {
+        if open.state & direct_state::CLOSED == 0 {
+            return open.state & direct_state::REVOKED == 0;
+        }
+    }
+    let entry = DirectFlow {
+        // SAFETY: a helper without arguments.
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+        ..DirectFlow::default()
+    };
+    if ZT_DIRECT_FLOWS.insert(&key, &entry, 0).is_err() {
+        // Untracked, it would be invisible to metrics and revocation.
+        return false;
+    }
+    report(direct_event::OPENED, flow, &entry);
+    count(flow.saddr, Counter::OutboundDirect);
+    true
+}
+
+/// For a packet no ztunnel socket owns: if it belongs to a direct flow,
+/// adds it to the flow's bytes and reports the close it completes, and
+/// returns the packet's verdict (a revoked flow's packets go to the local
+/// stack, to be reset). `None` when it is not a direct flow's.
+#[inline(always)]
+pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
+    let key = flow.key();
+    let (entry, request) = match ZT_DIRECT_FLOWS.get_ptr_mut(&key) {
+        Some(entry) => (entry, true),
+        None => (ZT_DIRECT_FLOWS.get_ptr_mut(&key.reversed())?, false),
+    };
+    // SAFETY: the pointer comes from a successful lookup. Two CPUs may
+    // update one flow at once (each direction is usually one CPU's): a
+    // lost update costs a byte count, never a verdict.
+    let entry = unsafe { &mut *entry };
+    if entry.state & direct_state::REVOKED != 0 {
+        set_mark(ctx, CAPTURE_MARK);
+        return Some(TC_ACT_OK as i32);
+    }
+    let fin;
+    if request {
+        entry.request_bytes += u64::from(flow.payload);
+        fin = direct_state::FIN_REQUEST;
+    } else {
+        entry.response_bytes += u64::from(flow.payload);
+        fin = direct_state::FIN_RESPONSE;
+    }
+    if entry.state & direct_state::CLOSED == 0 {
+        if flow.flags & TCP_FLAG_FIN != 0 {
+            entry.state |= fin;
+        }
+        let both = direct_state::FIN_REQUEST | direct_state::FIN_RESPONSE;
+        if flow.flags & TCP_FLAG_RST != 0 || entry.state & both == both {
+            entry.state |= direct_state::CLOSED;
+            let as_opened = if request { *flow } else { flow.reversed() };
+            report(direct_event::CLOSED, &as_opened, entry);
+        }
+    }
+    None
+}
+
+/// Whether this SYN opened a direct flow (for the egress guard, which
+/// drops every other forwarded SYN to or from an enrolled pod).
+#[inline(always)]
+pub fn is_open(flow: &TcpFlow) -> bool {
+    // SAFETY: only the presence of the entry and its state are read.
+    unsafe { ZT_DIRECT_FLOWS.get(&flow.key()) }
+        .is_some_and(|f| f.state & (direct_state::CLOSED | direct_state::REVOKED) == 0)
+}
+
+#[inline(always)]
+fn report(kind: u32, flow: &TcpFlow, entry: &DirectFlow) {
+    let event = DirectEvent {
+        kind,
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        flow: *entry,
+    };
+    // A full ring loses the event, not the packet.
+    let _ = ZT_DIRECT_EVENTS.output::<DirectEvent>(&event, 0);
+}
+
+/// Bridged pods are captured at their bridge, where a pass would need its
+/// own forwarding: they keep the userspace path.
+#[inline(always)]
+fn routed(pod: &PodInfo) -> bool {
+    pod.flags & ztunnel_common::pod_flags::BRIDGED == 0
+}
+
+/// ztunnel's own ports are refused in userspace, never passed.
+#[inline(always)]
+fn is_ztunnel_port(port: u16) -> bool {
+    port == ports::OUTBOUND_CAPTURE
+        || port == ports::INBOUND_PLAINTEXT
+        || port == ports::INBOUND_HBONE
+        || port == ports::ADMIN
+        || port == ports::METRICS
+        || port == ports::READINESS
+}
