@@ -73,7 +73,8 @@ fn excluded_destinations_bypass_capture_and_are_counted() -> Result<()> {
     assert_eq!(after_other.outbound_captured, before.outbound_captured + 1);
 
     // An enrolled pod of the same node is never excluded, even on the
-    // excluded port: its inbound capture and policy still apply.
+    // excluded port: policy still applies (here it allows, so the kernel
+    // passes the flow as a same-node mesh connection, not as excluded).
     request(&client.ns, on_neighbor.addr, 4096)?;
     let after_neighbor = client_counters(&s)?;
     assert_eq!(
@@ -81,9 +82,10 @@ fn excluded_destinations_bypass_capture_and_are_counted() -> Result<()> {
         before.outbound_excluded + 2
     );
     assert_eq!(
-        after_neighbor.outbound_captured,
-        before.outbound_captured + 2
+        after_neighbor.outbound_direct + after_neighbor.outbound_captured,
+        before.outbound_direct + before.outbound_captured + 2
     );
+    assert_eq!(after_neighbor.outbound_direct, before.outbound_direct + 1);
 
     // Another pod's flows to the same port are captured: exclusions are
     // per pod.

@@ -193,7 +193,14 @@ fn certificates_rotate_during_a_long_transfer() -> Result<()> {
 
 #[test]
 fn same_node_traffic_skips_the_network_with_identity_checks() -> Result<()> {
-    let s = Setup::new(&lab::config_yaml(&[]))?;
+    // A dry-run policy keeps the destination in userspace (its log lines
+    // must be written), so this is the proxied same-node path; the kernel
+    // path without a proxy is tests/direct.rs's.
+    let s = Setup::new(&lab::config_yaml_with(
+        &[],
+        &[],
+        "policies:\n- {name: audit, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[[{destinationPorts: [9999]}]]]}\n",
+    ))?;
     let mut zt1 = s.ztunnel("node1", &[])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");

@@ -88,12 +88,22 @@ struct LocalSource<'a> {
 /// they would not fit the tables, they are left out (those connections
 /// take the userspace path) and the identity-free entries kept.
 pub fn compile(snapshot: &Snapshot) -> Vec<PolicyEntry> {
-    let entries = compile_with(snapshot, true);
-    if entries.len() <= MAX_POLICY_ENTRIES as usize {
-        return entries;
+    // Every local pair needs at least one entry: too many pods are known
+    // before anything is evaluated (4,096 pods would be 16 million pairs).
+    let pods = snapshot
+        .local_workloads()
+        .filter(|w| snapshot.captures(w))
+        .map(|w| ipv4s(w).count())
+        .sum::<usize>();
+    let pairs = pods.saturating_mul(pods.saturating_sub(1));
+    if pairs <= MAX_POLICY_ENTRIES as usize {
+        let entries = compile_with(snapshot, true);
+        if entries.len() <= MAX_POLICY_ENTRIES as usize {
+            return entries;
+        }
     }
     warn!(
-        entries = entries.len(),
+        local_pods = pods,
         capacity = MAX_POLICY_ENTRIES,
         "same-node connections do not fit the kernel policy tables; they take the userspace path"
     );
@@ -135,6 +145,10 @@ pub fn compile_with(snapshot: &Snapshot, direct: bool) -> Vec<PolicyEntry> {
         };
         if policies.is_empty() && sources.is_empty() {
             continue;
+        }
+        if !sources.is_empty() && entries.len() > MAX_POLICY_ENTRIES as usize {
+            // Too many already: `compile` falls back without these.
+            break;
         }
         // What decides plaintext: policies that can match without an
         // identity, and whether any allow policy exists at all (then one

@@ -56,7 +56,8 @@ enum Ending {
     Closed,
     /// A policy change denies it now.
     Revoked(Denial),
-    /// One of its pods is no longer a local mesh workload.
+    /// One of its pods is no longer a local mesh workload: no longer
+    /// reported, but not cut.
     Gone,
 }
 
@@ -184,7 +185,7 @@ impl DirectFlows {
                 }
                 format!("closed by policy {}: {denial}", denial.policy())
             }
-            Ending::Gone => "closed: a workload left the mesh".to_string(),
+            Ending::Gone => "no longer reported: a workload left the mesh".to_string(),
         };
         let id = |i: &Option<Identity>| {
             i.as_ref()
@@ -211,8 +212,10 @@ impl DirectFlows {
     }
 
     /// Re-checks every direct connection the kernel holds open against
-    /// `snapshot`: one no longer allowed, or whose pod left, is revoked in
-    /// the kernel and reported closed. Returns how many were.
+    /// `snapshot`: one no longer allowed is revoked in the kernel and
+    /// reported closed. One whose pod left the mesh is reported closed and
+    /// left to run, as a proxied connection would be. Returns how many
+    /// were revoked or reported.
     pub fn recheck(&self, snapshot: &Snapshot, capture: &mut Capture) -> usize {
         let mut ended = 0;
         for (key, flow) in capture.direct_flows() {
@@ -223,7 +226,8 @@ impl DirectFlows {
                 continue;
             };
             let (src, dst) = endpoints(&key);
-            match capture.revoke_direct(&key) {
+            let revoke = matches!(ending, Ending::Revoked(_));
+            match capture.end_direct(&key, revoke) {
                 Ok(Some(flow)) => {
                     if let Ending::Revoked(denial) = &ending {
                         info!(%src, %dst, policy = %denial.policy(), reason = %denial, path = "kernel", "connection closed: no longer allowed after a policy update");

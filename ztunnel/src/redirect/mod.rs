@@ -856,11 +856,15 @@ impl Capture {
         self.direct_flows.iter().filter_map(Result::ok).collect()
     }
 
-    /// Revokes a same-node direct connection: its later packets go to the
-    /// local stack, which resets it. It is marked closed, so the kernel
-    /// does not report the close; returns the flow as it stood (its bytes),
-    /// or `None` if the kernel no longer holds it.
-    pub fn revoke_direct(&mut self, key: &FlowKey) -> Result<Option<DirectFlow>, RedirectError> {
+    /// Marks a same-node direct connection closed, so the kernel does not
+    /// report its close; with `revoke`, its later packets go to the local
+    /// stack, which resets it. Returns the flow as it stood (its bytes), or
+    /// `None` if the kernel no longer holds it.
+    pub fn end_direct(
+        &mut self,
+        key: &FlowKey,
+        revoke: bool,
+    ) -> Result<Option<DirectFlow>, RedirectError> {
         let map_err = |source| RedirectError::Map {
             map: maps::DIRECT_FLOWS,
             source,
@@ -870,7 +874,10 @@ impl Capture {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(map_err(e)),
         };
-        flow.state |= direct_state::REVOKED | direct_state::CLOSED;
+        flow.state |= direct_state::CLOSED;
+        if revoke {
+            flow.state |= direct_state::REVOKED;
+        }
         // Replacing the value may lose the bytes of a packet counted in
         // between; the verdict is what matters.
         self.direct_flows.insert(key, flow, 0).map_err(map_err)?;
