@@ -210,6 +210,29 @@ impl Connection {
         self.finish(data.len() as u64, sha)
     }
 
+    /// Whether the peer (or something on the way) ends the connection within
+    /// `timeout` while this end sends nothing: a reset or end of stream.
+    pub fn ended_within(&mut self, timeout: Duration) -> Result<bool> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        let mut byte = [0u8; 1];
+        let ended = match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => bail!("the connection delivered data nobody sent"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(_) => true,
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(ended)
+    }
+
     /// Writes raw bytes without finishing the exchange.
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
         self.stream.write_all(data)?;

@@ -189,6 +189,12 @@ fn a_policy_change_ends_a_live_kernel_connection() -> Result<()> {
                 && l.contains("path=\"kernel\"")),
         "the close does not name the policy:\n{log}"
     );
+    // Idle, it ends at once: both ends are made to send, and reset.
+    let mut held = held;
+    assert!(
+        held.ended_within(Duration::from_secs(3))?,
+        "the revoked idle connection is still open at the client"
+    );
     assert!(
         held.exchange(1024).is_err(),
         "the revoked connection still works"

@@ -151,6 +151,9 @@ struct Samples {
     cross_4: Vec<f64>,
     same_1: Vec<f64>,
     same_4: Vec<f64>,
+    /// Same-node request/response latency p50 and connection rate.
+    same_p50: Vec<f64>,
+    same_rate: Vec<f64>,
     p50: Vec<f64>,
     p90: Vec<f64>,
     p99: Vec<f64>,
@@ -163,6 +166,7 @@ struct Bench<'a> {
     cross: SocketAddr,
     same: SocketAddr,
     echo: SocketAddr,
+    same_echo: SocketAddr,
 }
 
 impl Bench<'_> {
@@ -215,6 +219,7 @@ impl Bench<'_> {
             cross: bump(self.cross),
             same: bump(self.same),
             echo: bump(self.echo),
+            same_echo: bump(self.same_echo),
         }
     }
 }
@@ -239,6 +244,19 @@ impl Bench<'_> {
                 );
             }
             self.request_response(out, self.echo)?;
+            let client = &self.lab.pod("client").ns;
+            let l = load::latency(client, self.same_echo, 64, self.params.latency_round_trips)
+                .context("same-node latency")?;
+            out.same_p50.push(l.p50_us);
+            out.same_rate.push(
+                load::connection_rate(
+                    client,
+                    self.same_echo,
+                    Duration::from_secs_f64(self.params.rate_seconds),
+                    self.params.rate_threads,
+                )
+                .context("same-node connection rate")?,
+            );
         }
         Ok(())
     }
@@ -273,6 +291,8 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     ];
     let _echo = LoadServer::start(&server.ns, server.addr(7000), Mode::Echo)?;
     let _echo_after = LoadServer::start(&server.ns, server.addr(7100), Mode::Echo)?;
+    let _same_echo = LoadServer::start(&neighbor.ns, neighbor.addr(7000), Mode::Echo)?;
+    let _same_echo_after = LoadServer::start(&neighbor.ns, neighbor.addr(7100), Mode::Echo)?;
     let hold = HoldServer::start(&server.ns, server.addr(7001))?;
     let bench = Bench {
         lab: &lab,
@@ -280,6 +300,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         cross: server.addr(5201),
         same: neighbor.addr(5201),
         echo: server.addr(7000),
+        same_echo: neighbor.addr(7000),
     };
     // First repetitions without a mesh, the rest after it.
     let before = params.repetitions.div_ceil(2);
@@ -388,19 +409,37 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         &relayed.cross_4,
         Some((0.40, true)),
     );
+    // Same-node connections pass in the kernel with no proxy: the targets
+    // are close to no mesh at all.
     ratio_row(
         "throughput same-node, 1 stream",
         "Gbit/s",
         &base.same_1,
         &mesh.same_1,
         &[],
-        None,
+        Some((0.9, true)),
     );
     ratio_row(
         "throughput same-node, 4 streams",
         "Gbit/s",
         &base.same_4,
         &mesh.same_4,
+        &[],
+        Some((0.9, true)),
+    );
+    ratio_row(
+        "latency same-node p50",
+        "us",
+        &base.same_p50,
+        &mesh.same_p50,
+        &[],
+        Some((1.1, false)),
+    );
+    ratio_row(
+        "new connections same-node",
+        "conn/s",
+        &base.same_rate,
+        &mesh.same_rate,
         &[],
         None,
     );

@@ -8,7 +8,10 @@
 //! A policy change re-checks them like the connections the tracker holds:
 //! one no longer allowed is revoked in the kernel (its next packet either
 //! way is answered with a reset), counted with Istio's `DENY` flag, and
-//! logged with the policy that ended it.
+//! logged with the policy that ended it. Both ends are then nudged into
+//! sending that packet at once ([`nudge`]), so an idle connection ends too.
+
+mod nudge;
 
 use std::{
     collections::HashMap,
@@ -48,6 +51,9 @@ struct Open {
 pub struct DirectFlows {
     metrics: Arc<Metrics>,
     open: Mutex<HashMap<FlowKey, Open>>,
+    /// `None` if the raw socket could not be made: revoked connections
+    /// then end at their next packet.
+    nudger: Option<nudge::Nudger>,
 }
 
 /// Why a direct connection ended.
@@ -63,9 +69,13 @@ enum Ending {
 
 impl DirectFlows {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        let nudger = nudge::Nudger::new()
+            .map_err(|e| warn!(error = %e, "no raw socket: a revoked same-node kernel connection ends at its next packet, not at once"))
+            .ok();
         Arc::new(DirectFlows {
             metrics,
             open: Mutex::new(HashMap::new()),
+            nudger,
         })
     }
 
@@ -231,6 +241,7 @@ impl DirectFlows {
                 Ok(Some(flow)) => {
                     if let Ending::Revoked(denial) = &ending {
                         info!(%src, %dst, policy = %denial.policy(), reason = %denial, path = "kernel", "connection closed: no longer allowed after a policy update");
+                        self.nudge(src, dst);
                     }
                     self.closed(&key, &flow, ending);
                     ended += 1;
@@ -242,6 +253,19 @@ impl DirectFlows {
             }
         }
         ended
+    }
+}
+
+impl DirectFlows {
+    /// Makes both ends of a revoked connection send, to be reset now.
+    fn nudge(&self, src: SocketAddr, dst: SocketAddr) {
+        let (Some(nudger), SocketAddr::V4(src), SocketAddr::V4(dst)) = (&self.nudger, src, dst)
+        else {
+            return;
+        };
+        if let Err(e) = nudger.nudge(src, dst) {
+            warn!(%src, %dst, error = %e, "nudging a revoked same-node connection failed; it ends at its next packet");
+        }
     }
 }
 
