@@ -14,75 +14,37 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::{SocketAddr, SocketAddrV4},
 };
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 const IPPROTO_TCP: u8 = 6;
 const TCP_SYN: u8 = 0x02;
 
 /// A raw IPv4 socket in ztunnel's (the node's) network namespace.
 pub struct Nudger {
-    fd: OwnedFd,
+    socket: Socket,
 }
 
 impl Nudger {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
         // The source is a pod's address, not the node's: the route lookup
         // refuses it without this.
-        let on: libc::c_int = 1;
-        // SAFETY: a valid descriptor and option buffer.
-        let set = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_IP,
-                libc::IP_TRANSPARENT,
-                std::ptr::addr_of!(on).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if set < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Nudger { fd })
+        socket.set_ip_transparent(true)?;
+        Ok(Nudger { socket })
     }
 
     /// Makes both ends of the connection `a` <-> `b` send a packet.
     pub fn nudge(&self, a: SocketAddrV4, b: SocketAddrV4) -> io::Result<()> {
-        self.send(&syn(b, a))?;
-        self.send(&syn(a, b))
-    }
-
-    fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: the buffer and address outlive the call; lengths match.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                std::ptr::addr_of!(addr).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
+        for (from, to) in [(b, a), (a, b)] {
+            let target = SocketAddr::V4(SocketAddrV4::new(*to.ip(), 0));
+            self.socket.send_to(&syn(from, to), &target.into())?;
         }
         Ok(())
     }
@@ -133,6 +95,8 @@ fn checksum(bytes: &[u8]) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
