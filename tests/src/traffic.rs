@@ -182,6 +182,29 @@ impl Connection {
         Ok(Connection { stream })
     }
 
+    /// Like [`Connection::open`], from source port `port` (reused at once,
+    /// as a client that binds its port would).
+    pub fn open_from_port(
+        ns: &Netns,
+        port: u16,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let stream = ns
+            .run(move || -> std::io::Result<TcpStream> {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.set_reuse_address(true)?;
+                let any: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
+                socket.bind(&any.into())?;
+                socket.connect_timeout(&dst.into(), timeout)?;
+                Ok(socket.into())
+            })?
+            .with_context(|| format!("connecting to {dst} from port {port} in {}", ns.name()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Connection { stream })
+    }
+
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.stream.local_addr()?)
     }

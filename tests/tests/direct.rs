@@ -218,6 +218,31 @@ fn a_policy_change_ends_a_live_kernel_connection() -> Result<()> {
 }
 
 #[test]
+fn a_connection_reusing_the_ports_of_a_proxied_one_passes() -> Result<()> {
+    // Denied first: the SYN goes through ztunnel, and capture remembers
+    // the 4-tuple. Allowed then, the same 4-tuple passes in the kernel and
+    // must not be taken for the old, proxied connection.
+    let s = Setup::new(&config(&[policy("deny-client", "Deny", DENY_CLIENT)]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let port = 41234;
+    let denied = Connection::open_from_port(&client.ns, port, server.addr, Duration::from_secs(5))
+        .and_then(|c| c.exchange(64));
+    assert!(denied.is_err(), "the denied connection got through");
+
+    s.write(&config(&[]))?;
+    zt1.wait_for_log_count("kernel policy tables updated", 2, Duration::from_secs(10))?;
+    let report = Connection::open_from_port(&client.ns, port, server.addr, Duration::from_secs(5))?
+        .exchange(256 * 1024)?;
+    assert_eq!(report.peer, SocketAddr::from((client.spec.ip, port)));
+    let c = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+    assert_eq!((c.outbound_captured, c.outbound_direct), (1, 1));
+    Ok(())
+}
+
+#[test]
 fn a_pod_cannot_claim_another_local_pods_address_to_pass() -> Result<()> {
     // Only client may reach neighbor; bystander (not enrolled) and
     // neighbor forge client's address.

@@ -18,11 +18,12 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
 use ztunnel_common::{
-    direct_event, direct_state, ports, verdict, DirectEvent, DirectFlow, PodInfo, CAPTURE_MARK,
+    direct_event, direct_state, ports, verdict, DirectEvent, DirectFlow, PodInfo, BYPASS_MARK,
+    CAPTURE_MARK,
 };
 
 use crate::{
-    capture::set_mark,
+    capture::{set_mark, TC_NEXT},
     maps::{count, policy_verdict, Counter, ZT_DIRECT_EVENTS, ZT_DIRECT_FLOWS},
     packet::{TcpFlow, TCP_FLAG_FIN, TCP_FLAG_RST},
 };
@@ -62,8 +63,11 @@ pub fn open(flow: &TcpFlow, src: &PodInfo, dst: &PodInfo) -> bool {
 
 /// For a packet no ztunnel socket owns: if it belongs to a direct flow,
 /// adds it to the flow's bytes and reports the close it completes, and
-/// returns the packet's verdict (a revoked flow's packets go to the local
-/// stack, to be reset). `None` when it is not a direct flow's.
+/// returns the packet's verdict: forwarded past the catch-all route, or,
+/// for a revoked flow, to the local stack to be reset. Decided here, not
+/// by the captured-flows map, which may remember an earlier connection
+/// with the same addresses and ports that went through ztunnel. `None`
+/// when it is not a direct flow's.
 #[inline(always)]
 pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
     let key = flow.key();
@@ -98,7 +102,8 @@ pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
             report(direct_event::CLOSED, &as_opened, entry);
         }
     }
-    None
+    set_mark(ctx, BYPASS_MARK);
+    Some(TC_NEXT)
 }
 
 /// Whether this SYN opened a direct flow (for the egress guard, which
