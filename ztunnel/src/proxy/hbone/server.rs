@@ -407,6 +407,9 @@ impl StreamContext {
             };
             debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, %forwarded_for, %baggage, "HBONE stream opened");
         }
+        // The parsed headers (baggage, forwarded: a few hundred bytes of
+        // strings) would otherwise live as long as the tunnel.
+        drop(connect);
         let dst_identity = self.state.identity_of(&workload);
         let metrics = metrics.open(labels);
         let info = ConnInfo {
