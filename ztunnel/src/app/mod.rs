@@ -463,6 +463,10 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
                 last_event_sync = Instant::now();
             }
             _ = resync_tick.tick() => {
+                // Also forgets same-node kernel connections the kernel no
+                // longer holds.
+                let snapshot = state_tx.borrow().clone();
+                tokio::task::block_in_place(|| direct.recheck(&snapshot, &mut kernel.capture));
                 kernel.ensure_route().await;
                 resync(&mut kernel, &state_tx, &status).await;
             }

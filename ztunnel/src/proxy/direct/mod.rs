@@ -65,6 +65,9 @@ enum Ending {
     /// One of its pods is no longer a local mesh workload: no longer
     /// reported, but not cut.
     Gone,
+    /// The kernel no longer holds it (its flow table reused the entry, or
+    /// the close event was lost): its bytes are unknown.
+    Lost,
 }
 
 impl DirectFlows {
@@ -196,6 +199,7 @@ impl DirectFlows {
                 format!("closed by policy {}: {denial}", denial.policy())
             }
             Ending::Gone => "no longer reported: a workload left the mesh".to_string(),
+            Ending::Lost => "ended unseen: the kernel's flow table no longer holds it".to_string(),
         };
         let id = |i: &Option<Identity>| {
             i.as_ref()
@@ -224,11 +228,26 @@ impl DirectFlows {
     /// Re-checks every direct connection the kernel holds open against
     /// `snapshot`: one no longer allowed is revoked in the kernel and
     /// reported closed. One whose pod left the mesh is reported closed and
-    /// left to run, as a proxied connection would be. Returns how many
-    /// were revoked or reported.
+    /// left to run, as a proxied connection would be. One userspace saw
+    /// open that the kernel no longer holds is reported too, so the record
+    /// of open connections cannot grow without end. Returns how many were
+    /// revoked or reported.
     pub fn recheck(&self, snapshot: &Snapshot, capture: &mut Capture) -> usize {
         let mut ended = 0;
-        for (key, flow) in capture.direct_flows() {
+        // What userspace saw open, before the kernel's map is read: a flow
+        // opened in between is then in the map, not wrongly lost.
+        let seen: Vec<FlowKey> = self
+            .open
+            .lock()
+            .map(|open| open.keys().copied().collect())
+            .unwrap_or_default();
+        let in_kernel = capture.direct_flows();
+        let held: std::collections::HashSet<FlowKey> = in_kernel.iter().map(|(k, _)| *k).collect();
+        for key in seen.into_iter().filter(|k| !held.contains(k)) {
+            self.closed(&key, &DirectFlow::default(), Ending::Lost);
+            ended += 1;
+        }
+        for (key, flow) in in_kernel {
             if flow.state & (direct_state::CLOSED | direct_state::REVOKED) != 0 {
                 continue;
             }
