@@ -29,13 +29,15 @@ use super::{
 use crate::{
     authz::Connection,
     identity::Identity,
-    metrics::{ConnectionLabels, PeerLabels, Reporter, ResponseFlags},
+    metrics::{ConnectionLabels, ConnectionMetrics, PeerLabels, Reporter, ResponseFlags},
     proxy::{
         copy,
         relay::{pipe, ConnInfo, Direction, Ends},
-        socket, Proxy, CONNECT_TIMEOUT,
+        socket,
+        tracker::Registration,
+        Proxy, CONNECT_TIMEOUT,
     },
-    state::Snapshot,
+    state::{Snapshot, Workload},
     tls::{spiffe_ids, TlsContext},
 };
 
@@ -180,8 +182,14 @@ async fn serve_connection(
                 state: live_state.borrow().clone(),
                 proxy: proxy.clone(),
             };
+            // Boxed: what opening needs (the request, its headers, the
+            // snapshot) is not held in the task for the tunnel's life.
+            let opening = Box::new((ctx, request, respond));
             proxy.drain.tasks.spawn(async move {
-                ctx.handle(request, respond).await;
+                let (ctx, request, respond) = *opening;
+                if let Some(tunnel) = Box::pin(ctx.open(request, respond)).await {
+                    tunnel.relay().await;
+                }
                 drop(token);
             });
         },
@@ -312,20 +320,26 @@ struct StreamContext {
 }
 
 impl StreamContext {
-    async fn handle(self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+    /// Judges a CONNECT and opens its upstream: the tunnel to relay, or
+    /// `None` once it is refused (and answered).
+    async fn open(
+        self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) -> Option<Box<Tunnel>> {
         let connect = match parse_connect(&request, self.dst.ip()) {
             Ok(connect) => connect,
             Err((code, reason)) => {
                 warn!(peer = %self.peer, peer_identity = %self.peer_id, uri = %request.uri(), status = code.as_u16(), "refused CONNECT: {reason}");
                 reply(&mut respond, code);
-                return;
+                return None;
             }
         };
         let target = connect.target;
         let Some(workload) = self.state.local_workload_by_ip(target.ip()).cloned() else {
             warn!(peer = %self.peer, %target, "refused CONNECT: the workload is gone");
             reply(&mut respond, status::UNREACHABLE);
-            return;
+            return None;
         };
         let src_workload = self.state.workload_by_ip(self.peer.ip()).cloned();
         let mut labels = ConnectionLabels::new(
@@ -360,7 +374,7 @@ impl StreamContext {
                 warn!(peer = %self.peer, peer_identity = %self.peer_id, %target, policy = %denial.policy(), reason = %denial, "CONNECT denied by policy");
                 metrics.failed(labels, ResponseFlags::AuthorizationPolicyDenied);
                 reply(&mut respond, status::DENIED);
-                return;
+                return None;
             }
         };
         // Delivered from the client pod's own address: the HBONE peer is
@@ -376,13 +390,13 @@ impl StreamContext {
                 info!(peer = %self.peer, %target, error = %e, "CONNECT target unreachable");
                 metrics.failed(labels, ResponseFlags::ConnectionFailure);
                 reply(&mut respond, status::UNREACHABLE);
-                return;
+                return None;
             }
             Err(_) => {
                 info!(peer = %self.peer, %target, "CONNECT target timed out");
                 metrics.failed(labels, ResponseFlags::ConnectionFailure);
                 reply(&mut respond, status::UNREACHABLE);
-                return;
+                return None;
             }
         };
         let _ = socket::set_keepalive(&upstream);
@@ -390,10 +404,10 @@ impl StreamContext {
             Ok(send) => send,
             Err(e) => {
                 info!(peer = %self.peer, %target, error = %e, "client went away before the tunnel opened");
-                return;
+                return None;
             }
         };
-        let tunnel = H2Stream::new(send, request.into_body());
+        let stream = H2Stream::new(send, request.into_body());
         // What the peer says of its client, for the log only.
         // Formatted only when someone reads it: this runs for every stream.
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -407,35 +421,73 @@ impl StreamContext {
             };
             debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, %forwarded_for, %baggage, "HBONE stream opened");
         }
-        // The parsed headers (baggage, forwarded: a few hundred bytes of
-        // strings) would otherwise live as long as the tunnel.
-        drop(connect);
         let dst_identity = self.state.identity_of(&workload);
-        let metrics = metrics.open(labels);
+        // A waypoint's tunnel carries the traffic of the clients it serves;
+        // its identity is what policy here sees.
+        let path = match &src_workload {
+            Some(w) if self.state.is_waypoint(w) => "from-waypoint",
+            _ => "hbone",
+        };
+        Some(Box::new(Tunnel {
+            metrics: metrics.open(labels),
+            proxy: self.proxy,
+            peer: self.peer,
+            target,
+            src_workload,
+            workload,
+            peer_id: self.peer_id,
+            dst_identity,
+            path,
+            upstream,
+            stream,
+            registration,
+        }))
+    }
+}
+
+/// An accepted CONNECT, its upstream connected: what the relay needs for
+/// the tunnel's life, and nothing more (the request, its parsed headers and
+/// the snapshot it was judged by are gone by then).
+struct Tunnel {
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    target: SocketAddr,
+    src_workload: Option<Arc<Workload>>,
+    workload: Arc<Workload>,
+    peer_id: Identity,
+    dst_identity: Identity,
+    path: &'static str,
+    upstream: TcpStream,
+    stream: H2Stream,
+    registration: Registration,
+    metrics: ConnectionMetrics,
+}
+
+impl Tunnel {
+    /// Boxed: an async fn's arguments are stored twice in its future (as
+    /// passed and as moved into the body), and this one lives as long as
+    /// the tunnel.
+    async fn relay(self: Box<Self>) {
         let info = ConnInfo {
             direction: Direction::Inbound,
             src: self.peer,
-            dst: target,
-            src_workload: src_workload
+            dst: self.target,
+            src_workload: self
+                .src_workload
                 .as_ref()
                 .map(|w| w.name.as_str())
                 .unwrap_or("-"),
-            dst_workload: &workload.name,
+            dst_workload: &self.workload.name,
             src_identity: Some(&self.peer_id),
-            dst_identity: Some(&dst_identity),
-            // A waypoint's tunnel carries the traffic of the clients it
-            // serves; its identity is what policy here sees.
-            path: match &src_workload {
-                Some(w) if self.state.is_waypoint(w) => "from-waypoint",
-                _ => "hbone",
-            },
+            dst_identity: Some(&self.dst_identity),
+            path: self.path,
         };
         pipe(
             &self.proxy,
             info,
-            Ends::Hbone(upstream, tunnel, false),
-            Some(registration),
-            vec![metrics],
+            Ends::Hbone(self.upstream, self.stream, false),
+            Some(self.registration),
+            vec![self.metrics],
         )
         .await;
     }
