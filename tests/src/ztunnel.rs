@@ -308,14 +308,24 @@ pub fn sockets(node: &Node) -> Result<Vec<SocketEntry>> {
 
 /// Whether a ztunnel process in `node` owns an established socket whose local
 /// address is `local` and whose peer has address `peer_ip`: the accepted side
-/// of a captured connection.
+/// of a captured connection. Looked for during a second: a connection is
+/// complete in the kernel's accept queue before ztunnel accepts it, and `ss`
+/// names the owning process only then, which a loaded machine (tests in
+/// parallel) can delay.
 pub fn ztunnel_owns(node: &Node, local: SocketAddr, peer_ip: Ipv4Addr) -> Result<bool> {
-    Ok(sockets(node)?.iter().any(|s| {
-        s.state == "ESTAB"
-            && s.local == local
-            && s.peer.starts_with(&format!("{peer_ip}:"))
-            && s.process.contains("\"ztunnel\"")
-    }))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let owned = sockets(node)?.iter().any(|s| {
+            s.state == "ESTAB"
+                && s.local == local
+                && s.peer.starts_with(&format!("{peer_ip}:"))
+                && s.process.contains("\"ztunnel\"")
+        });
+        if owned || std::time::Instant::now() >= deadline {
+            return Ok(owned);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A pod's kernel counters, read from the pinned map with bpftool (an

@@ -317,6 +317,17 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
         FlowFrom::Pod(name) => (&lab.pod(name).ns, lab.pod(name).spec.ip),
         FlowFrom::Node(name) => (&lab.node(name).ns, lab.node(name).underlay_ip),
     };
+    // Same-node flows between enrolled pods pass in the kernel: counted on
+    // the source pod, owned by no ztunnel socket.
+    let direct = || -> u64 {
+        let FlowFrom::Pod(name) = from else { return 0 };
+        let pod = lab.pod(name);
+        counters(&lab.nodes[pod.spec.node], pod.spec.ip)
+            .ok()
+            .flatten()
+            .map_or(0, |c| c.outbound_direct)
+    };
+    let direct_before = direct();
     let conn = match Connection::open(ns, to, Duration::from_secs(2)) {
         Ok(c) => c,
         Err(e) => {
@@ -354,9 +365,12 @@ fn flow(lab: &Lab, label: &str, from: FlowFrom, to: SocketAddr) -> Result<()> {
             return Ok(());
         }
     };
+    let passed_in_kernel = owners.is_empty() && direct() > direct_before;
     println!(
         "   {label:34} {:26} {:17} ok, {} bytes intact in {:?}",
-        if owners.is_empty() {
+        if passed_in_kernel {
+            "none (kernel, policy ok)".to_string()
+        } else if owners.is_empty() {
             "none (bypass)".to_string()
         } else {
             owners.join(" + ")
