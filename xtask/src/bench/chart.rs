@@ -1,4 +1,5 @@
-//! The ratio chart: one bar per figure, mesh / no mesh, with its target.
+//! The ratio chart: one bar per figure, mesh / no mesh, with its target;
+//! where the two-relay floor was measured, the ratio to it too.
 
 use std::{borrow::Cow, fmt::Write};
 
@@ -41,7 +42,7 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
         };
         let _ = writeln!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{left}" y="{y}" width="{}" height="{bar_h}" fill="{colour}"/><text x="{}" y="{}">{ratio:.2}{}</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{left}" y="{y}" width="{}" height="{bar_h}" fill="{colour}"/><text x="{}" y="{}">{ratio:.2}{}{}</text>"#,
             left - 8.0,
             y + bar_h * 0.68,
             escape(&r.name),
@@ -49,6 +50,11 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
             // The label clears both the bar and the floor's tick.
             left + ratio.max(r.relays_ratio.unwrap_or(0.0)) * scale + 8.0,
             y + bar_h * 0.68,
+            // Against the floor too, where there is one: some targets are
+            // bounds on that.
+            r.floor_ratio
+                .map(|f| format!(" = {f:.2} of relays"))
+                .unwrap_or_default(),
             r.target
                 .as_ref()
                 .map(|t| format!(" (target {})", escape(t)))
@@ -118,6 +124,7 @@ mod tests {
             ratio: Some(ratio),
             relays: None,
             relays_ratio: Some(ratio / 2.0),
+            floor_ratio: Some(2.0),
             target: Some(target.into()),
             met: Some(true),
         }
@@ -132,7 +139,7 @@ mod tests {
         let svg = svg(&rows, "ztunnel abc · kernel 6.18 <test>");
         let texts = texts(&svg).expect("the chart is well-formed XML");
         assert!(
-            texts.contains(&"1.70 (target <= 1.8)".to_string()),
+            texts.contains(&"1.70 = 2.00 of relays (target <= 1.8)".to_string()),
             "{texts:?}"
         );
         assert!(texts.contains(&"throughput \"4\" & <streams>".to_string()));

@@ -103,6 +103,7 @@ fn measure(
             ratio: Some(v / b),
             relays: None,
             relays_ratio: None,
+            floor_ratio: None,
             target: None,
             met: None,
         }
@@ -134,6 +135,7 @@ fn measure(
             ratio: None,
             relays: None,
             relays_ratio: None,
+            floor_ratio: None,
             target: None,
             met: None,
         },
