@@ -14,8 +14,9 @@ pub struct Subject<'a> {
     conn: &'a Connection,
     /// The peer's namespace; "" without an identity.
     namespace: &'a str,
-    /// The peer's principal (the SPIFFE id without `spiffe://`).
-    principal: Option<String>,
+    /// The peer's principal (the SPIFFE id without `spiffe://`), built on
+    /// first use: most connections meet no principal match.
+    principal: std::cell::OnceCell<Option<String>>,
 }
 
 impl<'a> Subject<'a> {
@@ -25,10 +26,16 @@ impl<'a> Subject<'a> {
             namespace: conn
                 .src_identity
                 .as_ref()
-                .map(|i| i.namespace.as_str())
+                .map(|i| &*i.namespace)
                 .unwrap_or(""),
-            principal: conn.src_identity.as_ref().map(|i| i.principal()),
+            principal: std::cell::OnceCell::new(),
         }
+    }
+
+    fn principal(&self) -> Option<&str> {
+        self.principal
+            .get_or_init(|| self.conn.src_identity.as_ref().map(|i| i.principal()))
+            .as_deref()
     }
 }
 
@@ -95,13 +102,12 @@ fn match_matches(m: &RbacMatch, subject: &Subject<'_>) -> bool {
     // is absent: every positive identity match fails, every `not` one holds.
     let conn = subject.conn;
     let namespace = subject.namespace;
-    let principal = &subject.principal;
     field(&m.namespaces, &m.not_namespaces, |s| {
         string_matches(s, namespace)
     }) && field(&m.service_accounts, &m.not_service_accounts, |sa| {
         service_account_matches(sa, conn)
     }) && field(&m.principals, &m.not_principals, |s| {
-        principal.as_deref().is_some_and(|p| string_matches(s, p))
+        subject.principal().is_some_and(|p| string_matches(s, p))
     }) && field(&m.source_ips, &m.not_source_ips, |net| {
         net.contains(&conn.src.ip())
     }) && field(&m.destination_ips, &m.not_destination_ips, |net| {
@@ -122,7 +128,7 @@ pub fn string_matches(m: &StringMatch, value: &str) -> bool {
 }
 
 fn service_account_matches(m: &ServiceAccountMatch, conn: &Connection) -> bool {
-    conn.src_identity
-        .as_ref()
-        .is_some_and(|id| id.namespace == m.namespace && id.service_account == m.service_account)
+    conn.src_identity.as_ref().is_some_and(|id| {
+        *id.namespace == *m.namespace && *id.service_account == *m.service_account
+    })
 }

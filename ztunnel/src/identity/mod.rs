@@ -12,7 +12,7 @@ pub mod ca;
 pub mod caclient;
 pub mod manager;
 
-use std::{fmt, path::PathBuf, str::FromStr};
+use std::{fmt, path::PathBuf, str::FromStr, sync::Arc};
 
 pub use ca::{LocalCa, WorkloadCert};
 pub use caclient::CaClient;
@@ -22,19 +22,23 @@ pub use manager::{CaSource, CertManager};
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// A workload identity.
+///
+/// Shared strings: an identity is cloned several times per proxied
+/// connection (its labels, the pool key, the tunnel target, authorization),
+/// and a clone must not allocate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub trust_domain: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
 }
 
 impl Identity {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
         Identity {
-            trust_domain: trust_domain.to_string(),
-            namespace: namespace.to_string(),
-            service_account: service_account.to_string(),
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
         }
     }
 
@@ -73,7 +77,12 @@ impl Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}", self.principal())
+        // Written in place: every access-log line formats two identities.
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -122,9 +131,9 @@ mod tests {
     fn a_spiffe_id_parses_into_its_three_parts() {
         let id = parse("spiffe://example.org/ns/shop/sa/cart").unwrap();
         assert_eq!(id, Identity::new("example.org", "shop", "cart"));
-        assert_eq!(id.trust_domain, "example.org");
-        assert_eq!(id.namespace, "shop");
-        assert_eq!(id.service_account, "cart");
+        assert_eq!(&*id.trust_domain, "example.org");
+        assert_eq!(&*id.namespace, "shop");
+        assert_eq!(&*id.service_account, "cart");
     }
 
     #[test]
@@ -159,7 +168,7 @@ mod tests {
             Identity::new("other.td", "shop", "cart")
         );
         assert_eq!(
-            Identity::of_workload("", DEFAULT_TRUST_DOMAIN, "ns", "sa").trust_domain,
+            &*Identity::of_workload("", DEFAULT_TRUST_DOMAIN, "ns", "sa").trust_domain,
             "cluster.local"
         );
     }
@@ -219,8 +228,8 @@ mod tests {
         // An escaped slash stays three characters: it cannot add a segment
         // or make two different ids compare equal.
         let id = parse("spiffe://td/ns/a%2Fb/sa/c%20d").unwrap();
-        assert_eq!(id.namespace, "a%2Fb");
-        assert_eq!(id.service_account, "c%20d");
+        assert_eq!(&*id.namespace, "a%2Fb");
+        assert_eq!(&*id.service_account, "c%20d");
         assert_ne!(id, Identity::new("td", "a/b", "c d"));
         assert_eq!(id.principal(), "td/ns/a%2Fb/sa/c%20d");
     }
@@ -237,7 +246,7 @@ mod tests {
         let long = "a".repeat(100_000);
         let id = parse(&format!("spiffe://td/ns/{long}/sa/{long}")).unwrap();
         assert_eq!(id.namespace.len(), 100_000);
-        assert_eq!(id.service_account, long);
+        assert_eq!(&*id.service_account, long);
         let garbage = format!("spiffe://td{}", "/ns".repeat(50_000));
         assert!(parse(&garbage).is_err());
     }

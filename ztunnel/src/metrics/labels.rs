@@ -262,11 +262,11 @@ impl ConnectionLabels {
 fn id_matches(principal: &str, id: &Identity) -> bool {
     principal
         .strip_prefix("spiffe://")
-        .and_then(|r| r.strip_prefix(id.trust_domain.as_str()))
+        .and_then(|r| r.strip_prefix(&*id.trust_domain))
         .and_then(|r| r.strip_prefix("/ns/"))
-        .and_then(|r| r.strip_prefix(id.namespace.as_str()))
+        .and_then(|r| r.strip_prefix(&*id.namespace))
         .and_then(|r| r.strip_prefix("/sa/"))
-        == Some(id.service_account.as_str())
+        == Some(&*id.service_account)
 }
 
 impl EncodeLabelSet for ConnectionLabels {

@@ -89,10 +89,7 @@ async fn handle(
     }
     let _ = socket::set_keepalive(&downstream);
     let src_workload = state.workload_by_ip(src.ip()).cloned();
-    let src_name = src_workload
-        .as_ref()
-        .map(|w| w.name.clone())
-        .unwrap_or_else(|| "-".into());
+    let src_name = src_workload.as_ref().map_or("-", |w| w.name.as_str());
     // A destination that names a waypoint is reached through it, or not
     // at all: its L7 policy lives there.
     match state.waypoint_for(src_workload.as_deref(), dst) {
@@ -140,7 +137,7 @@ async fn handle(
             direction: Direction::Outbound,
             src,
             dst: addr,
-            src_workload: &src_name,
+            src_workload: src_name,
             dst_workload: dst_workload
                 .as_ref()
                 .map(|w| w.name.as_str())

@@ -2,6 +2,7 @@
 //! only decide where a connection goes and how.
 
 use std::{
+    borrow::Cow,
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -149,8 +150,13 @@ pub async fn pipe(
     drop(ends);
     let so_far = tally.transferred();
     let (sent, received, result) = match &outcome {
-        Outcome::Done(Ok(t)) => (t.sent, t.received, "ok".to_string()),
-        Outcome::Done(Err(e)) => (so_far.sent, so_far.received, format!("error: {e}")),
+        // Borrowed in the common case: this runs for every connection.
+        Outcome::Done(Ok(t)) => (t.sent, t.received, Cow::Borrowed("ok")),
+        Outcome::Done(Err(e)) => (
+            so_far.sent,
+            so_far.received,
+            Cow::Owned(format!("error: {e}")),
+        ),
         Outcome::Revoked(denial) => {
             // Istio's ztunnel flags a late rejection as a denial.
             for m in &mut metrics {
@@ -159,7 +165,7 @@ pub async fn pipe(
             (
                 so_far.sent,
                 so_far.received,
-                format!("closed by policy {}: {denial}", denial.policy()),
+                Cow::Owned(format!("closed by policy {}: {denial}", denial.policy())),
             )
         }
         Outcome::Idle => {
@@ -167,11 +173,10 @@ pub async fn pipe(
             (
                 so_far.sent,
                 so_far.received,
-                format!("closed: idle for {:?}", proxy.limits.idle_timeout),
+                Cow::Owned(format!("closed: idle for {:?}", proxy.limits.idle_timeout)),
             )
         }
     };
-    let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
     info!(
         target: "access",
         direction = info.direction.as_str(),
@@ -179,8 +184,8 @@ pub async fn pipe(
         dst = %info.dst,
         src_workload = info.src_workload,
         dst_workload = info.dst_workload,
-        src_identity = %id(info.src_identity),
-        dst_identity = %id(info.dst_identity),
+        src_identity = %OrDash(info.src_identity),
+        dst_identity = %OrDash(info.dst_identity),
         path = info.path,
         bytes_sent = sent,
         bytes_received = received,
@@ -188,6 +193,18 @@ pub async fn pipe(
         outcome = %result,
         "connection complete"
     );
+}
+
+/// An identity for the access log, or `-`: formatted in place.
+struct OrDash<'a>(Option<&'a Identity>);
+
+impl std::fmt::Display for OrDash<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => id.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 enum Outcome {

@@ -121,6 +121,9 @@ pub struct Snapshot {
     /// service's (by index in `services`), built once here rather than on
     /// every connection.
     peer_labels: HashMap<usize, Arc<PeerLabels>>,
+    /// Each workload's identity (by address in `workloads`): cloning one
+    /// shares its strings, building one allocates them.
+    identities: HashMap<usize, Identity>,
     service_labels: Vec<Arc<ServiceLabels>>,
 }
 
@@ -165,6 +168,7 @@ impl Snapshot {
             next_endpoint: AtomicUsize::new(0),
             waypoints: HashSet::new(),
             peer_labels: HashMap::new(),
+            identities: HashMap::new(),
             service_labels: config
                 .services
                 .iter()
@@ -177,6 +181,11 @@ impl Snapshot {
                 })
                 .collect(),
         };
+        snapshot.identities = snapshot
+            .workloads
+            .iter()
+            .map(|w| (Arc::as_ptr(w) as usize, snapshot.identity_of(w)))
+            .collect();
         snapshot.peer_labels = snapshot
             .workloads
             .iter()
@@ -243,6 +252,9 @@ impl Snapshot {
 
     /// A workload's SPIFFE identity.
     pub fn identity_of(&self, w: &Workload) -> Identity {
+        if let Some(id) = self.identities.get(&(std::ptr::from_ref(w) as usize)) {
+            return id.clone();
+        }
         Identity::of_workload(
             &w.trust_domain,
             &self.trust_domain,

@@ -82,16 +82,20 @@ impl Snapshot {
         src: Option<&Workload>,
         dst: SocketAddr,
     ) -> Option<Result<Waypoint, WaypointError>> {
+        // The owner's name is built only when there is a waypoint: most
+        // destinations have none, and this runs for every connection.
         let (owner, gateway) = if let Some(service) = self.service_by_vip(dst.ip()) {
+            let gateway = service.waypoint.as_ref()?;
             (
                 WaypointOwner::Service(format!("{}/{}", service.namespace, service.hostname)),
-                service.waypoint.as_ref()?,
+                gateway,
             )
         } else {
             let workload = self.workload_by_ip(dst.ip())?;
+            let gateway = workload.waypoint.as_ref()?;
             (
                 WaypointOwner::Workload(format!("{}/{}", workload.namespace, workload.name)),
-                workload.waypoint.as_ref()?,
+                gateway,
             )
         };
         // The waypoint's own traffic to what it serves goes straight on,

@@ -106,7 +106,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             return Err(reject(SpiffeError::NoIdentity));
         };
         // Any SPIFFE SAN in our trust domain will do, as Istio's ztunnel.
-        if !ids.iter().any(|id| id.trust_domain == self.trust_domain) {
+        if !ids.iter().any(|id| *id.trust_domain == *self.trust_domain) {
             return Err(reject(SpiffeError::WrongTrustDomain {
                 got: first.to_string(),
                 want: self.trust_domain.clone(),

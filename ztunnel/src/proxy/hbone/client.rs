@@ -164,14 +164,28 @@ fn forwarded(target: &Target) -> String {
     }
 }
 
-/// A W3C trace context header with fresh random ids, unsampled.
+/// A W3C trace context header with fresh random ids, unsampled:
+/// `00-<32 hex trace id>-<16 hex parent id>-00`. Written into one buffer:
+/// this runs for every connection.
 fn traceparent() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // The provider's generator is a static; building the provider to reach
+    // it would allocate its suite lists on every call.
+    static RANDOM: std::sync::LazyLock<&'static dyn rustls::crypto::SecureRandom> =
+        std::sync::LazyLock::new(|| rustls::crypto::aws_lc_rs::default_provider().secure_random);
     let mut bytes = [0u8; 24];
-    let _ = rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+    let _ = RANDOM.fill(&mut bytes);
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    for (i, b) in bytes.iter().enumerate() {
+        if i == 16 {
+            out.push('-');
+        }
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out.push_str("-00");
+    out
 }
 
 #[cfg(test)]

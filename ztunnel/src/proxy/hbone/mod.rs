@@ -47,9 +47,12 @@ pub mod status {
 
 /// Header names.
 pub mod headers {
-    pub const FORWARDED: &str = "forwarded";
-    pub const BAGGAGE: &str = "baggage";
-    pub const TRACEPARENT: &str = "traceparent";
+    use http::HeaderName;
+    // Names, not strings: a name from a string is parsed and copied on
+    // every request.
+    pub const FORWARDED: HeaderName = http::header::FORWARDED;
+    pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 }
 
 /// The `baggage` header describing `workload`, as Istio's ztunnel sends it
@@ -68,31 +71,35 @@ pub fn baggage(workload: &crate::state::Workload) -> String {
     } else {
         workload.workload_type.as_str()
     };
+    // Only the workload's key is built: the others are constants.
+    let mut kind_key = String::with_capacity(kind.len() + 9);
+    kind_key.push_str("k8s.");
+    kind_key.push_str(kind);
+    kind_key.push_str(".name");
     let members = [
-        ("k8s.cluster.name".to_string(), workload.cluster_id.as_str()),
-        (
-            "k8s.namespace.name".to_string(),
-            workload.namespace.as_str(),
-        ),
-        (format!("k8s.{kind}.name"), workload.workload_name.as_str()),
-        ("service.name".to_string(), workload.canonical_name.as_str()),
-        (
-            "service.version".to_string(),
-            workload.canonical_revision.as_str(),
-        ),
+        ("k8s.cluster.name", workload.cluster_id.as_str()),
+        ("k8s.namespace.name", workload.namespace.as_str()),
+        (kind_key.as_str(), workload.workload_name.as_str()),
+        ("service.name", workload.canonical_name.as_str()),
+        ("service.version", workload.canonical_revision.as_str()),
     ];
-    members
-        .iter()
-        .enumerate()
-        .filter(|(i, (k, v))| {
-            !v.is_empty()
-                && request::is_token(k)
-                && carried(v)
-                && !members[..*i].iter().any(|(earlier, _)| earlier == k)
-        })
-        .map(|(_, (k, v))| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    // One buffer for the header: this runs for every tunnelled connection.
+    let mut out = String::with_capacity(members.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
+    for (i, (k, v)) in members.iter().enumerate() {
+        let wanted = !v.is_empty()
+            && request::is_token(k)
+            && carried(v)
+            && !members[..i].iter().any(|(earlier, _)| earlier == k);
+        if wanted {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(k);
+            out.push('=');
+            out.push_str(v);
+        }
+    }
+    out
 }
 
 /// Whether `s` can be sent verbatim as a baggage value.

@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
 
 use super::{headers, status};
 
@@ -31,6 +31,23 @@ pub fn parse_connect<B>(
     request: &Request<B>,
     dst: IpAddr,
 ) -> Result<Connect, (StatusCode, String)> {
+    let target = check_connect(request, dst)?;
+    let headers = request.headers();
+    Ok(Connect {
+        target,
+        forwarded: forwarded_of(headers),
+        baggage: baggage_of(headers),
+    })
+}
+
+/// The part of [`parse_connect`] that decides: the target a CONNECT on a
+/// connection captured for `dst` may reach, or the status to refuse it
+/// with and why. The listener reads the peer's descriptive headers
+/// ([`forwarded_of`], [`baggage_of`]) only when it uses them.
+pub fn check_connect<B>(
+    request: &Request<B>,
+    dst: IpAddr,
+) -> Result<SocketAddr, (StatusCode, String)> {
     let target = connect_target(request)?;
     // The tunnel may only reach the workload it was addressed to.
     if target.ip() != dst {
@@ -45,12 +62,17 @@ pub fn parse_connect<B>(
             format!("authority {target} is one of ztunnel's own ports"),
         ));
     }
-    let headers = request.headers();
-    Ok(Connect {
-        target,
-        forwarded: joined(headers, headers::FORWARDED).and_then(|v| Forwarded::parse(&v)),
-        baggage: joined(headers, headers::BAGGAGE).and_then(|v| Baggage::parse(&v)),
-    })
+    Ok(target)
+}
+
+/// The `forwarded` header (empty when absent), or why it was set aside.
+pub fn forwarded_of(headers: &HeaderMap) -> Result<Forwarded, String> {
+    joined(headers, &headers::FORWARDED).and_then(|v| Forwarded::parse(&v))
+}
+
+/// The `baggage` header (empty when absent), or why it was set aside.
+pub fn baggage_of(headers: &HeaderMap) -> Result<Baggage, String> {
+    joined(headers, &headers::BAGGAGE).and_then(|v| Baggage::parse(&v))
 }
 
 /// The `ip:port` a request asks to reach, if it is a CONNECT naming one;
@@ -77,7 +99,7 @@ pub fn connect_target<B>(request: &Request<B>) -> Result<SocketAddr, (StatusCode
 
 /// Every value of the header `name`, as one comma-separated list (what
 /// repeating a list header means in HTTP).
-fn joined(headers: &HeaderMap, name: &str) -> Result<String, String> {
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Result<String, String> {
     let mut values = Vec::new();
     for value in headers.get_all(name) {
         values.push(

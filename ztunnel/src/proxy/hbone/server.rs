@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     bounds::{HandshakeSlot, HandshakeSlots, PeerConnections},
-    request::parse_connect,
+    request::{baggage_of, check_connect, forwarded_of},
     settings, status,
     stream::H2Stream,
 };
@@ -230,7 +230,7 @@ pub async fn handshake(
         .and_then(|leaf| {
             spiffe_ids(leaf)
                 .into_iter()
-                .find(|id| id.trust_domain == trust_domain)
+                .find(|id| *id.trust_domain == *trust_domain)
         })
         .ok_or_else(|| "client certificate names no identity".to_string())?;
     let h2 = h2::server::Builder::new()
@@ -327,15 +327,14 @@ impl StreamContext {
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> Option<Box<Tunnel>> {
-        let connect = match parse_connect(&request, self.dst.ip()) {
-            Ok(connect) => connect,
+        let target = match check_connect(&request, self.dst.ip()) {
+            Ok(target) => target,
             Err((code, reason)) => {
                 warn!(peer = %self.peer, peer_identity = %self.peer_id, uri = %request.uri(), status = code.as_u16(), "refused CONNECT: {reason}");
                 reply(&mut respond, code);
                 return None;
             }
         };
-        let target = connect.target;
         let Some(workload) = self.state.local_workload_by_ip(target.ip()).cloned() else {
             warn!(peer = %self.peer, %target, "refused CONNECT: the workload is gone");
             reply(&mut respond, status::UNREACHABLE);
@@ -351,7 +350,13 @@ impl StreamContext {
             None,
             true,
         );
-        if let (None, Ok(baggage)) = (&src_workload, &connect.baggage) {
+        // The peer's baggage is read only for a source this node does not
+        // know: it describes nothing the configuration does not.
+        let baggage = match &src_workload {
+            None => Some(baggage_of(request.headers())),
+            Some(_) => None,
+        };
+        if let Some(Ok(baggage)) = &baggage {
             // A source this node's configuration does not hold (another
             // cluster's, say): described by what its ztunnel said of it,
             // with the identity its certificate proved, as Istio does.
@@ -407,20 +412,21 @@ impl StreamContext {
                 return None;
             }
         };
-        let stream = H2Stream::new(send, request.into_body());
         // What the peer says of its client, for the log only.
-        // Formatted only when someone reads it: this runs for every stream.
+        // Read and formatted only when someone reads it: this runs for
+        // every stream.
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let forwarded_for = match &connect.forwarded {
+            let forwarded_for = match forwarded_of(request.headers()) {
                 Ok(f) => f.first("for").unwrap_or("-").to_string(),
-                Err(why) => why.clone(),
+                Err(why) => why,
             };
-            let baggage = match &connect.baggage {
+            let baggage = match baggage.unwrap_or_else(|| baggage_of(request.headers())) {
                 Ok(b) => format!("{:?}", b.0),
-                Err(why) => why.clone(),
+                Err(why) => why,
             };
             debug!(src = %self.peer, dst = %target, src_identity = %self.peer_id, %forwarded_for, %baggage, "HBONE stream opened");
         }
+        let stream = H2Stream::new(send, request.into_body());
         let dst_identity = self.state.identity_of(&workload);
         // A waypoint's tunnel carries the traffic of the clients it serves;
         // its identity is what policy here sees.
