@@ -83,6 +83,13 @@ fn snapshot() -> Snapshot {
     Snapshot::new("n1", "cluster.local", &config)
 }
 
+fn client(snapshot: &Snapshot) -> std::sync::Arc<ztunnel::state::Workload> {
+    snapshot
+        .workload_by_ip("10.0.0.1".parse().expect("an address"))
+        .expect("the client workload")
+        .clone()
+}
+
 #[test]
 fn cloning_an_identity_shares_its_strings() {
     let id = Identity::new("cluster.local", "shop", "cart");
@@ -92,10 +99,7 @@ fn cloning_an_identity_shares_its_strings() {
 #[test]
 fn a_configured_workloads_identity_is_built_once_per_snapshot() {
     let snapshot = snapshot();
-    let client = snapshot
-        .workload_by_ip("10.0.0.1".parse().expect("an address"))
-        .expect("the client workload")
-        .clone();
+    let client = client(&snapshot);
     let id = snapshot.identity_of(&client);
     assert_eq!(id, Identity::new("cluster.local", "shop", "cart"));
     assert_eq!(allocations(|| snapshot.identity_of(&client)), 0);
@@ -104,10 +108,7 @@ fn a_configured_workloads_identity_is_built_once_per_snapshot() {
 #[test]
 fn the_baggage_header_is_one_buffer() {
     let snapshot = snapshot();
-    let client = snapshot
-        .workload_by_ip("10.0.0.1".parse().expect("an address"))
-        .expect("the client workload")
-        .clone();
+    let client = client(&snapshot);
     let header = ztunnel::proxy::hbone::baggage(&client);
     assert!(header.contains("service.name=cart"), "{header}");
     // The workload-type key and the header itself; it used to take a
