@@ -19,6 +19,7 @@
 //! new ztunnel owns the listeners and nothing is unpublished.
 
 mod hold;
+mod memory;
 mod sockets;
 
 use std::{
@@ -389,6 +390,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
         }).unwrap_or_default(),
         "ready"
     );
+    memory::release_startup_memory();
 
     let mut events = kernel_events();
     let mut resync_due: Option<Instant> = None;

@@ -44,6 +44,11 @@ pub use topology::{Interface, LinkLayer, Topology};
 /// The eBPF object built by build.rs from `ztunnel-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel.bpf.o"));
 
+/// The embedded eBPF object, for giving back its pages once loaded.
+pub(crate) fn embedded_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// Every TC program in the object.
 /// How often capture is moved back in front at one hook within
 /// [`MOVES_WINDOW`] before it gives up there until the window ends.
