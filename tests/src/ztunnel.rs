@@ -328,6 +328,25 @@ pub fn ztunnel_owns(node: &Node, local: SocketAddr, peer_ip: Ipv4Addr) -> Result
     }
 }
 
+/// Whether the established socket in `node`'s namespace at `local`, with a
+/// peer at `peer_ip`, has its keepalive timer armed (`ss -o`).
+pub fn keepalive_armed(node: &Node, local: SocketAddr, peer_ip: Ipv4Addr) -> Result<bool> {
+    let out = crate::netns::run(
+        node.ns
+            .command("ss")
+            .args(["-tanoH", "state", "established"]),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // Recv-Q, Send-Q, local, peer, timer (no state column when filtered).
+        cols.len() >= 4
+            && cols[2].parse::<SocketAddr>().ok() == Some(local)
+            && cols[3].starts_with(&format!("{peer_ip}:"))
+            && line.contains("timer:(keepalive,")
+    }))
+}
+
 /// A pod's kernel counters, read from the pinned map with bpftool (an
 /// independent reader: not ztunnel's own view).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use ztunnel_tests::{
     setup::Setup,
     traffic::{request, Connection, Server},
     wait::eventually,
-    ztunnel::{counters, ztunnel_owns},
+    ztunnel::{counters, keepalive_armed, ztunnel_owns},
 };
 
 fn ip(pod: &lab::Pod) -> IpAddr {
@@ -57,6 +57,54 @@ fn enrolled_pod_to_other_node_is_captured_and_tunnelled_keeping_client_ip() -> R
     assert_eq!(c1.outbound_captured, 1);
     let c2 = counters(s.lab.node("node2"), server_pod.spec.ip)?.expect("server has counters");
     assert_eq!(c2.inbound_captured, 1);
+    Ok(())
+}
+
+/// Every socket of a proxied connection probes a silent peer: those ztunnel
+/// accepts get keepalive from their listener (set there once, not per
+/// connection), those it opens set it themselves.
+#[test]
+fn every_socket_of_a_proxied_connection_has_keepalive() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
+    let client = s.lab.pod("client");
+    let server_pod = s.lab.pod("server");
+    let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let bystander = s.lab.pod("bystander");
+
+    let conn = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
+    let plain = Connection::open(&bystander.ns, server.addr, Duration::from_secs(5))?;
+    assert!(ztunnel_owns(
+        s.lab.node("node1"),
+        server.addr,
+        client.spec.ip
+    )?);
+    let node1 = s.lab.node("node1");
+    let node2 = s.lab.node("node2");
+    let checks = [
+        // node1 accepted the client's connection (outbound capture)...
+        ("outbound, accepted", node1, server.addr, client.spec.ip),
+        // ...node2 accepted the tunnel (HBONE)...
+        (
+            "HBONE, accepted",
+            node2,
+            server_pod.addr(15008),
+            client.spec.ip,
+        ),
+        // ...and the plaintext connection from a pod outside the mesh
+        // (inbound capture).
+        ("inbound, accepted", node2, server.addr, bystander.spec.ip),
+    ];
+    for (what, node, local, peer) in checks {
+        eventually(
+            &format!("keepalive on the {what} socket {local} <- {peer}"),
+            Duration::from_secs(2),
+            || keepalive_armed(node, local, peer),
+        )?;
+    }
+    conn.exchange(1024)?;
+    plain.exchange(1024)?;
     Ok(())
 }
 

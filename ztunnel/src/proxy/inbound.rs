@@ -78,7 +78,6 @@ async fn handle(
             return;
         }
     };
-    let _ = super::socket::set_keepalive(&downstream);
     let Some(upstream) = connect_direct(Direction::Inbound, src, dst, Some(src.ip())).await else {
         proxy
             .metrics

@@ -87,7 +87,6 @@ async fn handle(
         refuse(downstream);
         return;
     }
-    let _ = socket::set_keepalive(&downstream);
     let src_workload = state.workload_by_ip(src.ip()).cloned();
     let src_name = src_workload.as_ref().map_or("-", |w| w.name.as_str());
     // A destination that names a waypoint is reached through it, or not

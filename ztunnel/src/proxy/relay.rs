@@ -52,12 +52,13 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let draining = Some(drain.signal.clone());
+    // Keepalive and TCP_NODELAY come from the listener.
+    socket::prepare_listener(&listener, direction.as_str());
     crate::accept::accept_until_drained(direction.as_str(), &listener, draining, |stream, src| {
         // For a transparent listener, the local address is the original destination.
         let Ok(dst) = stream.local_addr() else {
             return;
         };
-        let _ = stream.set_nodelay(true);
         let snapshot = state.borrow().clone();
         drain.tasks.spawn(handle(stream, src, dst, snapshot));
     })

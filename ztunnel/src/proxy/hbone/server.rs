@@ -88,6 +88,10 @@ pub async fn serve(
     ));
     let peers = Arc::new(PeerConnections::new(limits.max_connections_per_peer));
     let draining = Some(proxy.drain.signal.clone());
+    // Keepalive, and TCP_NODELAY so that small HTTP/2 frames (window
+    // updates, a request's headers) do not wait for Nagle: both from the
+    // listener.
+    socket::prepare_listener(&listener, "hbone");
     crate::accept::accept_until_drained("hbone", &listener, draining, |stream, peer| {
         let slot = handshakes.admit(peer.ip());
         let tasks = proxy.drain.tasks.clone();
@@ -127,10 +131,6 @@ async fn serve_connection(
             return;
         }
     };
-    let _ = socket::set_keepalive(&stream);
-    // Small HTTP/2 frames (window updates, a request's headers) must not
-    // wait for Nagle.
-    let _ = stream.set_nodelay(true);
     let handshake = handshake(
         stream,
         config,
