@@ -66,8 +66,8 @@ pub async fn connect(src_ip: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpS
     } else {
         Domain::IPV6
     };
-    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
+    // Non-blocking from birth (SOCK_NONBLOCK): no fcntl pair per connection.
+    let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     socket.set_nodelay(true)?;
     if let Some(ip) = src_ip {
         socket.set_ip_transparent(true)?;
