@@ -196,8 +196,9 @@ pub async fn pipe(
     );
 }
 
-/// An identity for the access log, or `-`: formatted in place.
-struct OrDash<'a>(Option<&'a Identity>);
+/// An identity for the access log, or `-`: formatted in place (the
+/// proxied and the kernel paths write the same line).
+pub(super) struct OrDash<'a>(pub(super) Option<&'a Identity>);
 
 impl std::fmt::Display for OrDash<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

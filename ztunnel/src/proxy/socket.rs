@@ -41,14 +41,15 @@ pub fn prepare_listener(listener: &TcpListener, name: &str) {
     }
 }
 
-/// A transparent listener on `0.0.0.0:port`.
+/// A transparent listener on `0.0.0.0:port`. What its accepted sockets
+/// need is set by [`prepare_listener`] where it is served, as for a
+/// listener handed over.
 ///
 /// `SO_REUSEPORT` stays off: `bpf_sk_assign` refuses reuseport listeners.
 pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_ip_transparent(true)?;
-    socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
     let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
     socket

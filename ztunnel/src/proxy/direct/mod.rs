@@ -14,6 +14,7 @@
 mod nudge;
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -28,6 +29,7 @@ use tokio::{
 use tracing::{info, warn};
 use ztunnel_common::{direct_event, direct_state, DirectEvent, DirectFlow, FlowKey};
 
+use super::relay::OrDash;
 use crate::{
     authz::{evaluate, Connection, Denial},
     identity::Identity,
@@ -190,21 +192,16 @@ impl DirectFlows {
             m.request_bytes.inc_by(flow.request_bytes);
             m.response_bytes.inc_by(flow.response_bytes);
         }
-        let outcome = match &ending {
-            Ending::Closed => "ok".to_string(),
+        let outcome: Cow<'static, str> = match &ending {
+            Ending::Closed => "ok".into(),
             Ending::Revoked(denial) => {
                 for m in &mut open.metrics {
                     m.fail(ResponseFlags::AuthorizationPolicyDenied);
                 }
-                format!("closed by policy {}: {denial}", denial.policy())
+                format!("closed by policy {}: {denial}", denial.policy()).into()
             }
-            Ending::Gone => "no longer reported: a workload left the mesh".to_string(),
-            Ending::Lost => "ended unseen: the kernel's flow table no longer holds it".to_string(),
-        };
-        let id = |i: &Option<Identity>| {
-            i.as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "-".into())
+            Ending::Gone => "no longer reported: a workload left the mesh".into(),
+            Ending::Lost => "ended unseen: the kernel's flow table no longer holds it".into(),
         };
         let duration = Duration::from_nanos(now_ns().saturating_sub(flow.opened_ns));
         info!(
@@ -214,8 +211,8 @@ impl DirectFlows {
             dst = %dst,
             src_workload = open.src_workload,
             dst_workload = open.dst_workload,
-            src_identity = %id(&open.src_identity),
-            dst_identity = %id(&open.dst_identity),
+            src_identity = %OrDash(open.src_identity.as_ref()),
+            dst_identity = %OrDash(open.dst_identity.as_ref()),
             path = "kernel",
             bytes_sent = flow.response_bytes,
             bytes_received = flow.request_bytes,
