@@ -243,6 +243,43 @@ fn a_connection_reusing_the_ports_of_a_proxied_one_passes() -> Result<()> {
 }
 
 #[test]
+fn a_proxied_connection_reusing_the_ports_of_a_kernel_one_reaches_ztunnel() -> Result<()> {
+    // The reverse order. A live direct flow's packets are decided before
+    // the socket lookup; a closed one's must not be: here the same 4-tuple
+    // comes back through ztunnel (a dry-run policy now needs its log
+    // lines), and its packets after the SYN belong to ztunnel's socket,
+    // not to the neighbour, which never saw this connection's SYN.
+    let s = Setup::new(&config(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    // The first connection leaves the 4-tuple in TIME_WAIT on the client;
+    // a connect more than a second later may take it over.
+    client.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let port = 41235;
+    let report = Connection::open_from_port(&client.ns, port, server.addr, Duration::from_secs(5))?
+        .exchange(64 * 1024)?;
+    assert_eq!(report.peer, SocketAddr::from((client.spec.ip, port)));
+    let c = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+    assert_eq!((c.outbound_captured, c.outbound_direct), (0, 1));
+
+    let dry_run =
+        policy("dry-deny-client", "Deny", DENY_CLIENT).replace("dryRun: false", "dryRun: true");
+    s.write(&config(&[dry_run]))?;
+    zt1.wait_for_log_count("kernel policy tables updated", 2, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(1100));
+    let report = Connection::open_from_port(&client.ns, port, server.addr, Duration::from_secs(5))?
+        .exchange(256 * 1024)?;
+    assert_eq!(report.peer.ip(), IpAddr::V4(client.spec.ip));
+    assert_eq!(report.bytes, 256 * 1024);
+    let c = counters(s.lab.node("node1"), client.spec.ip)?.context("client counters")?;
+    assert_eq!((c.outbound_captured, c.outbound_direct), (1, 1));
+    Ok(())
+}
+
+#[test]
 fn a_pod_cannot_claim_another_local_pods_address_to_pass() -> Result<()> {
     // Only client may reach neighbor; bystander (not enrolled) and
     // neighbor forge client's address.

@@ -94,6 +94,13 @@ pub fn from_pods(
     dst: Option<PodInfo>,
 ) -> i32 {
     let flow = *flow;
+    if !flow.is_syn && src.is_some() && dst.is_some() {
+        // Same-node traffic passed in the kernel: its flow decides, before
+        // the socket lookup (see `direct::track_live`).
+        if let Some(verdict) = direct::track_live(ctx, &flow) {
+            return verdict;
+        }
+    }
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
     }

@@ -70,6 +70,24 @@ pub fn open(flow: &TcpFlow, src: &PodInfo, dst: &PodInfo) -> bool {
 /// when it is not a direct flow's.
 #[inline(always)]
 pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
+    track_flow(ctx, flow, false)
+}
+
+/// [`track`] for a flow that is open and allowed, `None` for anything else.
+/// A live direct flow's packet is decided by this before the socket lookup,
+/// which costs more than the rest of the program together (about 1 µs per
+/// packet, most of it the lookup and the `sk_lookup` program it runs).
+/// No ztunnel socket can own a live direct flow: its SYN was not captured,
+/// and both its ends are the pods'. Closed and revoked flows take the full
+/// path, where a socket ztunnel accepted for a later connection on the
+/// same addresses and ports comes first.
+#[inline(always)]
+pub fn track_live(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
+    track_flow(ctx, flow, true)
+}
+
+#[inline(always)]
+fn track_flow(ctx: &TcContext, flow: &TcpFlow, live_only: bool) -> Option<i32> {
     let key = flow.key();
     let (entry, request) = match ZT_DIRECT_FLOWS.get_ptr_mut(&key) {
         Some(entry) => (entry, true),
@@ -79,16 +97,27 @@ pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
     // update one flow at once (each direction is usually one CPU's): a
     // lost update costs a byte count, never a verdict.
     let entry = unsafe { &mut *entry };
+    if live_only && entry.state & (direct_state::CLOSED | direct_state::REVOKED) != 0 {
+        return None;
+    }
     if entry.state & direct_state::REVOKED != 0 {
         set_mark(ctx, CAPTURE_MARK);
         return Some(TC_ACT_OK as i32);
     }
     let fin;
+    // Pure ACKs (most of one direction's packets) write nothing: the two
+    // directions usually run on different CPUs, and each write takes the
+    // entry's cache line from the other.
+    let payload = u64::from(flow.payload);
     if request {
-        entry.request_bytes += u64::from(flow.payload);
+        if payload != 0 {
+            entry.request_bytes += payload;
+        }
         fin = direct_state::FIN_REQUEST;
     } else {
-        entry.response_bytes += u64::from(flow.payload);
+        if payload != 0 {
+            entry.response_bytes += payload;
+        }
         fin = direct_state::FIN_RESPONSE;
     }
     if entry.state & direct_state::CLOSED == 0 {
