@@ -66,6 +66,9 @@ enum Cmd {
         /// Seconds of connection-rate measurement (0: latency only).
         #[arg(long, default_value_t = 2.0)]
         rate_seconds: f64,
+        /// Keep the CPUs out of idle states while measuring, as `bench` does.
+        #[arg(long)]
+        cpus_awake: bool,
     },
     /// (Internal) hold every connection accepted on ADDR; run by `bench`
     /// inside a pod's namespace.
@@ -184,8 +187,10 @@ fn main() -> Result<()> {
             prefix,
             via,
             rate_seconds,
+            cpus_awake,
         } => {
             require_root()?;
+            let _awake = cpus_awake.then(bench::hold_cpus_awake).flatten();
             let pod = |name: &str| {
                 let mut ns = ztunnel_tests::netns::Netns::existing(&format!("{prefix}-{name}"));
                 ns.keep();

@@ -12,6 +12,8 @@
 //! that path). Results: a table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.svg`.
 
+mod awake;
+pub use awake::hold as hold_cpus_awake;
 pub mod chart;
 mod iperf;
 mod waypoint;
@@ -98,6 +100,8 @@ struct Report {
     kernel: String,
     cpu: String,
     cores: usize,
+    /// Whether the CPUs were kept out of idle states (see `awake`).
+    cpus_held_awake: bool,
     params: Params,
     rows: Vec<Row>,
     command: String,
@@ -330,6 +334,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         .idle_connections
         .min((fd_limit as usize).saturating_sub(2000));
     std::env::set_var("ZTUNNEL_BIN", bin);
+    let awake = awake::hold();
     let lab = Lab::up()?;
     // A load generator's usual setting: thousands of short connections a
     // second would otherwise exhaust the client's ports in TIME_WAIT.
@@ -584,6 +589,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
+        cpus_held_awake: awake.is_some(),
         params,
         rows,
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
@@ -614,8 +620,16 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
 
 fn print_table(r: &Report) {
     println!(
-        "commit {} · kernel {} · {} · {} cores",
-        r.commit, r.kernel, r.cpu, r.cores
+        "commit {} · kernel {} · {} · {} cores · {}",
+        r.commit,
+        r.kernel,
+        r.cpu,
+        r.cores,
+        if r.cpus_held_awake {
+            "CPUs held out of idle states"
+        } else {
+            "CPU idle states allowed"
+        }
     );
     println!(
         "| measure | unit | no mesh | mesh | mesh / no mesh | two TCP relays | relays / no mesh | mesh / relays | target |"
