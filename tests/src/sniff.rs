@@ -28,7 +28,7 @@ impl Sniffer {
         let child = node
             .ns
             .command("tcpdump")
-            .args(["-i", iface, "-U", "-s", "0", "-n", "-w"])
+            .args(["-i", iface, "--immediate-mode", "-U", "-s", "0", "-n", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdout(Stdio::null())
