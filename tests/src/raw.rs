@@ -20,6 +20,8 @@ use crate::netns::Netns;
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
 
 /// A TCP header with no options (20 bytes), checksummed for `src` -> `dst`.
 pub fn tcp_header(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, flags: u8) -> Vec<u8> {
@@ -113,6 +115,25 @@ pub fn fragmented_syn(
 pub fn syn(src: SocketAddrV4, dst: SocketAddrV4, id: u16) -> Vec<u8> {
     let tcp = tcp_header(src, dst, 0x3000_0000 ^ id as u32, TCP_SYN);
     let mut packet = ipv4_header(*src.ip(), *dst.ip(), id, false, 0, tcp.len());
+    packet.extend_from_slice(&tcp);
+    packet
+}
+
+/// A whole TCP segment from `src` to `dst` carrying `payload`, with the
+/// given sequence number and flags, whatever flow it claims to belong to.
+pub fn data_segment(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    seq: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut tcp = tcp_header(src, dst, seq, flags);
+    tcp.extend_from_slice(payload);
+    tcp[16..18].copy_from_slice(&[0, 0]);
+    let sum = tcp_checksum(*src.ip(), *dst.ip(), &tcp);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut packet = ipv4_header(*src.ip(), *dst.ip(), 0x4242, false, 0, tcp.len());
     packet.extend_from_slice(&tcp);
     packet
 }

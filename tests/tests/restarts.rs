@@ -162,6 +162,77 @@ fn starts_stops_crashes_and_handovers_under_new_connections_leak_nothing() -> Re
     Ok(())
 }
 
+/// A connection the node opens to an enrolled pod (as ztunnel's inbound
+/// path does, from a remote client's address) is remembered. When its
+/// socket goes first (ztunnel resets its side of a relay that broke), the
+/// pod's segments still in flight are answered with a reset on the node,
+/// never forwarded to the client's address in clear. (CI once caught a
+/// server's byte on the underlay this way, in the restart test above.)
+#[test]
+fn a_pods_late_segments_on_a_connection_the_node_dropped_stay_on_the_node() -> Result<()> {
+    use std::net::SocketAddrV4;
+    use ztunnel_tests::raw::{data_segment, send_packets, TcpWatch, TCP_ACK, TCP_PSH, TCP_RST};
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let _zt2 = s.ztunnel("node2", &[])?;
+    let node2 = s.lab.node("node2");
+    let server_pod = s.lab.pod("server");
+    let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let server_addr = SocketAddrV4::new(server_pod.spec.ip, 8080);
+    let client_addr = SocketAddrV4::new(s.lab.pod("client").spec.ip, 41306);
+    let opened = node2.ns.run(move || -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_ip_transparent(true)?;
+        socket.bind(&SocketAddr::V4(client_addr).into())?;
+        socket.connect_timeout(&SocketAddr::V4(server_addr).into(), Duration::from_secs(5))?;
+        Ok(socket)
+    })??;
+    ztunnel_tests::wait::eventually(
+        "the server accepting the node's connection",
+        Duration::from_secs(5),
+        || Ok(server.accepted().contains(&SocketAddr::V4(client_addr))),
+    )?;
+    let underlay = Sniffer::start(node2, "eth0")?;
+    let watch = TcpWatch::start(&server_pod.ns)?;
+    let resets = || {
+        watch
+            .matching(|seg| {
+                seg.src == client_addr && seg.dst == server_addr && seg.flags & TCP_RST != 0
+            })
+            .len()
+    };
+    // Closed with a reset: the socket is gone at once, no TIME_WAIT.
+    opened.set_linger(Some(Duration::ZERO))?;
+    drop(opened);
+    ztunnel_tests::wait::eventually("the close's reset", Duration::from_secs(3), || {
+        Ok(resets() == 1)
+    })?;
+
+    let secret = b"sent after the node's socket was gone";
+    send_packets(
+        &server_pod.ns,
+        vec![data_segment(
+            server_addr,
+            client_addr,
+            0x5eed_0000,
+            TCP_ACK | TCP_PSH,
+            secret,
+        )],
+    )?;
+    let answered = ztunnel_tests::wait::eventually(
+        "a reset for the late segment",
+        Duration::from_secs(3),
+        || Ok(resets() == 2),
+    );
+    let pcap = underlay.stop()?;
+    assert!(
+        !pcap.contains(secret) && pcap.count("tcp port 8080")? == 0,
+        "the pod's late segment left the node in clear:\n{}",
+        pcap.summary("tcp port 8080")
+    );
+    answered?;
+    Ok(())
+}
+
 /// Asks for the listeners at `socket` as `uid`, from a thread that alone
 /// takes that identity (raw syscalls, not libc's process-wide wrappers).
 /// Returns the reply's text (descriptors sent with it are closed unread).

@@ -7,7 +7,8 @@
 //!    that pod's own veth.
 //! 3. A packet of a flow that a ztunnel socket already owns goes to that
 //!    socket. This carries accepted connections after their SYN and the
-//!    return path of connections ztunnel opens from a pod's address.
+//!    return path of connections ztunnel opens from a pod's address. The
+//!    SYN-ACK of a connection a node socket opened is remembered (rule 8).
 //! 4. A SYN from an enrolled pod goes to the outbound listener (15001).
 //! 5. A SYN to an enrolled pod goes to the inbound HBONE listener (15008) when
 //!    addressed to port 15008, else to the inbound plaintext listener (15006).
@@ -20,8 +21,9 @@
 //!    policy tables may drop it: they hold only what userspace would deny
 //!    without knowing an identity, which a plaintext connection never has.
 //! 8. A packet to or from an enrolled pod that no ztunnel socket owns: if
-//!    capture took its flow's SYN (remembered in an LRU map), it goes to
-//!    the local stack (a cookie handshake, or a reset), never out in clear;
+//!    capture took its flow's SYN, or handed its SYN-ACK to a node socket
+//!    (both remembered in an LRU map), it goes to the local stack (a
+//!    cookie handshake, or a reset), never out in clear;
 //!    otherwise its flow is older than capture, and it is marked to bypass
 //!    the catch-all route (which delivers TCP to enrolled pods locally, for
 //!    flows whose destination DNAT rewrote after this program ran) and
@@ -51,7 +53,7 @@ use crate::{
         count, enrolled_pod, excluded, is_enrolled, listener_ready, policy_denies, remember_flow,
         was_captured, Counter,
     },
-    packet::{parse, Packet, TcpFlow, ETH_HLEN},
+    packet::{parse, Packet, TcpFlow, ETH_HLEN, TCP_FLAG_SYN},
     socket::owner_of,
 };
 
@@ -231,6 +233,14 @@ fn to_owner(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
         // An assignment the kernel refused would otherwise be forwarded in
         // clear past the mesh.
         return Some(TC_DROP);
+    }
+    if flow.flags & TCP_FLAG_SYN != 0 {
+        // The SYN-ACK of a connection a node socket opened (ztunnel's, from
+        // a remote client's address): remembered like a captured flow, so
+        // that once the socket goes first (ztunnel resets a relay that
+        // broke), the peer's segments still in flight go to the local
+        // stack (rule 8) instead of out to that address in clear.
+        remember_flow(&flow.key());
     }
     set_mark(ctx, CAPTURE_MARK);
     Some(TC_ACT_OK as i32)

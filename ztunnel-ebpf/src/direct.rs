@@ -104,21 +104,16 @@ fn track_flow(ctx: &TcContext, flow: &TcpFlow, live_only: bool) -> Option<i32> {
         set_mark(ctx, CAPTURE_MARK);
         return Some(TC_ACT_OK as i32);
     }
-    let fin;
+    let (bytes, fin) = if request {
+        (&mut entry.request_bytes, direct_state::FIN_REQUEST)
+    } else {
+        (&mut entry.response_bytes, direct_state::FIN_RESPONSE)
+    };
     // Pure ACKs (most of one direction's packets) write nothing: the two
     // directions usually run on different CPUs, and each write takes the
     // entry's cache line from the other.
-    let payload = u64::from(flow.payload);
-    if request {
-        if payload != 0 {
-            entry.request_bytes += payload;
-        }
-        fin = direct_state::FIN_REQUEST;
-    } else {
-        if payload != 0 {
-            entry.response_bytes += payload;
-        }
-        fin = direct_state::FIN_RESPONSE;
+    if flow.payload != 0 {
+        *bytes += u64::from(flow.payload);
     }
     if entry.state & direct_state::CLOSED == 0 {
         if flow.flags & TCP_FLAG_FIN != 0 {

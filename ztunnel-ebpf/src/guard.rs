@@ -10,9 +10,7 @@
 //! segments that did the same. A SYN a pod excluded from capture (capture
 //! rule 9) passes, as does one capture let pass directly between two local
 //! pods (capture rule 10). Locally originated packets (ztunnel's own
-//! connections, the node's health probes) came in on no device and pass;
-//! their SYNs to enrolled pods are remembered first (see
-//! [`remember_opened_here`]).
+//! connections, the node's health probes) came in on no device and pass.
 
 use aya_ebpf::programs::TcContext;
 use ztunnel_common::{BYPASS_MARK, CAPTURE_MARK_MASK};
@@ -20,7 +18,7 @@ use ztunnel_common::{BYPASS_MARK, CAPTURE_MARK_MASK};
 use crate::{
     capture::{drop_unjudgeable, TC_NEXT},
     direct, drops,
-    maps::{excluded, is_enrolled, remember_flow, Counter},
+    maps::{excluded, is_enrolled, Counter},
     packet::{parse, Packet},
 };
 
@@ -33,7 +31,6 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
     // its sender's socket when it skipped IP input, so that is no test.)
     let originated_here = unsafe { (*ctx.skb.skb).ingress_ifindex == 0 };
     if originated_here {
-        remember_opened_here::<L2>(ctx);
         return TC_NEXT;
     }
     match parse::<L2>(ctx) {
@@ -67,20 +64,5 @@ pub fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
             drops::drop_flow(ctx, pod, Counter::DroppedUncaptured, &flow)
         }
         Packet::Tcp(_) => TC_NEXT,
-    }
-}
-
-/// Remembers a connection this node opens to an enrolled pod (ztunnel's,
-/// from the client's address, or the node's own) as a captured flow. When
-/// its socket goes first (ztunnel resets its side of a relay that broke),
-/// the pod's packets still in flight find no owner; remembered, they go to
-/// the local stack, which answers with a reset (capture rule 8). Otherwise
-/// they would be forwarded to the client's address, in clear.
-#[inline(always)]
-fn remember_opened_here<const L2: usize>(ctx: &TcContext) {
-    if let Packet::Tcp(flow) = parse::<L2>(ctx) {
-        if flow.is_syn && is_enrolled(flow.daddr) {
-            remember_flow(&flow.key());
-        }
     }
 }

@@ -17,7 +17,7 @@ const ETH_P_IPV4: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
 const TCP_MIN_HLEN: u16 = 20;
 pub const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// "More fragments" and the fragment offset, in the IPv4 flags word.
