@@ -127,6 +127,7 @@ mod tests {
             floor_ratio: Some(2.0),
             target: Some(target.into()),
             met: Some(true),
+            pairs: Vec::new(),
         }
     }
 

@@ -1,15 +1,29 @@
 //! `cargo xtask bench`: what the mesh costs, measured the way mesh engineers
 //! do, side by side in one run on this machine.
 //!
-//! Phases: no mesh (no ztunnel, no programs attached), mesh (a ztunnel per
-//! node), then no mesh again (ztunnels uninstalled), so slow drift of a
-//! shared machine lands on both sides. The no-mesh phases also measure the
-//! cross-node figures through two plain userspace TCP relays, one per node
-//! (no TLS, no HTTP/2, no capture): what two proxy hops cost on their own,
-//! the floor for any design with a proxy on both nodes. Each figure is the
-//! median of its repetitions. The waypoint's figures ([`waypoint`]) compare
-//! HTTP through it with the ztunnel-only path (their "no mesh" column is
-//! that path). Results: a table on stdout, `target/bench/results.json`, and
+//! Phases, for cross-node throughput, memory and CPU: no mesh (no ztunnel,
+//! no programs attached), mesh (a ztunnel per node), then no mesh again
+//! (ztunnels uninstalled), so slow drift of a shared machine lands on both
+//! sides. The no-mesh phases also measure cross-node throughput through two
+//! plain userspace TCP relays, one per node (no TLS, no HTTP/2, no
+//! capture): what two proxy hops cost on their own, the floor for any
+//! design with a proxy on both nodes. Each figure is the median of its
+//! repetitions.
+//!
+//! Rounds, for the figures a drifting machine moves most: `pairs` times,
+//! the request/response figures (latency, connection rate) with no mesh,
+//! through the relays, then through both ztunnels (started for the round,
+//! then uninstalled); and the same-node figures with no mesh, then with
+//! node1's ztunnel. A round's parts are seconds apart, where the phases'
+//! medians can put a whole slow stretch of tens of seconds on one side.
+//! Their ratios are the medians of the rounds' ratios (see the README's
+//! Performance). A control row repeats the 4-stream same-node pairs with
+//! no mesh in either half: how far it lies from 1 is what one run can
+//! resolve.
+//!
+//! The waypoint's figures ([`waypoint`]) compare HTTP through it with the
+//! ztunnel-only path (their "no mesh" column is that path). Results: a
+//! table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.svg`.
 
 mod awake;
@@ -43,6 +57,10 @@ pub struct Params {
     pub rate_seconds: f64,
     pub rate_threads: usize,
     pub idle_connections: usize,
+    /// Alternating rounds (no mesh, mesh; and the relays for the
+    /// request/response figures) for the paired figures.
+    #[serde(default)]
+    pub pairs: usize,
 }
 
 impl Params {
@@ -54,6 +72,7 @@ impl Params {
             rate_seconds: 2.0,
             rate_threads: 4,
             idle_connections: 10_000,
+            pairs: 6,
         }
     }
 
@@ -67,6 +86,7 @@ impl Params {
             rate_seconds: 0.5,
             rate_threads: 2,
             idle_connections: 300,
+            pairs: 1,
         }
     }
 }
@@ -92,6 +112,18 @@ pub struct Row {
     /// absolute bound, and whether it is met.
     pub target: Option<String>,
     pub met: Option<bool>,
+    /// For figures taken in alternating rounds: each round's values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<Round>,
+}
+
+/// One round of a paired figure, its halves seconds apart.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Round {
+    pub no_mesh: f64,
+    pub mesh: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -179,10 +211,10 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// The cross-node measurements through two plain TCP relays.
+    /// The cross-node throughput through two plain TCP relays.
     fn relayed_phase(&self, out: &mut Samples, reps: usize) -> Result<()> {
         let client = &self.lab.pod("client").ns;
-        let relays = Relays::start(self.lab, &[self.cross, self.echo])?;
+        let relays = Relays::start(self.lab, &[self.cross])?;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
             for (streams, into) in [(1, &mut out.cross_1), (4, &mut out.cross_4)] {
@@ -190,8 +222,6 @@ impl Bench<'_> {
                     .context("iperf3 through the relays")?;
                 into.push(r.gbits);
             }
-            self.request_response(out, relays.front(self.echo))
-                .context("through the relays")?;
         }
         Ok(())
     }
@@ -238,25 +268,12 @@ impl Bench<'_> {
         let client = &self.lab.pod("client").ns;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
-            for (streams, cross, same) in [
-                (1, &mut out.cross_1, &mut out.same_1),
-                (4, &mut out.cross_4, &mut out.same_4),
-            ] {
+            for (streams, cross) in [(1, &mut out.cross_1), (4, &mut out.cross_4)] {
                 let r =
                     iperf::run(client, self.cross, streams, secs).context("iperf3 cross-node")?;
                 on_cross(r.bytes);
                 cross.push(r.gbits);
-                same.push(
-                    iperf::run(client, self.same, streams, secs)
-                        .context("iperf3 same-node")?
-                        .gbits,
-                );
             }
-            self.request_response(out, self.echo)?;
-            let client = &self.lab.pod("client").ns;
-            let l = load::latency(client, self.same_echo, 64, self.params.latency_round_trips)
-                .context("same-node latency")?;
-            out.same_p50.push(l.p50_us);
             out.same_rate.push(
                 load::connection_rate(
                     client,
@@ -269,6 +286,130 @@ impl Bench<'_> {
         }
         Ok(())
     }
+
+    /// Same-node throughput and latency, one measurement each.
+    fn same_node(&self, out: &mut Samples) -> Result<()> {
+        let client = &self.lab.pod("client").ns;
+        let secs = self.params.iperf_seconds;
+        for (streams, into) in [(1, &mut out.same_1), (4, &mut out.same_4)] {
+            let r = iperf::run(client, self.same, streams, secs).context("iperf3 same-node")?;
+            into.push(r.gbits);
+        }
+        let l = load::latency(client, self.same_echo, 64, self.params.latency_round_trips)
+            .context("same-node latency")?;
+        out.same_p50.push(l.p50_us);
+        Ok(())
+    }
+
+    /// `pairs` times: the same-node figures with no mesh, then with node1's
+    /// ztunnel (which alone decides same-node traffic on node1), which is
+    /// then uninstalled again.
+    fn same_node_pairs(
+        &self,
+        config: &Path,
+        base: &mut Samples,
+        mesh: &mut Samples,
+        pairs: usize,
+    ) -> Result<()> {
+        let node1 = self.lab.node("node1");
+        for pair in 1..=pairs {
+            self.same_node(base)?;
+            let zt1 = Ztunnel::start(node1, config, &self.lab.ca_dir)?;
+            self.same_node(mesh)?;
+            drop(zt1);
+            uninstall(self.lab, "node1", config)?;
+            let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+            eprintln!(
+                "[bench]   pair {pair}: 1 stream {:.2} / {:.2} Gbit/s, 4 streams {:.2} / {:.2} Gbit/s, p50 {:.1} / {:.1} us (no mesh / mesh)",
+                last(&base.same_1),
+                last(&mesh.same_1),
+                last(&base.same_4),
+                last(&mesh.same_4),
+                last(&base.same_p50),
+                last(&mesh.same_p50),
+            );
+        }
+        Ok(())
+    }
+
+    /// The control for the pairs: the same 4-stream pairs with no mesh on
+    /// either side. Their spread is the machine's, and bounds what one
+    /// run's pairs can tell apart.
+    fn same_node_control(
+        &self,
+        first: &mut Vec<f64>,
+        second: &mut Vec<f64>,
+        pairs: usize,
+    ) -> Result<()> {
+        let client = &self.lab.pod("client").ns;
+        let secs = self.params.iperf_seconds;
+        for _ in 0..pairs {
+            for into in [&mut *first, &mut *second] {
+                let r = iperf::run(client, self.same, 4, secs).context("iperf3 same-node")?;
+                into.push(r.gbits);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Bench<'_> {
+    /// The request/response figures three ways, seconds apart, once per
+    /// port in `fresh`: no mesh and the two relays against that port's echo
+    /// server, then both ztunnels (started, later uninstalled) against
+    /// `self.echo`. A port of its own per round keeps the unmeshed halves'
+    /// 4-tuples off the TIME_WAIT sockets earlier rounds left on the nodes
+    /// (the kernel would drop such forwarded packets).
+    fn request_response_rounds(
+        &self,
+        config: &Path,
+        base: &mut Samples,
+        relayed: &mut Samples,
+        mesh: &mut Samples,
+        fresh: &[SocketAddr],
+    ) -> Result<()> {
+        let lab = self.lab;
+        for (round, &echo) in fresh.iter().enumerate() {
+            self.request_response(base, echo).context("no mesh")?;
+            let relays = Relays::start(lab, &[echo])?;
+            self.request_response(relayed, relays.front(echo))
+                .context("through the relays")?;
+            drop(relays);
+            let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
+            let zt2 = Ztunnel::start(lab.node("node2"), config, &lab.ca_dir)?;
+            self.request_response(mesh, self.echo)
+                .context("through the mesh")?;
+            drop((zt1, zt2));
+            for node in ["node1", "node2"] {
+                uninstall(lab, node, config)?;
+            }
+            let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+            eprintln!(
+                "[bench]   round {}: p50 {:.1} / {:.1} / {:.1} us, {:.0} / {:.0} / {:.0} conn/s (no mesh / relays / mesh)",
+                round + 1,
+                last(&base.p50),
+                last(&relayed.p50),
+                last(&mesh.p50),
+                last(&base.rate),
+                last(&relayed.rate),
+                last(&mesh.rate),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Removes everything `node`'s ztunnel left in the kernel: back to no mesh.
+fn uninstall(lab: &Lab, node: &str, config: &Path) -> Result<()> {
+    let status =
+        ztunnel_tests::ztunnel::run_to_exit(lab.node(node), config, &lab.ca_dir, &["--uninstall"])?;
+    anyhow::ensure!(status.status.success(), "uninstall on {node} failed");
+    Ok(())
+}
+
+/// The median of the pairwise ratios `mesh[i] / base[i]`.
+fn paired_ratio(base: &[f64], mesh: &[f64]) -> f64 {
+    median(base.iter().zip(mesh).map(|(b, m)| m / b).collect())
 }
 
 /// What a ratio target is measured against.
@@ -353,10 +494,17 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         iperf::Server::start(&neighbor.ns, 5301)?,
     ];
     let _echo = LoadServer::start(&server.ns, server.addr(7000), Mode::Echo)?;
-    let _echo_after = LoadServer::start(&server.ns, server.addr(7100), Mode::Echo)?;
     let _same_echo = LoadServer::start(&neighbor.ns, neighbor.addr(7000), Mode::Echo)?;
     let _same_echo_after = LoadServer::start(&neighbor.ns, neighbor.addr(7100), Mode::Echo)?;
     let hold = HoldServer::start(&server.ns, server.addr(7001))?;
+    // The unmeshed halves of the request/response rounds: a port each.
+    let round_ports: Vec<SocketAddr> = (0..params.pairs as u16)
+        .map(|i| server.addr(7200 + i))
+        .collect();
+    let _round_echo = round_ports
+        .iter()
+        .map(|&addr| LoadServer::start(&server.ns, addr, Mode::Echo))
+        .collect::<Result<Vec<_>>>()?;
     let bench = Bench {
         lab: &lab,
         params,
@@ -409,57 +557,101 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         .collect();
     drop((zt1, zt2));
     for node in ["node1", "node2"] {
-        let status = ztunnel_tests::ztunnel::run_to_exit(
-            lab.node(node),
-            config,
-            &lab.ca_dir,
-            &["--uninstall"],
-        )?;
-        anyhow::ensure!(status.status.success(), "uninstall on {node} failed");
+        uninstall(&lab, node, config)?;
     }
+    let again = bench.on_fresh_ports(100);
     if after > 0 {
         eprintln!("[bench] no mesh again ({after} repetitions), direct and through two TCP relays");
-        let again = bench.on_fresh_ports(100);
         again.phase(&mut base, after, |_| {})?;
         again.relayed_phase(&mut relayed, after)?;
     }
+    eprintln!(
+        "[bench] request/response, {} rounds of no mesh, two TCP relays and mesh",
+        params.pairs
+    );
+    let (mut rr_base, mut rr_relayed, mut rr_mesh) =
+        (Samples::default(), Samples::default(), Samples::default());
+    bench.request_response_rounds(
+        config,
+        &mut rr_base,
+        &mut rr_relayed,
+        &mut rr_mesh,
+        &round_ports,
+    )?;
+    eprintln!(
+        "[bench] same-node, {} alternating pairs of no mesh and mesh",
+        params.pairs
+    );
+    let (mut same_base, mut same_mesh) = (Samples::default(), Samples::default());
+    again.same_node_pairs(config, &mut same_base, &mut same_mesh, params.pairs)?;
+    eprintln!(
+        "[bench] same-node control: {} pairs of 4 streams, no mesh on both sides",
+        params.pairs
+    );
+    let (mut control_first, mut control_second) = (Vec::new(), Vec::new());
+    again.same_node_control(&mut control_first, &mut control_second, params.pairs)?;
 
     let mut rows = Vec::new();
-    let mut ratio_row =
-        |name: &str, unit: &str, b: &[f64], m: &[f64], r: &[f64], target: Option<Target>| {
-            let (nb, nm) = (median(b.to_vec()), median(m.to_vec()));
-            let ratio = nm / nb;
-            let relays = (!r.is_empty()).then(|| median(r.to_vec()));
-            let floor_ratio = relays.map(|r| nm / r);
-            let (target, met) = match target {
-                Some(t) => {
-                    let judged = match t.against {
-                        Against::NoMesh => Some(ratio),
-                        Against::Relays => floor_ratio,
-                    };
-                    (Some(t.to_string()), judged.map(|v| t.is_met(v)))
-                }
-                None => (None, None),
-            };
-            rows.push(Row {
-                name: name.into(),
-                unit: unit.into(),
-                no_mesh: Some(nb),
-                mesh: nm,
-                ratio: Some(ratio),
-                relays,
-                relays_ratio: relays.map(|r| r / nb),
-                floor_ratio,
-                target,
-                met,
-            });
+    // `paired`: b and m were taken in alternating pairs, and the ratio is
+    // the median of the pairs' ratios rather than the ratio of the medians.
+    let mut ratio_row = |name: &str,
+                         unit: &str,
+                         b: &[f64],
+                         m: &[f64],
+                         r: &[f64],
+                         paired: bool,
+                         target: Option<Target>| {
+        let (nb, nm) = (median(b.to_vec()), median(m.to_vec()));
+        let ratio = if paired { paired_ratio(b, m) } else { nm / nb };
+        let relays = (!r.is_empty()).then(|| median(r.to_vec()));
+        let (floor_ratio, relays_ratio) = match relays {
+            Some(_) if paired => (Some(paired_ratio(r, m)), Some(paired_ratio(b, r))),
+            Some(nr) => (Some(nm / nr), Some(nr / nb)),
+            None => (None, None),
         };
+        let (target, met) = match target {
+            Some(t) => {
+                let judged = match t.against {
+                    Against::NoMesh => Some(ratio),
+                    Against::Relays => floor_ratio,
+                };
+                (Some(t.to_string()), judged.map(|v| t.is_met(v)))
+            }
+            None => (None, None),
+        };
+        rows.push(Row {
+            name: name.into(),
+            unit: unit.into(),
+            no_mesh: Some(nb),
+            mesh: nm,
+            ratio: Some(ratio),
+            relays,
+            relays_ratio,
+            floor_ratio,
+            target,
+            met,
+            pairs: if paired {
+                b.iter()
+                    .zip(m)
+                    .enumerate()
+                    .map(|(i, (&no_mesh, &mesh))| Round {
+                        no_mesh,
+                        mesh,
+                        relays: r.get(i).copied(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        });
+    };
     ratio_row(
         "throughput cross-node, 1 stream",
         "Gbit/s",
         &base.cross_1,
         &mesh.cross_1,
         &relayed.cross_1,
+        false,
         Some(Target::at_least(0.85, Against::Relays)),
     );
     ratio_row(
@@ -468,6 +660,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         &base.cross_4,
         &mesh.cross_4,
         &relayed.cross_4,
+        false,
         Some(Target::at_least(0.40, Against::NoMesh)),
     );
     // Same-node connections pass in the kernel with no proxy: the targets
@@ -475,25 +668,37 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     ratio_row(
         "throughput same-node, 1 stream",
         "Gbit/s",
-        &base.same_1,
-        &mesh.same_1,
+        &same_base.same_1,
+        &same_mesh.same_1,
         &[],
+        true,
         Some(Target::at_least(0.9, Against::NoMesh)),
     );
     ratio_row(
         "throughput same-node, 4 streams",
         "Gbit/s",
-        &base.same_4,
-        &mesh.same_4,
+        &same_base.same_4,
+        &same_mesh.same_4,
         &[],
+        true,
         Some(Target::at_least(0.9, Against::NoMesh)),
+    );
+    ratio_row(
+        "control: same-node, 4 streams, no mesh in both halves",
+        "Gbit/s",
+        &control_first,
+        &control_second,
+        &[],
+        true,
+        None,
     );
     ratio_row(
         "latency same-node p50",
         "us",
-        &base.same_p50,
-        &mesh.same_p50,
+        &same_base.same_p50,
+        &same_mesh.same_p50,
         &[],
+        true,
         Some(Target::at_most(1.1, Against::NoMesh)),
     );
     ratio_row(
@@ -502,38 +707,43 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         &base.same_rate,
         &mesh.same_rate,
         &[],
+        false,
         None,
     );
     ratio_row(
         "latency p50",
         "us",
-        &base.p50,
-        &mesh.p50,
-        &relayed.p50,
+        &rr_base.p50,
+        &rr_mesh.p50,
+        &rr_relayed.p50,
+        true,
         Some(Target::at_most(1.0, Against::Relays)),
     );
     ratio_row(
         "latency p90",
         "us",
-        &base.p90,
-        &mesh.p90,
-        &relayed.p90,
+        &rr_base.p90,
+        &rr_mesh.p90,
+        &rr_relayed.p90,
+        true,
         None,
     );
     ratio_row(
         "latency p99",
         "us",
-        &base.p99,
-        &mesh.p99,
-        &relayed.p99,
+        &rr_base.p99,
+        &rr_mesh.p99,
+        &rr_relayed.p99,
+        true,
         Some(Target::at_most(2.5, Against::NoMesh)),
     );
     ratio_row(
         "new connections",
         "conn/s",
-        &base.rate,
-        &mesh.rate,
-        &relayed.rate,
+        &rr_base.rate,
+        &rr_mesh.rate,
+        &rr_relayed.rate,
+        true,
         Some(Target::at_least(1.5, Against::Relays)),
     );
     let abs = |name: &str, unit: &str, value: f64, bound: Option<f64>| Row {
@@ -547,6 +757,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         floor_ratio: None,
         target: bound.map(|b| format!("<= {b}")),
         met: bound.map(|b| value <= b),
+        pairs: Vec::new(),
     };
     let idle_mib = idle.iter().copied().max().unwrap_or(0) as f64 / (1024.0 * 1024.0);
     rows.push(abs(
@@ -660,6 +871,34 @@ fn print_table(r: &Report) {
                 _ => "-".into(),
             },
         );
+    }
+    println!(
+        "\nPaired rows (same-node; request/response): {} rounds, each taking the no-mesh, \
+         relay and mesh figures seconds apart; their ratios are the medians of the rounds' \
+         ratios, which spread:",
+        r.params.pairs
+    );
+    let spread = |ratios: Vec<f64>| {
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.2} to {hi:.2}")
+    };
+    for row in r.rows.iter().filter(|row| !row.pairs.is_empty()) {
+        let of_base = spread(row.pairs.iter().map(|p| p.mesh / p.no_mesh).collect());
+        let of_relays: Vec<f64> = row
+            .pairs
+            .iter()
+            .filter_map(|p| p.relays.map(|r| p.mesh / r))
+            .collect();
+        if of_relays.is_empty() {
+            println!("- {}: mesh / no mesh {of_base}", row.name);
+        } else {
+            println!(
+                "- {}: mesh / no mesh {of_base}, mesh / relays {}",
+                row.name,
+                spread(of_relays)
+            );
+        }
     }
 }
 

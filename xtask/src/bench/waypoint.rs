@@ -106,6 +106,7 @@ fn measure(
             floor_ratio: None,
             target: None,
             met: None,
+            pairs: Vec::new(),
         }
     };
     Ok(vec![
@@ -138,6 +139,7 @@ fn measure(
             floor_ratio: None,
             target: None,
             met: None,
+            pairs: Vec::new(),
         },
     ])
 }
