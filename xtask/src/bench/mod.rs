@@ -318,7 +318,6 @@ impl Bench<'_> {
             self.same_node(mesh)?;
             drop(zt1);
             uninstall(self.lab, "node1", config)?;
-            let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
             eprintln!(
                 "[bench]   pair {pair}: 1 stream {:.2} / {:.2} Gbit/s, 4 streams {:.2} / {:.2} Gbit/s, p50 {:.1} / {:.1} us (no mesh / mesh)",
                 last(&base.same_1),
@@ -351,9 +350,7 @@ impl Bench<'_> {
         }
         Ok(())
     }
-}
 
-impl Bench<'_> {
     /// The request/response figures three ways, seconds apart, once per
     /// port in `fresh`: no mesh and the two relays against that port's echo
     /// server, then both ztunnels (started, later uninstalled) against
@@ -383,7 +380,6 @@ impl Bench<'_> {
             for node in ["node1", "node2"] {
                 uninstall(lab, node, config)?;
             }
-            let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
             eprintln!(
                 "[bench]   round {}: p50 {:.1} / {:.1} / {:.1} us, {:.0} / {:.0} / {:.0} conn/s (no mesh / relays / mesh)",
                 round + 1,
@@ -405,6 +401,11 @@ fn uninstall(lab: &Lab, node: &str, config: &Path) -> Result<()> {
         ztunnel_tests::ztunnel::run_to_exit(lab.node(node), config, &lab.ca_dir, &["--uninstall"])?;
     anyhow::ensure!(status.status.success(), "uninstall on {node} failed");
     Ok(())
+}
+
+/// The latest sample of a figure, for the progress lines.
+fn last(v: &[f64]) -> f64 {
+    v.last().copied().unwrap_or(0.0)
 }
 
 /// The median of the pairwise ratios `mesh[i] / base[i]`.
