@@ -74,13 +74,6 @@ enum Cmd {
     /// inside a pod's namespace.
     #[command(hide = true)]
     HoldServer { addr: std::net::SocketAddr },
-    /// (Internal) relay every connection accepted on LISTEN to TO; run by
-    /// `bench` in each node's namespace for the two-relay floor.
-    #[command(hide = true)]
-    Forward {
-        listen: std::net::SocketAddr,
-        to: std::net::SocketAddr,
-    },
     /// Validate deploy/'s manifests offline against Kubernetes' schema,
     /// and build the statically linked CNI plugin the image ships.
     CheckDeploy,
@@ -255,7 +248,6 @@ fn main() -> Result<()> {
         Cmd::BuildCni => deploy::build_cni(&root()).map(|p| println!("{}", p.display())),
         Cmd::Fuzz { seconds, targets } => fuzz::run(&root(), seconds, &targets),
         Cmd::HoldServer { addr } => ztunnel_tests::load::hold_forever(addr),
-        Cmd::Forward { listen, to } => ztunnel_tests::load::forward_forever(listen, to),
         Cmd::Test { args } => {
             require_root()?;
             bootstrap()?;
@@ -397,8 +389,10 @@ fn build_ebpf() -> Result<PathBuf> {
     )?)
 }
 
-/// Builds the binaries the tests and the lab run (ztunnel, the control
-/// plane, the CNI plugin, the waypoint), with `profile` flags.
+/// Builds the binaries the tests, the lab and the bench run (ztunnel, the
+/// control plane, the CNI plugin, the waypoint, the bench's TCP relay),
+/// with `profile` flags. One cargo invocation, so that tokio's features are
+/// unified and the relay adds no second build of it.
 fn build_bins(profile: &[&str]) -> Result<()> {
     let mut args = vec!["build"];
     args.extend_from_slice(profile);
@@ -407,6 +401,7 @@ fn build_bins(profile: &[&str]) -> Result<()> {
         "ztunnel-controlplane",
         "ztunnel-cni",
         "ztunnel-waypoint",
+        "tcp-relay",
     ] {
         args.extend(["--package", package]);
     }

@@ -208,13 +208,15 @@ struct Bench<'a> {
     same: SocketAddr,
     echo: SocketAddr,
     same_echo: SocketAddr,
+    /// The release-built `tcp-relay` the floor runs.
+    relay: &'a Path,
 }
 
 impl Bench<'_> {
     /// The cross-node throughput through two plain TCP relays.
     fn relayed_phase(&self, out: &mut Samples, reps: usize) -> Result<()> {
         let client = &self.lab.pod("client").ns;
-        let relays = Relays::start(self.lab, &[self.cross])?;
+        let relays = Relays::start(self.lab, self.relay, &[self.cross])?;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
             for (streams, into) in [(1, &mut out.cross_1), (4, &mut out.cross_4)] {
@@ -259,6 +261,7 @@ impl Bench<'_> {
             same: bump(self.same),
             echo: bump(self.echo),
             same_echo: bump(self.same_echo),
+            relay: self.relay,
         }
     }
 }
@@ -368,7 +371,7 @@ impl Bench<'_> {
         let lab = self.lab;
         for (round, &echo) in fresh.iter().enumerate() {
             self.request_response(base, echo).context("no mesh")?;
-            let relays = Relays::start(lab, &[echo])?;
+            let relays = Relays::start(lab, self.relay, &[echo])?;
             self.request_response(relayed, relays.front(echo))
                 .context("through the relays")?;
             drop(relays);
@@ -476,6 +479,13 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         .idle_connections
         .min((fd_limit as usize).saturating_sub(2000));
     std::env::set_var("ZTUNNEL_BIN", bin);
+    // Built beside ztunnel, with the same profile (see build_bins).
+    let relay = bin.with_file_name("tcp-relay");
+    anyhow::ensure!(
+        relay.is_file(),
+        "the floor's relay {} is not built (cargo build --release -p tcp-relay)",
+        relay.display()
+    );
     let awake = awake::hold();
     let lab = Lab::up()?;
     // A load generator's usual setting: thousands of short connections a
@@ -513,6 +523,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         same: neighbor.addr(5201),
         echo: server.addr(7000),
         same_echo: neighbor.addr(7000),
+        relay: &relay,
     };
     // First repetitions without a mesh, the rest after it.
     let before = params.repetitions.div_ceil(2);
@@ -942,9 +953,9 @@ impl Drop for HoldServer {
     }
 }
 
-/// A plain TCP relay per node in front of each target (`cargo xtask
-/// forward`): the client connects to node1's relay, which connects to
-/// node2's, which connects to the target. Killed on drop.
+/// A plain TCP relay per node in front of each target (`tcp-relay`, built
+/// in release as ztunnel is): the client connects to node1's relay, which
+/// connects to node2's, which connects to the target. Killed on drop.
 struct Relays {
     children: Vec<std::process::Child>,
     fronts: Vec<(SocketAddr, SocketAddr)>,
@@ -954,8 +965,7 @@ impl Relays {
     /// Relays listen on the target's port plus this, on the node addresses.
     const PORT_OFFSET: u16 = 20_000;
 
-    fn start(lab: &Lab, targets: &[SocketAddr]) -> Result<Self> {
-        let exe = std::env::current_exe()?;
+    fn start(lab: &Lab, exe: &Path, targets: &[SocketAddr]) -> Result<Self> {
         let (node1, node2) = (lab.node("node1"), lab.node("node2"));
         let mut relays = Relays {
             children: Vec::new(),
@@ -968,11 +978,11 @@ impl Relays {
             for (node, listen, to) in [(node2, back, target), (node1, front, back)] {
                 let child = node
                     .ns
-                    .command(&exe)
-                    .args(["forward", &listen.to_string(), &to.to_string()])
+                    .command(exe)
+                    .args([listen.to_string(), to.to_string()])
                     .stdout(std::process::Stdio::null())
                     .spawn()
-                    .context("starting a TCP relay")?;
+                    .with_context(|| format!("starting {}", exe.display()))?;
                 relays.children.push(child);
             }
             relays.fronts.push((target, front));
