@@ -9,6 +9,10 @@
 //!    socket. This carries accepted connections after their SYN and the
 //!    return path of connections ztunnel opens from a pod's address. The
 //!    SYN-ACK of a connection a node socket opened is remembered (rule 8).
+//!    Past the handshake, a packet of a remembered flow between a local pod
+//!    and another node is sent to the local stack without a socket lookup:
+//!    the stack's own lookup (early demux) finds the owner, and rule 8 would
+//!    send it there anyway if there were none.
 //! 4. A SYN from an enrolled pod goes to the outbound listener (15001).
 //! 5. A SYN to an enrolled pod goes to the inbound HBONE listener (15008) when
 //!    addressed to port 15008, else to the inbound plaintext listener (15006).
@@ -103,6 +107,11 @@ pub fn from_pods(
             return verdict;
         }
     }
+    if src.is_none() || dst.is_none() {
+        if let Some(verdict) = captured_after_handshake(ctx, &flow) {
+            return verdict;
+        }
+    }
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
     }
@@ -149,6 +158,9 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
     if !is_enrolled(flow.daddr) {
         return TC_NEXT;
     }
+    if let Some(verdict) = captured_after_handshake(ctx, &flow) {
+        return verdict;
+    }
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
     }
@@ -156,6 +168,27 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
         return ownerless(ctx, &flow);
     }
     inbound(ctx, &flow)
+}
+
+/// Rules 3 and 8 for a segment past the handshake of a remembered flow
+/// between a local pod and another node: to the local stack, marked for the
+/// capture route, with no socket lookup here. If a ztunnel socket owns the
+/// flow, the stack's early demux finds it by its 4-tuple (and reuses the
+/// socket's cached route, skipping the routing rules); if none does, the
+/// stack resets or drops the segment, as rule 8 has it. Assigning the
+/// socket here cost a lookup per packet, and an assigned packet skips early
+/// demux, so every one also went through the routing rules.
+///
+/// Not for flows between two local pods: those may be kernel-decided
+/// ([`direct`]), whose own verdicts come first. Not for SYN or SYN-ACK:
+/// rule 3 remembers node-opened flows at their SYN-ACK.
+#[inline(always)]
+fn captured_after_handshake(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
+    if flow.flags & TCP_FLAG_SYN != 0 || !was_captured(&flow.key()) {
+        return None;
+    }
+    set_mark(ctx, CAPTURE_MARK);
+    Some(TC_ACT_OK as i32)
 }
 
 /// Rule 8: a packet of a flow no ztunnel socket owns. If capture took the
