@@ -380,6 +380,22 @@ impl Lab {
             .unwrap_or_else(|| panic!("the lab has no node {name}"))
     }
 
+    /// Lets every namespace reuse TIME_WAIT ports for new connections, a
+    /// load generator's usual setting: thousands of short connections a
+    /// second would otherwise exhaust the client's ports, and the connection
+    /// rate falls as a lab is used (for `bench` and `lab up`).
+    pub fn reuse_time_wait(&self) -> Result<()> {
+        for ns in self
+            .pods
+            .iter()
+            .map(|p| &p.ns)
+            .chain(self.nodes.iter().map(|n| &n.ns))
+        {
+            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        Ok(())
+    }
+
     /// Leaves the lab in place when dropped (`cargo xtask lab up`).
     pub fn keep(&mut self) {
         self.keep = true;

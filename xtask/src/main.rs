@@ -434,6 +434,7 @@ enum Source {
 fn lab_up(prefix: &str, ztunnels: Option<Source>) -> Result<()> {
     let mut lab = lab::Lab::up_named(prefix)?;
     lab.keep();
+    lab.reuse_time_wait()?;
     let config = root().join("examples/lab.yaml");
     if let Some(source) = &ztunnels {
         if let Source::ControlPlane = source {

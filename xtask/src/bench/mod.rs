@@ -488,14 +488,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     );
     let awake = awake::hold();
     let lab = Lab::up()?;
-    // A load generator's usual setting: thousands of short connections a
-    // second would otherwise exhaust the client's ports in TIME_WAIT.
-    for pod in &lab.pods {
-        pod.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-    }
-    for node in &lab.nodes {
-        node.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-    }
+    lab.reuse_time_wait()?;
     let server = lab.pod("server");
     let neighbor = lab.pod("neighbor");
     let _iperf = [
