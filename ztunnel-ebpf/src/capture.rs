@@ -107,10 +107,8 @@ pub fn from_pods(
             return verdict;
         }
     }
-    if src.is_none() || dst.is_none() {
-        if let Some(verdict) = captured_after_handshake(ctx, &flow) {
-            return verdict;
-        }
+    if (src.is_none() || dst.is_none()) && flow.flags & TCP_FLAG_SYN == 0 {
+        return between_nodes_after_handshake(ctx, &flow);
     }
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
@@ -158,8 +156,8 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
     if !is_enrolled(flow.daddr) {
         return TC_NEXT;
     }
-    if let Some(verdict) = captured_after_handshake(ctx, &flow) {
-        return verdict;
+    if flow.flags & TCP_FLAG_SYN == 0 {
+        return between_nodes_after_handshake(ctx, &flow);
     }
     if let Some(verdict) = to_owner(ctx, &flow) {
         return verdict;
@@ -170,25 +168,32 @@ pub fn from_uplink<const L2: usize>(ctx: &TcContext) -> i32 {
     inbound(ctx, &flow)
 }
 
-/// Rules 3 and 8 for a segment past the handshake of a remembered flow
-/// between a local pod and another node: to the local stack, marked for the
-/// capture route, with no socket lookup here. If a ztunnel socket owns the
-/// flow, the stack's early demux finds it by its 4-tuple (and reuses the
-/// socket's cached route, skipping the routing rules); if none does, the
-/// stack resets or drops the segment, as rule 8 has it. Assigning the
-/// socket here cost a lookup per packet, and an assigned packet skips early
-/// demux, so every one also went through the routing rules.
+/// Rules 3 and 8 for a segment past the handshake (no SYN flag) between a
+/// local pod and another node. A remembered flow goes to the local stack
+/// with no socket lookup here: if a ztunnel socket owns it, the stack's
+/// early demux finds it by its 4-tuple (and reuses the socket's cached
+/// route, skipping the routing rules); if none does, the stack resets or
+/// drops the segment, as rule 8 has it. Assigning the socket here cost a
+/// lookup per packet, and an assigned packet skips early demux, so every
+/// one also went through the routing rules. Any other flow (older than
+/// capture, excluded, or evicted from the LRU map) takes rule 3's lookup,
+/// then rule 8 knowing it was not captured.
 ///
 /// Not for flows between two local pods: those may be kernel-decided
 /// ([`direct`]), whose own verdicts come first. Not for SYN or SYN-ACK:
 /// rule 3 remembers node-opened flows at their SYN-ACK.
 #[inline(always)]
-fn captured_after_handshake(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
-    if flow.flags & TCP_FLAG_SYN != 0 || !was_captured(&flow.key()) {
-        return None;
+fn between_nodes_after_handshake(ctx: &TcContext, flow: &TcpFlow) -> i32 {
+    if was_captured(&flow.key()) {
+        return to_local_stack(ctx);
     }
-    set_mark(ctx, CAPTURE_MARK);
-    Some(TC_ACT_OK as i32)
+    if let Some(verdict) = to_owner(ctx, flow) {
+        return verdict;
+    }
+    if let Some(verdict) = direct::track(ctx, flow) {
+        return verdict;
+    }
+    forward_uncaptured(ctx)
 }
 
 /// Rule 8: a packet of a flow no ztunnel socket owns. If capture took the
@@ -204,9 +209,23 @@ fn ownerless(ctx: &TcContext, flow: &TcpFlow) -> i32 {
         return verdict;
     }
     if was_captured(&flow.key()) {
-        set_mark(ctx, CAPTURE_MARK);
-        return TC_ACT_OK as i32;
+        return to_local_stack(ctx);
     }
+    forward_uncaptured(ctx)
+}
+
+/// Rule 8's verdict for a captured flow: the local stack, by the capture
+/// route.
+#[inline(always)]
+fn to_local_stack(ctx: &TcContext) -> i32 {
+    set_mark(ctx, CAPTURE_MARK);
+    TC_ACT_OK as i32
+}
+
+/// Rule 8's verdict for a flow older than capture: forwarded, marked to
+/// skip the catch-all route.
+#[inline(always)]
+fn forward_uncaptured(ctx: &TcContext) -> i32 {
     set_mark(ctx, BYPASS_MARK);
     TC_NEXT
 }
