@@ -4,6 +4,7 @@
 pub mod apiserver;
 pub mod cni;
 pub mod controlplane;
+pub mod hbone_server;
 pub mod http;
 pub mod lab;
 pub mod load;

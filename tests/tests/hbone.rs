@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use ztunnel::identity::{ca, Identity, LocalCa};
 use ztunnel_tests::{
+    hbone_server::ScriptedServer,
     lab,
     peer::{self, Outcome},
     setup::Setup,
@@ -166,6 +167,81 @@ fn concurrent_streams_share_pooled_connections() -> Result<()> {
             .count(),
         2
     );
+    Ok(())
+}
+
+/// What a client sends at once goes with the CONNECT instead of a round trip
+/// after the answer: the far end has it before it answers. A stream the far
+/// end refuses is retried on a new connection carrying the same bytes, so
+/// they arrive once and whole. A client that waits before writing (as with a
+/// server-first protocol) is not held up. Bytes are counted as sent once.
+#[test]
+fn a_clients_first_bytes_travel_with_the_connect_and_survive_a_retry() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    // No ztunnel on node2: a scripted HBONE server in the server pod's place.
+    let server = s.lab.pod("server");
+    let cert = LocalCa::load(&s.lab.ca_dir)?.issue(
+        &Identity::new("cluster.local", "default", "server"),
+        Duration::from_secs(3600),
+    )?;
+    let hold = Duration::from_millis(500);
+    let far_end = ScriptedServer::start(&server.ns, server.addr(15008), &cert, hold, true)?;
+    let client = s.lab.pod("client");
+    let dst = server.addr(7000);
+    let exchange = |msg: &str, wait: Duration| -> Result<()> {
+        let sent = msg.to_string();
+        let echoed = client.ns.run(move || -> Result<Vec<u8>> {
+            let mut tcp = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+            std::thread::sleep(wait);
+            tcp.write_all(sent.as_bytes())?;
+            tcp.shutdown(std::net::Shutdown::Write)?;
+            let mut back = Vec::new();
+            tcp.read_to_end(&mut back)?;
+            Ok(back)
+        })??;
+        assert_eq!(
+            String::from_utf8_lossy(&echoed),
+            msg,
+            "echo through the tunnel"
+        );
+        Ok(())
+    };
+    let messages: Vec<String> = (0..5).map(|i| format!("first flight {i}")).collect();
+    for msg in &messages {
+        exchange(msg, Duration::ZERO)?;
+    }
+    // Written only after the far end has answered.
+    exchange("late flight 5", hold * 2)?; // 13 bytes
+
+    let seen = far_end.seen();
+    assert!(
+        seen.iter().all(|c| c.authority.ends_with(":7000")),
+        "{seen:?}"
+    );
+    // The refused stream and its retry, on a fresh connection, with the
+    // same bytes; nothing else was retried.
+    assert_eq!(seen.len(), messages.len() + 2, "{seen:?}");
+    assert!(seen[0].refused, "{seen:?}");
+    assert!(seen[1..].iter().all(|c| !c.refused), "{seen:?}");
+    assert!(seen[1].connection > seen[0].connection, "{seen:?}");
+    let before: Vec<String> = seen
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.before_answer).into_owned())
+        .collect();
+    let mut expected = vec![messages[0].clone()];
+    expected.extend(messages.iter().cloned());
+    expected.push(String::new());
+    assert_eq!(before, expected, "what arrived before each answer");
+    // Each connection's bytes counted once, the retried one's too.
+    let len = messages[0].len();
+    zt1.wait_for_log_count(
+        &format!("bytes_sent={len} bytes_received={len} "),
+        messages.len(),
+        Duration::from_secs(5),
+    )?;
+    zt1.wait_for_log("bytes_sent=13 bytes_received=13 ", Duration::from_secs(5))?;
     Ok(())
 }
 

@@ -25,6 +25,7 @@ use ztunnel::{
     identity::Identity,
     proxy::hbone::{
         client::{self, Target},
+        first_flight::FirstFlight,
         pool::Pool,
         stream::H2Io,
     },
@@ -313,7 +314,7 @@ impl Upstreams {
             baggage: self.baggage.clone(),
             service_host: None,
         };
-        let stream = Box::pin(client::open(&self.pool, &target))
+        let stream = Box::pin(client::open(&self.pool, &target, &mut FirstFlight::none()))
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         Ok(Box::new(H2Io::new(stream)))

@@ -182,10 +182,14 @@ pub async fn relay_h2(
     use tokio::io::AsyncReadExt;
 
     let count = |from_tcp: bool, n: usize| tally.add(from_tcp == tcp_initiates, n as u64);
+    let early = h2.sent_early();
+    if early > 0 {
+        count(true, early);
+    }
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let (send, recv) = h2.halves();
     let to_h2 = async {
-        let mut total = 0u64;
+        let mut total = early as u64;
         let mut size = INITIAL_BUFFER;
         let mut buf = BytesMut::with_capacity(size);
         loop {

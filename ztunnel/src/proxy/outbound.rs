@@ -19,11 +19,14 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use ztunnel_common::ports;
 
 use super::{
-    hbone::client::{self, Target},
+    hbone::{
+        client::{self, Target},
+        first_flight::FirstFlight,
+    },
     is_capture_port, is_own_listener,
     relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction, Ends},
     socket, Proxy,
@@ -244,6 +247,9 @@ async fn handle(
         return;
     }
 
+    let Some(mut first) = first_flight(&downstream, src) else {
+        return;
+    };
     let opened = {
         let mut dst_ids = upstream.service_sans.clone();
         dst_ids.push(dst_id.clone());
@@ -261,7 +267,7 @@ async fn handle(
         // pooled connection (TLS and HTTP/2 handshakes), a future many times
         // larger than the relay. Inline, it would size every connection's
         // task for the connection's whole life (4,496 bytes instead of 1,968).
-        Box::pin(client::open(&proxy.pool, &tunnel_target)).await
+        Box::pin(client::open(&proxy.pool, &tunnel_target, &mut first)).await
     };
     match opened {
         Ok(stream) => {
@@ -281,6 +287,18 @@ async fn handle(
                 .metrics
                 .failed(labels(Reporter::Source), tunnel_failure(&e));
             refuse(downstream);
+        }
+    }
+}
+
+/// The client's first bytes, to go with its CONNECT; `None` if the client
+/// already reset (its connection is gone: nothing to open).
+fn first_flight(downstream: &TcpStream, src: SocketAddr) -> Option<FirstFlight<'_>> {
+    match FirstFlight::from_client(downstream) {
+        Ok(first) => Some(first),
+        Err(e) => {
+            debug!(%src, error = %e, "the client reset before its tunnel was opened");
+            None
         }
     }
 }
@@ -306,6 +324,9 @@ async fn via_waypoint(
         refuse(downstream);
         return;
     };
+    let Some(mut first) = first_flight(&downstream, src) else {
+        return;
+    };
     let src_id = state.identity_of(&src_workload);
     let waypoint_id = state.identity_of(&waypoint.workload);
     let service = state.service_by_vip_labelled(dst.ip());
@@ -320,7 +341,7 @@ async fn via_waypoint(
             baggage: super::hbone::baggage(&src_workload),
             service_host: service.as_ref().map(|(s, _)| s.hostname.clone()),
         };
-        Box::pin(client::open(&proxy.pool, &tunnel_target)).await
+        Box::pin(client::open(&proxy.pool, &tunnel_target, &mut first)).await
     };
     let labels = ConnectionLabels::new(
         &state,

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, sync::Arc};
 use http::{Method, Request};
 
 use super::{
+    first_flight::FirstFlight,
     headers,
     pool::{Pool, PoolKey},
     status,
@@ -58,23 +59,29 @@ pub struct Target {
     pub service_host: Option<String>,
 }
 
-/// Opens a CONNECT stream to `target` over a pooled connection. A pooled
+/// Opens a CONNECT stream to `target` over a pooled connection, sending the
+/// client's `first` bytes with it (see [`FirstFlight`]). A pooled
 /// connection that refuses the stream before any answer (its peer is
 /// draining and sent GOAWAY, or it just broke) is retired and the stream
-/// retried once on a fresh connection: the request never reached a server.
-pub async fn open(pool: &Arc<Pool>, target: &Target) -> Result<H2Stream, HboneError> {
+/// retried once on a fresh connection, with the same first bytes: the
+/// request never reached a server.
+pub async fn open(
+    pool: &Arc<Pool>,
+    target: &Target,
+    first: &mut FirstFlight<'_>,
+) -> Result<H2Stream, HboneError> {
     let key = PoolKey {
         src_id: target.src_id.clone(),
         src: target.src.ip(),
         dst_id: target.dst_id.clone(),
         dst: target.peer,
     };
-    match try_open(pool, &key, target).await {
+    match try_open(pool, &key, target, first).await {
         Err(Attempt::Refused(slot, e)) => {
             slot.retire_connection();
             drop(slot);
             tracing::debug!(dst = %key.dst, error = %e, "pooled connection refused a stream; retrying on a new one");
-            try_open(pool, &key, target)
+            try_open(pool, &key, target, first)
                 .await
                 .map_err(Attempt::into_error)
         }
@@ -108,7 +115,12 @@ fn unprocessed(e: &h2::Error) -> bool {
     e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io()
 }
 
-async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2Stream, Attempt> {
+async fn try_open(
+    pool: &Arc<Pool>,
+    key: &PoolKey,
+    target: &Target,
+    first: &mut FirstFlight<'_>,
+) -> Result<H2Stream, Attempt> {
     let (send, slot) = pool.checkout(key).await?;
     let mut send = match send.ready().await {
         Ok(send) => send,
@@ -127,7 +139,7 @@ async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2
         .header(headers::TRACEPARENT, traceparent())
         .body(())
         .map_err(|_| HboneError::Internal("building the CONNECT request"))?;
-    let (response, send_stream) = match send.send_request(request, false) {
+    let (response, mut send_stream) = match send.send_request(request, false) {
         Ok(sent) => sent,
         Err(e) => {
             return Err(Attempt::Refused(
@@ -136,7 +148,14 @@ async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2
             ))
         }
     };
-    let response = match response.await {
+    if !first.bytes().is_empty() {
+        // Queued behind the HEADERS before the connection task runs, so both
+        // leave in one TLS write. Not reserved against the window: h2 holds
+        // what the window does not yet allow, and this is one bounded read.
+        // A failure here is the stream's, and the answer says which.
+        let _ = send_stream.send_data(first.bytes().clone(), false);
+    }
+    let response = match first.until(response, &mut send_stream).await {
         Ok(response) => response,
         Err(e) if unprocessed(&e) => {
             return Err(Attempt::Refused(
@@ -153,7 +172,9 @@ async fn try_open(pool: &Arc<Pool>, key: &PoolKey, target: &Target) -> Result<H2
             status: response.status(),
         }));
     }
-    Ok(H2Stream::new(send_stream, response.into_body()).with_guard(slot))
+    Ok(H2Stream::new(send_stream, response.into_body())
+        .with_guard(slot)
+        .with_sent_early(first.bytes().len()))
 }
 
 /// `for="<client ip:port>"`, plus `;host=<service>` when a VIP was used.

@@ -1,7 +1,8 @@
 //! HBONE: TCP tunnelled as HTTP/2 CONNECT streams inside mutual TLS, the
 //! wire format Istio's ztunnel speaks on port 15008.
 //!
-//! - [`client`]: opens CONNECT streams over pooled connections ([`pool`]);
+//! - [`client`]: opens CONNECT streams over pooled connections ([`pool`]),
+//!   with the client's [`first_flight`] of bytes;
 //! - [`server`]: the 15008 listener;
 //! - [`request`]: what an inbound CONNECT asks for, read;
 //! - [`stream`]: one CONNECT stream.
@@ -14,6 +15,7 @@
 
 pub mod bounds;
 pub mod client;
+pub mod first_flight;
 pub mod pool;
 pub mod request;
 pub mod server;

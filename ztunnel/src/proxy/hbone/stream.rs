@@ -12,6 +12,9 @@ use h2::{RecvStream, SendStream};
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
+    /// Bytes of the TCP side sent with the CONNECT, before the relay began
+    /// (the client's first flight); the relay counts them as its own.
+    sent_early: usize,
     /// A guard that lives as long as the stream (pool accounting).
     _guard: Option<Box<dyn Send + Sync>>,
 }
@@ -21,8 +24,20 @@ impl H2Stream {
         H2Stream {
             send,
             recv,
+            sent_early: 0,
             _guard: None,
         }
+    }
+
+    /// Records that `n` bytes from the TCP side went with the CONNECT.
+    pub fn with_sent_early(mut self, n: usize) -> Self {
+        self.sent_early = n;
+        self
+    }
+
+    /// Bytes from the TCP side sent before the relay began.
+    pub fn sent_early(&self) -> usize {
+        self.sent_early
     }
 
     /// The two halves, for copying.
