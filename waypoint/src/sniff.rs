@@ -112,29 +112,6 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<I> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{classify, Protocol};
-
-    #[test]
-    fn http_is_told_from_other_protocols_by_its_first_bytes() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http));
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Some(Protocol::Http));
-        assert_eq!(classify(b"GE"), None, "a method still arriving");
-        assert_eq!(
-            classify(b"\x16\x03\x01"),
-            Some(Protocol::Tcp),
-            "a TLS ClientHello"
-        );
-        assert_eq!(
-            classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
-            Some(Protocol::Tcp),
-            "Postgres"
-        );
-        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Tcp));
-    }
-}
-
 /// How much of a client's unread upload is read and dropped after its
 /// connection is done with (see [`Lingering`]), and for how long at most.
 const LINGER_BYTES: usize = 1 << 20;
@@ -220,5 +197,28 @@ impl tokio::io::AsyncWrite for Lingering {
             Some(io) => std::pin::Pin::new(io).poll_shutdown(cx),
             None => std::task::Poll::Ready(Ok(())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{classify, Protocol};
+
+    #[test]
+    fn http_is_told_from_other_protocols_by_its_first_bytes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Some(Protocol::Http));
+        assert_eq!(classify(b"GE"), None, "a method still arriving");
+        assert_eq!(
+            classify(b"\x16\x03\x01"),
+            Some(Protocol::Tcp),
+            "a TLS ClientHello"
+        );
+        assert_eq!(
+            classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
+            Some(Protocol::Tcp),
+            "Postgres"
+        );
+        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Tcp));
     }
 }
