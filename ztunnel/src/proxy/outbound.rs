@@ -247,10 +247,12 @@ async fn handle(
         return;
     }
 
-    let Some(mut first) = first_flight(&downstream, src) else {
-        return;
-    };
     let opened = {
+        // Scoped to the open, as the target is: kept in the task, it would
+        // hold its bytes for the connection's whole life.
+        let Some(mut first) = first_flight(&downstream, src) else {
+            return;
+        };
         let mut dst_ids = upstream.service_sans.clone();
         dst_ids.push(dst_id.clone());
         let tunnel_target = Target {
@@ -324,13 +326,13 @@ async fn via_waypoint(
         refuse(downstream);
         return;
     };
-    let Some(mut first) = first_flight(&downstream, src) else {
-        return;
-    };
     let src_id = state.identity_of(&src_workload);
     let waypoint_id = state.identity_of(&waypoint.workload);
     let service = state.service_by_vip_labelled(dst.ip());
     let opened = {
+        let Some(mut first) = first_flight(&downstream, src) else {
+            return;
+        };
         let tunnel_target = Target {
             src_id: src_id.clone(),
             src,
