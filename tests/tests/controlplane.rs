@@ -89,6 +89,20 @@ fn config_dump(zt_node: &lab::Node) -> Result<serde_json::Value> {
     serde_json::from_str(&r.body).context("config_dump is not JSON")
 }
 
+/// Whether the node's ztunnel holds a workload with address `ip`.
+fn knows_workload(zt_node: &lab::Node, ip: Ipv4Addr) -> Result<bool> {
+    let dump = config_dump(zt_node)?;
+    let workloads = dump["workloads"]
+        .as_array()
+        .context("config_dump has no workloads")?;
+    let ip = ip.to_string();
+    Ok(workloads.iter().any(|w| {
+        w["ips"]
+            .as_array()
+            .is_some_and(|ips| ips.iter().any(|a| *a == *ip))
+    }))
+}
+
 /// How many connections to `dst` the access log shows arriving through
 /// HBONE.
 fn tunnels_to(zt: &Ztunnel, dst: SocketAddr) -> usize {
@@ -161,10 +175,16 @@ fn pushed_workloads_and_policies_take_effect_within_a_second() -> Result<()> {
         || Ok(request(client, server.addr, 1024).is_ok()),
     )?;
     cp.control_plane.update(parse(&lab::config_yaml(&[]))?);
+    // Both nodes must have applied the removal: until the client's node
+    // has, it still tunnels to the workload, and node2, which no longer
+    // serves it, refuses the tunnel (pushes to two nodes land apart).
     let took_removal = within(
         Duration::from_secs(1),
         "a removed workload leaves capture",
-        || Ok(counters(s.lab.node("node2"), LATE.ip)?.is_none()),
+        || {
+            Ok(counters(s.lab.node("node2"), LATE.ip)?.is_none()
+                && !knows_workload(s.lab.node("node1"), LATE.ip)?)
+        },
     )?;
     let tunnels = tunnels_to(&zt2, server.addr);
     request(client, server.addr, 1024)?;
