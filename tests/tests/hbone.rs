@@ -124,7 +124,9 @@ fn service_vip_reaches_its_endpoints_with_port_mapping() -> Result<()> {
 #[test]
 fn concurrent_streams_share_pooled_connections() -> Result<()> {
     let s = Setup::new(&lab::config_yaml(&[]))?;
-    let zt1 = s.ztunnel("node1", &[])?;
+    // One worker, one pool: each worker has its own, and which worker a
+    // connection lands on is the kernel's hash of its addresses.
+    let zt1 = s.ztunnel("node1", &["--worker-threads", "1"])?;
     let _zt2 = s.ztunnel("node2", &[])?;
     let client = s.lab.pod("client");
     let server_pod = s.lab.pod("server");

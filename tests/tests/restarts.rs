@@ -467,3 +467,58 @@ fn a_new_ztunnel_that_dies_before_it_serves_leaves_the_old_one_in_charge() -> Re
     request(&client.ns, server.addr, 1024)?;
     Ok(())
 }
+
+/// The capture listeners ztunnel's process `pid` holds on `port`.
+fn listeners_of(node: &Node, port: u16, pid: u32) -> Result<usize> {
+    Ok(ztunnel_tests::ztunnel::sockets(node)?
+        .iter()
+        .filter(|s| {
+            s.state == "LISTEN"
+                && s.local.port() == port
+                && s.process.contains(&format!("pid={pid},"))
+        })
+        .count())
+}
+
+/// Each proxy worker has its own member of each capture port's reuseport
+/// group. Handovers between ztunnels with different numbers of workers pass
+/// every member on, grow the groups when the new one has more workers, and
+/// serve them all when it has fewer: no connection fails, and none waits in
+/// an accept queue that nobody serves (it would hang until the stream's
+/// timeout and count as failed).
+#[test]
+fn handovers_between_different_worker_counts_lose_no_connection() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let node1 = s.lab.node("node1");
+    let mut old = s.ztunnel("node1", &["--worker-threads", "1"])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
+    let client = s.lab.pod("client");
+    let server_pod = s.lab.pod("server");
+    let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let pid = |zt: &ztunnel_tests::ztunnel::Ztunnel| zt.pid().context("no pid");
+    assert_eq!(listeners_of(node1, 15001, pid(&old)?)?, 1);
+    let stream = Stream::start(&client.ns, server.addr, 256);
+
+    for (workers, listeners) in [("3", 3), ("2", 3), ("1", 3)] {
+        std::thread::sleep(Duration::from_millis(500));
+        let new = s.ztunnel("node1", &["--worker-threads", workers, "--drain-deadline", "5s"])?;
+        assert!(
+            new.log_text().contains("took the listeners over"),
+            "no handover:\n{}",
+            new.log_text()
+        );
+        old.wait_exit(Duration::from_secs(15))?;
+        for port in [15001, 15006, 15008] {
+            assert_eq!(
+                listeners_of(node1, port, pid(&new)?)?,
+                listeners,
+                "port {port} after the handover to {workers} workers"
+            );
+        }
+        old = new;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let n = stream.finish_unbroken("through handovers between 1, 3, 2 and 1 workers", 10)?;
+    eprintln!("{n} connections through three handovers");
+    Ok(())
+}

@@ -47,8 +47,9 @@ const READY: &[u8] = b"ztunnel-ready v1\n";
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a new process waits for the running one to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
-/// More listeners than this in one reply is a protocol error.
-const MAX_FDS: usize = 16;
+/// More listeners than this in one reply is a protocol error: three per
+/// proxy worker, and the admin, metrics and readiness ports.
+const MAX_FDS: usize = 3 * crate::proxy::workers::MAX_WORKERS + 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -117,7 +118,8 @@ pub fn take_over(path: &Path) -> Result<Option<Takeover>, HandoverError> {
     stream
         .write_all(REQUEST)
         .map_err(|e| proto(format!("sending request: {e}")))?;
-    let mut buf = vec![0u8; 1024];
+    // Room for MAX_FDS names of up to 20 bytes and their commas.
+    let mut buf = vec![0u8; 8192];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(

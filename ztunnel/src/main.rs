@@ -19,11 +19,12 @@ fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ztunnel::app::uninstall(&args)))
     } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if args.worker_threads > 0 {
-            builder.worker_threads(args.worker_threads);
-        }
-        builder
+        // The control plane, capture and admin: light work, one thread. The
+        // data path runs on its own workers (`proxy::workers`, one per core
+        // or `--worker-threads`). Multi-threaded all the same, for
+        // `block_in_place` around the blocking map and netlink calls.
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)

@@ -47,8 +47,12 @@ use crate::{
     metrics::{kernel::KernelCounters, scrape::Scrape, Metrics},
     proxy::{
         direct::DirectFlows,
-        hbone::{pool::Pool, server::Limits},
+        hbone::{
+            pool::Pool,
+            server::{Admission, Limits},
+        },
         tracker::Tracker,
+        workers::{self, Workers},
         Drain, Proxy,
     },
     redirect::{
@@ -207,6 +211,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     ));
     report_waypoints(&snapshot);
     let pin_dir = args.pin_dir();
+    let workers = workers::count(args.worker_threads);
     let certs = CertManager::new(ca, args.workload_cert_ttl);
     let handover_path = args.handover_path();
     let admin_socket = args.admin_socket_path();
@@ -237,7 +242,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     let taken = match &mut takeover {
         Some(t) => {
             info!(socket = %handover_path.display(), "took the listeners over from the running ztunnel");
-            let sockets = Sockets::from_handover(std::mem::take(&mut t.listeners))?;
+            let sockets = Sockets::from_handover(std::mem::take(&mut t.listeners), workers)?;
             tokio::task::block_in_place(|| capture.publish_listeners(&sockets.capture_slots()))?;
             Some(sockets)
         }
@@ -251,7 +256,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     hold.stage("pinned links re-adopted").await;
     let sockets = match taken {
         Some(sockets) => sockets,
-        None => bind_patiently().await?,
+        None => bind_patiently(workers).await?,
     };
     hold.stage("listeners bound").await;
     netlink.install_capture_route().await?;
@@ -329,25 +334,34 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     ];
 
     let tls = Arc::new(TlsContext::new(certs.clone(), &args.trust_domain)?);
-    let proxy = Arc::new(Proxy {
-        pool: Pool::new(tls.clone()),
-        tls,
-        limits: Limits {
-            handshake_timeout: args.handshake_timeout,
-            max_handshakes: args.max_handshakes,
-            max_handshakes_per_source: args.max_handshakes_per_source,
-            max_connections_per_peer: args.max_connections_per_peer,
-            hbone_idle_timeout: args.hbone_idle_timeout,
-            idle_timeout: args.idle_timeout,
-        },
-        tracker: Arc::new(Tracker::default()),
-        metrics,
-        drain: drain.clone(),
-    });
-    let tracker = proxy.tracker.clone();
+    let limits = Limits {
+        handshake_timeout: args.handshake_timeout,
+        max_handshakes: args.max_handshakes,
+        max_handshakes_per_source: args.max_handshakes_per_source,
+        max_connections_per_peer: args.max_connections_per_peer,
+        hbone_idle_timeout: args.hbone_idle_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    let tracker = Arc::new(Tracker::default());
+    let admission = Arc::new(Admission::new(&limits));
+    // Each worker's own: called on the worker's runtime.
+    let worker_proxy = {
+        let (tracker, metrics, drain) = (tracker.clone(), metrics.clone(), drain.clone());
+        move || {
+            Arc::new(Proxy {
+                pool: Pool::new(tls.clone()),
+                tls: tls.clone(),
+                limits,
+                tracker: tracker.clone(),
+                metrics: metrics.clone(),
+                drain: drain.clone(),
+                admission: admission.clone(),
+            })
+        }
+    };
     // Same-node connections the kernel passes: reported from its events,
     // and re-checked here (also those an earlier ztunnel saw open).
-    let direct = DirectFlows::new(proxy.metrics.clone());
+    let direct = DirectFlows::new(metrics.clone());
     if let Some(ring) = kernel.capture.take_direct_events() {
         tokio::spawn(direct.clone().report(ring, state_rx.clone()));
     }
@@ -356,7 +370,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
     // wait in the accept queues for the instant until the proxy accepts).
     // Published while this function still owns the sockets.
     tokio::task::block_in_place(|| kernel.capture.publish_listeners(&capture_slots))?;
-    let proxy_task = tokio::spawn(sockets.proxy.serve(state_rx, proxy));
+    let proxy_workers = Workers::start(sockets.proxy, workers, state_rx, worker_proxy)?;
     hold.stage("listeners published").await;
 
     // The next ztunnel asks here for our listeners.
@@ -532,7 +546,7 @@ pub async fn run(args: Args, log_control: Arc<LogControl>) -> anyhow::Result<()>
             "drain deadline passed; closing the remaining connections"
         ),
     }
-    proxy_task.abort();
+    tokio::task::block_in_place(|| proxy_workers.stop());
     for task in probe_tasks {
         task.abort();
     }
@@ -575,10 +589,10 @@ fn kernel_events() -> Pin<Box<dyn Stream<Item = Event> + Send>> {
 
 /// Binds fresh listeners, waiting for a draining ztunnel to release the
 /// ports it is closing.
-async fn bind_patiently() -> anyhow::Result<Sockets> {
+async fn bind_patiently(workers: usize) -> anyhow::Result<Sockets> {
     let deadline = Instant::now() + BIND_PATIENCE;
     loop {
-        match Sockets::bind() {
+        match Sockets::bind(workers) {
             Ok(sockets) => return Ok(sockets),
             Err(e)
                 if Instant::now() < deadline

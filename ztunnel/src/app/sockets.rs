@@ -10,7 +10,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use ztunnel_common::{listener_index, ports};
 
-use crate::{handover, proxy::Listeners};
+use crate::{
+    handover,
+    proxy::{ListenerSet, Listeners},
+};
 
 pub struct Sockets {
     pub proxy: Listeners,
@@ -20,7 +23,8 @@ pub struct Sockets {
 }
 
 impl Sockets {
-    pub fn bind() -> anyhow::Result<Self> {
+    /// Binds every socket, with `workers` sets of capture listeners.
+    pub fn bind(workers: usize) -> anyhow::Result<Self> {
         // `shared`: a ztunnel that drains without a handover still answers
         // probes and scrapes on these ports (readiness says 503), and one
         // started meanwhile must not wait for it to exit, so both bind with
@@ -39,7 +43,7 @@ impl Sockets {
             Ok(TcpListener::from_std(socket.into())?)
         };
         Ok(Sockets {
-            proxy: Listeners::bind().context(
+            proxy: Listeners::bind(workers).context(
                 "binding the capture listeners (is another ztunnel running here without a handover socket?)",
             )?,
             admin: plain(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)), false)?,
@@ -48,22 +52,50 @@ impl Sockets {
         })
     }
 
-    pub fn from_handover(fds: Vec<(String, OwnedFd)>) -> anyhow::Result<Self> {
+    /// The sockets a running ztunnel handed over: every set of capture
+    /// listeners it had (`outbound`, `outbound.1`, ...), then more sets,
+    /// joining their groups, up to `workers`.
+    pub fn from_handover(fds: Vec<(String, OwnedFd)>, workers: usize) -> anyhow::Result<Self> {
         let mut by_name: std::collections::HashMap<String, OwnedFd> = fds.into_iter().collect();
-        let mut take = |name: &str| -> anyhow::Result<TcpListener> {
+        fn take_std(
+            by_name: &mut std::collections::HashMap<String, OwnedFd>,
+            name: &str,
+        ) -> anyhow::Result<std::net::TcpListener> {
             let fd = by_name
                 .remove(name)
                 .ok_or_else(|| anyhow::anyhow!("the running ztunnel did not hand over `{name}`"))?;
-            let std = std::net::TcpListener::from(fd);
+            Ok(std::net::TcpListener::from(fd))
+        }
+        let mut sets = Vec::new();
+        loop {
+            let suffix = set_suffix(sets.len());
+            let outbound = format!("outbound{suffix}");
+            if !sets.is_empty() && !by_name.contains_key(&outbound) {
+                break;
+            }
+            sets.push(ListenerSet {
+                outbound: take_std(&mut by_name, &outbound)?,
+                inbound_plaintext: take_std(&mut by_name, &format!("inbound_plaintext{suffix}"))?,
+                inbound_hbone: take_std(&mut by_name, &format!("inbound_hbone{suffix}"))?,
+            });
+        }
+        let mut proxy = Listeners { sets };
+        let handed = proxy.sets.len();
+        if let Err(e) = proxy.grow_to(workers) {
+            tracing::warn!(
+                handed_over = handed,
+                workers,
+                error = %e,
+                "could not add capture listeners to those handed over (was the running ztunnel's not SO_REUSEPORT?): fewer workers serve until a restart without a handover"
+            );
+        }
+        let mut take = |name: &str| -> anyhow::Result<TcpListener> {
+            let std = take_std(&mut by_name, name)?;
             std.set_nonblocking(true)?;
             Ok(TcpListener::from_std(std)?)
         };
         Ok(Sockets {
-            proxy: Listeners {
-                outbound: take("outbound")?,
-                inbound_plaintext: take("inbound_plaintext")?,
-                inbound_hbone: take("inbound_hbone")?,
-            },
+            proxy,
             admin: take("admin")?,
             metrics: take("metrics")?,
             readiness: take("readiness")?,
@@ -72,31 +104,48 @@ impl Sockets {
 
     /// Copies of every listener, named, for the handover server to own.
     pub fn handover_copies(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
-        [
-            ("outbound", &self.proxy.outbound),
-            ("inbound_plaintext", &self.proxy.inbound_plaintext),
-            ("inbound_hbone", &self.proxy.inbound_hbone),
+        let mut copies = Vec::new();
+        for (i, set) in self.proxy.sets.iter().enumerate() {
+            let suffix = set_suffix(i);
+            for (name, listener) in [
+                ("outbound", &set.outbound),
+                ("inbound_plaintext", &set.inbound_plaintext),
+                ("inbound_hbone", &set.inbound_hbone),
+            ] {
+                copies.push((format!("{name}{suffix}"), handover::dup(listener)?));
+            }
+        }
+        for (name, listener) in [
             ("admin", &self.admin),
             ("metrics", &self.metrics),
             ("readiness", &self.readiness),
-        ]
-        .into_iter()
-        .map(|(name, listener)| Ok((name.to_string(), handover::dup(listener)?)))
-        .collect()
+        ] {
+            copies.push((name.to_string(), handover::dup(listener)?));
+        }
+        Ok(copies)
     }
 
-    /// The capture listeners by `listener_index` slot, for the kernel.
+    /// The capture listeners by `listener_index` slot, for the kernel: the
+    /// first set's, whose groups take the rest along.
     pub fn capture_slots(&self) -> Vec<(u32, RawFd)> {
+        let first = &self.proxy.sets[0];
         vec![
-            (listener_index::OUTBOUND, self.proxy.outbound.as_raw_fd()),
+            (listener_index::OUTBOUND, first.outbound.as_raw_fd()),
             (
                 listener_index::INBOUND_PLAINTEXT,
-                self.proxy.inbound_plaintext.as_raw_fd(),
+                first.inbound_plaintext.as_raw_fd(),
             ),
-            (
-                listener_index::INBOUND_HBONE,
-                self.proxy.inbound_hbone.as_raw_fd(),
-            ),
+            (listener_index::INBOUND_HBONE, first.inbound_hbone.as_raw_fd()),
         ]
+    }
+}
+
+/// How the handover names the listeners of set `i`: `outbound` for the
+/// first (as ztunnels with one set named theirs), `outbound.1` after.
+fn set_suffix(i: usize) -> String {
+    if i == 0 {
+        String::new()
+    } else {
+        format!(".{i}")
     }
 }

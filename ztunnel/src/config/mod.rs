@@ -184,7 +184,9 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_ADMIN_SOCKET", value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
 
-    /// Worker threads of the async runtime (0: one per CPU core).
+    /// Proxy worker threads (0: one per CPU core, at most 64). Each has its
+    /// own runtime, its own member of each capture port's `SO_REUSEPORT`
+    /// group and its own HBONE pool, so a connection stays on one thread.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 

@@ -41,22 +41,45 @@ pub fn prepare_listener(listener: &TcpListener, name: &str) {
     }
 }
 
-/// A transparent listener on `0.0.0.0:port`. What its accepted sockets
-/// need is set by [`prepare_listener`] where it is served, as for a
-/// listener handed over.
+/// A transparent listener on `0.0.0.0:port`, one member of the port's
+/// `SO_REUSEPORT` group: each proxy worker has its own. The netns's
+/// sk_lookup program selects the group's first member (the one in the
+/// listener map), and the kernel then picks the member by the flow's hash,
+/// so a captured SYN lands on one worker's accept queue with no handoff
+/// between threads. What its accepted sockets need is set by
+/// [`prepare_listener`] where it is served, as for a listener handed over.
 ///
-/// `SO_REUSEPORT` stays off: `bpf_sk_assign` refuses reuseport listeners.
-pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_ip_transparent(true)?;
-    socket.set_nonblocking(true)?;
+/// Bind the group's first member only after [`ensure_port_free`]: a
+/// draining ztunnel's listeners are reuseport members too, and joining
+/// their group would hand new flows to a process that no longer accepts.
+pub fn transparent_listener(port: u16) -> io::Result<std::net::TcpListener> {
+    let socket = transparent_socket()?;
+    socket.set_reuse_port(true)?;
     let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
     socket
         .bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// Fails with `AddrInUse` while any socket listens on `0.0.0.0:port` (a
+/// bind without `SO_REUSEPORT` conflicts with every listener there,
+/// reuseport group or not).
+pub fn ensure_port_free(port: u16) -> io::Result<()> {
+    let socket = transparent_socket()?;
+    let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+}
+
+fn transparent_socket() -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_ip_transparent(true)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Connects to `dst`, from `src_ip` when given (a pod's address, not this

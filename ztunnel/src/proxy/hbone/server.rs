@@ -75,18 +75,33 @@ impl Default for Limits {
     }
 }
 
+/// What bounds peers across every listener of 15008: the node's limits,
+/// not one worker's, however many workers serve the port.
+pub struct Admission {
+    handshakes: Arc<HandshakeSlots>,
+    peers: Arc<PeerConnections>,
+}
+
+impl Admission {
+    pub fn new(limits: &Limits) -> Self {
+        Admission {
+            handshakes: Arc::new(HandshakeSlots::new(
+                limits.max_handshakes,
+                limits.max_handshakes_per_source,
+            )),
+            peers: Arc::new(PeerConnections::new(limits.max_connections_per_peer)),
+        }
+    }
+}
+
 /// Serves the HBONE listener.
 pub async fn serve(
     listener: TcpListener,
     state: watch::Receiver<Arc<Snapshot>>,
     proxy: Arc<Proxy>,
 ) {
-    let limits = proxy.limits;
-    let handshakes = Arc::new(HandshakeSlots::new(
-        limits.max_handshakes,
-        limits.max_handshakes_per_source,
-    ));
-    let peers = Arc::new(PeerConnections::new(limits.max_connections_per_peer));
+    let handshakes = proxy.admission.handshakes.clone();
+    let peers = proxy.admission.peers.clone();
     let draining = Some(proxy.drain.signal.clone());
     // Keepalive, and TCP_NODELAY so that small HTTP/2 frames (window
     // updates, a request's headers) do not wait for Nagle: both from the
