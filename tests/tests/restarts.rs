@@ -501,7 +501,10 @@ fn handovers_between_different_worker_counts_lose_no_connection() -> Result<()> 
 
     for (workers, listeners) in [("3", 3), ("2", 3), ("1", 3)] {
         std::thread::sleep(Duration::from_millis(500));
-        let new = s.ztunnel("node1", &["--worker-threads", workers, "--drain-deadline", "5s"])?;
+        let new = s.ztunnel(
+            "node1",
+            &["--worker-threads", workers, "--drain-deadline", "5s"],
+        )?;
         assert!(
             new.log_text().contains("took the listeners over"),
             "no handover:\n{}",

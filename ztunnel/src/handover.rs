@@ -50,6 +50,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// More listeners than this in one reply is a protocol error: three per
 /// proxy worker, and the admin, metrics and readiness ports.
 const MAX_FDS: usize = 3 * crate::proxy::workers::MAX_WORKERS + 3;
+/// The longest reply read: room for MAX_FDS names of up to 20 bytes (as
+/// `inbound_plaintext.63`) and their commas.
+const REPLY_BUFFER: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -118,8 +121,7 @@ pub fn take_over(path: &Path) -> Result<Option<Takeover>, HandoverError> {
     stream
         .write_all(REQUEST)
         .map_err(|e| proto(format!("sending request: {e}")))?;
-    // Room for MAX_FDS names of up to 20 bytes and their commas.
-    let mut buf = vec![0u8; 8192];
+    let mut buf = vec![0u8; REPLY_BUFFER];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(
@@ -138,6 +140,13 @@ pub fn take_over(path: &Path) -> Result<Option<Takeover>, HandoverError> {
                     .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
             );
         }
+    }
+    // Space for MAX_FDS is rounded up to a word: a descriptor or so more
+    // may fit, but no more than MAX_FDS may come.
+    if fds.len() > MAX_FDS || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(proto(format!(
+            "more listeners than the {MAX_FDS} a reply may carry"
+        )));
     }
     let n = msg.bytes;
     let names = match parse_reply(&buf[..n], fds.len()).map_err(proto)? {

@@ -135,7 +135,10 @@ impl Sockets {
                 listener_index::INBOUND_PLAINTEXT,
                 first.inbound_plaintext.as_raw_fd(),
             ),
-            (listener_index::INBOUND_HBONE, first.inbound_hbone.as_raw_fd()),
+            (
+                listener_index::INBOUND_HBONE,
+                first.inbound_hbone.as_raw_fd(),
+            ),
         ]
     }
 }

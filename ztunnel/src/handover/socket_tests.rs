@@ -335,7 +335,7 @@ fn a_reply_longer_than_the_read_buffer_is_refused_not_read_cut() {
     // The second name runs past what one read takes: read as is, it would
     // be a different, cut name for the second descriptor.
     let dir = Dir::new();
-    let long = "l".repeat(2000);
+    let long = "l".repeat(REPLY_BUFFER);
     let reply = format!("ztunnel-listeners v1 outbound,{long}\n");
     let old = old_answering(
         &dir.socket(),
