@@ -26,6 +26,7 @@ pub mod workers;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
+use ztunnel_common::ports::{INBOUND_HBONE, INBOUND_PLAINTEXT, OUTBOUND_CAPTURE};
 
 use crate::{metrics::Metrics, tls::TlsContext};
 
@@ -69,11 +70,10 @@ pub struct ListenerSet {
 impl ListenerSet {
     /// Binds one more member of each port's group.
     pub fn bind() -> std::io::Result<Self> {
-        use ztunnel_common::ports;
         Ok(ListenerSet {
-            outbound: socket::transparent_listener(ports::OUTBOUND_CAPTURE)?,
-            inbound_plaintext: socket::transparent_listener(ports::INBOUND_PLAINTEXT)?,
-            inbound_hbone: socket::transparent_listener(ports::INBOUND_HBONE)?,
+            outbound: socket::transparent_listener(OUTBOUND_CAPTURE)?,
+            inbound_plaintext: socket::transparent_listener(INBOUND_PLAINTEXT)?,
+            inbound_hbone: socket::transparent_listener(INBOUND_HBONE)?,
         })
     }
 }
@@ -109,8 +109,6 @@ impl Listeners {
         Ok(())
     }
 }
-
-use ztunnel_common::ports::{INBOUND_HBONE, INBOUND_PLAINTEXT, OUTBOUND_CAPTURE};
 
 const CAPTURE_PORTS: [u16; 3] = [OUTBOUND_CAPTURE, INBOUND_PLAINTEXT, INBOUND_HBONE];
 

@@ -107,34 +107,15 @@ impl Workers {
 async fn serve(sets: Vec<ListenerSet>, state: watch::Receiver<Arc<Snapshot>>, proxy: Arc<Proxy>) {
     let mut loops = tokio::task::JoinSet::new();
     for set in sets {
-        let ListenerSet {
-            outbound,
-            inbound_plaintext,
-            inbound_hbone,
-        } = set;
-        for (name, listener) in [
-            ("outbound", outbound),
-            ("inbound", inbound_plaintext),
-            ("hbone", inbound_hbone),
-        ] {
-            let listener = match listener
-                .set_nonblocking(true)
-                .and_then(|()| TcpListener::from_std(listener))
-            {
-                Ok(listener) => listener,
-                Err(e) => {
-                    // Its accept queue fills and its flows time out; the other
-                    // members of the group still serve theirs.
-                    error!(listener = name, error = %e, "a capture listener cannot be served");
-                    continue;
-                }
-            };
-            let (state, proxy) = (state.clone(), proxy.clone());
-            match name {
-                "outbound" => loops.spawn(outbound::serve(listener, state, proxy)),
-                "inbound" => loops.spawn(inbound::serve(listener, state, proxy)),
-                _ => loops.spawn(hbone::server::serve(listener, state, proxy)),
-            };
+        let (state, proxy) = (&state, &proxy);
+        if let Some(l) = on_this_runtime(set.outbound, "outbound") {
+            loops.spawn(outbound::serve(l, state.clone(), proxy.clone()));
+        }
+        if let Some(l) = on_this_runtime(set.inbound_plaintext, "inbound") {
+            loops.spawn(inbound::serve(l, state.clone(), proxy.clone()));
+        }
+        if let Some(l) = on_this_runtime(set.inbound_hbone, "hbone") {
+            loops.spawn(hbone::server::serve(l, state.clone(), proxy.clone()));
         }
     }
     while let Some(done) = loops.join_next().await {
@@ -142,4 +123,15 @@ async fn serve(sets: Vec<ListenerSet>, state: watch::Receiver<Arc<Snapshot>>, pr
             warn!(error = %e, "an accept loop ended abnormally");
         }
     }
+}
+
+/// `listener`, registered with the current runtime; `None` (logged) if it
+/// cannot be: its accept queue then fills and its flows time out, while the
+/// other members of its group still serve theirs.
+fn on_this_runtime(listener: std::net::TcpListener, name: &str) -> Option<TcpListener> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| error!(listener = name, error = %e, "a capture listener cannot be served"))
+        .ok()
 }
