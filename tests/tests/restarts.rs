@@ -525,3 +525,38 @@ fn handovers_between_different_worker_counts_lose_no_connection() -> Result<()> 
     eprintln!("{n} connections through three handovers");
     Ok(())
 }
+
+/// Capture listeners are `SO_REUSEPORT` groups, and the kernel spreads new
+/// flows over every member of a group. A fresh ztunnel must therefore never
+/// join a group another process still holds (a draining ztunnel, which no
+/// longer accepts): the flows hashed to that process's member would wait
+/// in a queue nobody serves. Here a test-held member of 15001's group
+/// stands in for it; ztunnel waits for the port, then refuses to start.
+#[test]
+fn a_fresh_ztunnel_never_joins_another_processs_listener_group() -> Result<()> {
+    let s = Setup::new(&lab::config_yaml(&[]))?;
+    let node1 = s.lab.node("node1");
+    let _held = node1.ns.run(|| -> Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_ip_transparent(true)?;
+        socket.bind(&SocketAddr::from(([0, 0, 0, 0], 15001)).into())?;
+        socket.listen(128)?;
+        Ok(socket.into())
+    })??;
+    let out = Command::new("timeout")
+        .args(["40", "nsenter"])
+        .arg(format!("--net={}", node1.ns.path().display()))
+        .arg("--")
+        .arg(binary()?)
+        .args(ztunnel_args(&s, node1))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("binding the capture listeners"),
+        "started beside another process's listener on 15001 ({}):\n{stderr}",
+        out.status
+    );
+    Ok(())
+}
