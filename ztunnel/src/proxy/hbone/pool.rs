@@ -213,10 +213,13 @@ impl Pool {
         // No SNI, as Istio's ztunnel: identities, not names, are checked.
         let mut config = (*config).clone();
         config.enable_sni = false;
-        let tls = TlsConnector::from(Arc::new(config))
+        let mut tls = TlsConnector::from(Arc::new(config))
             .connect(ServerName::IpAddress(key.dst.ip().into()), tcp)
             .await
             .map_err(|e| HboneError::Tls(key.dst, e.to_string()))?;
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(settings::TLS_SEND_BUFFER));
         let peer_not_after = tls
             .get_ref()
             .1

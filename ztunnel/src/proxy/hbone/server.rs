@@ -233,10 +233,14 @@ pub async fn handshake(
     trust_domain: &str,
     max_streams: u32,
 ) -> Result<(Identity, Http2Connection), String> {
-    let tls_stream = TlsAcceptor::from(config)
+    let mut tls_stream = TlsAcceptor::from(config)
         .accept(stream)
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    tls_stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(settings::TLS_SEND_BUFFER));
     let peer_id = tls_stream
         .get_ref()
         .1
