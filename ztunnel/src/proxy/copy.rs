@@ -179,25 +179,30 @@ pub async fn relay_h2(
     tcp_initiates: bool,
 ) -> io::Result<Transferred> {
     use bytes::BytesMut;
-    use tokio::io::AsyncReadExt;
 
     let count = |from_tcp: bool, n: usize| tally.add(from_tcp == tcp_initiates, n as u64);
     let early = h2.sent_early();
     if early > 0 {
         count(true, early);
     }
-    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let (tcp_read, mut tcp_write) = tcp.split();
     let (send, recv) = h2.halves();
     let to_h2 = async {
         let mut total = early as u64;
         let mut size = INITIAL_BUFFER;
-        let mut buf = BytesMut::with_capacity(size);
         loop {
-            if buf.capacity() == 0 {
-                buf.reserve(size);
-            }
+            // A buffer only once there is something to read, and none kept
+            // between reads (each read's bytes go to h2 whole): a quiet
+            // connection holds none, whether it is new or has just moved
+            // bulk (which grew its reads to 256 KiB).
+            tcp_read.readable().await?;
+            let mut buf = BytesMut::with_capacity(size);
             let room = buf.capacity();
-            let n = tcp_read.read_buf(&mut buf).await?;
+            let n = match tcp_read.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 // END_STREAM is the tunnel's half-close.
                 return match send.send_data(Bytes::new(), true) {
@@ -211,7 +216,7 @@ pub async fn relay_h2(
             if n == room && size < MAX_BUFFER {
                 size = (size * 4).min(MAX_BUFFER);
             }
-            let mut data = buf.split().freeze();
+            let mut data = buf.freeze();
             while !data.is_empty() {
                 send.reserve_capacity(data.len());
                 let granted = std::future::poll_fn(|cx| send.poll_capacity(cx)).await;

@@ -11,7 +11,7 @@ use tokio::{
 use tracing::warn;
 
 use super::{
-    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction, Ends},
+    relay::{accept_loop, connect_direct, refuse, ConnInfo, Direction, Ends, Relay},
     Proxy,
 };
 use crate::{
@@ -43,13 +43,13 @@ async fn handle(
     src: SocketAddr,
     dst: SocketAddr,
     state: Arc<Snapshot>,
-) {
+) -> Option<Relay> {
     // Only local workloads are served: anything else reaching this port was
     // not captured for a pod (someone connected to the port directly).
     let Some(workload) = state.local_workload_by_ip(dst.ip()).cloned() else {
         warn!(%src, %dst, "refused: inbound connection for an address that is not a local workload");
         refuse(downstream);
-        return;
+        return None;
     };
     // Plaintext carries no identity: identity clauses fail for it.
     let conn = Connection {
@@ -75,7 +75,7 @@ async fn handle(
                 .metrics
                 .failed(labels, ResponseFlags::AuthorizationPolicyDenied);
             refuse(downstream);
-            return;
+            return None;
         }
     };
     let Some(upstream) = connect_direct(Direction::Inbound, src, dst, Some(src.ip())).await else {
@@ -83,29 +83,24 @@ async fn handle(
             .metrics
             .failed(labels, ResponseFlags::ConnectionFailure);
         refuse(downstream);
-        return;
+        return None;
     };
     let dst_identity = state.identity_of(&workload);
     let metrics = proxy.metrics.open(labels);
-    let info = ConnInfo {
-        direction: Direction::Inbound,
-        src,
-        dst,
-        src_workload: src_workload
-            .as_ref()
-            .map(|w| w.name.as_str())
-            .unwrap_or("-"),
-        dst_workload: &workload.name,
-        src_identity: None,
-        dst_identity: Some(&dst_identity),
-        path: "plaintext",
-    };
-    pipe(
-        &proxy,
-        info,
-        Ends::Tcp(downstream, upstream),
-        Some(registration),
-        vec![metrics],
-    )
-    .await
+    Some(Relay {
+        proxy,
+        info: ConnInfo {
+            direction: Direction::Inbound,
+            src,
+            dst,
+            src_workload,
+            dst_workload: Some(workload),
+            src_identity: None,
+            dst_identity: Some(dst_identity),
+            path: "plaintext",
+        },
+        ends: Ends::Tcp(downstream, upstream),
+        registration: Some(registration),
+        metrics: vec![metrics],
+    })
 }

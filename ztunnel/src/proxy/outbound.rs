@@ -28,7 +28,7 @@ use super::{
         first_flight::FirstFlight,
     },
     is_capture_port, is_own_listener,
-    relay::{accept_loop, connect_direct, pipe, refuse, ConnInfo, Direction, Ends},
+    relay::{accept_loop, connect_direct, refuse, ConnInfo, Direction, Ends, Relay},
     socket, Proxy,
 };
 use crate::{
@@ -84,14 +84,13 @@ async fn handle(
     src: SocketAddr,
     dst: SocketAddr,
     state: Arc<Snapshot>,
-) {
+) -> Option<Relay> {
     if is_own_listener(dst) {
         warn!(%src, %dst, "refused: a pod connected to ztunnel's own port");
         refuse(downstream);
-        return;
+        return None;
     }
     let src_workload = state.workload_by_ip(src.ip()).cloned();
-    let src_name = src_workload.as_ref().map_or("-", |w| w.name.as_str());
     // A destination that names a waypoint is reached through it, or not
     // at all: its L7 policy lives there.
     match state.waypoint_for(src_workload.as_deref(), dst) {
@@ -101,7 +100,7 @@ async fn handle(
         Some(Err(e)) => {
             warn!(%src, %dst, error = %e, "refused: the destination's waypoint cannot be reached");
             refuse(downstream);
-            return;
+            return None;
         }
         None => {}
     }
@@ -132,31 +131,25 @@ async fn handle(
                 .metrics
                 .failed(labels, ResponseFlags::ConnectionFailure);
             refuse(downstream);
-            return;
+            return None;
         };
-        let metrics = proxy.metrics.open(labels);
-        let info = ConnInfo {
-            direction: Direction::Outbound,
-            src,
-            dst: addr,
-            src_workload: src_name,
-            dst_workload: dst_workload
-                .as_ref()
-                .map(|w| w.name.as_str())
-                .unwrap_or("-"),
-            src_identity: src_id.as_ref(),
-            dst_identity: None,
-            path: "direct",
-        };
-        pipe(
-            &proxy,
-            info,
-            Ends::Tcp(downstream, stream),
-            None,
-            vec![metrics],
-        )
-        .await;
-        return;
+        let metrics = vec![proxy.metrics.open(labels)];
+        return Some(Relay {
+            proxy,
+            info: ConnInfo {
+                direction: Direction::Outbound,
+                src,
+                dst: addr,
+                src_workload,
+                dst_workload,
+                src_identity: src_id,
+                dst_identity: None,
+                path: "direct",
+            },
+            ends: Ends::Tcp(downstream, stream),
+            registration: None,
+            metrics,
+        });
     };
 
     // A mesh destination: the source must be a local mesh workload, whose
@@ -168,7 +161,7 @@ async fn handle(
     else {
         warn!(%src, %dst, "refused: source is not a local mesh workload, so it has no identity to present");
         refuse(downstream);
-        return;
+        return None;
     };
     let src_id = state.identity_of(&src_workload);
     let dst_id = state.identity_of(&upstream.workload);
@@ -177,10 +170,10 @@ async fn handle(
         direction: Direction::Outbound,
         src,
         dst: target,
-        src_workload: &src_workload.name,
-        dst_workload: &upstream.workload.name,
-        src_identity: Some(&src_id),
-        dst_identity: Some(&dst_id),
+        src_workload: Some(src_workload.clone()),
+        dst_workload: Some(upstream.workload.clone()),
+        src_identity: Some(src_id.clone()),
+        dst_identity: Some(dst_id.clone()),
         path,
     };
     let labels = |reporter: Reporter| {
@@ -201,7 +194,7 @@ async fn handle(
         if dst_id.trust_domain != src_id.trust_domain || is_capture_port(target.port()) {
             warn!(%src, %target, %src_id, %dst_id, "refused same-node connection: identity or port check failed");
             refuse(downstream);
-            return;
+            return None;
         }
         let conn = Connection {
             src,
@@ -220,39 +213,33 @@ async fn handle(
                 warn!(%src, %target, src_identity = %src_id, policy = %denial.policy(), reason = %denial, "same-node connection denied by policy");
                 both(ResponseFlags::AuthorizationPolicyDenied);
                 refuse(downstream);
-                return;
+                return None;
             }
         };
         info!(%src, %target, src_identity = %src_id, dst_identity = %dst_id, "same-node mesh connection");
-        match connect_direct(Direction::Outbound, src, target, Some(src.ip())).await {
-            Some(stream) => {
-                let metrics = vec![
-                    proxy.metrics.open(labels(Reporter::Source)),
-                    proxy.metrics.open(labels(Reporter::Destination)),
-                ];
-                pipe(
-                    &proxy,
-                    info("same-node"),
-                    Ends::Tcp(downstream, stream),
-                    Some(registration),
-                    metrics,
-                )
-                .await
-            }
-            None => {
-                both(ResponseFlags::ConnectionFailure);
-                refuse(downstream);
-            }
-        }
-        return;
+        let Some(stream) = connect_direct(Direction::Outbound, src, target, Some(src.ip())).await
+        else {
+            both(ResponseFlags::ConnectionFailure);
+            refuse(downstream);
+            return None;
+        };
+        let metrics = vec![
+            proxy.metrics.open(labels(Reporter::Source)),
+            proxy.metrics.open(labels(Reporter::Destination)),
+        ];
+        return Some(Relay {
+            info: info("same-node"),
+            proxy,
+            ends: Ends::Tcp(downstream, stream),
+            registration: Some(registration),
+            metrics,
+        });
     }
 
     let opened = {
         // Scoped to the open, as the target is: kept in the task, it would
         // hold its bytes for the connection's whole life.
-        let Some(mut first) = first_flight(&downstream, src) else {
-            return;
-        };
+        let mut first = first_flight(&downstream, src)?;
         let mut dst_ids = upstream.service_sans.clone();
         dst_ids.push(dst_id.clone());
         let tunnel_target = Target {
@@ -273,15 +260,14 @@ async fn handle(
     };
     match opened {
         Ok(stream) => {
-            let metrics = proxy.metrics.open(labels(Reporter::Source));
-            pipe(
-                &proxy,
-                info("hbone"),
-                Ends::Hbone(downstream, stream, true),
-                None,
-                vec![metrics],
-            )
-            .await
+            let metrics = vec![proxy.metrics.open(labels(Reporter::Source))];
+            Some(Relay {
+                info: info("hbone"),
+                proxy,
+                ends: Ends::Hbone(downstream, stream, true),
+                registration: None,
+                metrics,
+            })
         }
         Err(e) => {
             info!(%src, %target, error = %e, "HBONE tunnel failed");
@@ -289,6 +275,7 @@ async fn handle(
                 .metrics
                 .failed(labels(Reporter::Source), tunnel_failure(&e));
             refuse(downstream);
+            None
         }
     }
 }
@@ -316,7 +303,7 @@ async fn via_waypoint(
     dst: SocketAddr,
     state: Arc<Snapshot>,
     waypoint: Waypoint,
-) {
+) -> Option<Relay> {
     let Some(src_workload) = state
         .local_workload_by_ip(src.ip())
         .filter(|w| state.captures(w))
@@ -324,15 +311,13 @@ async fn via_waypoint(
     else {
         warn!(%src, %dst, "refused: source is not a local mesh workload, so it has no identity to present to the waypoint");
         refuse(downstream);
-        return;
+        return None;
     };
     let src_id = state.identity_of(&src_workload);
     let waypoint_id = state.identity_of(&waypoint.workload);
     let service = state.service_by_vip_labelled(dst.ip());
     let opened = {
-        let Some(mut first) = first_flight(&downstream, src) else {
-            return;
-        };
+        let mut first = first_flight(&downstream, src)?;
         let tunnel_target = Target {
             src_id: src_id.clone(),
             src,
@@ -360,26 +345,24 @@ async fn via_waypoint(
             info!(%src, %dst, waypoint = %waypoint.addr, error = %e, "HBONE tunnel to the waypoint failed");
             proxy.metrics.failed(labels, tunnel_failure(&e));
             refuse(downstream);
-            return;
+            return None;
         }
     };
-    let metrics = proxy.metrics.open(labels);
-    let info = ConnInfo {
-        direction: Direction::Outbound,
-        src,
-        dst,
-        src_workload: &src_workload.name,
-        dst_workload: &waypoint.workload.name,
-        src_identity: Some(&src_id),
-        dst_identity: Some(&waypoint_id),
-        path: "waypoint",
-    };
-    pipe(
-        &proxy,
-        info,
-        Ends::Hbone(downstream, stream, true),
-        None,
-        vec![metrics],
-    )
-    .await
+    let metrics = vec![proxy.metrics.open(labels)];
+    Some(Relay {
+        proxy,
+        info: ConnInfo {
+            direction: Direction::Outbound,
+            src,
+            dst,
+            src_workload: Some(src_workload),
+            dst_workload: Some(waypoint.workload),
+            src_identity: Some(src_id),
+            dst_identity: Some(waypoint_id),
+            path: "waypoint",
+        },
+        ends: Ends::Hbone(downstream, stream, true),
+        registration: None,
+        metrics,
+    })
 }

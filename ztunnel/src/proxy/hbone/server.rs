@@ -29,15 +29,13 @@ use super::{
 use crate::{
     authz::Connection,
     identity::Identity,
-    metrics::{ConnectionLabels, ConnectionMetrics, PeerLabels, Reporter, ResponseFlags},
+    metrics::{ConnectionLabels, PeerLabels, Reporter, ResponseFlags},
     proxy::{
         copy,
-        relay::{pipe, ConnInfo, Direction, Ends},
-        socket,
-        tracker::Registration,
-        Proxy, CONNECT_TIMEOUT,
+        relay::{spawn_connection, ConnInfo, Direction, Ends, Relay},
+        socket, Proxy, CONNECT_TIMEOUT,
     },
-    state::{Snapshot, Workload},
+    state::Snapshot,
     tls::{spiffe_ids, TlsContext},
 };
 
@@ -197,16 +195,9 @@ async fn serve_connection(
                 state: live_state.borrow().clone(),
                 proxy: proxy.clone(),
             };
-            // Boxed: what opening needs (the request, its headers, the
-            // snapshot) is not held in the task for the tunnel's life.
-            let opening = Box::new((ctx, request, respond));
-            proxy.drain.tasks.spawn(async move {
-                let (ctx, request, respond) = *opening;
-                if let Some(tunnel) = Box::pin(ctx.open(request, respond)).await {
-                    tunnel.relay().await;
-                }
-                drop(token);
-            });
+            // What opening needs (the request, its headers, the snapshot)
+            // is not held in the task for the tunnel's life.
+            spawn_connection(&proxy.drain, ctx.open(request, respond), token);
         },
     )
     .await;
@@ -345,7 +336,7 @@ impl StreamContext {
         self,
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
-    ) -> Option<Box<Tunnel>> {
+    ) -> Option<Relay> {
         let target = match check_connect(&request, self.dst.ip()) {
             Ok(target) => target,
             Err((code, reason)) => {
@@ -453,68 +444,22 @@ impl StreamContext {
             Some(w) if self.state.is_waypoint(w) => "from-waypoint",
             _ => "hbone",
         };
-        Some(Box::new(Tunnel {
-            metrics: metrics.open(labels),
+        Some(Relay {
+            metrics: vec![metrics.open(labels)],
+            info: ConnInfo {
+                direction: Direction::Inbound,
+                src: self.peer,
+                dst: target,
+                src_workload,
+                dst_workload: Some(workload),
+                src_identity: Some(self.peer_id),
+                dst_identity: Some(dst_identity),
+                path,
+            },
             proxy: self.proxy,
-            peer: self.peer,
-            target,
-            src_workload,
-            workload,
-            peer_id: self.peer_id,
-            dst_identity,
-            path,
-            upstream,
-            stream,
-            registration,
-        }))
-    }
-}
-
-/// An accepted CONNECT, its upstream connected: what the relay needs for
-/// the tunnel's life, and nothing more (the request, its parsed headers and
-/// the snapshot it was judged by are gone by then).
-struct Tunnel {
-    proxy: Arc<Proxy>,
-    peer: SocketAddr,
-    target: SocketAddr,
-    src_workload: Option<Arc<Workload>>,
-    workload: Arc<Workload>,
-    peer_id: Identity,
-    dst_identity: Identity,
-    path: &'static str,
-    upstream: TcpStream,
-    stream: H2Stream,
-    registration: Registration,
-    metrics: ConnectionMetrics,
-}
-
-impl Tunnel {
-    /// Boxed: an async fn's arguments are stored twice in its future (as
-    /// passed and as moved into the body), and this one lives as long as
-    /// the tunnel.
-    async fn relay(self: Box<Self>) {
-        let info = ConnInfo {
-            direction: Direction::Inbound,
-            src: self.peer,
-            dst: self.target,
-            src_workload: self
-                .src_workload
-                .as_ref()
-                .map(|w| w.name.as_str())
-                .unwrap_or("-"),
-            dst_workload: &self.workload.name,
-            src_identity: Some(&self.peer_id),
-            dst_identity: Some(&self.dst_identity),
-            path: self.path,
-        };
-        pipe(
-            &self.proxy,
-            info,
-            Ends::Hbone(self.upstream, self.stream, false),
-            Some(self.registration),
-            vec![self.metrics],
-        )
-        .await;
+            ends: Ends::Hbone(upstream, stream, false),
+            registration: Some(registration),
+        })
     }
 }
 
