@@ -20,7 +20,8 @@ use ztunnel_tests::{
     peer::{self, Held, Outcome},
     setup::Setup,
     traffic::{request, Connection, Server},
-    ztunnel::Ztunnel,
+    wait::eventually,
+    ztunnel::{ztunnel_owns, Ztunnel},
 };
 
 struct Lab {
@@ -246,5 +247,86 @@ fn a_relayed_connection_idle_past_the_timeout_is_closed_and_an_active_one_is_not
         .map_err(|_| anyhow::anyhow!("transfer thread panicked"))??;
     assert!(started.elapsed() > Duration::from_secs(2));
     assert!(l.refused("inbound", "idle")? >= 1.0);
+    Ok(())
+}
+
+/// Whether every TCP socket in `ns` has empty queues: nothing waits to be
+/// read or to be acknowledged.
+fn queues_empty(ns: &Netns) -> Result<bool> {
+    let out = ztunnel_tests::netns::run(ns.command("ss").args(["-tnH"]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().all(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() < 3 || (cols[1] == "0" && cols[2] == "0")
+    }))
+}
+
+#[test]
+fn a_connection_that_moved_bulk_holds_no_copy_buffer_once_quiet() -> Result<()> {
+    // Both copies a proxied connection can take: TCP to TCP (a same-node
+    // connection, kept in userspace by a dry-run policy) and TCP to HBONE
+    // (cross-node). Each connection moves 1 MiB, which grows its reads to
+    // their largest (256 KiB), then stays open with nothing to send. A copy
+    // that kept its buffer would hold 256 KiB per connection from then on.
+    const WARM_UP: usize = 20;
+    const MEASURED: usize = 100;
+    let s = Setup::new(&lab::config_yaml_with(
+        &[],
+        &[],
+        "policies:\n- {name: audit, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[[{destinationPorts: [9999]}]]]}\n",
+    ))?;
+    let zt1 = s.ztunnel("node1", &[])?;
+    let _zt2 = s.ztunnel("node2", &[])?;
+    let client = s.lab.pod("client");
+    let neighbor_pod = s.lab.pod("neighbor");
+    let server_pod = s.lab.pod("server");
+    let neighbor = Server::start(&neighbor_pod.ns, neighbor_pod.addr(9000))?;
+    let server = Server::start(&server_pod.ns, server_pod.addr(8080))?;
+    let node1 = s.lab.node("node1");
+    let blob = vec![7u8; 1 << 20];
+    // One transfer at a time, each relayed to its last byte before the
+    // next: what is measured is what quiet connections keep, not the peak
+    // of many transfers at once.
+    let open_and_move = |to: SocketAddr, held: &mut Vec<Connection>| -> Result<()> {
+        let mut c = Connection::open(&client.ns, to, Duration::from_secs(5))?;
+        c.write_all(&blob)?;
+        eventually("every byte relayed", Duration::from_secs(10), || {
+            Ok(queues_empty(&client.ns)? && queues_empty(&node1.ns)?)
+        })?;
+        held.push(c);
+        Ok(())
+    };
+    for (path, to) in [("TCP to TCP", neighbor.addr), ("TCP to HBONE", server.addr)] {
+        let mut held = Vec::new();
+        // The first transfers grow what every later one shares (the
+        // HBONE connection's TLS and HTTP/2 buffers, the allocator's
+        // arenas); measured after them, growth is per connection.
+        for _ in 0..WARM_UP {
+            open_and_move(to, &mut held)?;
+        }
+        let before = zt1.rss_bytes()?;
+        for _ in 0..MEASURED {
+            open_and_move(to, &mut held)?;
+        }
+        // The copy drops its buffer on the read that finds the socket
+        // drained, right after its last write.
+        std::thread::sleep(Duration::from_millis(200));
+        let per_connection = zt1.rss_bytes()?.saturating_sub(before) / MEASURED as u64;
+        eprintln!("{path}: node1 grew {per_connection} bytes per quiet connection");
+        assert!(
+            per_connection < 64 * 1024,
+            "{path}: node1 grew {per_connection} bytes per quiet connection that had moved 1 MiB"
+        );
+        if path == "TCP to TCP" {
+            assert!(
+                ztunnel_owns(node1, neighbor.addr, client.spec.ip)?,
+                "the same-node connections did not go through ztunnel"
+            );
+        }
+        // Still working, and nothing lost or reordered.
+        for c in held {
+            let report = c.exchange_rest(4096, &blob)?;
+            assert_eq!(report.bytes, (1 << 20) + 4096);
+        }
+    }
     Ok(())
 }

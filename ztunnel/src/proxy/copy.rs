@@ -3,24 +3,26 @@
 
 use std::{
     io,
-    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
+    io::AsyncWriteExt,
+    net::{
+        tcp::{ReadHalf, WriteHalf},
+        TcpStream,
+    },
 };
 
 use super::hbone::stream::H2Stream;
 
-/// A direction's buffer starts this small, so the many connections that sit
-/// idle cost little memory...
+/// A direction's reads start this small, so a connection that moves a few
+/// bytes now and then takes little memory while it does...
 const INITIAL_BUFFER: usize = 256;
-/// ...and grows to this when reads fill it, so bulk transfers take few
-/// syscalls per byte.
+/// ...and grow to this when they fill their buffer, so bulk transfers take
+/// few syscalls per byte. Either copy holds a buffer only while bytes are
+/// there to read.
 const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved by one relay.
@@ -74,95 +76,62 @@ impl Tally {
     }
 }
 
-/// A stream that adds every byte read from it to a tally.
-struct Counted<'a, S: ?Sized> {
-    inner: &'a mut S,
-    tally: &'a Tally,
-    /// Whether what is read here goes from the initiator to the destination.
-    request: bool,
-}
-
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            this.tally.add(this.request, n);
-        }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// Copies until both directions are finished. When one side half-closes
-/// (sends FIN), the other side's write half is shut down and the opposite
-/// direction keeps flowing until it ends too. Bytes are added to `tally`
-/// as they are read, so long transfers show up in metrics while they run.
-pub async fn relay<A, B>(
-    downstream: &mut A,
-    upstream: &mut B,
+/// Copies between two TCP connections until both directions are finished.
+/// When one side half-closes (sends FIN), the other side's write half is
+/// shut down and the opposite direction keeps flowing until it ends too.
+/// Bytes are added to `tally` as they are read, so long transfers show up
+/// in metrics while they run. `downstream` is the connection's initiator.
+pub async fn relay(
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
     tally: &Tally,
-) -> io::Result<Transferred>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let (down_read, down_write) = tokio::io::split(Counted {
-        inner: downstream,
-        tally,
-        request: true,
-    });
-    let (up_read, up_write) = tokio::io::split(Counted {
-        inner: upstream,
-        tally,
-        request: false,
-    });
-    let (sent, received) =
-        tokio::try_join!(one_way(down_read, up_write), one_way(up_read, down_write))?;
+) -> io::Result<Transferred> {
+    let (down_read, mut down_write) = downstream.split();
+    let (up_read, mut up_write) = upstream.split();
+    let (sent, received) = tokio::try_join!(
+        one_way(&down_read, &mut up_write, tally, true),
+        one_way(&up_read, &mut down_write, tally, false),
+    )?;
     Ok(Transferred { sent, received })
 }
 
 /// Copies `from` into `to` until `from` ends, then shuts `to`'s write side
-/// (passing the half-close on). The buffer grows only while reads fill it.
-async fn one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+/// (passing the half-close on). `request`: `from` is the initiator's side.
+///
+/// A buffer exists only while `from` has bytes: it is taken when the socket
+/// turns readable and dropped once a read finds it drained, so a quiet
+/// connection holds none, also after a bulk transfer. Its size starts small
+/// and grows while reads fill it; the size, not the buffer, is kept.
+async fn one_way(
+    from: &ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    tally: &Tally,
+    request: bool,
+) -> io::Result<u64> {
+    let mut size = INITIAL_BUFFER;
     let mut total = 0u64;
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            to.shutdown().await?;
-            return Ok(total);
-        }
-        to.write_all(&buf[..n]).await?;
-        total += n as u64;
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf.resize((buf.len() * 4).min(MAX_BUFFER), 0);
+        from.readable().await?;
+        let mut buf = Vec::with_capacity(size);
+        loop {
+            buf.clear();
+            let n = match from.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                // Drained (or a spurious wakeup): give the buffer back.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            tally.add(request, n as u64);
+            total += n as u64;
+            to.write_all(&buf).await?;
+            if n == buf.capacity() && size < MAX_BUFFER {
+                size = (size * 4).min(MAX_BUFFER);
+                buf = Vec::with_capacity(size);
+            }
         }
     }
 }
