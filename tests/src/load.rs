@@ -23,6 +23,8 @@ use crate::netns::Netns;
 pub enum Mode {
     /// Echo every byte back until the client closes.
     Echo,
+    /// [`Mode::Echo`] on a thread kept on this CPU.
+    EchoOnCpu(usize),
     /// Accept and hold the connection, never reading.
     Hold,
 }
@@ -55,6 +57,13 @@ impl LoadServer {
                             match mode {
                                 Mode::Echo => {
                                     std::thread::spawn(move || echo(stream));
+                                }
+                                Mode::EchoOnCpu(cpu) => {
+                                    std::thread::spawn(move || {
+                                        if pin_to_cpu(cpu).is_ok() {
+                                            echo(stream);
+                                        }
+                                    });
                                 }
                                 Mode::Hold => {
                                     if let Ok(mut h) = held.lock() {
@@ -123,7 +132,31 @@ pub struct Latency {
 /// `count` round trips of `size` bytes on one connection (after a warm-up),
 /// against an echo server.
 pub fn latency(ns: &Netns, dst: SocketAddr, size: usize, count: usize) -> Result<Latency> {
+    latency_from(ns, dst, size, count, None)
+}
+
+/// [`latency`] from a client thread kept on `cpu`.
+pub fn latency_on_cpu(
+    ns: &Netns,
+    dst: SocketAddr,
+    size: usize,
+    count: usize,
+    cpu: usize,
+) -> Result<Latency> {
+    latency_from(ns, dst, size, count, Some(cpu))
+}
+
+fn latency_from(
+    ns: &Netns,
+    dst: SocketAddr,
+    size: usize,
+    count: usize,
+    cpu: Option<usize>,
+) -> Result<Latency> {
     ns.run(move || -> Result<Latency> {
+        if let Some(cpu) = cpu {
+            pin_to_cpu(cpu).with_context(|| format!("keeping the client on CPU {cpu}"))?;
+        }
         let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -146,6 +179,38 @@ pub fn latency(ns: &Netns, dst: SocketAddr, size: usize, count: usize) -> Result
             p99_us: at(0.99),
         })
     })?
+}
+
+/// The CPUs the calling thread may run on, lowest first.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: sched_getaffinity fills the set it is given (pid 0: the
+    // calling thread); CPU_ISSET only reads inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect())
+    }
+}
+
+/// Keeps the calling thread on `cpu` from now on.
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set, CPU_SET stays inside it
+    // (it ignores CPUs past its size), and sched_setaffinity only reads it;
+    // pid 0 is the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// New connections per second for `duration`, each: connect, send 64

@@ -14,7 +14,7 @@
 //! the request/response figures (latency, connection rate) with no mesh,
 //! through the relays, then through both ztunnels (started for the round,
 //! then uninstalled); and the same-node figures with no mesh, then with
-//! node1's ztunnel. A round's parts are seconds apart, where the phases'
+//! node1's ztunnel (the latency with both ends pinned, see `PinnedEcho`). A round's parts are seconds apart, where the phases'
 //! medians can put a whole slow stretch of tens of seconds on one side.
 //! Their ratios are the medians of the rounds' ratios (see the README's
 //! Performance). A control row repeats the 4-stream same-node pairs with
@@ -192,8 +192,10 @@ struct Samples {
     cross_4: Vec<f64>,
     same_1: Vec<f64>,
     same_4: Vec<f64>,
-    /// Same-node request/response latency p50 and connection rate.
-    same_p50: Vec<f64>,
+    /// Same-node request/response latency p50, client and echo server on
+    /// one CPU and on two, and the same-node connection rate.
+    same_p50_one_cpu: Vec<f64>,
+    same_p50_two_cpus: Vec<f64>,
     same_rate: Vec<f64>,
     p50: Vec<f64>,
     p90: Vec<f64>,
@@ -210,6 +212,46 @@ struct Bench<'a> {
     same_echo: SocketAddr,
     /// The release-built `tcp-relay` the floor runs.
     relay: &'a Path,
+}
+
+/// Echo servers in the neighbor pod for the same-node latency, with the
+/// client kept on the first CPU this process may use: one whose threads
+/// run on that CPU too, and one on the second (none with a single CPU).
+/// Unpinned, the scheduler put the two ends on one CPU in some rounds (a
+/// round trip of about 5 us here) and on two in others (about 12 us, each
+/// wakeup an interrupt to the other CPU), so a round's ratio said which
+/// placement it drew (0.48-2.44 in one run), not what the mesh costs.
+/// Pinned, each placement is measured in every round, no mesh and mesh
+/// alike.
+struct PinnedEcho {
+    client_cpu: usize,
+    one_cpu: SocketAddr,
+    two_cpus: Option<SocketAddr>,
+    _servers: Vec<LoadServer>,
+}
+
+impl PinnedEcho {
+    /// On ports 50 and 60 above `near`'s, in its pod.
+    fn start(lab: &Lab, near: SocketAddr) -> Result<Self> {
+        let ns = &lab.pod("neighbor").ns;
+        let at = |offset: u16| SocketAddr::new(near.ip(), near.port() + offset);
+        let cpus = load::allowed_cpus().context("reading this process's CPU affinity")?;
+        let &client_cpu = cpus.first().context("no CPU in this process's affinity")?;
+        let mut servers = vec![LoadServer::start(ns, at(50), Mode::EchoOnCpu(client_cpu))?];
+        let two_cpus = match cpus.get(1) {
+            Some(&other) => {
+                servers.push(LoadServer::start(ns, at(60), Mode::EchoOnCpu(other))?);
+                Some(at(60))
+            }
+            None => None,
+        };
+        Ok(PinnedEcho {
+            client_cpu,
+            one_cpu: at(50),
+            two_cpus,
+            _servers: servers,
+        })
+    }
 }
 
 impl Bench<'_> {
@@ -290,17 +332,24 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Same-node throughput and latency, one measurement each.
-    fn same_node(&self, out: &mut Samples) -> Result<()> {
+    /// Same-node throughput and latency, one measurement each, the latency
+    /// against the echo servers of [`PinnedEcho`].
+    fn same_node(&self, out: &mut Samples, echo: &PinnedEcho) -> Result<()> {
         let client = &self.lab.pod("client").ns;
         let secs = self.params.iperf_seconds;
         for (streams, into) in [(1, &mut out.same_1), (4, &mut out.same_4)] {
             let r = iperf::run(client, self.same, streams, secs).context("iperf3 same-node")?;
             into.push(r.gbits);
         }
-        let l = load::latency(client, self.same_echo, 64, self.params.latency_round_trips)
-            .context("same-node latency")?;
-        out.same_p50.push(l.p50_us);
+        let rounds = self.params.latency_round_trips;
+        let l = load::latency_on_cpu(client, echo.one_cpu, 64, rounds, echo.client_cpu)
+            .context("same-node latency, one CPU")?;
+        out.same_p50_one_cpu.push(l.p50_us);
+        if let Some(two_cpus) = echo.two_cpus {
+            let l = load::latency_on_cpu(client, two_cpus, 64, rounds, echo.client_cpu)
+                .context("same-node latency, two CPUs")?;
+            out.same_p50_two_cpus.push(l.p50_us);
+        }
         Ok(())
     }
 
@@ -315,20 +364,23 @@ impl Bench<'_> {
         pairs: usize,
     ) -> Result<()> {
         let node1 = self.lab.node("node1");
+        let echo = PinnedEcho::start(self.lab, self.same_echo)?;
         for pair in 1..=pairs {
-            self.same_node(base)?;
+            self.same_node(base, &echo)?;
             let zt1 = Ztunnel::start(node1, config, &self.lab.ca_dir)?;
-            self.same_node(mesh)?;
+            self.same_node(mesh, &echo)?;
             drop(zt1);
             uninstall(self.lab, "node1", config)?;
             eprintln!(
-                "[bench]   pair {pair}: 1 stream {:.2} / {:.2} Gbit/s, 4 streams {:.2} / {:.2} Gbit/s, p50 {:.1} / {:.1} us (no mesh / mesh)",
+                "[bench]   pair {pair}: 1 stream {:.2} / {:.2} Gbit/s, 4 streams {:.2} / {:.2} Gbit/s, p50 one CPU {:.1} / {:.1} us, two CPUs {:.1} / {:.1} us (no mesh / mesh)",
                 last(&base.same_1),
                 last(&mesh.same_1),
                 last(&base.same_4),
                 last(&mesh.same_4),
-                last(&base.same_p50),
-                last(&mesh.same_p50),
+                last(&base.same_p50_one_cpu),
+                last(&mesh.same_p50_one_cpu),
+                last(&base.same_p50_two_cpus),
+                last(&mesh.same_p50_two_cpus),
             );
         }
         Ok(())
@@ -698,14 +750,25 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         None,
     );
     ratio_row(
-        "latency same-node p50",
+        "latency same-node p50, one CPU",
         "us",
-        &same_base.same_p50,
-        &same_mesh.same_p50,
+        &same_base.same_p50_one_cpu,
+        &same_mesh.same_p50_one_cpu,
         &[],
         true,
         Some(Target::at_most(1.1, Against::NoMesh)),
     );
+    if !same_mesh.same_p50_two_cpus.is_empty() {
+        ratio_row(
+            "latency same-node p50, two CPUs",
+            "us",
+            &same_base.same_p50_two_cpus,
+            &same_mesh.same_p50_two_cpus,
+            &[],
+            true,
+            Some(Target::at_most(1.1, Against::NoMesh)),
+        );
+    }
     ratio_row(
         "new connections same-node",
         "conn/s",
