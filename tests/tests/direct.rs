@@ -117,6 +117,60 @@ fn a_same_node_connection_passes_in_the_kernel_and_is_reported_as_before() -> Re
     Ok(())
 }
 
+/// Packets `veth`, in `ns`, has sent and received so far.
+fn veth_packets(ns: &ztunnel_tests::netns::Netns, veth: &str) -> Result<(u64, u64)> {
+    let out = ztunnel_tests::netns::run(
+        ns.command("ip")
+            .args(["-j", "-s", "link", "show", "dev", veth]),
+    )?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let stats = &links[0]["stats64"];
+    let get = |dir: &str| {
+        stats[dir]["packets"]
+            .as_u64()
+            .with_context(|| format!("no {dir} packets for {veth}: {links}"))
+    };
+    Ok((get("tx")?, get("rx")?))
+}
+
+#[test]
+fn a_same_node_connection_is_handed_to_the_pod_past_the_nodes_routing() -> Result<()> {
+    // Past the handshake, each packet of a kernel-passed connection goes
+    // from the sender's veth straight into the other pod: the node's
+    // routing never forwards it, so the host-side veths send none of it:
+    // only the SYN and the last ACK (after both FINs the flow is closed,
+    // and its stragglers take the usual way), and the node's ARP.
+    let s = Setup::new(&config(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let node1 = s.lab.node("node1");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let (to_neighbor, _) = veth_packets(&node1.ns, &neighbor.veth)?;
+    let (to_client, from_client) = veth_packets(&node1.ns, &client.veth)?;
+
+    let len = 4 << 20;
+    let report =
+        Connection::open(&client.ns, server.addr, Duration::from_secs(5))?.exchange(len)?;
+    assert_eq!(report.peer.ip(), IpAddr::V4(client.spec.ip));
+    assert_eq!(report.bytes, len);
+    let c = counters(node1, client.spec.ip)?.context("client counters")?;
+    assert_eq!((c.outbound_captured, c.outbound_direct), (0, 1));
+
+    let (to_neighbor_after, _) = veth_packets(&node1.ns, &neighbor.veth)?;
+    let (to_client_after, from_client_after) = veth_packets(&node1.ns, &client.veth)?;
+    let sent = from_client_after - from_client;
+    assert!(sent >= 20, "the client sent only {sent} packets for 4 MiB");
+    let forwarded = (to_neighbor_after - to_neighbor) + (to_client_after - to_client);
+    eprintln!("the client sent {sent} packets, the node forwarded {forwarded}");
+    assert!(
+        forwarded <= 10,
+        "the node forwarded {forwarded} packets of the connection (the client sent {sent})"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_denied_same_node_connection_is_refused_as_before() -> Result<()> {
     let s = Setup::new(&config(&[policy("deny-client", "Deny", DENY_CLIENT)]))?;

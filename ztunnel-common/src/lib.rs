@@ -242,6 +242,27 @@ pub struct DirectFlow {
     /// [`direct_state`] bits.
     pub state: u32,
     pub _pad: u32,
+    /// Where the initiator's packets are delivered: learned from its SYN.
+    pub initiator: DirectEnd,
+    /// Where the destination's packets are delivered: learned from its
+    /// first packet (the SYN-ACK). Until then, the initiator's packets go
+    /// through the node's routing.
+    pub destination: DirectEnd,
+}
+
+/// One end of a [`DirectFlow`], as its own packets show it on its host-side
+/// veth: what a packet to it needs to be handed straight to the pod
+/// (`bpf_redirect_peer`), past the node's routing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectEnd {
+    /// The pod's MAC address: its packets' source.
+    pub mac: [u8; 6],
+    /// The host-side veth's MAC address: its packets' destination (the
+    /// pod's gateway).
+    pub gateway_mac: [u8; 6],
+    /// The host-side veth's ifindex; 0 while not learned.
+    pub ifindex: u32,
 }
 
 /// Values of [`DirectEvent::kind`].

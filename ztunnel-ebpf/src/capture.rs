@@ -118,7 +118,7 @@ pub fn from_pods(
     }
     if let Some(src) = src {
         if let Some(dst) = dst {
-            if direct::open(&flow, &src, &dst) {
+            if direct::open(ctx, &flow, &src, &dst) {
                 // Rule 10: forwarded, past the catch-all route; the egress
                 // guard knows the flow.
                 set_mark(ctx, BYPASS_MARK);
