@@ -100,10 +100,10 @@ pub fn from_pods(
     dst: Option<PodInfo>,
 ) -> i32 {
     let flow = *flow;
-    if !flow.is_syn && src.is_some() && dst.is_some() {
+    if let (false, Some(_), Some(receiver)) = (flow.is_syn, src, dst) {
         // Same-node traffic passed in the kernel: its flow decides, before
         // the socket lookup (see `direct::track_live`).
-        if let Some(verdict) = direct::track_live(ctx, &flow) {
+        if let Some(verdict) = direct::track_live(ctx, &flow, &receiver) {
             return verdict;
         }
     }

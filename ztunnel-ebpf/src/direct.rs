@@ -75,7 +75,7 @@ pub fn open(ctx: &TcContext, flow: &TcpFlow, src: &PodInfo, dst: &PodInfo) -> bo
 /// when it is not a direct flow's.
 #[inline(always)]
 pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
-    track_flow(ctx, flow, false)
+    track_flow(ctx, flow, None)
 }
 
 /// [`track`] for a flow that is open and allowed, `None` for anything else.
@@ -85,14 +85,17 @@ pub fn track(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
 /// No ztunnel socket can own a live direct flow: its SYN was not captured,
 /// and both its ends are the pods'. Closed and revoked flows take the full
 /// path, where a socket ztunnel accepted for a later connection on the
-/// same addresses and ports comes first.
+/// same addresses and ports comes first. `receiver`: the enrolled pod the
+/// packet is addressed to, as userspace knows it now.
 #[inline(always)]
-pub fn track_live(ctx: &TcContext, flow: &TcpFlow) -> Option<i32> {
-    track_flow(ctx, flow, true)
+pub fn track_live(ctx: &TcContext, flow: &TcpFlow, receiver: &PodInfo) -> Option<i32> {
+    track_flow(ctx, flow, Some(receiver))
 }
 
+/// `receiver` is given for live flows only (see [`track_live`]).
 #[inline(always)]
-fn track_flow(ctx: &TcContext, flow: &TcpFlow, live_only: bool) -> Option<i32> {
+fn track_flow(ctx: &TcContext, flow: &TcpFlow, receiver: Option<&PodInfo>) -> Option<i32> {
+    let live_only = receiver.is_some();
     let key = flow.key();
     let (entry, request) = match ZT_DIRECT_FLOWS.get_ptr_mut(&key) {
         Some(entry) => (entry, true),
@@ -131,7 +134,7 @@ fn track_flow(ctx: &TcContext, flow: &TcpFlow, live_only: bool) -> Option<i32> {
             report(direct_event::CLOSED, &as_opened, entry);
         }
     }
-    if live_only {
+    if let Some(receiver) = receiver {
         // Both ends are enrolled local pods and the sender's veth was
         // checked (capture rule 2): this packet shows where its sender
         // sits, and the other end may be known already.
@@ -144,7 +147,11 @@ fn track_flow(ctx: &TcContext, flow: &TcpFlow, live_only: bool) -> Option<i32> {
         } else {
             entry.initiator
         };
-        if to.ifindex != 0 {
+        // Only to the veth the receiver has now: an entry outlives its pod
+        // (one deleted mid-connection, its address given to a new pod that
+        // happens to reuse the ports) until userspace closes it, and its
+        // learned veth may be gone or another pod's.
+        if to.ifindex != 0 && to.ifindex == receiver.ifindex {
             return Some(deliver(ctx, &to));
         }
     }
