@@ -60,6 +60,10 @@ impl LoadServer {
                                 }
                                 Mode::EchoOnCpu(cpu) => {
                                     std::thread::spawn(move || {
+                                        // Unpinned, it would measure the
+                                        // scheduler's placement this mode
+                                        // exists to fix: the client sees
+                                        // the connection close instead.
                                         if pin_to_cpu(cpu).is_ok() {
                                             echo(stream);
                                         }
