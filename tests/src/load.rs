@@ -134,23 +134,8 @@ pub struct Latency {
 }
 
 /// `count` round trips of `size` bytes on one connection (after a warm-up),
-/// against an echo server.
-pub fn latency(ns: &Netns, dst: SocketAddr, size: usize, count: usize) -> Result<Latency> {
-    latency_from(ns, dst, size, count, None)
-}
-
-/// [`latency`] from a client thread kept on `cpu`.
-pub fn latency_on_cpu(
-    ns: &Netns,
-    dst: SocketAddr,
-    size: usize,
-    count: usize,
-    cpu: usize,
-) -> Result<Latency> {
-    latency_from(ns, dst, size, count, Some(cpu))
-}
-
-fn latency_from(
+/// against an echo server; from a client thread kept on `cpu`, if given.
+pub fn latency(
     ns: &Netns,
     dst: SocketAddr,
     size: usize,

@@ -280,6 +280,10 @@ pub fn run_to_exit(node: &Node, config: &Path, ca_dir: &Path, extra: &[&str]) ->
 #[derive(Debug, Clone)]
 pub struct SocketEntry {
     pub state: String,
+    /// Bytes waiting to be read (for a listener: connections waiting).
+    pub recv_q: u64,
+    /// Bytes waiting to be acknowledged (for a listener: its backlog).
+    pub send_q: u64,
     pub local: SocketAddr,
     pub peer: String,
     pub process: String,
@@ -287,7 +291,12 @@ pub struct SocketEntry {
 
 /// The TCP sockets of `node`'s namespace, with their owning processes.
 pub fn sockets(node: &Node) -> Result<Vec<SocketEntry>> {
-    let out = crate::netns::run(node.ns.command("ss").args(["-tanpH"]))?;
+    sockets_in(&node.ns)
+}
+
+/// The TCP sockets of `ns`, with their owning processes.
+pub fn sockets_in(ns: &crate::netns::Netns) -> Result<Vec<SocketEntry>> {
+    let out = crate::netns::run(ns.command("ss").args(["-tanpH"]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut entries = Vec::new();
     for line in text.lines() {
@@ -298,6 +307,8 @@ pub fn sockets(node: &Node) -> Result<Vec<SocketEntry>> {
         let Ok(local) = cols[3].parse() else { continue };
         entries.push(SocketEntry {
             state: cols[0].to_string(),
+            recv_q: cols[1].parse().unwrap_or(0),
+            send_q: cols[2].parse().unwrap_or(0),
             local,
             peer: cols[4].to_string(),
             process: cols.get(5).copied().unwrap_or("").to_string(),

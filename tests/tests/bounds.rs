@@ -21,7 +21,7 @@ use ztunnel_tests::{
     setup::Setup,
     traffic::{request, Connection, Server},
     wait::eventually,
-    ztunnel::{ztunnel_owns, Ztunnel},
+    ztunnel::{sockets_in, ztunnel_owns, Ztunnel},
 };
 
 struct Lab {
@@ -250,14 +250,13 @@ fn a_relayed_connection_idle_past_the_timeout_is_closed_and_an_active_one_is_not
     Ok(())
 }
 
-/// Whether every TCP socket in `ns` has empty queues: nothing waits to be
-/// read or to be acknowledged.
+/// Whether every TCP connection in `ns` has empty queues: nothing waits to
+/// be read or to be acknowledged.
 fn queues_empty(ns: &Netns) -> Result<bool> {
-    let out = ztunnel_tests::netns::run(ns.command("ss").args(["-tnH"]))?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().all(|line| {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        cols.len() < 3 || (cols[1] == "0" && cols[2] == "0")
-    }))
+    Ok(sockets_in(ns)?
+        .iter()
+        .filter(|s| s.state != "LISTEN")
+        .all(|s| s.recv_q == 0 && s.send_q == 0))
 }
 
 #[test]

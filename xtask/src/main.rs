@@ -196,7 +196,7 @@ fn main() -> Result<()> {
                 ztunnel_tests::load::Mode::Echo,
             )?;
             let dst = via.unwrap_or(dst);
-            let l = ztunnel_tests::load::latency(&ns, dst, 64, 4000)?;
+            let l = ztunnel_tests::load::latency(&ns, dst, 64, 4000, None)?;
             println!(
                 "latency p50 {:.1} us  p90 {:.1} us  p99 {:.1} us",
                 l.p50_us, l.p90_us, l.p99_us

@@ -273,8 +273,8 @@ impl Bench<'_> {
     /// Latency percentiles and connection rate against the echo server at `echo`.
     fn request_response(&self, out: &mut Samples, echo: SocketAddr) -> Result<()> {
         let client = &self.lab.pod("client").ns;
-        let l =
-            load::latency(client, echo, 64, self.params.latency_round_trips).context("latency")?;
+        let l = load::latency(client, echo, 64, self.params.latency_round_trips, None)
+            .context("latency")?;
         out.p50.push(l.p50_us);
         out.p90.push(l.p90_us);
         out.p99.push(l.p99_us);
@@ -342,11 +342,11 @@ impl Bench<'_> {
             into.push(r.gbits);
         }
         let rounds = self.params.latency_round_trips;
-        let l = load::latency_on_cpu(client, echo.one_cpu, 64, rounds, echo.client_cpu)
+        let l = load::latency(client, echo.one_cpu, 64, rounds, Some(echo.client_cpu))
             .context("same-node latency, one CPU")?;
         out.same_p50_one_cpu.push(l.p50_us);
         if let Some(two_cpus) = echo.two_cpus {
-            let l = load::latency_on_cpu(client, two_cpus, 64, rounds, echo.client_cpu)
+            let l = load::latency(client, two_cpus, 64, rounds, Some(echo.client_cpu))
                 .context("same-node latency, two CPUs")?;
             out.same_p50_two_cpus.push(l.p50_us);
         }
