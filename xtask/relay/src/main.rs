@@ -1,8 +1,17 @@
-//! `tcp-relay LISTEN TO`: accepts on LISTEN, connects each connection to TO,
-//! and copies both ways until both sides close. No TLS, no HTTP/2, no
-//! capture. `cargo xtask bench` runs one in each node's namespace to measure
-//! what two proxy hops cost on their own: a floor for any design with a
-//! userspace proxy on both nodes.
+//! `tcp-relay [--connect-tls ROOT] [--accept-tls CHAIN KEY] LISTEN TO`:
+//! accepts on LISTEN, connects each connection to TO, and copies both ways
+//! until both sides close. No HTTP/2, no capture. `cargo xtask bench` runs
+//! one in each node's namespace to measure what two proxy hops cost on
+//! their own: a floor for any design with a userspace proxy on both nodes.
+//!
+//! With `--connect-tls` the relay speaks TLS to TO (checking that TO proves
+//! the name `tcp-relay` with a certificate from ROOT); with `--accept-tls`
+//! it serves TLS on LISTEN with the certificate chain and key given. A pair
+//! of them is the floor for a design that also encrypts between the nodes
+//! in user space: the same rustls, crypto provider, TLS 1.3 cipher suite,
+//! record queue and copy buffer as ztunnel's HBONE, without HTTP/2. The
+//! client presents no certificate: that costs only at the handshake, and
+//! this floor measures bulk transfers.
 //!
 //! It is its own release-built binary because the floor must be as fast as
 //! plain copying can be. Run from the xtask (a debug build), the relay's
@@ -11,17 +20,34 @@
 //! 1,424-1,791/s against 1,902-2,592/s. Throughput did not differ (the
 //! kernel's copies dominate it).
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+mod args;
+mod tls;
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use args::Args;
 
 /// As ztunnel's relay: large enough that bulk transfers take few syscalls.
 const BUFFER: usize = 256 * 1024;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (listen, to) = match parse(&args) {
-        Ok(addrs) => addrs,
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let args = match Args::parse(&raw) {
+        Ok(args) => args,
         Err(e) => {
-            eprintln!("tcp-relay: {e}\nusage: tcp-relay LISTEN_ADDR:PORT TO_ADDR:PORT");
+            eprintln!("tcp-relay: {e}\nusage: {}", args::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let ends = match tls::Ends::load(&args) {
+        Ok(ends) => Arc::new(ends),
+        Err(e) => {
+            eprintln!("tcp-relay: {e}");
             return ExitCode::from(2);
         }
     };
@@ -35,51 +61,59 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(relay_forever(listen, to)) {
+    match runtime.block_on(relay_forever(args.clone(), ends)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tcp-relay: listening on {listen}: {e}");
+            eprintln!("tcp-relay: listening on {}: {e}", args.listen);
             ExitCode::FAILURE
         }
     }
 }
 
-fn parse(args: &[String]) -> Result<(SocketAddr, SocketAddr), String> {
-    let [listen, to] = args else {
-        return Err(format!("expected 2 arguments, got {}", args.len()));
-    };
-    let addr = |what: &str, s: &str| {
-        s.parse::<SocketAddr>()
-            .map_err(|e| format!("{what} address {s:?}: {e}"))
-    };
-    Ok((addr("listen", listen)?, addr("destination", to)?))
-}
-
-async fn relay_forever(listen: SocketAddr, to: SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+async fn relay_forever(args: Args, ends: Arc<tls::Ends>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
     loop {
-        let (mut downstream, _) = match listener.accept().await {
+        let (downstream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors or memory: back off, keep serving.
-                eprintln!("tcp-relay on {listen}: {e}");
+                eprintln!("tcp-relay on {}: {e}", args.listen);
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
+        let ends = ends.clone();
+        let to = args.to;
         tokio::spawn(async move {
-            let Ok(mut upstream) = tokio::net::TcpStream::connect(to).await else {
+            let Ok(upstream) = TcpStream::connect(to).await else {
                 return;
             };
             let _ = downstream.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional_with_sizes(
-                &mut downstream,
-                &mut upstream,
-                BUFFER,
-                BUFFER,
-            )
-            .await;
+            let downstream = match ends.accept(downstream).await {
+                Ok(s) => s,
+                Err(e) => return eprintln!("tcp-relay: TLS from {peer}: {e}"),
+            };
+            let upstream = match ends.connect(upstream).await {
+                Ok(s) => s,
+                Err(e) => return eprintln!("tcp-relay: TLS to {to}: {e}"),
+            };
+            // One copy per pairing, each monomorphised: the plain floor
+            // runs exactly the code it ran before TLS was an option.
+            use tls::Stream::{Plain, Tls};
+            match (downstream, upstream) {
+                (Plain(a), Plain(b)) => copy(a, b).await,
+                (Plain(a), Tls(b)) => copy(a, b).await,
+                (Tls(a), Plain(b)) => copy(a, b).await,
+                (Tls(a), Tls(b)) => copy(a, b).await,
+            }
         });
     }
+}
+
+async fn copy(
+    mut a: impl AsyncRead + AsyncWrite + Unpin,
+    mut b: impl AsyncRead + AsyncWrite + Unpin,
+) {
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER).await;
 }

@@ -7,7 +7,9 @@
 //! sides. The no-mesh phases also measure cross-node throughput through two
 //! plain userspace TCP relays, one per node (no TLS, no HTTP/2, no
 //! capture): what two proxy hops cost on their own, the floor for any
-//! design with a proxy on both nodes. Each figure is the median of its
+//! design with a proxy on both nodes; and, alternating with them, through
+//! two relays that also encrypt between the nodes with ztunnel's TLS stack
+//! (the TLS floor, see [`relays`]). Each figure is the median of its
 //! repetitions.
 //!
 //! Rounds, for the figures a drifting machine moves most: `pairs` times,
@@ -30,6 +32,7 @@ mod awake;
 pub use awake::hold as hold_cpus_awake;
 pub mod chart;
 mod iperf;
+mod relays;
 mod waypoint;
 
 use std::{
@@ -40,6 +43,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use relays::{RelayTls, Relays};
 use serde::Serialize;
 use ztunnel_tests::{
     lab::Lab,
@@ -126,6 +130,21 @@ pub struct Round {
     pub relays: Option<f64>,
 }
 
+/// Cross-node throughput through the two floors, beside the mesh's.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsFloor {
+    pub name: String,
+    pub unit: String,
+    pub tcp_relays: f64,
+    pub tls_relays: f64,
+    /// TLS relays / TCP relays: as much of the TCP floor as a design that
+    /// encrypts between the nodes in user space with rustls reaches here.
+    pub tls_of_tcp: f64,
+    pub mesh: f64,
+    /// mesh / TLS relays: what ztunnel costs beyond its TLS.
+    pub mesh_of_tls: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     commit: String,
@@ -136,6 +155,7 @@ struct Report {
     cpus_held_awake: bool,
     params: Params,
     rows: Vec<Row>,
+    tls_floor: Vec<TlsFloor>,
     command: String,
 }
 
@@ -210,8 +230,10 @@ struct Bench<'a> {
     same: SocketAddr,
     echo: SocketAddr,
     same_echo: SocketAddr,
-    /// The release-built `tcp-relay` the floor runs.
+    /// The release-built `tcp-relay` the floors run.
     relay: &'a Path,
+    /// What the TLS floor's relays present and trust.
+    relay_tls: &'a RelayTls,
 }
 
 /// Echo servers in the neighbor pod for the same-node latency, with the
@@ -255,16 +277,26 @@ impl PinnedEcho {
 }
 
 impl Bench<'_> {
-    /// The cross-node throughput through two plain TCP relays.
-    fn relayed_phase(&self, out: &mut Samples, reps: usize) -> Result<()> {
+    /// The cross-node throughput through the floors: two plain TCP relays
+    /// into `tcp`, and two TLS relays into `tls`, alternating.
+    fn relayed_phase(&self, tcp: &mut Samples, tls: &mut Samples, reps: usize) -> Result<()> {
         let client = &self.lab.pod("client").ns;
-        let relays = Relays::start(self.lab, self.relay, &[self.cross])?;
+        let tcp_relays = Relays::start(self.lab, self.relay, &[self.cross], None)?;
+        let tls_relays = Relays::start(self.lab, self.relay, &[self.cross], Some(self.relay_tls))?;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
-            for (streams, into) in [(1, &mut out.cross_1), (4, &mut out.cross_4)] {
-                let r = iperf::run(client, relays.front(self.cross), streams, secs)
-                    .context("iperf3 through the relays")?;
-                into.push(r.gbits);
+            for streams in [1, 4] {
+                for (relays, out, what) in [
+                    (&tcp_relays, &mut *tcp, "TCP"),
+                    (&tls_relays, &mut *tls, "TLS"),
+                ] {
+                    let r = iperf::run(client, relays.front(self.cross), streams, secs)
+                        .with_context(|| format!("iperf3 through the {what} relays"))?;
+                    match streams {
+                        1 => out.cross_1.push(r.gbits),
+                        _ => out.cross_4.push(r.gbits),
+                    }
+                }
             }
         }
         Ok(())
@@ -304,6 +336,7 @@ impl Bench<'_> {
             echo: bump(self.echo),
             same_echo: bump(self.same_echo),
             relay: self.relay,
+            relay_tls: self.relay_tls,
         }
     }
 }
@@ -423,7 +456,7 @@ impl Bench<'_> {
         let lab = self.lab;
         for (round, &echo) in fresh.iter().enumerate() {
             self.request_response(base, echo).context("no mesh")?;
-            let relays = Relays::start(lab, self.relay, &[echo])?;
+            let relays = Relays::start(lab, self.relay, &[echo], None)?;
             self.request_response(relayed, relays.front(echo))
                 .context("through the relays")?;
             drop(relays);
@@ -553,6 +586,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let _same_echo = LoadServer::start(&neighbor.ns, neighbor.addr(7000), Mode::Echo)?;
     let _same_echo_after = LoadServer::start(&neighbor.ns, neighbor.addr(7100), Mode::Echo)?;
     let hold = HoldServer::start(&server.ns, server.addr(7001))?;
+    let relay_tls = RelayTls::issue(&lab)?;
     // The unmeshed halves of the request/response rounds: a port each.
     let round_ports: Vec<SocketAddr> = (0..params.pairs as u16)
         .map(|i| server.addr(7200 + i))
@@ -569,6 +603,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         echo: server.addr(7000),
         same_echo: neighbor.addr(7000),
         relay: &relay,
+        relay_tls: &relay_tls,
     };
     // First repetitions without a mesh, the rest after it.
     let before = params.repetitions.div_ceil(2);
@@ -576,9 +611,12 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     let mut base = Samples::default();
     let mut mesh = Samples::default();
     let mut relayed = Samples::default();
-    eprintln!("[bench] no mesh ({before} repetitions), direct and through two TCP relays");
+    let mut tls_relayed = Samples::default();
+    eprintln!(
+        "[bench] no mesh ({before} repetitions), direct and through two TCP relays and two TLS relays"
+    );
     bench.phase(&mut base, before, |_| {})?;
-    bench.relayed_phase(&mut relayed, before)?;
+    bench.relayed_phase(&mut relayed, &mut tls_relayed, before)?;
 
     eprintln!("[bench] mesh ({} repetitions)", params.repetitions);
     let zt1 = Ztunnel::start(lab.node("node1"), config, &lab.ca_dir)?;
@@ -618,9 +656,11 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     }
     let again = bench.on_fresh_ports(100);
     if after > 0 {
-        eprintln!("[bench] no mesh again ({after} repetitions), direct and through two TCP relays");
+        eprintln!(
+            "[bench] no mesh again ({after} repetitions), direct and through two TCP relays and two TLS relays"
+        );
         again.phase(&mut base, after, |_| {})?;
-        again.relayed_phase(&mut relayed, after)?;
+        again.relayed_phase(&mut relayed, &mut tls_relayed, after)?;
     }
     eprintln!(
         "[bench] request/response, {} rounds of no mesh, two TCP relays and mesh",
@@ -814,6 +854,34 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         true,
         Some(Target::at_least(1.5, Against::Relays)),
     );
+    let tls_floor = [
+        (
+            "throughput cross-node, 1 stream",
+            &relayed.cross_1,
+            &tls_relayed.cross_1,
+            &mesh.cross_1,
+        ),
+        (
+            "throughput cross-node, 4 streams",
+            &relayed.cross_4,
+            &tls_relayed.cross_4,
+            &mesh.cross_4,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, tcp, tls, m)| {
+        let (tcp, tls, m) = (median(tcp.clone()), median(tls.clone()), median(m.clone()));
+        TlsFloor {
+            name: name.into(),
+            unit: "Gbit/s".into(),
+            tcp_relays: tcp,
+            tls_relays: tls,
+            tls_of_tcp: tls / tcp,
+            mesh: m,
+            mesh_of_tls: m / tls,
+        }
+    })
+    .collect();
     let abs = |name: &str, unit: &str, value: f64, bound: Option<f64>| Row {
         name: name.into(),
         unit: unit.into(),
@@ -871,6 +939,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         cpus_held_awake: awake.is_some(),
         params,
         rows,
+        tls_floor,
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
     };
     print_table(&report);
@@ -941,6 +1010,21 @@ fn print_table(r: &Report) {
         );
     }
     println!(
+        "\nThe TLS floor: two relays that also encrypt between the nodes, with ztunnel's TLS \
+         stack and settings but no HTTP/2. TLS / TCP relays is as much of the TCP floor as a \
+         design that encrypts in user space with rustls reaches on this machine."
+    );
+    println!(
+        "| measure | unit | two TCP relays | two TLS relays | TLS / TCP relays | mesh | mesh / TLS relays |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for f in &r.tls_floor {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            f.name, f.unit, f.tcp_relays, f.tls_relays, f.tls_of_tcp, f.mesh, f.mesh_of_tls
+        );
+    }
+    println!(
         "\nPaired rows (same-node; request/response): {} rounds, each taking the no-mesh, \
          relay and mesh figures seconds apart; their ratios are the medians of the rounds' \
          ratios, which spread:",
@@ -1006,63 +1090,6 @@ impl Drop for HoldServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A plain TCP relay per node in front of each target (`tcp-relay`, built
-/// in release as ztunnel is): the client connects to node1's relay, which
-/// connects to node2's, which connects to the target. Killed on drop.
-struct Relays {
-    children: Vec<std::process::Child>,
-    fronts: Vec<(SocketAddr, SocketAddr)>,
-}
-
-impl Relays {
-    /// Relays listen on the target's port plus this, on the node addresses.
-    const PORT_OFFSET: u16 = 20_000;
-
-    fn start(lab: &Lab, exe: &Path, targets: &[SocketAddr]) -> Result<Self> {
-        let (node1, node2) = (lab.node("node1"), lab.node("node2"));
-        let mut relays = Relays {
-            children: Vec::new(),
-            fronts: Vec::new(),
-        };
-        for &target in targets {
-            let port = target.port() + Self::PORT_OFFSET;
-            let front = SocketAddr::from((node1.underlay_ip, port));
-            let back = SocketAddr::from((node2.underlay_ip, port));
-            for (node, listen, to) in [(node2, back, target), (node1, front, back)] {
-                let child = node
-                    .ns
-                    .command(exe)
-                    .args([listen.to_string(), to.to_string()])
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("starting {}", exe.display()))?;
-                relays.children.push(child);
-            }
-            relays.fronts.push((target, front));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(relays)
-    }
-
-    /// Where to connect to reach `target` through both relays.
-    fn front(&self, target: SocketAddr) -> SocketAddr {
-        self.fronts
-            .iter()
-            .find(|(t, _)| *t == target)
-            .map(|(_, f)| *f)
-            .unwrap_or(target)
-    }
-}
-
-impl Drop for Relays {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
