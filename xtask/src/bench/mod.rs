@@ -143,6 +143,14 @@ pub struct TlsFloor {
     pub mesh: f64,
     /// mesh / TLS relays: what ztunnel costs beyond its TLS.
     pub mesh_of_tls: f64,
+    /// Each repetition's TCP and TLS relays, taken seconds apart.
+    pub runs: Vec<FloorRun>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FloorRun {
+    pub tcp_relays: f64,
+    pub tls_relays: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -869,8 +877,20 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         ),
     ]
     .into_iter()
-    .map(|(name, tcp, tls, m)| {
-        let (tcp, tls, m) = (median(tcp.clone()), median(tls.clone()), median(m.clone()));
+    .map(|(name, tcp_runs, tls_runs, m)| {
+        let runs = tcp_runs
+            .iter()
+            .zip(tls_runs)
+            .map(|(&tcp_relays, &tls_relays)| FloorRun {
+                tcp_relays,
+                tls_relays,
+            })
+            .collect();
+        let (tcp, tls, m) = (
+            median(tcp_runs.clone()),
+            median(tls_runs.clone()),
+            median(m.clone()),
+        );
         TlsFloor {
             name: name.into(),
             unit: "Gbit/s".into(),
@@ -879,6 +899,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
             tls_of_tcp: tls / tcp,
             mesh: m,
             mesh_of_tls: m / tls,
+            runs,
         }
     })
     .collect();
@@ -1022,6 +1043,18 @@ fn print_table(r: &Report) {
         println!(
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             f.name, f.unit, f.tcp_relays, f.tls_relays, f.tls_of_tcp, f.mesh, f.mesh_of_tls
+        );
+    }
+    for f in &r.tls_floor {
+        let ratios: Vec<String> = f
+            .runs
+            .iter()
+            .map(|run| format!("{:.2}", run.tls_relays / run.tcp_relays))
+            .collect();
+        println!(
+            "- {}: TLS / TCP relays in each repetition, seconds apart: {}",
+            f.name,
+            ratios.join(", ")
         );
     }
     println!(
