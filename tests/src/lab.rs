@@ -334,36 +334,30 @@ impl Lab {
     fn add_pod_routed(&self, spec: PodSpec, routed: bool) -> Result<Pod> {
         let node = &self.nodes[spec.node];
         let (ns, veth) = self.pod_netns(node, &spec)?;
-        node.ns
-            .sysctl(&format!("net.ipv4.conf.{veth}.proxy_arp"), "1")?;
-        node.ns
-            .sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
-        node.ns.ip(&["link", "set", &veth, "up"])?;
-        if routed {
-            node.ns
-                .ip(&["route", "add", &format!("{}/32", spec.ip), "dev", &veth])?;
-        }
-        ns.ip(&["addr", "add", &format!("{}/32", spec.ip), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        // Calico's trick: a link-local gateway the pod reaches by a permanent
-        // neighbour entry pointing at the host-side veth, so every packet,
-        // even to an address the node has no route for (a service VIP), goes
-        // to the node.
-        let mac = link_mac(&node.ns, &veth)?;
-        ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&[
-            "neigh",
-            "add",
-            GATEWAY,
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+        wire_pod(node, &ns, &veth, &spec, routed)?;
         Ok(Pod { spec, ns, veth })
+    }
+
+    /// Gives pod `name` a new veth pair, as a pod sandbox recreated with the
+    /// same address gets one: the old pair must be gone (deleting the
+    /// host-side veth removes both ends and the node's route). The new
+    /// host-side veth has the old one's name and a new ifindex.
+    pub fn rewire_pod(&self, name: &str) -> Result<()> {
+        let pod = self.pod(name);
+        let node = &self.nodes[pod.spec.node];
+        node.ns.ip(&[
+            "link",
+            "add",
+            &pod.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.ns.name(),
+        ])?;
+        wire_pod(node, &pod.ns, &pod.veth, &pod.spec, true)
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -535,4 +529,39 @@ pub fn workload_yaml(spec: &PodSpec, enrolled: bool, services: &str) -> String {
         proto = if enrolled { "HBONE" } else { "TCP" },
         node = NODES[spec.node],
     )
+}
+
+/// Addresses, routes and sysctls for a pod on `node` whose veth pair
+/// exists: `veth` on the node, `eth0` in `ns`.
+fn wire_pod(node: &Node, ns: &Netns, veth: &str, spec: &PodSpec, routed: bool) -> Result<()> {
+    node.ns
+        .sysctl(&format!("net.ipv4.conf.{veth}.proxy_arp"), "1")?;
+    node.ns
+        .sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
+    node.ns.ip(&["link", "set", veth, "up"])?;
+    if routed {
+        node.ns
+            .ip(&["route", "add", &format!("{}/32", spec.ip), "dev", veth])?;
+    }
+    ns.ip(&["addr", "add", &format!("{}/32", spec.ip), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    // Calico's trick: a link-local gateway the pod reaches by a permanent
+    // neighbour entry pointing at the host-side veth, so every packet,
+    // even to an address the node has no route for (a service VIP), goes
+    // to the node.
+    let mac = link_mac(&node.ns, veth)?;
+    ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+    ns.ip(&[
+        "neigh",
+        "add",
+        GATEWAY,
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+    Ok(())
 }

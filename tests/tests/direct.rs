@@ -379,3 +379,102 @@ fn a_pod_cannot_claim_another_local_pods_address_to_pass() -> Result<()> {
     assert_eq!(after.outbound_direct, before.outbound_direct + 1);
     Ok(())
 }
+
+/// `field` of `link` in `ns`, as `ip -j link` gives it.
+fn link_field(
+    ns: &ztunnel_tests::netns::Netns,
+    link: &str,
+    field: &str,
+) -> Result<serde_json::Value> {
+    let out =
+        ztunnel_tests::netns::run(ns.command("ip").args(["-j", "link", "show", "dev", link]))?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let value = links[0][field].clone();
+    anyhow::ensure!(!value.is_null(), "no {field} for {link}: {links}");
+    Ok(value)
+}
+
+#[test]
+fn a_live_kernel_connection_is_never_handed_to_a_veth_its_receiver_no_longer_has() -> Result<()> {
+    // A live kernel connection's entry remembers the veth each end sent
+    // from, and outlives that veth until the connection ends. Here the
+    // receiver's veth goes mid-connection, its ifindex is taken by another
+    // pod's veth (a pod with the old receiver's MAC and address, so that
+    // its stack would take the packets), and the receiver comes back on a
+    // new veth, as a recreated pod with the same address would. The
+    // client's next packets must not reach the pod at the old ifindex.
+    let s = Setup::new(&config(&[]))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    let client = s.lab.pod("client");
+    let neighbor = s.lab.pod("neighbor");
+    let node1 = s.lab.node("node1");
+    let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
+    let mut conn = Connection::open(&client.ns, server.addr, Duration::from_secs(5))?;
+    let client_addr = conn.local_addr()?;
+    conn.write_all(&[1u8; 1000])?;
+    // The neighbor's ACKs teach the kernel its end.
+    std::thread::sleep(Duration::from_millis(300));
+    let c = counters(node1, client.spec.ip)?.context("client counters")?;
+    assert_eq!(
+        c.outbound_direct, 1,
+        "the connection did not pass in the kernel"
+    );
+
+    let old_ifindex = link_field(&node1.ns, &neighbor.veth, "ifindex")?.to_string();
+    let old_mac = link_field(&neighbor.ns, "eth0", "address")?;
+    let old_mac = old_mac.as_str().context("MAC address")?;
+    node1.ns.ip(&["link", "del", &neighbor.veth])?;
+    let thief = ztunnel_tests::netns::Netns::create(&format!("{}-thief", s.lab.prefix))?;
+    node1.ns.ip(&[
+        "link",
+        "add",
+        "vzthief",
+        "index",
+        &old_ifindex,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        thief.name(),
+    ])?;
+    node1.ns.ip(&["link", "set", "vzthief", "up"])?;
+    thief.ip(&["link", "set", "eth0", "address", old_mac])?;
+    thief.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", neighbor.spec.ip),
+        "dev",
+        "eth0",
+    ])?;
+    thief.ip(&["link", "set", "eth0", "up"])?;
+    s.lab.rewire_pod("neighbor")?;
+    let new_ifindex = link_field(&node1.ns, &neighbor.veth, "ifindex")?.to_string();
+    assert_ne!(new_ifindex, old_ifindex);
+    // ztunnel follows the receiver to its new veth.
+    let pod = format!("pod={}", neighbor.spec.ip);
+    let ifindex = format!("ifindex={new_ifindex}");
+    eventually(
+        "ztunnel knows the new veth",
+        Duration::from_secs(10),
+        || {
+            Ok(zt1.log_text().lines().any(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                fields.contains(&pod.as_str()) && fields.contains(&ifindex.as_str())
+            }))
+        },
+    )?;
+
+    let watch = TcpWatch::start(&thief)?;
+    conn.write_all(&[2u8; 1000])?;
+    let from_client = |seg: &ztunnel_tests::raw::Segment| SocketAddr::V4(seg.src) == client_addr;
+    assert!(
+        watch
+            .wait_for(Duration::from_secs(2), from_client)
+            .is_none(),
+        "the client's packets reached the pod now at the receiver's old veth"
+    );
+    Ok(())
+}

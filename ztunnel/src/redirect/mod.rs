@@ -742,8 +742,16 @@ impl Capture {
                 self.enrolled
                     .insert(key, info, 0)
                     .map_err(map_err(maps::ENROLLED_PODS))?;
-                if current.is_none() {
-                    tracing::info!(pod = %Ipv4Addr::from(key.octets()), ifindex = info.ifindex, "enrolled");
+                let pod = Ipv4Addr::from(key.octets());
+                match current {
+                    None => tracing::info!(%pod, ifindex = info.ifindex, "enrolled"),
+                    // A pod recreated with the same address, or its veth
+                    // found late: the kernel now checks and delivers by
+                    // the new one.
+                    Some(was) if was.ifindex != info.ifindex => {
+                        tracing::info!(%pod, ifindex = info.ifindex, was = was.ifindex, "pod's veth changed")
+                    }
+                    Some(_) => {}
                 }
             }
         }
