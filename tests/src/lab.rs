@@ -203,18 +203,7 @@ impl Lab {
 
     fn wire_underlay(&self) -> Result<()> {
         let (n1, n2) = (&self.nodes[0], &self.nodes[1]);
-        n1.ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            n2.ns.name(),
-        ])?;
+        add_veth_pair(&n1.ns, "eth0", None, &n2.ns)?;
         for (i, node) in self.nodes.iter().enumerate() {
             node.ns.ip(&[
                 "addr",
@@ -312,18 +301,7 @@ impl Lab {
     fn pod_netns(&self, node: &Node, spec: &PodSpec) -> Result<(Netns, String)> {
         let ns = Netns::create(&format!("{}-{}", self.prefix, spec.name))?;
         let veth = format!("vz{}", spec.name);
-        node.ns.ip(&[
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        add_veth_pair(&node.ns, &veth, None, &ns)?;
         Ok((ns, veth))
     }
 
@@ -345,18 +323,7 @@ impl Lab {
     pub fn rewire_pod(&self, name: &str) -> Result<()> {
         let pod = self.pod(name);
         let node = &self.nodes[pod.spec.node];
-        node.ns.ip(&[
-            "link",
-            "add",
-            &pod.veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.ns.name(),
-        ])?;
+        add_veth_pair(&node.ns, &pod.veth, None, &pod.ns)?;
         wire_pod(node, &pod.ns, &pod.veth, &pod.spec, true)
     }
 
@@ -563,5 +530,26 @@ fn wire_pod(node: &Node, ns: &Netns, veth: &str, spec: &PodSpec, routed: bool) -
         "permanent",
     ])?;
     ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+    Ok(())
+}
+
+/// A veth pair: `name` in `ns` (with ifindex `index` if given), `eth0` in
+/// `peer_ns`.
+pub fn add_veth_pair(ns: &Netns, name: &str, index: Option<u32>, peer_ns: &Netns) -> Result<()> {
+    let index = index.map(|i| i.to_string());
+    let mut args = vec!["link", "add", name];
+    if let Some(index) = &index {
+        args.extend(["index", index.as_str()]);
+    }
+    args.extend([
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer_ns.name(),
+    ]);
+    ns.ip(&args)?;
     Ok(())
 }

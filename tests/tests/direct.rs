@@ -421,25 +421,15 @@ fn a_live_kernel_connection_is_never_handed_to_a_veth_its_receiver_no_longer_has
         "the connection did not pass in the kernel"
     );
 
-    let old_ifindex = link_field(&node1.ns, &neighbor.veth, "ifindex")?.to_string();
+    let old_ifindex = link_field(&node1.ns, &neighbor.veth, "ifindex")?
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .context("ifindex")?;
     let old_mac = link_field(&neighbor.ns, "eth0", "address")?;
     let old_mac = old_mac.as_str().context("MAC address")?;
     node1.ns.ip(&["link", "del", &neighbor.veth])?;
     let thief = ztunnel_tests::netns::Netns::create(&format!("{}-thief", s.lab.prefix))?;
-    node1.ns.ip(&[
-        "link",
-        "add",
-        "vzthief",
-        "index",
-        &old_ifindex,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        thief.name(),
-    ])?;
+    lab::add_veth_pair(&node1.ns, "vzthief", Some(old_ifindex), &thief)?;
     node1.ns.ip(&["link", "set", "vzthief", "up"])?;
     thief.ip(&["link", "set", "eth0", "address", old_mac])?;
     thief.ip(&[
@@ -451,8 +441,9 @@ fn a_live_kernel_connection_is_never_handed_to_a_veth_its_receiver_no_longer_has
     ])?;
     thief.ip(&["link", "set", "eth0", "up"])?;
     s.lab.rewire_pod("neighbor")?;
-    let new_ifindex = link_field(&node1.ns, &neighbor.veth, "ifindex")?.to_string();
-    assert_ne!(new_ifindex, old_ifindex);
+    let new_ifindex = link_field(&node1.ns, &neighbor.veth, "ifindex")?;
+    let new_ifindex = new_ifindex.as_u64().context("ifindex")?;
+    assert_ne!(new_ifindex, u64::from(old_ifindex));
     // ztunnel follows the receiver to its new veth.
     let pod = format!("pod={}", neighbor.spec.ip);
     let ifindex = format!("ifindex={new_ifindex}");
