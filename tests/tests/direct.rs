@@ -16,7 +16,7 @@ use ztunnel_tests::{
     setup::Setup,
     traffic::{Connection, Server},
     wait::eventually,
-    ztunnel::{counters, ztunnel_owns},
+    ztunnel::{counters, ztunnel_owns, Ztunnel},
 };
 
 fn policy(name: &str, action: &str, rules: &str) -> String {
@@ -42,6 +42,14 @@ fn metrics(s: &Setup) -> Result<String> {
     )?;
     anyhow::ensure!(r.status == 200, "metrics answered {}", r.status);
     Ok(r.body)
+}
+
+/// A lab with `policies` and node1's ztunnel, its kernel tables written.
+fn node1_ready(policies: &[String]) -> Result<(Setup, Ztunnel)> {
+    let s = Setup::new(&config(policies))?;
+    let mut zt1 = s.ztunnel("node1", &[])?;
+    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    Ok((s, zt1))
 }
 
 #[test]
@@ -140,9 +148,7 @@ fn a_same_node_connection_is_handed_to_the_pod_past_the_nodes_routing() -> Resul
     // routing never forwards it, so the host-side veths send none of it:
     // only the SYN and the last ACK (after both FINs the flow is closed,
     // and its stragglers take the usual way), and the node's ARP.
-    let s = Setup::new(&config(&[]))?;
-    let mut zt1 = s.ztunnel("node1", &[])?;
-    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    let (s, _zt1) = node1_ready(&[])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");
     let node1 = s.lab.node("node1");
@@ -173,9 +179,7 @@ fn a_same_node_connection_is_handed_to_the_pod_past_the_nodes_routing() -> Resul
 
 #[test]
 fn a_denied_same_node_connection_is_refused_as_before() -> Result<()> {
-    let s = Setup::new(&config(&[policy("deny-client", "Deny", DENY_CLIENT)]))?;
-    let mut zt1 = s.ztunnel("node1", &[])?;
-    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
+    let (s, mut zt1) = node1_ready(&[policy("deny-client", "Deny", DENY_CLIENT)])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");
     let server = Server::start(&neighbor.ns, neighbor.addr(9000))?;
@@ -303,9 +307,7 @@ fn a_proxied_connection_reusing_the_ports_of_a_kernel_one_reaches_ztunnel() -> R
     // comes back through ztunnel (a dry-run policy now needs its log
     // lines), and its packets after the SYN belong to ztunnel's socket,
     // not to the neighbour, which never saw this connection's SYN.
-    let s = Setup::new(&config(&[]))?;
-    let mut zt1 = s.ztunnel("node1", &[])?;
-    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    let (s, mut zt1) = node1_ready(&[])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");
     // The first connection leaves the 4-tuple in TIME_WAIT on the client;
@@ -337,9 +339,7 @@ fn a_proxied_connection_reusing_the_ports_of_a_kernel_one_reaches_ztunnel() -> R
 fn a_pod_cannot_claim_another_local_pods_address_to_pass() -> Result<()> {
     // Only client may reach neighbor; bystander (not enrolled) and
     // neighbor forge client's address.
-    let s = Setup::new(&config(&[policy("allow-client", "Allow", ALLOW_CLIENT)]))?;
-    let mut zt1 = s.ztunnel("node1", &[])?;
-    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(5))?;
+    let (s, _zt1) = node1_ready(&[policy("allow-client", "Allow", ALLOW_CLIENT)])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");
     let bystander = s.lab.pod("bystander");
@@ -403,9 +403,7 @@ fn a_live_kernel_connection_is_never_handed_to_a_veth_its_receiver_no_longer_has
     // its stack would take the packets), and the receiver comes back on a
     // new veth, as a recreated pod with the same address would. The
     // client's next packets must not reach the pod at the old ifindex.
-    let s = Setup::new(&config(&[]))?;
-    let mut zt1 = s.ztunnel("node1", &[])?;
-    zt1.wait_for_log("kernel policy tables updated", Duration::from_secs(10))?;
+    let (s, zt1) = node1_ready(&[])?;
     let client = s.lab.pod("client");
     let neighbor = s.lab.pod("neighbor");
     let node1 = s.lab.node("node1");
