@@ -137,8 +137,8 @@ pub struct TlsFloor {
     pub unit: String,
     pub tcp_relays: f64,
     pub tls_relays: f64,
-    /// TLS relays / TCP relays: as much of the TCP floor as a design that
-    /// encrypts between the nodes in user space with rustls reaches here.
+    /// TLS relays / TCP relays: what encrypting between the nodes in user
+    /// space with rustls, and nothing else, leaves of the TCP floor here.
     pub tls_of_tcp: f64,
     pub mesh: f64,
     /// mesh / TLS relays: what ztunnel costs beyond its TLS.
@@ -1032,8 +1032,8 @@ fn print_table(r: &Report) {
     }
     println!(
         "\nThe TLS floor: two relays that also encrypt between the nodes, with ztunnel's TLS \
-         stack and settings but no HTTP/2. TLS / TCP relays is as much of the TCP floor as a \
-         design that encrypts in user space with rustls reaches on this machine."
+         stack and settings but no HTTP/2. TLS / TCP relays is what encrypting in user space \
+         with rustls, and nothing else, leaves of the TCP floor on this machine."
     );
     println!(
         "| measure | unit | two TCP relays | two TLS relays | TLS / TCP relays | mesh | mesh / TLS relays |"
