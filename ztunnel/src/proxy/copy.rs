@@ -24,13 +24,18 @@ const INITIAL_BUFFER: usize = 256;
 /// few syscalls per byte. Either copy holds a buffer only while bytes are
 /// there to read.
 const MAX_BUFFER: usize = 256 * 1024;
-/// Reads from TCP into HBONE grow further: each read becomes a DATA frame
-/// (frames go up to 1 MiB), and every chunk costs a hand-off between this
-/// task and the HTTP/2 connection's. One stream cross-node, alternating on
-/// one lab: 6.68-7.25 Gbit/s with 256 KiB reads, 7.78-8.01 with 1 MiB
-/// (64 KiB frames: 5.68-6.16). The buffer goes to h2 whole, whose send
-/// buffer bounds what a stream holds either way.
-const MAX_H2_READ: usize = 1024 * 1024;
+/// Reads from TCP into HBONE grow further, to half the stream's window:
+/// every read costs a hand-off between this task and the HTTP/2
+/// connection's (h2 cuts it into frames of up to 1 MiB), so fewer, larger
+/// reads are cheaper, until a read no longer fits in what the window
+/// reopens at a time (h2 sends WINDOW_UPDATE once half of it is consumed)
+/// and waits for it. One stream cross-node, five alternating rounds on one
+/// lab, 5 s each: 1 MiB reads 7.95-8.34 Gbit/s, 2 MiB 8.20-8.50, 3 MiB
+/// 7.03-7.63 (256 KiB had read 6.68-7.25 against 7.78-8.01 for 1 MiB). A
+/// larger window with larger reads was slower still (8 MiB window, 2 or
+/// 4 MiB reads: 7.7-7.9). The buffer goes to h2 whole; a quiet connection
+/// holds none.
+const MAX_H2_READ: usize = super::hbone::settings::STREAM_WINDOW as usize / 2;
 
 /// Bytes moved by one relay.
 #[derive(Debug, Default, Clone, Copy)]
@@ -170,7 +175,7 @@ pub async fn relay_h2(
             // A buffer only once there is something to read, and none kept
             // between reads (each read's bytes go to h2 whole): a quiet
             // connection holds none, whether it is new or has just moved
-            // bulk (which grew its reads to 256 KiB).
+            // bulk (which grew its reads to MAX_H2_READ).
             tcp_read.readable().await?;
             let mut buf = BytesMut::with_capacity(size);
             let room = buf.capacity();
