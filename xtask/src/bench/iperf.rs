@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context, Result};
 use ztunnel_tests::netns::Netns;
 
+use super::placement::NodeCpus;
+
 /// An `iperf3 -s` in a pod, killed on drop.
 pub struct Server(Child);
 
@@ -23,6 +25,11 @@ impl Server {
             .context("starting iperf3 -s (is iperf3 installed? `cargo xtask bootstrap`)")?;
         std::thread::sleep(Duration::from_millis(300));
         Ok(Server(child))
+    }
+
+    /// The server's process (nsenter execs iperf3 in its place).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 }
 
@@ -41,8 +48,22 @@ pub struct Run {
 
 /// `iperf3 -c dst -P streams -t secs` from `ns`.
 pub fn run(ns: &Netns, dst: SocketAddr, streams: u32, secs: u32) -> Result<Run> {
-    let out = ns
-        .command("iperf3")
+    run_on(ns, dst, streams, secs, None)
+}
+
+/// [`run`], with the client on node1's CPU when `cpus` is given.
+pub fn run_on(
+    ns: &Netns,
+    dst: SocketAddr,
+    streams: u32,
+    secs: u32,
+    cpus: Option<&NodeCpus>,
+) -> Result<Run> {
+    let mut cmd = ns.command("iperf3");
+    if let Some(cpus) = cpus {
+        cpus.on_node1(&mut cmd);
+    }
+    let out = cmd
         .args([
             "-c",
             &dst.ip().to_string(),

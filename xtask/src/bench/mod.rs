@@ -9,7 +9,9 @@
 //! capture): what two proxy hops cost on their own, the floor for any
 //! design with a proxy on both nodes; and, alternating with them, through
 //! two relays that also encrypt between the nodes with ztunnel's TLS stack
-//! (the TLS floor, see [`relays`]). Each figure is the median of its
+//! (the TLS floor, see [`relays`]). Each repetition also moves one stream
+//! with a CPU per node, as on two machines ([`placement`]), direct, through
+//! both floors and through the mesh. Each figure is the median of its
 //! repetitions.
 //!
 //! Rounds, for the figures a drifting machine moves most: `pairs` times,
@@ -32,6 +34,7 @@ mod awake;
 pub use awake::hold as hold_cpus_awake;
 pub mod chart;
 mod iperf;
+mod placement;
 mod relays;
 mod waypoint;
 
@@ -43,6 +46,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use placement::NodeCpus;
 use relays::{RelayTls, Relays};
 use serde::Serialize;
 use ztunnel_tests::{
@@ -218,6 +222,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 struct Samples {
     cross_1: Vec<f64>,
     cross_4: Vec<f64>,
+    /// One stream cross-node with a CPU per node (see [`placement`]).
+    cross_1_pinned: Vec<f64>,
     same_1: Vec<f64>,
     same_4: Vec<f64>,
     /// Same-node request/response latency p50, client and echo server on
@@ -242,6 +248,10 @@ struct Bench<'a> {
     relay: &'a Path,
     /// What the TLS floor's relays present and trust.
     relay_tls: &'a RelayTls,
+    /// The nodes' CPUs for the pinned cross-node row (none with one CPU).
+    node_cpus: Option<NodeCpus>,
+    /// The pods' iperf3 servers: where each listens, and its process.
+    iperf_servers: &'a [(SocketAddr, u32)],
 }
 
 /// Echo servers in the neighbor pod for the same-node latency, with the
@@ -306,6 +316,12 @@ impl Bench<'_> {
                     }
                 }
             }
+            for (relays, out) in [(&tcp_relays, &mut *tcp), (&tls_relays, &mut *tls)] {
+                let (node1, node2) = relays.pids();
+                if let Some(r) = self.cross_pinned(relays.front(self.cross), &node1, &node2)? {
+                    out.cross_1_pinned.push(r.gbits);
+                }
+            }
         }
         Ok(())
     }
@@ -345,12 +361,52 @@ impl Bench<'_> {
             same_echo: bump(self.same_echo),
             relay: self.relay,
             relay_tls: self.relay_tls,
+            node_cpus: self.node_cpus,
+            iperf_servers: self.iperf_servers,
         }
+    }
+
+    /// One stream to `dst` (the cross-node server, directly or through
+    /// relays) with a CPU per node: the client and the `node1` processes on
+    /// the first, the `node2` processes and the server on the second.
+    /// `None` when this machine has one CPU.
+    fn cross_pinned(
+        &self,
+        dst: SocketAddr,
+        node1: &[u32],
+        node2: &[u32],
+    ) -> Result<Option<iperf::Run>> {
+        let Some(cpus) = &self.node_cpus else {
+            return Ok(None);
+        };
+        let server = self
+            .iperf_servers
+            .iter()
+            .find(|(addr, _)| *addr == self.cross)
+            .map(|(_, pid)| *pid)
+            .with_context(|| format!("no iperf3 server at {}", self.cross))?;
+        let node2: Vec<u32> = node2.iter().copied().chain([server]).collect();
+        let _pinned = cpus
+            .pin(node1, &node2)
+            .context("pinning the nodes' processes")?;
+        let client = &self.lab.pod("client").ns;
+        iperf::run_on(client, dst, 1, self.params.iperf_seconds, Some(cpus))
+            .context("iperf3 cross-node, a CPU per node")
+            .map(Some)
     }
 }
 
 impl Bench<'_> {
-    fn phase(&self, out: &mut Samples, reps: usize, mut on_cross: impl FnMut(f64)) -> Result<()> {
+    /// `reps` times: cross-node throughput (1 and 4 streams, then 1 with a
+    /// CPU per node, `proxies` being node1's and node2's ztunnels if any)
+    /// and the same-node connection rate.
+    fn phase(
+        &self,
+        out: &mut Samples,
+        reps: usize,
+        proxies: (&[u32], &[u32]),
+        mut on_cross: impl FnMut(f64),
+    ) -> Result<()> {
         let client = &self.lab.pod("client").ns;
         let secs = self.params.iperf_seconds;
         for _ in 0..reps {
@@ -359,6 +415,10 @@ impl Bench<'_> {
                     iperf::run(client, self.cross, streams, secs).context("iperf3 cross-node")?;
                 on_cross(r.bytes);
                 cross.push(r.gbits);
+            }
+            if let Some(r) = self.cross_pinned(self.cross, proxies.0, proxies.1)? {
+                on_cross(r.bytes);
+                out.cross_1_pinned.push(r.gbits);
             }
             out.same_rate.push(
                 load::connection_rate(
@@ -584,12 +644,18 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     lab.reuse_time_wait()?;
     let server = lab.pod("server");
     let neighbor = lab.pod("neighbor");
-    let _iperf = [
-        iperf::Server::start(&server.ns, 5201)?,
-        iperf::Server::start(&neighbor.ns, 5201)?,
-        iperf::Server::start(&server.ns, 5301)?,
-        iperf::Server::start(&neighbor.ns, 5301)?,
-    ];
+    let iperf = [
+        (&server, 5201),
+        (&neighbor, 5201),
+        (&server, 5301),
+        (&neighbor, 5301),
+    ]
+    .into_iter()
+    .map(|(pod, port)| Ok((pod.addr(port), iperf::Server::start(&pod.ns, port)?)))
+    .collect::<Result<Vec<_>>>()?;
+    let iperf_servers: Vec<(SocketAddr, u32)> =
+        iperf.iter().map(|(addr, s)| (*addr, s.pid())).collect();
+    let node_cpus = NodeCpus::detect().context("reading this process's CPU affinity")?;
     let _echo = LoadServer::start(&server.ns, server.addr(7000), Mode::Echo)?;
     let _same_echo = LoadServer::start(&neighbor.ns, neighbor.addr(7000), Mode::Echo)?;
     let _same_echo_after = LoadServer::start(&neighbor.ns, neighbor.addr(7100), Mode::Echo)?;
@@ -612,6 +678,8 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         same_echo: neighbor.addr(7000),
         relay: &relay,
         relay_tls: &relay_tls,
+        node_cpus,
+        iperf_servers: &iperf_servers,
     };
     // First repetitions without a mesh, the rest after it.
     let before = params.repetitions.div_ceil(2);
@@ -623,7 +691,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     eprintln!(
         "[bench] no mesh ({before} repetitions), direct and through two TCP relays and two TLS relays"
     );
-    bench.phase(&mut base, before, |_| {})?;
+    bench.phase(&mut base, before, (&[], &[]), |_| {})?;
     bench.relayed_phase(&mut relayed, &mut tls_relayed, before)?;
 
     eprintln!("[bench] mesh ({} repetitions)", params.repetitions);
@@ -637,7 +705,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
     for _ in 0..params.repetitions {
         let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
         let mut moved = 0.0;
-        bench.phase(&mut mesh, 1, |b| moved += b)?;
+        bench.phase(&mut mesh, 1, (&pids[..1], &pids[1..]), |b| moved += b)?;
         // Only the cross-node iperf bytes go in, but all CPU of the phase
         // does: an upper bound on CPU per byte.
         cpu += pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
@@ -667,7 +735,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         eprintln!(
             "[bench] no mesh again ({after} repetitions), direct and through two TCP relays and two TLS relays"
         );
-        again.phase(&mut base, after, |_| {})?;
+        again.phase(&mut base, after, (&[], &[]), |_| {})?;
         again.relayed_phase(&mut relayed, &mut tls_relayed, after)?;
     }
     eprintln!(
@@ -759,6 +827,19 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         false,
         Some(Target::at_least(0.85, Against::Relays)),
     );
+    // The same target with a CPU per node, as on two machines (see
+    // `placement`): above, both nodes share both CPUs.
+    if !mesh.cross_1_pinned.is_empty() {
+        ratio_row(
+            "throughput cross-node, 1 stream, a CPU per node",
+            "Gbit/s",
+            &base.cross_1_pinned,
+            &mesh.cross_1_pinned,
+            &relayed.cross_1_pinned,
+            false,
+            Some(Target::at_least(0.85, Against::Relays)),
+        );
+    }
     ratio_row(
         "throughput cross-node, 4 streams",
         "Gbit/s",
@@ -870,6 +951,12 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
             &mesh.cross_1,
         ),
         (
+            "throughput cross-node, 1 stream, a CPU per node",
+            &relayed.cross_1_pinned,
+            &tls_relayed.cross_1_pinned,
+            &mesh.cross_1_pinned,
+        ),
+        (
             "throughput cross-node, 4 streams",
             &relayed.cross_4,
             &tls_relayed.cross_4,
@@ -877,6 +964,7 @@ pub fn run(bin: &Path, config: &Path, params: Params, out_dir: &Path) -> Result<
         ),
     ]
     .into_iter()
+    .filter(|(_, tcp, _, _)| !tcp.is_empty())
     .map(|(name, tcp_runs, tls_runs, m)| {
         let runs = tcp_runs
             .iter()

@@ -111,6 +111,20 @@ impl Relays {
         Ok(relays)
     }
 
+    /// The relays' processes: node1's, then node2's.
+    pub fn pids(&self) -> (Vec<u32>, Vec<u32>) {
+        // Started in pairs, node2's relay first (see `start`).
+        let node2 = self.children.iter().step_by(2).map(|c| c.id()).collect();
+        let node1 = self
+            .children
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|c| c.id())
+            .collect();
+        (node1, node2)
+    }
+
     /// Where to connect to reach `target` through both relays.
     pub fn front(&self, target: SocketAddr) -> SocketAddr {
         self.fronts
