@@ -2,7 +2,7 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -64,9 +64,24 @@ pub fn run_on(
     secs: u32,
     cpus: Option<&NodeCpus>,
 ) -> Result<Run> {
+    let mut cmd = ns.command("iperf3");
+    if let Some(cpus) = cpus {
+        cpus.on_node1(&mut cmd);
+    }
+    cmd.args([
+        "-c",
+        &dst.ip().to_string(),
+        "-p",
+        &dst.port().to_string(),
+        "-J",
+        "-P",
+        &streams.to_string(),
+        "-t",
+        &secs.to_string(),
+    ]);
     let deadline = std::time::Instant::now() + BUSY_WAIT;
     loop {
-        match run_once(ns, dst, streams, secs, cpus)? {
+        match run_once(&mut cmd, dst)? {
             Outcome::Done(run) => return Ok(run),
             Outcome::Busy if std::time::Instant::now() < deadline => {
                 eprintln!("[bench]   iperf3 server at {dst} still busy with the last test; again");
@@ -85,30 +100,9 @@ enum Outcome {
     Busy,
 }
 
-fn run_once(
-    ns: &Netns,
-    dst: SocketAddr,
-    streams: u32,
-    secs: u32,
-    cpus: Option<&NodeCpus>,
-) -> Result<Outcome> {
-    let mut cmd = ns.command("iperf3");
-    if let Some(cpus) = cpus {
-        cpus.on_node1(&mut cmd);
-    }
-    let out = cmd
-        .args([
-            "-c",
-            &dst.ip().to_string(),
-            "-p",
-            &dst.port().to_string(),
-            "-J",
-            "-P",
-            &streams.to_string(),
-            "-t",
-            &secs.to_string(),
-        ])
-        .output()?;
+/// One run of the client `cmd`, whose server is `dst`.
+fn run_once(cmd: &mut Command, dst: SocketAddr) -> Result<Outcome> {
+    let out = cmd.output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     if let Some(e) = v["error"].as_str() {
         if e.contains("server is busy") {
@@ -124,4 +118,35 @@ fn run_once(
         gbits: bps / 1e9,
         bytes,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that finds the server busy with another test waits for it
+    /// instead of failing: iperf3 servers take one test at a time.
+    #[test]
+    fn a_busy_server_is_waited_for() -> Result<()> {
+        let ns = Netns::create(&format!("ztx-iperf-{}", std::process::id()))?;
+        let _server = Server::start(&ns, 5201)?;
+        let dst: SocketAddr = "127.0.0.1:5201".parse()?;
+        let mut first = ns
+            .command("iperf3")
+            .args(["-c", "127.0.0.1", "-p", "5201", "-t", "2"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let run = run(&ns, dst, 1, 1)?;
+        assert!(run.gbits > 0.0);
+        // It could only start once the first test (2 s) had ended.
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(first.wait()?.success());
+        Ok(())
+    }
 }
