@@ -187,13 +187,20 @@ pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
 
 /// Keeps the calling thread on `cpu` from now on.
 pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    set_thread_affinity(0, &[cpu])
+}
+
+/// Lets thread `tid` (0: the calling thread) run only on `cpus`. It makes
+/// no allocation, so it may run between fork and exec.
+pub fn set_thread_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set, CPU_SET stays inside it
-    // (it ignores CPUs past its size), and sched_setaffinity only reads it;
-    // pid 0 is the calling thread.
+    // (it ignores CPUs past its size), and sched_setaffinity only reads it.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc == 0 {
         Ok(())

@@ -53,16 +53,11 @@ impl NodeCpus {
 
     /// Starts `cmd` on node1's CPU (the client's side).
     pub fn on_node1(&self, cmd: &mut Command) {
-        let set = cpu_set(&[self.node1]);
-        // SAFETY: between fork and exec only sched_setaffinity runs, an
-        // async-signal-safe system call, on a set built before the fork.
+        let cpu = [self.node1];
+        // SAFETY: between fork and exec only set_thread_affinity runs: a
+        // set built on the stack and one async-signal-safe system call.
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || load::set_thread_affinity(0, &cpu));
         }
     }
 }
@@ -82,22 +77,9 @@ impl Drop for Pinned {
     }
 }
 
-fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
-    // SAFETY: a zeroed cpu_set_t is the empty set, and CPU_SET stays
-    // inside it (it ignores CPUs past its size).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &cpu in cpus {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        set
-    }
-}
-
 /// Sets the affinity of every thread `pid` has now. Threads it starts
 /// later inherit their creator's.
 fn set_process_affinity(pid: u32, cpus: &[usize]) -> io::Result<()> {
-    let set = cpu_set(cpus);
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -112,11 +94,7 @@ fn set_process_affinity(pid: u32, cpus: &[usize]) -> io::Result<()> {
         else {
             continue;
         };
-        // SAFETY: sched_setaffinity only reads the set.
-        let rc =
-            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = load::set_thread_affinity(tid, cpus) {
             // A thread that ended since the listing is not an error.
             if e.raw_os_error() != Some(libc::ESRCH) {
                 return Err(io::Error::new(

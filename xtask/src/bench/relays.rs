@@ -52,7 +52,8 @@ impl RelayTls {
 
 /// A relay per node in front of each target. Killed on drop.
 pub struct Relays {
-    children: Vec<Child>,
+    /// Each relay with the node it runs on.
+    children: Vec<(&'static str, Child)>,
     fronts: Vec<(SocketAddr, SocketAddr)>,
 }
 
@@ -91,9 +92,9 @@ impl Relays {
                 ),
                 None => (Vec::new(), Vec::new()),
             };
-            for (node, tls_args, listen, to) in [
-                (node2, back_tls, back, target),
-                (node1, front_tls, front, back),
+            for (name, node, tls_args, listen, to) in [
+                ("node2", node2, back_tls, back, target),
+                ("node1", node1, front_tls, front, back),
             ] {
                 let child = node
                     .ns
@@ -103,7 +104,7 @@ impl Relays {
                     .stdout(Stdio::null())
                     .spawn()
                     .with_context(|| format!("starting {}", exe.display()))?;
-                relays.children.push(child);
+                relays.children.push((name, child));
             }
             relays.fronts.push((target, front));
         }
@@ -113,16 +114,14 @@ impl Relays {
 
     /// The relays' processes: node1's, then node2's.
     pub fn pids(&self) -> (Vec<u32>, Vec<u32>) {
-        // Started in pairs, node2's relay first (see `start`).
-        let node2 = self.children.iter().step_by(2).map(|c| c.id()).collect();
-        let node1 = self
-            .children
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|c| c.id())
-            .collect();
-        (node1, node2)
+        let on = |node: &str| {
+            self.children
+                .iter()
+                .filter(|(n, _)| *n == node)
+                .map(|(_, c)| c.id())
+                .collect()
+        };
+        (on("node1"), on("node2"))
     }
 
     /// Where to connect to reach `target` through both relays.
@@ -137,7 +136,7 @@ impl Relays {
 
 impl Drop for Relays {
     fn drop(&mut self) {
-        for child in &mut self.children {
+        for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }
